@@ -1,0 +1,8 @@
+"""Keras layers of ALGPT2; this package imports nothing else of `algpt2_tf`."""
+
+from algpt2_tf.layers.attention import CausalSelfAttention
+from algpt2_tf.layers.block import DecoderBlock
+from algpt2_tf.layers.embedding import FactorizedEmbedding
+from algpt2_tf.layers.heads import SOPHead, TiedLMHead
+
+__all__ = ["CausalSelfAttention", "DecoderBlock", "FactorizedEmbedding", "SOPHead", "TiedLMHead"]

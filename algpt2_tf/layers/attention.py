@@ -1,0 +1,94 @@
+"""Causal multi-head self-attention with an optional key/value cache."""
+
+import math
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="algpt2_tf")
+class CausalSelfAttention(keras.layers.Layer):
+    """GPT-2 self-attention: one fused q/k/v projection, softmax in float32.
+
+    The caller supplies an additive `attention_bias` (0 where a query may see a
+    key, a large negative number elsewhere) so that causality and padding are
+    decided once per forward pass, not once per layer.
+
+    With a cache, the new keys and values are written at `cache_index` into a
+    preallocated `[batch, 2, heads, max_length, head_size]` tensor and the
+    queries attend over the whole cache (the bias hides the unwritten slots).
+
+    Args:
+        hidden_size: model width.
+        num_heads: number of heads; must divide `hidden_size`.
+        dropout: dropout rate on the attention probabilities.
+        initializer_range: stddev of the normal initializer.
+        output_initializer_range: stddev for the output projection (GPT-2
+            scales it down with depth); defaults to `initializer_range`.
+
+    Example:
+    >>> attention = CausalSelfAttention(hidden_size=32, num_heads=4)
+    >>> x = np.zeros((1, 3, 32), "float32")
+    >>> out, _ = attention(x, np.zeros((1, 1, 3, 3), "float32"))
+    """
+
+    def __init__(self, hidden_size, num_heads, dropout=0.0, initializer_range=0.02,
+                 output_initializer_range=None, **kwargs):
+        super().__init__(**kwargs)
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}).")
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_size = hidden_size // num_heads
+        self.dropout = dropout
+        self.initializer_range = initializer_range
+        self.output_initializer_range = output_initializer_range
+        init = keras.initializers.TruncatedNormal(stddev=initializer_range)
+        out_init = keras.initializers.TruncatedNormal(
+            stddev=output_initializer_range or initializer_range)
+        self.qkv = keras.layers.Dense(3 * hidden_size, kernel_initializer=init, name="qkv",
+                                      dtype=self.dtype_policy)
+        self.output_dense = keras.layers.Dense(hidden_size, kernel_initializer=out_init,
+                                               name="output", dtype=self.dtype_policy)
+        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        self.qkv.build((None, None, self.hidden_size))
+        self.output_dense.build((None, None, self.hidden_size))
+        self.built = True
+
+    def _split_heads(self, x):
+        # [batch, seq, hidden] -> [batch, heads, seq, head_size]
+        batch, seq = ops.shape(x)[0], ops.shape(x)[1]
+        x = ops.reshape(x, (batch, seq, self.num_heads, self.head_size))
+        return ops.transpose(x, (0, 2, 1, 3))
+
+    def call(self, x, attention_bias, cache=None, cache_index=None, training=None):
+        """Returns `(output, cache)`; `cache` is `None` when none was given."""
+        q, k, v = ops.split(self.qkv(x), 3, axis=-1)
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+        if cache is not None:
+            start = [0, 0, cache_index, 0]
+            k = ops.slice_update(cache[:, 0], start, ops.cast(k, cache.dtype))
+            v = ops.slice_update(cache[:, 1], start, ops.cast(v, cache.dtype))
+            cache = ops.stack([k, v], axis=1)
+            k, v = ops.cast(k, q.dtype), ops.cast(v, q.dtype)
+        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
+        scores = ops.cast(scores, "float32") * (1.0 / math.sqrt(self.head_size))
+        probs = ops.softmax(scores + ops.cast(attention_bias, "float32"), axis=-1)
+        probs = self.dropout_layer(ops.cast(probs, v.dtype), training=training)
+        out = ops.transpose(ops.matmul(probs, v), (0, 2, 1, 3))
+        batch, seq = ops.shape(out)[0], ops.shape(out)[1]
+        out = ops.reshape(out, (batch, seq, self.hidden_size))
+        return self.output_dense(out), cache
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            dropout=self.dropout,
+            initializer_range=self.initializer_range,
+            output_initializer_range=self.output_initializer_range,
+        )
+        return config

@@ -1,0 +1,101 @@
+"""The GPT-2 pre-LayerNorm decoder block (the unit that ALGPT2 shares)."""
+
+import keras
+
+from algpt2_tf.layers.attention import CausalSelfAttention
+
+
+def get_activation(name):
+    """Maps a config activation name to a function (`gelu` = GPT-2's tanh approximation)."""
+    if name == "gelu":
+        return lambda x: keras.activations.gelu(x, approximate=True)
+    if name == "gelu_exact":
+        return lambda x: keras.activations.gelu(x, approximate=False)
+    if name == "relu":
+        return keras.activations.relu
+    raise ValueError(f"Unknown activation {name!r}; expected gelu, gelu_exact or relu.")
+
+
+@keras.saving.register_keras_serializable(package="algpt2_tf")
+class DecoderBlock(keras.layers.Layer):
+    """`x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`, exactly as GPT-2.
+
+    Args:
+        hidden_size: model width.
+        num_heads: attention heads.
+        intermediate_size: MLP width.
+        attention_dropout: dropout on attention probabilities.
+        residual_dropout: dropout on each residual branch.
+        layer_norm_epsilon: LayerNorm epsilon.
+        activation: `gelu` (tanh approximation), `gelu_exact` or `relu`.
+        initializer_range: stddev of the normal initializer.
+        output_initializer_range: stddev of the two residual output projections.
+
+    Example:
+    >>> block = DecoderBlock(hidden_size=32, num_heads=4, intermediate_size=128)
+    >>> y, _ = block(np.zeros((1, 3, 32), "float32"), np.zeros((1, 1, 3, 3), "float32"))
+    """
+
+    def __init__(self, hidden_size, num_heads, intermediate_size, attention_dropout=0.0,
+                 residual_dropout=0.0, layer_norm_epsilon=1e-5, activation="gelu",
+                 initializer_range=0.02, output_initializer_range=None, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.intermediate_size = intermediate_size
+        self.attention_dropout = attention_dropout
+        self.residual_dropout = residual_dropout
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.activation = activation
+        self.initializer_range = initializer_range
+        self.output_initializer_range = output_initializer_range
+        self._activation_fn = get_activation(activation)
+        init = keras.initializers.TruncatedNormal(stddev=initializer_range)
+        out_init = keras.initializers.TruncatedNormal(
+            stddev=output_initializer_range or initializer_range)
+        policy = self.dtype_policy
+        self.attention_norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, name="attention_norm", dtype=policy)
+        self.attention = CausalSelfAttention(
+            hidden_size, num_heads, dropout=attention_dropout, initializer_range=initializer_range,
+            output_initializer_range=output_initializer_range, name="attention", dtype=policy)
+        self.mlp_norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, name="mlp_norm", dtype=policy)
+        self.mlp_in = keras.layers.Dense(intermediate_size, kernel_initializer=init,
+                                         name="mlp_in", dtype=policy)
+        self.mlp_out = keras.layers.Dense(hidden_size, kernel_initializer=out_init,
+                                          name="mlp_out", dtype=policy)
+        self.residual_dropout_layer = keras.layers.Dropout(residual_dropout, dtype=policy)
+
+    def build(self, input_shape=None):
+        shape = (None, None, self.hidden_size)
+        self.attention_norm.build(shape)
+        self.attention.build(shape)
+        self.mlp_norm.build(shape)
+        self.mlp_in.build(shape)
+        self.mlp_out.build((None, None, self.intermediate_size))
+        self.built = True
+
+    def call(self, x, attention_bias, cache=None, cache_index=None, training=None):
+        """Returns `(output, cache)`, see `CausalSelfAttention.call`."""
+        attended, cache = self.attention(self.attention_norm(x), attention_bias, cache=cache,
+                                         cache_index=cache_index, training=training)
+        x = x + self.residual_dropout_layer(attended, training=training)
+        h = self.mlp_out(self._activation_fn(self.mlp_in(self.mlp_norm(x))))
+        x = x + self.residual_dropout_layer(h, training=training)
+        return x, cache
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            attention_dropout=self.attention_dropout,
+            residual_dropout=self.residual_dropout,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            activation=self.activation,
+            initializer_range=self.initializer_range,
+            output_initializer_range=self.output_initializer_range,
+        )
+        return config

@@ -1,0 +1,80 @@
+"""The factorized token + position embedding (ALBERT idea #1)."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="algpt2_tf")
+class FactorizedEmbedding(keras.layers.Layer):
+    """Token and position tables of width E, summed, then projected E -> hidden.
+
+    With `embedding_size=None` both tables are `hidden_size` wide and there is
+    no projection: exactly GPT-2's `wte + wpe`. Positions live in the E space,
+    as in ALBERT and the original ALGPT2.
+
+    Args:
+        vocab_size: number of token ids.
+        max_positions: number of rows of the position table.
+        hidden_size: width of the output.
+        embedding_size: table width E, or `None` for no factorization.
+        dropout: dropout rate applied to the output.
+        initializer_range: stddev of the normal initializer.
+
+    Example:
+    >>> layer = FactorizedEmbedding(100, 16, hidden_size=32, embedding_size=8)
+    >>> layer(np.array([[1, 2]]), np.array([[0, 1]])).shape
+    (1, 2, 32)
+    """
+
+    def __init__(self, vocab_size, max_positions, hidden_size, embedding_size=None,
+                 dropout=0.0, initializer_range=0.02, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.max_positions = max_positions
+        self.hidden_size = hidden_size
+        self.embedding_size = embedding_size
+        self.dropout = dropout
+        self.initializer_range = initializer_range
+        self.projection = None
+        if embedding_size is not None:
+            self.projection = keras.layers.Dense(
+                hidden_size, kernel_initializer=self._initializer(), name="projection",
+                dtype=self.dtype_policy)
+        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+
+    def _initializer(self):
+        return keras.initializers.TruncatedNormal(stddev=self.initializer_range)
+
+    def build(self, input_shape=None):
+        table_width = self.embedding_size or self.hidden_size
+        self.token_embeddings = self.add_weight(
+            name="token_embeddings", shape=(self.vocab_size, table_width),
+            initializer=self._initializer())
+        self.position_embeddings = self.add_weight(
+            name="position_embeddings", shape=(self.max_positions, table_width),
+            initializer=self._initializer())
+        if self.projection is not None:
+            self.projection.build((None, None, table_width))
+        self.built = True
+
+    def call(self, input_ids, position_ids, training=None):
+        x = ops.take(self.token_embeddings, input_ids, axis=0)
+        x = x + ops.take(self.position_embeddings, position_ids, axis=0)
+        if self.projection is not None:
+            x = self.projection(x)
+        return self.dropout_layer(x, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape) + (self.hidden_size,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            vocab_size=self.vocab_size,
+            max_positions=self.max_positions,
+            hidden_size=self.hidden_size,
+            embedding_size=self.embedding_size,
+            dropout=self.dropout,
+            initializer_range=self.initializer_range,
+        )
+        return config

@@ -1,0 +1,225 @@
+"""`ALGPT2LMHeadModel`: factorized embedding -> the shared-block loop -> tied head (+ SOP head)."""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from algpt2_tf import losses
+from algpt2_tf.config import ALGPT2Config
+from algpt2_tf.layers.block import DecoderBlock
+from algpt2_tf.layers.embedding import FactorizedEmbedding
+from algpt2_tf.layers.heads import SOPHead, TiedLMHead
+
+NEG_INF = -1e9
+"""Additive attention bias of a hidden key (finite, so fully hidden rows stay NaN-free)."""
+
+
+def position_ids_from_mask(attention_mask):
+    """Position of each token counted over real tokens only: left padding does
+    not shift the positions of the text after it."""
+    mask = ops.cast(attention_mask, "int32")
+    return ops.maximum(ops.cumsum(mask, axis=1) - 1, 0)
+
+
+def attention_bias(query_positions, key_mask):
+    """Additive bias `[batch, 1, queries, keys]`: 0 where key j <= query slot and
+    the key is real, `NEG_INF` elsewhere.
+
+    Args:
+        query_positions: int `[queries]`, the slot index of each query.
+        key_mask: `[batch, keys]`, 1 for real (or already written) keys.
+    """
+    keys = ops.arange(ops.shape(key_mask)[1])
+    causal = ops.expand_dims(query_positions, 1) >= ops.expand_dims(keys, 0)
+    visible = ops.logical_and(causal[None, :, :], ops.cast(key_mask, "bool")[:, None, :])
+    return ops.where(visible, 0.0, NEG_INF)[:, None, :, :]
+
+
+@keras.saving.register_keras_serializable(package="algpt2_tf")
+class ALGPT2LMHeadModel(keras.Model):
+    """ALBERT-style GPT-2: a causal LM with a factorized embedding, shared
+    decoder blocks, a tied softmax and an optional SOP head.
+
+    `num_layer_groups` block objects exist; the forward pass applies them
+    `num_layers` times (layer `i` uses block `i // layers_per_group`), so the
+    weight count does not depend on `num_layers`.
+
+    Call it with a dict `{"input_ids": int [batch, seq], "attention_mask":
+    [batch, seq]}` (the mask is optional; 1 = real token, left or right
+    padding) or with the ids alone. It returns `{"logits": float32 [batch,
+    seq, vocab]}` plus `"sop_logits"` `[batch, 2]` with the SOP head.
+
+    For `fit`, compile with an optimizer and no loss. Batches are dicts with
+    `input_ids`, `attention_mask` and optionally `labels` (targets aligned
+    with the logits, default: the inputs shifted by one; negative = ignored)
+    and `sop_labels`.
+
+    Args:
+        config: an `ALGPT2Config` (or its dict form).
+
+    Example:
+    >>> model = ALGPT2LMHeadModel(ALGPT2Config.from_preset("algpt2-tiny"))
+    >>> model({"input_ids": np.array([[464, 3290]])})["logits"].shape
+    TensorShape([1, 2, 50257])
+    """
+
+    def __init__(self, config, **kwargs):
+        if isinstance(config, dict):
+            config = ALGPT2Config.from_dict(config)
+        kwargs.setdefault("name", "algpt2")
+        super().__init__(**kwargs)
+        self.config = config
+        c = config
+        output_init = c.initializer_range / (2 * c.num_layers) ** 0.5
+        policy = self.dtype_policy
+        self.embedding = FactorizedEmbedding(
+            c.vocab_size, c.max_positions, c.hidden_size, c.embedding_size,
+            dropout=c.embedding_dropout, initializer_range=c.initializer_range,
+            name="embedding", dtype=policy)
+        # ALBERT idea #2: one block object per group, reused for every layer of the group.
+        self.blocks = [
+            DecoderBlock(
+                c.hidden_size, c.num_heads, c.intermediate_size,
+                attention_dropout=c.attention_dropout, residual_dropout=c.residual_dropout,
+                layer_norm_epsilon=c.layer_norm_epsilon, activation=c.activation,
+                initializer_range=c.initializer_range, output_initializer_range=output_init,
+                name=f"block_{g}", dtype=policy)
+            for g in range(c.num_layer_groups)
+        ]
+        self.lm_head = TiedLMHead(
+            c.hidden_size, c.embedding_size, tie_projection=c.tie_projection,
+            layer_norm_epsilon=c.layer_norm_epsilon, initializer_range=c.initializer_range,
+            name="lm_head", dtype=policy)
+        self.sop_head = SOPHead(c.hidden_size, c.initializer_range, name="sop_head",
+                                dtype=policy) if c.sop_head else None
+        self.lm_loss_tracker = keras.metrics.Mean(name="lm_loss")
+        self.perplexity_tracker = losses.Perplexity(name="perplexity")
+        self.sop_loss_tracker = keras.metrics.Mean(name="sop_loss")
+        self.sop_accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="sop_accuracy")
+        self.build()
+
+    def build(self, input_shape=None):
+        """Creates every weight up front (the shapes follow from the config alone)."""
+        hidden_shape = (None, None, self.config.hidden_size)
+        self.embedding.build()
+        for block in self.blocks:
+            block.build(hidden_shape)
+        self.lm_head.build(hidden_shape)
+        if self.sop_head is not None:
+            self.sop_head.build(hidden_shape)
+        self.built = True
+
+    # ------------------------------------------------------------------ pieces
+    def block_for_layer(self, layer_index):
+        """The block object that virtual layer `layer_index` runs."""
+        return self.blocks[layer_index // self.config.layers_per_group]
+
+    def _unpack_inputs(self, inputs):
+        if isinstance(inputs, dict):
+            if "input_ids" not in inputs:
+                raise ValueError("The model's input dict needs an 'input_ids' entry.")
+            input_ids = inputs["input_ids"]
+            attention_mask = inputs.get("attention_mask")
+        else:
+            input_ids, attention_mask = inputs, None
+        input_ids = ops.convert_to_tensor(input_ids)
+        if len(input_ids.shape) != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}.")
+        if not keras.backend.standardize_dtype(input_ids.dtype).startswith(("int", "uint")):
+            raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}.")
+        input_ids = ops.cast(input_ids, "int32")
+        if attention_mask is None:
+            attention_mask = ops.ones_like(input_ids)
+        attention_mask = ops.cast(attention_mask, "int32")
+        return input_ids, attention_mask
+
+    def _check_inputs(self, input_ids, attention_mask):
+        """Rejects ids outside the vocabulary and sequences longer than `max_positions`."""
+        c = self.config
+        seq_len = input_ids.shape[1]
+        if seq_len is not None and seq_len > c.max_positions:
+            raise ValueError(
+                f"Sequence length {seq_len} exceeds max_positions ({c.max_positions}).")
+        if tuple(attention_mask.shape) != tuple(input_ids.shape) and None not in attention_mask.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
+                             f"input_ids shape {tuple(input_ids.shape)}.")
+        checks = [
+            tf.debugging.assert_non_negative(input_ids, message="input_ids must be >= 0"),
+            tf.debugging.assert_less(input_ids, c.vocab_size,
+                                     message=f"input_ids must be < vocab_size ({c.vocab_size})"),
+            tf.debugging.assert_less_equal(
+                tf.shape(input_ids)[1], c.max_positions,
+                message=f"sequence length exceeds max_positions ({c.max_positions})"),
+        ]
+        with tf.control_dependencies(checks):
+            return tf.identity(input_ids)
+
+    def hidden_states(self, input_ids, attention_mask, training=False):
+        """Embedding and the `num_layers` decoder applications; `[batch, seq, hidden]`."""
+        hidden = self.embedding(input_ids, position_ids_from_mask(attention_mask), training=training)
+        bias = attention_bias(ops.arange(ops.shape(input_ids)[1]), attention_mask)
+        for i in range(self.config.num_layers):
+            hidden, _ = self.block_for_layer(i)(hidden, bias, training=training)
+        return hidden
+
+    def logits_from_hidden(self, hidden, normalized=False):
+        """The tied LM head applied to decoder output."""
+        kernel = self.embedding.projection.kernel if self.config.tie_projection else None
+        return self.lm_head(hidden, self.embedding.token_embeddings,
+                            input_projection_kernel=kernel, normalized=normalized)
+
+    def call(self, inputs, training=False):
+        input_ids, attention_mask = self._unpack_inputs(inputs)
+        input_ids = self._check_inputs(input_ids, attention_mask)
+        hidden = self.hidden_states(input_ids, attention_mask, training=training)
+        normalized = self.lm_head.normalize(hidden)
+        outputs = {"logits": self.logits_from_hidden(normalized, normalized=True)}
+        if self.sop_head is not None:
+            outputs["sop_logits"] = self.sop_head(normalized, attention_mask)
+        return outputs
+
+    # ---------------------------------------------------------------- training
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Next-token cross-entropy (masked) + `sop_loss_weight` x SOP cross-entropy.
+
+        Also updates the `lm_loss`, `perplexity`, `sop_loss` and `sop_accuracy` metrics.
+        """
+        input_ids, attention_mask = self._unpack_inputs(x)
+        labels = x.get("labels") if isinstance(x, dict) else None
+        if labels is None and y is not None and not isinstance(y, dict):
+            labels = y
+        if labels is None:
+            labels = losses.shifted_labels(input_ids, attention_mask)
+        nll, weight = losses.token_nll(labels, y_pred["logits"])
+        tokens = ops.sum(weight)
+        lm_loss = ops.sum(nll) / ops.maximum(tokens, 1.0)
+        self.lm_loss_tracker.update_state(lm_loss, sample_weight=tokens)
+        self.perplexity_tracker.update_state(lm_loss, sample_weight=tokens)
+        total = lm_loss
+        sop_labels = x.get("sop_labels") if isinstance(x, dict) else None
+        if sop_labels is not None:
+            if "sop_logits" not in y_pred:
+                raise ValueError("The batch has sop_labels but the config has sop_head=False.")
+            sop_loss = ops.mean(keras.losses.sparse_categorical_crossentropy(
+                sop_labels, y_pred["sop_logits"], from_logits=True))
+            self.sop_loss_tracker.update_state(sop_loss)
+            self.sop_accuracy_tracker.update_state(sop_labels, y_pred["sop_logits"])
+            total = total + self.config.sop_loss_weight * sop_loss
+        return total + self._aggregate_additional_loss(self.losses) if self.losses else total
+
+    # ------------------------------------------------------------ serialization
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": keras.saving.serialize_keras_object(self.dtype_policy),
+            "config": self.config.to_dict(),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        model_config = config.pop("config")
+        if "dtype" in config and isinstance(config["dtype"], dict):
+            config["dtype"] = keras.saving.deserialize_keras_object(config["dtype"])
+        return cls(ALGPT2Config.from_dict(model_config), **config)

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="algpt2-tf",
+    version="0.1.0",
+    description="ALGPT2: an ALBERT-style, parameter-efficient GPT-2 for TensorFlow / Keras 3",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10,<3.14",
+    packages=find_packages(include=["algpt2_tf", "algpt2_tf.*"]),
+    package_data={"algpt2_tf": ["configs/*.json", "assets/*"]},
+    include_package_data=True,
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.15,<4",
+        "tensorflow-text>=2.21,<2.22",
+        "keras-hub>=0.32,<0.33",
+        "tokenizers>=0.20,<1",
+        "numpy>=1.26,<3",
+        "ai-edge-litert>=2.0,<3",
+        "fastapi>=0.110,<1",
+        "uvicorn>=0.29,<1",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "hypothesis>=6", "httpx>=0.27"],
+    },
+    entry_points={"console_scripts": ["algpt2=algpt2_tf.cli:main"]},
+)

@@ -1,0 +1,46 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from algpt2_tf import ALGPT2Config  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+
+
+def tiny_config(**overrides):
+    """A config small enough for fast unit tests (ALGPT2-shaped by default)."""
+    values = dict(vocab_size=97, max_positions=32, hidden_size=32, num_layers=3, num_heads=4,
+                  intermediate_size=64, embedding_size=8, num_layer_groups=1,
+                  embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0,
+                  sop_head=True)
+    values.update(overrides)
+    return ALGPT2Config(**values)
+
+
+def gpt2_tiny_config(**overrides):
+    return tiny_config(embedding_size=None, num_layer_groups=3, sop_head=False, **overrides)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_policy():
+    keras.utils.set_random_seed(1234)
+    yield
+    keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def shared_file(*parts):
+    """Path under ../shared/data, or skip the test when it is absent."""
+    path = os.path.join(SHARED_DATA, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is not available")
+    return path
