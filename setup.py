@@ -17,6 +17,7 @@ setup(
         "tensorflow-text>=2.21,<2.22",
         "keras-hub>=0.32,<0.33",
         "tokenizers>=0.20,<1",
+        "tensorboard>=2.20,<3",
         "numpy>=1.26,<3",
         "ai-edge-litert>=2.0,<3",
         "fastapi>=0.110,<1",

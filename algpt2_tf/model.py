@@ -207,6 +207,14 @@ class ALGPT2LMHeadModel(keras.Model):
             total = total + self.config.sop_loss_weight * sop_loss
         return total + self._aggregate_additional_loss(self.losses) if self.losses else total
 
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """The standard metrics; the SOP ones only for batches that carry `sop_labels`."""
+        results = super().compute_metrics(x, y, y_pred, sample_weight)
+        if not (isinstance(x, dict) and "sop_labels" in x):
+            results.pop("sop_loss", None)
+            results.pop("sop_accuracy", None)
+        return results
+
     # ------------------------------------------------------------ serialization
     def get_config(self):
         return {

@@ -1,0 +1,189 @@
+"""The `algpt2` command line: parses argv, calls the library, prints.
+
+Every subcommand is a thin layer over a library function. Bad input (a
+`ValueError`, a missing file) prints `algpt2: error: ...` and exits with 2.
+"""
+
+import argparse
+import json
+import sys
+
+
+class UsageError(ValueError):
+    """Bad command-line input; reported with exit code 2."""
+
+
+# ----------------------------------------------------------------------- info
+def _info(args):
+    from algpt2_tf.config import ALGPT2Config, list_presets
+
+    if args.preset:
+        config = ALGPT2Config.from_preset(args.preset)
+        print(json.dumps({"preset": args.preset, "parameters": config.num_parameters(),
+                          "config": config.to_dict()}, indent=2))
+        return
+    rows = ["| preset | hidden | layers | heads | E | blocks | parameters |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in list_presets():
+        c = ALGPT2Config.from_preset(name)
+        rows.append(f"| {name} | {c.hidden_size} | {c.num_layers} | {c.num_heads} | "
+                    f"{c.embedding_size or '-'} | {c.num_layer_groups} | {c.num_parameters():,} |")
+    print("\n".join(rows))
+
+
+# ------------------------------------------------------------------ tokenizer
+def _tokenizer_train(args):
+    from algpt2_tf.data import read_documents
+    from algpt2_tf.tokenizer import expand_files, train_tokenizer
+
+    paths = expand_files(args.files)
+    documents = list(read_documents(paths))
+    if not documents:
+        raise UsageError(f"The files hold no text: {', '.join(paths)}.")
+    tokenizer = train_tokenizer(documents, args.vocab_size, args.out,
+                                min_frequency=args.min_frequency)
+    print(f"Trained a byte-level BPE of {tokenizer.vocab_size} ids on {len(paths)} file(s) "
+          f"-> {args.out} (tokenizer.json, vocab.json, merges.txt)")
+
+
+def _prepare(args):
+    from algpt2_tf.data import default_cache_dir, prepare_corpus
+    from algpt2_tf.tokenizer import GPT2Tokenizer
+
+    tokenizer = GPT2Tokenizer(args.tokenizer)
+    out = args.out or default_cache_dir(args.files + [f"valid={args.valid_fraction}"], tokenizer)
+    meta = prepare_corpus(args.files, out, tokenizer, valid_fraction=args.valid_fraction,
+                          text_key=args.text_key)
+    print(json.dumps({"cache_dir": out, "documents": meta["documents"],
+                      "train_tokens": meta["train_tokens"], "valid_tokens": meta["valid_tokens"]},
+                     indent=2))
+
+
+def _train(args):
+    from algpt2_tf.training import TrainOptions, TrainingDiverged, train
+
+    values = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__}
+    if not args.preset and not args.config:
+        values["preset"] = "algpt2-tiny"
+    options = TrainOptions(**values)
+    try:
+        train(options)
+    except TrainingDiverged as e:
+        print(f"algpt2 train: {e}", file=sys.stderr)
+        return 1
+
+
+def _evaluate(args):
+    from algpt2_tf.data import read_documents
+    from algpt2_tf.evaluation import evaluate_texts
+    from algpt2_tf.saving import load_model, load_tokenizer_for
+    from algpt2_tf.tokenizer import expand_files
+
+    model = load_model(args.model)
+    tokenizer = load_tokenizer_for(args.model)
+    texts = list(read_documents(expand_files(args.files)))
+    if not texts:
+        raise UsageError("The files hold no text to evaluate.")
+    result = evaluate_texts(model, tokenizer, texts, seq_len=args.seq_len, stride=args.stride,
+                            batch_size=args.batch_size, verbose=0 if args.quiet else 1)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+def _add_training_commands(sub):
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a new byte-level BPE on your files")
+    t.add_argument("--files", nargs="+", required=True, help="globs of .txt/.jsonl files")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--out", required=True, help="output directory")
+    t.set_defaults(func=_tokenizer_train)
+
+    p = sub.add_parser("prepare", help="tokenize files once and cache the ids for training")
+    p.add_argument("--files", nargs="+", required=True, help="globs of .txt/.jsonl files")
+    p.add_argument("--out", help="cache directory (default: the one `train` looks in)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: GPT-2)")
+    p.add_argument("--valid-fraction", type=float, default=0.0)
+    p.add_argument("--text-key", default="text", help="the text field of .jsonl records")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("train", help="train a model with model.fit (resumes when rerun)")
+    p.add_argument("--preset", default=None, help="model preset (default: algpt2-tiny)")
+    p.add_argument("--config", help="model config JSON file instead of a preset")
+    p.add_argument("--train-files", nargs="+", help="globs of .txt/.jsonl files "
+                   "(default: a small built-in corpus of Python's documentation)")
+    p.add_argument("--valid-files", nargs="+")
+    p.add_argument("--valid-fraction", type=float, default=0.0)
+    p.add_argument("--tokenizer", help="tokenizer directory (default: GPT-2)")
+    p.add_argument("--cache-dir", help="token cache directory (see `algpt2 prepare`)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--schedule", default="cosine", help="cosine, linear or constant")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--optimizer", default="adamw", help="adamw or lamb")
+    p.add_argument("--clip-norm", type=float, default=1.0)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--mixed-precision", choices=["bf16", "fp16"])
+    p.add_argument("--jit-compile", action="store_true")
+    p.add_argument("--sop", action="store_true", help="train with sentence-order prediction")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--keep-checkpoints", type=int, default=3)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--verbose", type=int, default=1, help="Keras progress: 0 silent, 1 bar, 2 lines")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="perplexity, bits per byte and word perplexity")
+    p.add_argument("--model", required=True, help="model.keras or a run directory")
+    p.add_argument("--files", nargs="+", required=True)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--stride", type=int)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", help="also write the result to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_evaluate)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="algpt2", description="ALGPT2: an ALBERT-style GPT-2 for TensorFlow / Keras 3.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="print presets and their parameter counts")
+    p.add_argument("--preset", help="print one preset's full config and parameter count")
+    p.set_defaults(func=_info)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+_EXTRA_COMMANDS = [_add_training_commands]
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            PermissionError) as e:
+        print(f"algpt2 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0 if result is None else int(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

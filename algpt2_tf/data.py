@@ -1,0 +1,241 @@
+"""tf.data pipelines: text files -> token ids (cached on disk) -> packed LM blocks or SOP pairs.
+
+The token stream of a corpus is its documents' ids, each followed by
+`<|endoftext|>`. `prepare_corpus` writes it once to `CACHE/train.npy` (and
+`valid.npy`) with the document offsets, so later runs never re-tokenize.
+
+Both pipelines are pure functions of `(seed, step)`: batch `s` is the same
+whatever happened before, so a resumed run continues with exactly the batch
+an uninterrupted run would have seen (`start_step`).
+
+Sentence-order prediction (SOP): an example is two consecutive segments A, B
+of one document, each `seq_len / 2` tokens, kept as `A B` (label 0) or
+swapped to `B A` (label 1) with probability 0.5. On a swapped example the LM
+loss covers only the first segment (B predicting B): every target that
+follows the swap point would teach the model to predict text in the wrong
+order, so those labels are `IGNORE_INDEX`.
+"""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from algpt2_tf.losses import IGNORE_INDEX
+from algpt2_tf.tokenizer import expand_files
+
+CACHE_VERSION = 1
+
+
+# ------------------------------------------------------------------ reading
+def _decode(path, data):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r}). "
+            "Convert the file to UTF-8 first; algpt2 does not guess or replace characters.") from None
+
+
+def read_documents(paths, text_key="text"):
+    """Yields the documents of text files: a `.txt` file is one document, a
+    `.jsonl` file one document per line (its `text_key` field). Invalid
+    UTF-8 is an error that names the file and byte, never silently replaced."""
+    for path in paths:
+        with open(path, "rb") as f:
+            data = f.read()
+        text = _decode(path, data)
+        if path.endswith(".jsonl"):
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: invalid JSON ({e.msg}).") from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                    raise ValueError(f"{path}:{number}: no string field {text_key!r}.")
+                if record[text_key].strip():
+                    yield record[text_key]
+        elif text.strip():
+            yield text
+
+
+# ------------------------------------------------------------------- caching
+def _files_signature(paths):
+    return [{"path": os.path.abspath(p), "size": os.path.getsize(p),
+             "mtime_ns": os.stat(p).st_mtime_ns} for p in paths]
+
+
+def prepare_corpus(patterns, cache_dir, tokenizer, valid_fraction=0.0, text_key="text"):
+    """Tokenizes the files once and caches the ids; returns the cache metadata.
+
+    A cache whose files, tokenizer and split match is reused as it is.
+
+    Args:
+        patterns: glob(s) of `.txt` / `.jsonl` files.
+        cache_dir: where `train.npy`, `train_docs.npy`, `valid.npy` and
+            `meta.json` go.
+        tokenizer: a `GPT2Tokenizer`.
+        valid_fraction: the share of the token stream (its tail) held out
+            for validation, in [0, 0.5].
+    """
+    if not 0.0 <= valid_fraction <= 0.5:
+        raise ValueError(f"valid_fraction must be in [0, 0.5], got {valid_fraction}.")
+    paths = expand_files(patterns, "training files")
+    wanted = {"version": CACHE_VERSION, "files": _files_signature(paths),
+              "tokenizer": tokenizer.fingerprint, "valid_fraction": valid_fraction,
+              "text_key": text_key}
+    meta_path = os.path.join(cache_dir, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if {k: meta.get(k) for k in wanted} == wanted:
+            return meta
+    documents = list(read_documents(paths, text_key))
+    if not documents:
+        raise ValueError(f"The corpus is empty: no text in {', '.join(paths)}.")
+    encoded = tokenizer.encode_batch(documents)
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
+    lengths = np.array([len(ids) + 1 for ids in encoded], np.int64)
+    stream = np.empty(int(lengths.sum()), dtype)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    for start, ids in zip(offsets, encoded):
+        stream[start:start + len(ids)] = ids
+        stream[start + len(ids)] = tokenizer.eos_id
+    split = len(stream) - int(round(len(stream) * valid_fraction))
+    os.makedirs(cache_dir, exist_ok=True)
+    _atomic_save(os.path.join(cache_dir, "train.npy"), stream[:split])
+    _atomic_save(os.path.join(cache_dir, "train_docs.npy"), offsets[offsets < split])
+    _atomic_save(os.path.join(cache_dir, "valid.npy"), stream[split:])
+    meta = dict(wanted, train_tokens=int(split), valid_tokens=int(len(stream) - split),
+                documents=len(documents), characters=sum(len(d) for d in documents))
+    tmp = meta_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, meta_path)
+    return meta
+
+
+def _atomic_save(path, array):
+    tmp = path + ".tmp.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def load_split(cache_dir, split="train"):
+    """The cached token stream of `split` ("train" or "valid") as int32."""
+    return np.load(os.path.join(cache_dir, f"{split}.npy")).astype(np.int32)
+
+
+def load_document_offsets(cache_dir):
+    return np.load(os.path.join(cache_dir, "train_docs.npy"))
+
+
+def default_cache_dir(patterns, tokenizer, root="~/.cache/algpt2"):
+    key = hashlib.sha256(json.dumps([sorted(patterns), tokenizer.fingerprint]).encode()).hexdigest()
+    return os.path.join(os.path.expanduser(root), key[:16])
+
+
+# ------------------------------------------------------------------ pipelines
+def _epoch_batch_indices(step, batch_size, num_items, seed):
+    """Indices of the items in batch `step`: epoch `e` visits the items in a
+    stateless permutation seeded by `(seed, e)`; a partial last batch of an
+    epoch is dropped."""
+    batches_per_epoch = num_items // batch_size
+    epoch = step // batches_per_epoch
+    within = step % batches_per_epoch
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(num_items, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
+    return order[within * batch_size:(within + 1) * batch_size]
+
+
+def _check_enough(num_items, batch_size, what):
+    if num_items < batch_size:
+        raise ValueError(
+            f"The corpus holds {num_items} {what}, fewer than one batch ({batch_size}). "
+            "Use more text, a shorter --seq-len or a smaller --batch-size.")
+
+
+def num_blocks(num_tokens, seq_len):
+    return int(num_tokens) // int(seq_len)
+
+
+def lm_dataset(tokens, seq_len, batch_size, seed=0, start_step=0, num_steps=None, shuffle=True):
+    """Packed causal-LM batches `{"input_ids", "attention_mask"}` of `[batch, seq_len]`.
+
+    The stream is cut into `len // seq_len` non-overlapping blocks; batch
+    `s` is a pure function of `(seed, s)`.
+
+    Args:
+        tokens: int array, the token stream.
+        seq_len: block length.
+        batch_size: blocks per batch.
+        seed: shuffling seed.
+        start_step: the first batch to produce (to resume).
+        num_steps: how many batches (`None`: endless).
+        shuffle: `False` keeps the stream order (one pass, for evaluation).
+    """
+    count = num_blocks(len(tokens), seq_len)
+    _check_enough(count, batch_size, f"blocks of {seq_len} tokens")
+    blocks = tf.constant(np.asarray(tokens[:count * seq_len], np.int32).reshape(count, seq_len))
+
+    def make_batch(step):
+        if shuffle:
+            index = _epoch_batch_indices(step, batch_size, count, seed)
+        else:
+            index = tf.range(step * batch_size, (step + 1) * batch_size, dtype=tf.int64) % count
+        ids = tf.gather(blocks, index)
+        return {"input_ids": ids, "attention_mask": tf.ones_like(ids)}
+
+    return _steps(start_step, num_steps).map(make_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                                              deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _steps(start_step, num_steps):
+    end = np.iinfo(np.int64).max if num_steps is None else start_step + num_steps
+    return tf.data.Dataset.range(start_step, end)
+
+
+def sop_pair_starts(document_offsets, stream_length, seq_len):
+    """Start offsets of non-overlapping `seq_len` windows lying inside one document."""
+    ends = np.append(document_offsets[1:], stream_length)
+    starts = [np.arange(s, e - seq_len + 1, seq_len) for s, e in zip(document_offsets, ends)]
+    return np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64)
+
+
+def sop_dataset(tokens, document_offsets, seq_len, batch_size, seed=0, start_step=0,
+                num_steps=None):
+    """SOP batches: `input_ids`, `attention_mask`, `labels` (LM targets) and `sop_labels`.
+
+    See the module docstring for how swapped pairs are built and what their
+    LM labels are.
+    """
+    if seq_len % 2:
+        raise ValueError(f"SOP needs an even seq_len, got {seq_len}.")
+    starts = sop_pair_starts(np.asarray(document_offsets), len(tokens), seq_len)
+    _check_enough(len(starts), batch_size, f"SOP pairs of {seq_len} tokens inside one document")
+    stream = tf.constant(np.asarray(tokens, np.int32))
+    starts_t = tf.constant(starts)
+    half = seq_len // 2
+    window = tf.range(seq_len, dtype=tf.int64)
+
+    def make_batch(step):
+        index = _epoch_batch_indices(step, batch_size, len(starts), seed)
+        ids = tf.gather(stream, tf.gather(starts_t, index)[:, None] + window[None, :])
+        swap = tf.random.stateless_uniform(
+            [batch_size], seed=tf.stack([tf.cast(seed, tf.int64) + 1, step])) < 0.5
+        swapped = tf.concat([ids[:, half:], ids[:, :half]], axis=1)
+        ids = tf.where(swap[:, None], swapped, ids)
+        next_ids = tf.concat([ids[:, 1:], tf.fill([batch_size, 1], IGNORE_INDEX)], axis=1)
+        position = tf.range(seq_len)[None, :]
+        # A swapped pair trains the LM on its first segment only.
+        keep = tf.logical_or(~swap[:, None], position < half - 1)
+        labels = tf.where(keep, next_ids, IGNORE_INDEX)
+        return {"input_ids": ids, "attention_mask": tf.ones_like(ids), "labels": labels,
+                "sop_labels": tf.cast(swap, tf.int32)}
+
+    return _steps(start_step, num_steps).map(make_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                                              deterministic=True).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,40 @@
+"""Finding and loading a trained model and the tokenizer that goes with it."""
+
+import os
+
+import keras
+
+
+def resolve_model_path(path):
+    """`path` itself if it is a `.keras` file; `path/model.keras` for a run directory."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.keras")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No model at {path}.")
+    if not path.endswith(".keras"):
+        raise ValueError(f"{path} is not a .keras model file.")
+    return path
+
+
+def load_model(path):
+    """Loads an `ALGPT2LMHeadModel` from a `.keras` file or a run directory."""
+    from algpt2_tf.model import ALGPT2LMHeadModel
+
+    path = resolve_model_path(path)
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as e:  # a zip that is not a Keras model, a truncated file...
+        raise ValueError(f"Could not load {path}: {e}") from None
+    if not isinstance(model, ALGPT2LMHeadModel):
+        raise ValueError(f"{path} holds a {type(model).__name__}, not an ALGPT2LMHeadModel.")
+    return model
+
+
+def load_tokenizer_for(path):
+    """The tokenizer saved beside a model (`tokenizer/` next to model.keras),
+    else the shipped GPT-2 tokenizer."""
+    from algpt2_tf.tokenizer import GPT2Tokenizer
+
+    model_dir = os.path.dirname(resolve_model_path(path))
+    directory = os.path.join(model_dir, "tokenizer")
+    return GPT2Tokenizer(directory if os.path.isdir(directory) else None)

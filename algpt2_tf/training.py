@@ -1,0 +1,457 @@
+"""Training: optimizer, schedule, callbacks and exact resume, a thin layer over `model.fit`.
+
+A run lives in one directory:
+
+    DIR/run.json           the options of the run (a rerun must match them)
+    DIR/checkpoints/       ckpt-STEP.npz: model + optimizer variables, the last K kept
+    DIR/metrics.csv        one row per logged step (`step` column first)
+    DIR/logs/              TensorBoard event files
+    DIR/model.keras        the final model
+
+Rerunning the same command resumes from the newest checkpoint: weights,
+optimizer state (with the step counter that drives the schedule) and the
+data position (batches are a pure function of `(seed, step)`), so at most one
+checkpoint interval is lost, even after `kill -9`. A checkpoint is written
+to a temporary file and renamed, so a kill never leaves a torn one.
+"""
+
+import csv
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+from typing import List, Optional
+
+import keras
+import numpy as np
+
+from algpt2_tf import data as data_lib
+from algpt2_tf.config import ALGPT2Config
+
+OPTIMIZERS = ("adamw", "lamb")
+SCHEDULES = ("cosine", "linear", "constant")
+NO_DECAY = ["gamma", "beta", "bias", "embeddings"]
+"""Variable-name fragments excluded from weight decay: LayerNorm, biases, embeddings."""
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    """Everything a training run depends on (the CLI flags of `algpt2 train`)."""
+
+    out: str
+    preset: Optional[str] = "algpt2-tiny"
+    config: Optional[str] = None
+    train_files: Optional[List[str]] = None
+    valid_files: Optional[List[str]] = None
+    valid_fraction: float = 0.0
+    tokenizer: Optional[str] = None
+    cache_dir: Optional[str] = None
+    seq_len: int = 128
+    batch_size: int = 8
+    steps: Optional[int] = None
+    epochs: Optional[float] = None
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    optimizer: str = "adamw"
+    clip_norm: Optional[float] = 1.0
+    grad_accum: int = 1
+    mixed_precision: Optional[str] = None
+    jit_compile: bool = False
+    sop: bool = False
+    seed: int = 0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    verbose: int = 1
+
+    # Options that may change between a run and its resumption.
+    RESUMABLE_CHANGES = ("steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every",
+                         "verbose", "cache_dir")
+
+    def validate(self):
+        positive = ("seq_len", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
+                    "log_every")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}.")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("Give --steps or --epochs, not both.")
+        if self.steps is not None and self.steps <= 0:
+            raise ValueError(f"--steps must be positive, got {self.steps}.")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"--epochs must be positive, got {self.epochs}.")
+        if self.preset and self.config:
+            raise ValueError("Give --preset or --config, not both.")
+        if not self.preset and not self.config:
+            raise ValueError("Give --preset NAME or --config FILE.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
+        if self.mixed_precision not in (None, "bf16", "fp16"):
+            raise ValueError(f"--mixed-precision must be bf16 or fp16, got {self.mixed_precision!r}.")
+        if self.learning_rate <= 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("--learning-rate must be > 0, --warmup-steps and --weight-decay >= 0.")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ValueError(f"--clip-norm must be positive, got {self.clip_norm}.")
+        if self.valid_files and self.valid_fraction:
+            raise ValueError("Give --valid-files or --valid-fraction, not both.")
+        if self.sop and self.seq_len % 2:
+            raise ValueError(f"--sop needs an even --seq-len, got {self.seq_len}.")
+
+    def identity(self):
+        """The options that define the run (everything a resume must keep)."""
+        values = dataclasses.asdict(self)
+        for name in self.RESUMABLE_CHANGES + ("out",):
+            values.pop(name)
+        return values
+
+
+@keras.saving.register_keras_serializable(package="algpt2_tf")
+class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup to `peak`, then cosine or linear decay to `peak * min_ratio`.
+
+    Args:
+        peak: the learning rate after warmup.
+        warmup_steps: steps of linear warmup from 0.
+        total_steps: the step at which the decay ends.
+        kind: "cosine", "linear" or "constant".
+        min_ratio: the final learning rate as a fraction of `peak`.
+    """
+
+    def __init__(self, peak, warmup_steps, total_steps, kind="cosine", min_ratio=0.1):
+        self.peak = peak
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.kind = kind
+        self.min_ratio = min_ratio
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        warmup = keras.ops.cast(max(self.warmup_steps, 1), "float32")
+        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        progress = keras.ops.clip((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
+        if self.kind == "cosine":
+            shape = 0.5 * (1.0 + keras.ops.cos(math.pi * progress))
+        elif self.kind == "linear":
+            shape = 1.0 - progress
+        else:
+            shape = keras.ops.ones_like(progress)
+        decayed = self.peak * (self.min_ratio + (1.0 - self.min_ratio) * shape)
+        if self.warmup_steps == 0:
+            return decayed
+        return keras.ops.where(step < self.warmup_steps, self.peak * (step + 1.0) / warmup, decayed)
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps, "kind": self.kind, "min_ratio": self.min_ratio}
+
+
+def make_optimizer(options, total_steps):
+    """AdamW or LAMB with the warmup/decay schedule, global-norm clipping,
+    gradient accumulation and weight decay off for LayerNorm, biases and embeddings."""
+    schedule = WarmupDecay(options.learning_rate, options.warmup_steps, total_steps,
+                           options.schedule, options.min_lr_ratio)
+    kwargs = dict(learning_rate=schedule, weight_decay=options.weight_decay or None,
+                  global_clipnorm=options.clip_norm,
+                  gradient_accumulation_steps=options.grad_accum if options.grad_accum > 1 else None)
+    optimizer = (keras.optimizers.AdamW(**kwargs) if options.optimizer == "adamw"
+                 else keras.optimizers.Lamb(**kwargs))
+    if options.weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=NO_DECAY)
+    return optimizer
+
+
+# ---------------------------------------------------------------- checkpoints
+class CheckpointManager:
+    """`ckpt-STEP.npz` files holding model and optimizer variables; the newest K are kept."""
+
+    PATTERN = re.compile(r"ckpt-(\d+)\.npz$")
+
+    def __init__(self, directory, keep=3):
+        self.directory = directory
+        self.keep = keep
+        os.makedirs(directory, exist_ok=True)
+        for stale in glob.glob(os.path.join(directory, "*.tmp*")):
+            os.remove(stale)  # a save cut off by a kill
+
+    def steps(self):
+        found = [int(m.group(1)) for m in map(self.PATTERN.search, os.listdir(self.directory)) if m]
+        return sorted(found)
+
+    def path(self, step):
+        return os.path.join(self.directory, f"ckpt-{step:08d}.npz")
+
+    def save(self, step, model, optimizer):
+        arrays = {}
+        for prefix, variables in (("model", model.variables), ("optimizer", optimizer.variables)):
+            for i, v in enumerate(variables):
+                arrays[f"{prefix}/{i:05d}"] = keras.ops.convert_to_numpy(v)
+        tmp = self.path(step) + ".tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self.path(step))
+        for old in self.steps()[:-self.keep]:
+            os.remove(self.path(old))
+
+    def restore(self, step, model, optimizer):
+        with np.load(self.path(step)) as saved:
+            for prefix, variables in (("model", model.variables), ("optimizer", optimizer.variables)):
+                keys = sorted(k for k in saved.files if k.startswith(prefix + "/"))
+                if len(keys) != len(variables):
+                    raise ValueError(f"Checkpoint {self.path(step)} does not fit this model/optimizer "
+                                     f"({len(keys)} vs {len(variables)} {prefix} variables).")
+                for key, variable in zip(keys, variables):
+                    variable.assign(saved[key])
+
+
+class TrainingCallback(keras.callbacks.Callback):
+    """Counts global steps; writes metrics.csv rows, checkpoints every interval
+    (never after a non-finite loss) and stops at the last step."""
+
+    def __init__(self, manager, metrics_path, start_step, total_steps, checkpoint_every,
+                 log_every, grad_accum):
+        super().__init__()
+        self.manager = manager
+        self.metrics_path = metrics_path
+        self.step = start_step  # optimizer steps done
+        self.micro = start_step * grad_accum
+        self.total_steps = total_steps
+        self.checkpoint_every = checkpoint_every
+        self.log_every = log_every
+        self.grad_accum = grad_accum
+        self.diverged_at = None
+        self.fields = None
+
+    def _write(self, row):
+        exists = os.path.exists(self.metrics_path)
+        if self.fields is None:
+            if exists:
+                with open(self.metrics_path, newline="") as f:
+                    self.fields = next(csv.reader(f), None)
+            if not self.fields:
+                self.fields = ["step"] + sorted(k for k in row if k != "step")
+                exists = False
+        with open(self.metrics_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if not exists:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        self.micro += 1
+        if self.micro % self.grad_accum:
+            return
+        self.step += 1
+        loss = float(logs.get("loss", 0.0))
+        if not math.isfinite(loss):
+            self.diverged_at = self.step
+            self.model.stop_training = True
+            return
+        if self.step % self.log_every == 0 or self.step == self.total_steps:
+            row = {"step": self.step, **{k: float(v) for k, v in logs.items()}}
+            row["learning_rate"] = float(keras.ops.convert_to_numpy(
+                self.model.optimizer.learning_rate))
+            self._write(row)
+        if self.step % self.checkpoint_every == 0 or self.step == self.total_steps:
+            self.manager.save(self.step, self.model, self.model.optimizer)
+        if self.step >= self.total_steps:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        val = {k: float(v) for k, v in (logs or {}).items() if k.startswith("val_")}
+        if val and self.diverged_at is None:
+            self._write({"step": self.step, **val})
+
+
+def truncate_metrics(path, step):
+    """Drops metrics rows after `step` (they belong to work a resume redoes)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(float(r[0])) <= step]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+
+
+# ----------------------------------------------------------------- the run
+def default_corpus_files(directory):
+    """Writes the documentation text every Python carries (`pydoc_data.topics`)
+    as a small offline corpus and returns its path."""
+    from pydoc_data import topics
+
+    path = os.path.join(directory, "pydoc_topics.txt")
+    if not os.path.exists(path):
+        os.makedirs(directory, exist_ok=True)
+        text = "\n\n".join(topics.topics[k].strip() for k in sorted(topics.topics))
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        os.replace(path + ".tmp", path)
+    return [path]
+
+
+def load_model_config(options, tokenizer):
+    config = (ALGPT2Config.from_preset(options.preset) if options.preset
+              else ALGPT2Config.from_json_file(options.config))
+    if config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"The model's vocab_size ({config.vocab_size}) is smaller than the "
+                         f"tokenizer's ({tokenizer.vocab_size}).")
+    if options.seq_len > config.max_positions:
+        raise ValueError(f"--seq-len {options.seq_len} exceeds the model's max_positions "
+                         f"({config.max_positions}).")
+    if options.sop and not config.sop_head:
+        raise ValueError("--sop needs a config with sop_head=true.")
+    return config
+
+
+def _check_run_dir(options):
+    """Creates DIR or checks that it holds this same run; returns True when resuming."""
+    run_path = os.path.join(options.out, "run.json")
+    if os.path.exists(run_path):
+        with open(run_path, encoding="utf-8") as f:
+            previous = json.load(f)
+        mine = json.loads(json.dumps(options.identity()))
+        diff = sorted(k for k in set(mine) | set(previous) if mine.get(k) != previous.get(k))
+        if diff:
+            details = "; ".join(f"{k}: {previous.get(k)!r} there, {mine.get(k)!r} now" for k in diff)
+            raise ValueError(f"{options.out} holds a different run ({details}). "
+                             "Use another --out, or the same options to resume.")
+        return True
+    if os.path.isdir(options.out) and os.listdir(options.out):
+        raise ValueError(f"{options.out} is not empty and holds no algpt2 run (no run.json).")
+    os.makedirs(options.out, exist_ok=True)
+    tmp = run_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(options.identity(), f, indent=2)
+    os.replace(tmp, run_path)
+    return False
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def train(options, log=print):
+    """Runs (or resumes) a training run; returns a summary dict.
+
+    Raises:
+        ValueError: bad options or data (nothing in DIR is damaged).
+        TrainingDiverged: the loss became NaN/inf; the last good checkpoint stays.
+    """
+    from algpt2_tf.model import ALGPT2LMHeadModel
+    from algpt2_tf.tokenizer import GPT2Tokenizer
+
+    options.validate()
+    tokenizer = GPT2Tokenizer(options.tokenizer)
+    config = load_model_config(options, tokenizer)
+    # Check the data before touching DIR.
+    train_files = options.train_files or default_corpus_files(
+        os.path.join(os.path.expanduser("~/.cache/algpt2"), "default_corpus"))
+    cache_dir = options.cache_dir or data_lib.default_cache_dir(
+        train_files + [f"valid={options.valid_fraction}"], tokenizer)
+    meta = data_lib.prepare_corpus(train_files, cache_dir, tokenizer, options.valid_fraction)
+    tokens = data_lib.load_split(cache_dir, "train")
+    valid_tokens = None
+    if options.valid_files:
+        valid_cache = data_lib.default_cache_dir(options.valid_files, tokenizer)
+        data_lib.prepare_corpus(options.valid_files, valid_cache, tokenizer)
+        valid_tokens = data_lib.load_split(valid_cache, "train")
+    elif options.valid_fraction:
+        valid_tokens = data_lib.load_split(cache_dir, "valid")
+
+    if options.sop:
+        offsets = data_lib.load_document_offsets(cache_dir)
+        items = len(data_lib.sop_pair_starts(offsets, len(tokens), options.seq_len))
+        item_name = f"SOP pairs of {options.seq_len} tokens inside one document"
+    else:
+        items = data_lib.num_blocks(len(tokens), options.seq_len)
+        item_name = f"blocks of {options.seq_len} tokens"
+    if items < options.batch_size:
+        raise ValueError(f"The corpus ({len(tokens)} tokens) holds {items} {item_name}, fewer "
+                         f"than one batch ({options.batch_size}). Use more text, a shorter "
+                         "--seq-len or a smaller --batch-size.")
+    batches_per_epoch = items // options.batch_size
+    micro_total = (options.steps * options.grad_accum if options.steps
+                   else max(1, int(round((options.epochs or 1) * batches_per_epoch))))
+    total_steps = max(1, micro_total // options.grad_accum)
+    micro_total = total_steps * options.grad_accum
+
+    resuming = _check_run_dir(options)
+    if options.tokenizer:
+        tokenizer.save(os.path.join(options.out, "tokenizer"))
+    final_path = os.path.join(options.out, "model.keras")
+    manager = CheckpointManager(os.path.join(options.out, "checkpoints"), options.keep_checkpoints)
+    done = manager.steps()
+    start_step = done[-1] if done else 0
+    if resuming and start_step >= total_steps and os.path.exists(final_path):
+        log(f"Run already complete ({total_steps} steps): {final_path}")
+        return {"model": final_path, "steps": total_steps, "resumed_from": start_step}
+
+    keras.utils.set_random_seed(options.seed)
+    if options.mixed_precision:
+        keras.config.set_dtype_policy(
+            "mixed_bfloat16" if options.mixed_precision == "bf16" else "mixed_float16")
+    try:
+        model = ALGPT2LMHeadModel(config)
+        optimizer = make_optimizer(options, total_steps)
+        model.compile(optimizer=optimizer, jit_compile=options.jit_compile)
+        optimizer.build(model.trainable_variables)
+        if start_step:
+            manager.restore(start_step, model, optimizer)
+            log(f"Resuming from step {start_step} ({manager.path(start_step)})")
+        truncate_metrics(os.path.join(options.out, "metrics.csv"), start_step)
+
+        make = data_lib.sop_dataset if options.sop else data_lib.lm_dataset
+        extra = (data_lib.load_document_offsets(cache_dir),) if options.sop else ()
+        dataset = make(tokens, *extra, seq_len=options.seq_len, batch_size=options.batch_size,
+                       seed=options.seed, start_step=start_step * options.grad_accum,
+                       num_steps=micro_total - start_step * options.grad_accum)
+        valid_ds = None
+        if valid_tokens is not None:
+            n_valid = data_lib.num_blocks(len(valid_tokens), options.seq_len) // options.batch_size
+            if n_valid == 0:
+                raise ValueError(f"The validation text ({len(valid_tokens)} tokens) holds less than "
+                                 f"one batch of {options.batch_size} x {options.seq_len} tokens.")
+            valid_ds = data_lib.lm_dataset(valid_tokens, options.seq_len, options.batch_size,
+                                           shuffle=False, num_steps=n_valid)
+
+        micro_per_epoch = options.checkpoint_every * options.grad_accum
+        callback = TrainingCallback(manager, os.path.join(options.out, "metrics.csv"), start_step,
+                                    total_steps, options.checkpoint_every, options.log_every,
+                                    options.grad_accum)
+        callbacks = [callback,
+                     keras.callbacks.TensorBoard(os.path.join(options.out, "logs"),
+                                                 update_freq=options.log_every)]
+        log(f"Training {options.preset or options.config} ({config.num_parameters():,} parameters) "
+            f"on {meta['train_tokens']:,} tokens for {total_steps} steps of "
+            f"{options.batch_size * options.grad_accum} x {options.seq_len} tokens -> {options.out}")
+        model.fit(dataset, epochs=math.ceil(micro_total / micro_per_epoch),
+                  initial_epoch=(start_step * options.grad_accum) // micro_per_epoch,
+                  steps_per_epoch=micro_per_epoch, validation_data=valid_ds,
+                  callbacks=callbacks, verbose=options.verbose)
+        if callback.diverged_at is not None:
+            good = manager.steps()
+            raise TrainingDiverged(
+                f"The loss became NaN/inf at step {callback.diverged_at}; training stopped. "
+                f"The last good checkpoint is kept: "
+                f"{manager.path(good[-1]) if good else 'none (diverged before the first)'}.")
+    finally:
+        keras.config.set_dtype_policy("float32")
+    # The final model is a clean float32 copy: no optimizer state, loads anywhere.
+    final = ALGPT2LMHeadModel(config)
+    final.set_weights(model.get_weights())
+    tmp = os.path.join(options.out, "model.tmp.keras")
+    final.save(tmp)
+    os.replace(tmp, final_path)
+    log(f"Model written to {final_path}")
+    return {"model": final_path, "steps": total_steps, "resumed_from": start_step,
+            "metrics": os.path.join(options.out, "metrics.csv")}
