@@ -134,9 +134,17 @@ def load_document_offsets(cache_dir):
     return np.load(os.path.join(cache_dir, "train_docs.npy"))
 
 
-def default_cache_dir(patterns, tokenizer, root="~/.cache/algpt2"):
-    key = hashlib.sha256(json.dumps([sorted(patterns), tokenizer.fingerprint]).encode()).hexdigest()
-    return os.path.join(os.path.expanduser(root), key[:16])
+def cache_root():
+    """`$ALGPT2_CACHE` or `~/.cache/algpt2`."""
+    return os.path.expanduser(os.environ.get("ALGPT2_CACHE", "~/.cache/algpt2"))
+
+
+def default_cache_dir(patterns, tokenizer):
+    """The token cache of a file set: a folder under `cache_root()` named by
+    the absolute globs and the tokenizer."""
+    keys = sorted(os.path.abspath(os.path.expanduser(p)) if "=" not in p else p for p in patterns)
+    key = hashlib.sha256(json.dumps([keys, tokenizer.fingerprint]).encode()).hexdigest()
+    return os.path.join(cache_root(), key[:16])
 
 
 # ------------------------------------------------------------------ pipelines

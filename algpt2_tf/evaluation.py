@@ -2,8 +2,8 @@
 
 Sliding windows of `seq_len` tokens advance by `stride`; each window scores
 only the tokens the previous window did not, so every token after the first
-of a file is scored once, with up to `seq_len - stride` tokens of context
-(the protocol of Hugging Face's perplexity guide). Word-level perplexity
+of a file is scored exactly once, with at least `seq_len - stride` tokens of
+context (the protocol of Hugging Face's perplexity guide). Word-level perplexity
 divides the total NLL by the number of whitespace-separated words, as
 WikiText papers report it.
 """
@@ -19,23 +19,26 @@ from algpt2_tf.losses import IGNORE_INDEX, token_nll
 
 def sliding_windows(ids, seq_len, stride):
     """`(inputs, labels)` windows over one token sequence; labels are aligned
-    with the logits and `IGNORE_INDEX` where a token is not scored here."""
+    with the logits and `IGNORE_INDEX` where a token is not scored here.
+
+    The first window scores its tokens 1..seq_len-1; each next window ends
+    `stride` tokens later (at most `seq_len - 1`, so the token before its
+    first target is still inside) and scores only the new tokens.
+    """
     if stride <= 0 or stride > seq_len:
         raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}.")
     ids = np.asarray(ids, np.int32)
+    step = min(stride, seq_len - 1)
     windows = []
-    scored_until = 1  # token 0 has no context: never scored
-    begin = 0
+    scored_until, end = 1, min(seq_len, len(ids))  # token 0 has no context: never scored
     while scored_until < len(ids):
-        end = min(begin + seq_len, len(ids))
+        begin = max(0, end - seq_len)
         window = ids[begin:end]
         labels = np.full(len(window), IGNORE_INDEX, np.int32)
-        # logits at i predict token begin + i + 1
-        for target in range(max(scored_until, begin + 1), end):
-            labels[target - begin - 1] = ids[target]
+        # logits at window position i predict token begin + i + 1
+        labels[scored_until - begin - 1:end - begin - 1] = ids[scored_until:end]
         windows.append((window, labels))
-        scored_until = end
-        begin += stride
+        scored_until, end = end, min(end + step, len(ids))
     return windows
 
 

@@ -21,6 +21,8 @@ EOS_TOKEN = "<|endoftext|>"
 # documents can be cut there and encoded in parallel with identical ids.
 _SAFE_SPLIT = re.compile(r"(?<=\S)(?=\n)")
 _CHUNK_CHARS = 1 << 16
+# Byte-level images of " \n\t\r\v\f" (GPT-2's byte -> unicode map).
+_BYTE_WHITESPACE = "".join(chr(0x100 + b) for b in b" \n\t\r\v\f")
 
 
 def default_tokenizer_dir():
@@ -117,9 +119,13 @@ class GPT2Tokenizer:
         """The keras-hub `BytePairTokenizer` twin: same ids, runs in a TF graph."""
         import keras_hub
 
+        # `_allow_python_workflow=False`: always the tf-text path (the one a
+        # SavedModel runs), never keras-hub's eager shortcut, whose Llama-3
+        # split differs from GPT-2's on whitespace runs.
         return keras_hub.tokenizers.BytePairTokenizer(
             vocabulary=self.vocab_path, merges=self.merges_path,
-            sequence_length=sequence_length, unsplittable_tokens=[EOS_TOKEN])
+            sequence_length=sequence_length, unsplittable_tokens=[EOS_TOKEN],
+            _allow_python_workflow=False)
 
     def save(self, directory):
         """Writes `vocab.json`, `merges.txt` (and `tokenizer.json`) to `directory`."""
@@ -159,13 +165,21 @@ def train_tokenizer(texts, vocab_size, out_dir, min_frequency=2):
         out_dir: output directory.
         min_frequency: the least count of a pair to be merged.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if not isinstance(vocab_size, int) or vocab_size < 257:
         raise ValueError(f"vocab_size must be an integer >= 257 (256 bytes + {EOS_TOKEN}), "
                          f"got {vocab_size!r}.")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # GPT-2's split, then each whitespace character of a whitespace run on its
+    # own: the vocabulary learns no whitespace-whitespace merges (GPT-2's own
+    # has none that matter either), which is where keras-hub's in-graph split
+    # and GPT-2's regex disagree. " word" merges are learned as usual.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        pre_tokenizers.Split(Regex(f"[{_BYTE_WHITESPACE}](?=[{_BYTE_WHITESPACE}]|$)"),
+                             behavior="isolated"),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - 1, min_frequency=min_frequency, show_progress=False,

@@ -30,6 +30,8 @@ import numpy as np
 from algpt2_tf import data as data_lib
 from algpt2_tf.config import ALGPT2Config
 
+DEFAULT_STEPS = 600
+"""Steps of a run given neither --steps nor --epochs (the README's main job)."""
 OPTIMIZERS = ("adamw", "lamb")
 SCHEDULES = ("cosine", "linear", "constant")
 NO_DECAY = ["gamma", "beta", "bias", "embeddings"]
@@ -189,15 +191,19 @@ class CheckpointManager:
         return os.path.join(self.directory, f"ckpt-{step:08d}.npz")
 
     def save(self, step, model, optimizer):
+        """Writes checkpoint `step`; returns False (writing nothing) if a weight is NaN/inf."""
         arrays = {}
         for prefix, variables in (("model", model.variables), ("optimizer", optimizer.variables)):
             for i, v in enumerate(variables):
                 arrays[f"{prefix}/{i:05d}"] = keras.ops.convert_to_numpy(v)
+        if not all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f"):
+            return False
         tmp = self.path(step) + ".tmp.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, self.path(step))
         for old in self.steps()[:-self.keep]:
             os.remove(self.path(old))
+        return True
 
     def restore(self, step, model, optimizer):
         with np.load(self.path(step)) as saved:
@@ -228,15 +234,15 @@ class TrainingCallback(keras.callbacks.Callback):
         self.diverged_at = None
         self.fields = None
 
+    def on_train_begin(self, logs=None):
+        names = [m.name for m in self.model.metrics]
+        self.fields = ["step", "learning_rate"] + names + [f"val_{n}" for n in names]
+        if os.path.exists(self.metrics_path):
+            with open(self.metrics_path, newline="") as f:
+                self.fields = next(csv.reader(f), None) or self.fields
+
     def _write(self, row):
-        exists = os.path.exists(self.metrics_path)
-        if self.fields is None:
-            if exists:
-                with open(self.metrics_path, newline="") as f:
-                    self.fields = next(csv.reader(f), None)
-            if not self.fields:
-                self.fields = ["step"] + sorted(k for k in row if k != "step")
-                exists = False
+        exists = os.path.exists(self.metrics_path) and os.path.getsize(self.metrics_path) > 0
         with open(self.metrics_path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
             if not exists:
@@ -260,7 +266,10 @@ class TrainingCallback(keras.callbacks.Callback):
                 self.model.optimizer.learning_rate))
             self._write(row)
         if self.step % self.checkpoint_every == 0 or self.step == self.total_steps:
-            self.manager.save(self.step, self.model, self.model.optimizer)
+            if not self.manager.save(self.step, self.model, self.model.optimizer):
+                self.diverged_at = self.step
+                self.model.stop_training = True
+                return
         if self.step >= self.total_steps:
             self.model.stop_training = True
 
@@ -355,7 +364,7 @@ def train(options, log=print):
     config = load_model_config(options, tokenizer)
     # Check the data before touching DIR.
     train_files = options.train_files or default_corpus_files(
-        os.path.join(os.path.expanduser("~/.cache/algpt2"), "default_corpus"))
+        os.path.join(data_lib.cache_root(), "default_corpus"))
     cache_dir = options.cache_dir or data_lib.default_cache_dir(
         train_files + [f"valid={options.valid_fraction}"], tokenizer)
     meta = data_lib.prepare_corpus(train_files, cache_dir, tokenizer, options.valid_fraction)
@@ -380,8 +389,12 @@ def train(options, log=print):
                          f"than one batch ({options.batch_size}). Use more text, a shorter "
                          "--seq-len or a smaller --batch-size.")
     batches_per_epoch = items // options.batch_size
-    micro_total = (options.steps * options.grad_accum if options.steps
-                   else max(1, int(round((options.epochs or 1) * batches_per_epoch))))
+    if options.steps:
+        micro_total = options.steps * options.grad_accum
+    elif options.epochs:
+        micro_total = max(1, int(round(options.epochs * batches_per_epoch)))
+    else:
+        micro_total = DEFAULT_STEPS * options.grad_accum
     total_steps = max(1, micro_total // options.grad_accum)
     micro_total = total_steps * options.grad_accum
 
@@ -402,6 +415,8 @@ def train(options, log=print):
             "mixed_bfloat16" if options.mixed_precision == "bf16" else "mixed_float16")
     try:
         model = ALGPT2LMHeadModel(config)
+        if model.sop_head is not None and not options.sop:
+            model.sop_head.trainable = False  # no SOP labels: nothing to learn there
         optimizer = make_optimizer(options, total_steps)
         model.compile(optimizer=optimizer, jit_compile=options.jit_compile)
         optimizer.build(model.trainable_variables)
@@ -441,7 +456,7 @@ def train(options, log=print):
         if callback.diverged_at is not None:
             good = manager.steps()
             raise TrainingDiverged(
-                f"The loss became NaN/inf at step {callback.diverged_at}; training stopped. "
+                f"The loss or the weights became NaN/inf at step {callback.diverged_at}; training stopped. "
                 f"The last good checkpoint is kept: "
                 f"{manager.path(good[-1]) if good else 'none (diverged before the first)'}.")
     finally:

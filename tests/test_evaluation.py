@@ -1,0 +1,82 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
+from algpt2_tf.cli import main
+from algpt2_tf.evaluation import evaluate_texts, sliding_windows
+from algpt2_tf.losses import IGNORE_INDEX
+from algpt2_tf.tokenizer import GPT2Tokenizer
+from conftest import shared_file
+
+
+def small_model(max_positions=64):
+    return ALGPT2LMHeadModel(ALGPT2Config(
+        max_positions=max_positions, hidden_size=32, num_layers=2, num_heads=2,
+        intermediate_size=64, embedding_size=16))
+
+
+@pytest.mark.parametrize("n,seq_len,stride", [(10, 4, 2), (10, 4, 4), (23, 8, 3), (5, 8, 8), (2, 4, 1)])
+def test_sliding_windows_score_every_token_once(n, seq_len, stride):
+    ids = np.arange(100, 100 + n)
+    scored = []
+    for window, labels in sliding_windows(ids, seq_len, stride):
+        assert len(window) <= seq_len
+        scored += [int(x) for x in labels if x != IGNORE_INDEX]
+        for i, x in enumerate(labels):
+            if x != IGNORE_INDEX:
+                assert x == window[i + 1]
+    assert scored == list(range(101, 100 + n))
+
+
+def test_metrics_match_a_direct_computation():
+    model = small_model()
+    tokenizer = GPT2Tokenizer()
+    text = "The quick brown fox jumps over the lazy dog, again and again."
+    ids = tokenizer.encode(text)
+    logits = model({"input_ids": np.array([ids])})["logits"][0]
+    log_probs = tf.nn.log_softmax(logits).numpy()
+    nll = -sum(log_probs[t, ids[t + 1]] for t in range(len(ids) - 1))
+    result = evaluate_texts(model, tokenizer, [text], seq_len=64, verbose=0)
+    assert result["tokens"] == len(ids) - 1 and result["words"] == len(text.split())
+    assert result["token_perplexity"] == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-4)
+    assert result["word_perplexity"] == pytest.approx(math.exp(nll / len(text.split())), rel=1e-4)
+    assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / len(text.encode()), rel=1e-4)
+    # A short stride only adds context: never a different token count.
+    strided = evaluate_texts(model, tokenizer, [text], seq_len=8, stride=3, verbose=0)
+    assert strided["tokens"] == result["tokens"]
+
+
+def test_wikitext2_validation(tmp_path, capsys):
+    path = shared_file("wikitext-2-raw", "wiki.valid.raw")
+    model = small_model(max_positions=256)
+    model.save(str(tmp_path / "m.keras"))
+    out = tmp_path / "ppl.json"
+    assert main(["evaluate", "--model", str(tmp_path / "m.keras"), "--files", path,
+                 "--seq-len", "256", "--stride", "256", "--batch-size", "16", "--json", str(out),
+                 "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) >= {"token_perplexity", "bits_per_byte", "word_perplexity", "tokens", "words"}
+    text = open(path, encoding="utf-8").read()
+    assert result["words"] == len(text.split()) == 213886  # -> word counts as WikiText papers use
+    assert result["tokens"] == len(GPT2Tokenizer().encode(text)) - 1
+    # An untrained model is close to uniform over 50257 ids.
+    assert 20000 < result["token_perplexity"] < 80000
+    assert json.loads(capsys.readouterr().out)["tokens"] == result["tokens"]
+
+
+def test_evaluate_bad_input(tmp_path, capsys):
+    assert main(["evaluate", "--model", str(tmp_path / "none.keras"), "--files", "x"]) == 2
+    assert "No model" in capsys.readouterr().err
+    model = small_model()
+    model.save(str(tmp_path / "m.keras"))
+    assert main(["evaluate", "--model", str(tmp_path / "m.keras"), "--files",
+                 str(tmp_path / "*.txt"), "--quiet"]) == 2
+    assert "No files match" in capsys.readouterr().err
+    (tmp_path / "a.txt").write_text("hello there")
+    assert main(["evaluate", "--model", str(tmp_path / "m.keras"), "--files",
+                 str(tmp_path / "a.txt"), "--seq-len", "999", "--quiet"]) == 2
+    assert "max_positions" in capsys.readouterr().err

@@ -1,0 +1,192 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from algpt2_tf import ALGPT2Config
+from algpt2_tf.cli import main
+from algpt2_tf.saving import load_model
+from algpt2_tf.training import TrainOptions, WarmupDecay, train
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALGPT2_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def small_config(tmp_path):
+    config = ALGPT2Config(max_positions=64, hidden_size=32, num_layers=2, num_heads=2,
+                          intermediate_size=64, embedding_size=16, sop_head=True,
+                          embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
+    path = tmp_path / "config.json"
+    config.to_json_file(path)
+    return str(path)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    from pydoc_data import topics
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name in sorted(topics.topics)[:12]:
+        (folder / f"{name}.txt").write_text(topics.topics[name], encoding="utf-8")
+    return str(folder / "*.txt")
+
+
+def options(tmp_path, config, corpus, out="run", **kw):
+    values = dict(out=str(tmp_path / out), preset=None, config=config, train_files=[corpus],
+                  seq_len=32, batch_size=4, steps=12, learning_rate=3e-3, warmup_steps=2,
+                  checkpoint_every=4, keep_checkpoints=2, log_every=2, verbose=0, seed=7)
+    values.update(kw)
+    return TrainOptions(**values)
+
+
+def weights(path):
+    return load_model(path).get_weights()
+
+
+def test_training_writes_everything(tmp_path, small_config, corpus):
+    result = train(options(tmp_path, small_config, corpus, valid_fraction=0.1), log=lambda *_: None)
+    run = tmp_path / "run"
+    assert result["model"] == str(run / "model.keras")
+    assert sorted(os.listdir(run / "checkpoints")) == ["ckpt-00000008.npz", "ckpt-00000012.npz"]
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    train_rows = [r for r in rows if r.get("loss")]
+    assert [int(r["step"]) for r in train_rows] == [2, 4, 6, 8, 10, 12]
+    assert float(train_rows[-1]["lm_loss"]) < float(train_rows[0]["lm_loss"])
+    assert any(r.get("val_lm_loss") for r in rows)
+    assert os.listdir(run / "logs")  # TensorBoard
+    model = load_model(str(run))
+    assert model.config.hidden_size == 32
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, small_config, corpus):
+    """kill -9 after the first checkpoint, rerun the same command: same final weights."""
+    steps = 40
+    full = train(options(tmp_path, small_config, corpus, out="full", steps=steps),
+                 log=lambda *_: None)
+    part_dir = tmp_path / "part"
+    cmd = [sys.executable, "-m", "algpt2_tf.cli", "train", "--config", small_config,
+           "--train-files", corpus, "--out", str(part_dir), "--seq-len", "32", "--batch-size", "4",
+           "--steps", str(steps), "--learning-rate", "3e-3", "--warmup-steps", "2",
+           "--checkpoint-every", "4", "--keep-checkpoints", "2", "--log-every", "2",
+           "--verbose", "0", "--seed", "7"]
+    proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    first = part_dir / "checkpoints" / "ckpt-00000004.npz"
+    while not first.exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before checkpoint 4"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (part_dir / "model.keras").exists(), "the run finished before the kill"
+    done = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Resuming from step" in done.stdout
+    for a, b in zip(weights(full["model"]), weights(str(part_dir))):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    rows = [int(r["step"]) for r in csv.DictReader(open(part_dir / "metrics.csv"))]
+    assert rows == list(range(2, steps + 1, 2))
+
+
+def test_sop_training_and_grad_accum(tmp_path, small_config, corpus):
+    result = train(options(tmp_path, small_config, corpus, sop=True, grad_accum=2, steps=4,
+                           checkpoint_every=2, optimizer="lamb", schedule="linear"),
+                   log=lambda *_: None)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert {"sop_loss", "sop_accuracy"} <= set(rows[0])
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert os.path.exists(result["model"])
+
+
+def test_mixed_precision_training(tmp_path, small_config, corpus):
+    result = train(options(tmp_path, small_config, corpus, mixed_precision="bf16", steps=4),
+                   log=lambda *_: None)
+    model = load_model(result["model"])
+    assert model.embedding.token_embeddings.dtype == "float32"
+    assert keras.config.dtype_policy().name == "float32"
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, small_config, corpus):
+    from algpt2_tf.training import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        train(options(tmp_path, small_config, corpus, learning_rate=1e9, clip_norm=None,
+                      warmup_steps=0, steps=40, checkpoint_every=1, schedule="constant"),
+              log=lambda *_: None)
+    run = tmp_path / "run"
+    assert not (run / "model.keras").exists()
+    for name in os.listdir(run / "checkpoints"):
+        with np.load(run / "checkpoints" / name) as saved:
+            assert all(np.isfinite(saved[k]).all() for k in saved.files), name
+
+
+def test_schedule_warmup_then_decay():
+    schedule = WarmupDecay(1.0, warmup_steps=10, total_steps=110, kind="cosine", min_ratio=0.1)
+    values = [float(schedule(s)) for s in (0, 9, 10, 60, 110, 500)]
+    assert values[0] == pytest.approx(0.1) and values[1] == pytest.approx(1.0)
+    assert values[2] == pytest.approx(1.0) and values[3] == pytest.approx(0.55)
+    assert values[4] == pytest.approx(0.1) and values[5] == pytest.approx(0.1)
+    linear = WarmupDecay(1.0, 0, 100, kind="linear", min_ratio=0.0)
+    assert float(linear(50)) == pytest.approx(0.5)
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings(tmp_path, small_config, corpus):
+    from algpt2_tf import ALGPT2LMHeadModel
+    from algpt2_tf.training import make_optimizer
+
+    opt = make_optimizer(options(tmp_path, small_config, corpus), 10)
+    model = ALGPT2LMHeadModel(ALGPT2Config.from_json_file(small_config))
+    opt.build(model.trainable_variables)
+    decayed = {v.path for v in model.trainable_variables if opt._use_weight_decay(v)}
+    assert any(p.endswith("qkv/kernel") for p in decayed)
+    assert not any(p.endswith(("gamma", "beta", "bias", "embeddings")) for p in decayed)
+
+
+def run_cli(*args):
+    return main(list(args))
+
+
+def test_cli_bad_input_exits_2_and_keeps_the_run(tmp_path, small_config, corpus, capsys):
+    base = ["train", "--config", small_config, "--train-files", corpus, "--seq-len", "32",
+            "--batch-size", "4", "--steps", "4", "--checkpoint-every", "2", "--verbose", "0"]
+    out = str(tmp_path / "run")
+    assert run_cli(*base, "--out", out) == 0
+    before = {n: os.path.getmtime(os.path.join(out, "checkpoints", n))
+              for n in os.listdir(os.path.join(out, "checkpoints"))}
+    cases = [
+        (["--out", out, "--seed", "99"], "different run"),
+        (["--out", str(tmp_path / "x"), "--preset", "nope"], "preset"),
+        (["--out", str(tmp_path / "x"), "--train-files", str(tmp_path / "missing*.txt")], "missing"),
+        (["--out", str(tmp_path / "x"), "--seq-len", "4096"], "max_positions"),
+        (["--out", str(tmp_path / "x"), "--epochs", "1"], "not both"),
+        (["--out", str(tmp_path / "x"), "--batch-size", "100000"], "fewer than one batch"),
+        (["--out", str(tmp_path / "x"), "--optimizer", "sgd"], "optimizer"),
+    ]
+    for extra, message in cases:
+        assert run_cli(*base, *extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert run_cli(*base, "--out", str(tmp_path / "y"), "--train-files", str(empty)) == 2
+    assert "empty" in capsys.readouterr().err
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe")
+    assert run_cli(*base, "--out", str(tmp_path / "y"), "--train-files", str(tmp_path / "bad.txt")) == 2
+    assert "UTF-8" in capsys.readouterr().err
+    after = {n: os.path.getmtime(os.path.join(out, "checkpoints", n))
+             for n in os.listdir(os.path.join(out, "checkpoints"))}
+    assert before == after
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+    # The finished run reruns as a no-op.
+    assert run_cli(*base, "--out", out) == 0
+    assert "already complete" in capsys.readouterr().out
