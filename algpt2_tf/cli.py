@@ -93,6 +93,50 @@ def _evaluate(args):
             f.write(text + "\n")
 
 
+# ------------------------------------------------------------------ generate
+def _generate(args):
+    from algpt2_tf.generation import generator_for, sampling_params
+    from algpt2_tf.saving import load_model, load_tokenizer_for
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = sampling_params(args.sampler, args.temperature, args.top_k, args.top_p,
+                             args.repetition_penalty)
+    model = load_model(args.model)
+    tokenizer = load_tokenizer_for(args.model)
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    stop_ids = [tokenizer.eos_id] + list(args.stop_id or [])
+    generator = generator_for(model)
+    generator.buckets(len(ids), args.max_new_tokens)  # validates the length before any output
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    new, shown = [], ""
+    for token in generator.stream(ids, args.max_new_tokens, params, args.seed, stop_ids):
+        if token in stop_ids:
+            break
+        new.append(token)
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write(tokenizer.decode(new)[len(shown):] + "\n")
+
+
+def _add_generation_commands(sub):
+    p = sub.add_parser("generate", help="generate text, streaming it to the terminal")
+    p.add_argument("--model", required=True, help="model.keras or a run directory")
+    p.add_argument("--prompt", required=True, help="the prompt text, or - to read stdin")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sampler", default="top_p", help="greedy, sample, top_k or top_p")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop-id", type=int, action="append", help="extra stop token id (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_generate)
+
+
 def _add_training_commands(sub):
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
@@ -167,7 +211,7 @@ def build_parser():
     return parser
 
 
-_EXTRA_COMMANDS = [_add_training_commands]
+_EXTRA_COMMANDS = [_add_training_commands, _add_generation_commands]
 
 
 def main(argv=None):

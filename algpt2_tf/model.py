@@ -168,6 +168,45 @@ class ALGPT2LMHeadModel(keras.Model):
         return self.lm_head(hidden, self.embedding.token_embeddings,
                             input_projection_kernel=kernel, normalized=normalized)
 
+    def forward_with_cache(self, input_ids, position_ids, key_mask, caches, cache_index):
+        """One cached step (prefill or decode), for generation.
+
+        Args:
+            input_ids: int `[batch, T]`, written at cache slots
+                `cache_index .. cache_index + T - 1`.
+            position_ids: int `[batch, T]`, their positions.
+            key_mask: `[batch, max_length]`, 1 for slots holding real tokens
+                (the new ones included).
+            caches: one `[batch, 2, heads, max_length, head_size]` tensor per
+                virtual layer (the block is shared, the cache is not).
+            cache_index: int scalar, the first slot written.
+        Returns:
+            `(logits [batch, T, vocab], new caches)`.
+        """
+        hidden = self.embedding(input_ids, position_ids)
+        query_slots = cache_index + ops.arange(ops.shape(input_ids)[1])
+        bias = attention_bias(query_slots, key_mask)
+        new_caches = []
+        for i in range(self.config.num_layers):
+            hidden, cache = self.block_for_layer(i)(hidden, bias, cache=caches[i],
+                                                    cache_index=cache_index)
+            new_caches.append(cache)
+        return self.logits_from_hidden(hidden), new_caches
+
+    def empty_caches(self, batch_size, max_length, dtype="float32"):
+        """Zero caches for `forward_with_cache`, one per virtual layer."""
+        c = self.config
+        shape = (batch_size, 2, c.num_heads, max_length, c.head_size)
+        return [ops.zeros(shape, dtype) for _ in range(c.num_layers)]
+
+    def generate(self, prompts, max_new_tokens=32, sampler="greedy", seed=None, tokenizer=None,
+                 **kwargs):
+        """Generates text or ids; see `algpt2_tf.generation.generate`."""
+        from algpt2_tf import generation
+
+        return generation.generate(self, prompts, max_new_tokens=max_new_tokens, sampler=sampler,
+                                   seed=seed, tokenizer=tokenizer, **kwargs)
+
     def call(self, inputs, training=False):
         input_ids, attention_mask = self._unpack_inputs(inputs)
         input_ids = self._check_inputs(input_ids, attention_mask)

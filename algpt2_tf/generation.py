@@ -1,0 +1,395 @@
+"""Text generation: a KV cache per virtual layer, samplers, and a compiled decode loop.
+
+The shared block is one set of weights, but each of the `num_layers`
+applications attends over its own keys and values, so there is one cache per
+virtual layer: `[batch, 2, heads, max_length, head_size]`, preallocated.
+
+Prompts are left-padded to a common length bucket; a prefill pass writes the
+prompt into cache slots `0..T-1`; each decode step writes one slot. Positions
+count real tokens only, so padding does not shift them. The whole loop (prefill,
+sampling, decode steps, early stop) is one `tf.function(jit_compile=True)` per
+`max_length` bucket, traced once; XLA compiles once per (batch, prompt bucket).
+
+Samplers (all in-graph, usable from a SavedModel):
+  greedy  the most likely token (also: `temperature=0` or `top_k=1`);
+  sample  plain sampling at `temperature`;
+  top_k   sampling among the `top_k` most likely tokens;
+  top_p   nucleus sampling: the smallest set whose probability reaches `top_p`.
+A `repetition_penalty` > 1 divides positive (multiplies negative) logits of
+tokens already in the sequence (CTRL). Sampling is seeded and stateless: the
+same seed gives the same text.
+"""
+
+import dataclasses
+from typing import List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+SAMPLERS = ("greedy", "sample", "top_k", "top_p")
+PROMPT_BUCKET = 16
+LENGTH_BUCKET = 64
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """In-graph sampling parameters: `top_k=1` or `temperature=0` is greedy,
+    `top_k=0` disables top-k, `top_p=1` disables nucleus filtering."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+def sampling_params(sampler="greedy", temperature=1.0, top_k=None, top_p=None,
+                    repetition_penalty=1.0):
+    """Validates a named sampler and its options; returns `SamplingParams`."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+    if temperature is None or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}.")
+    if repetition_penalty is None or repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}.")
+    if top_k is not None and (int(top_k) != top_k or top_k < 0):
+        raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}.")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}.")
+    if sampler == "greedy":
+        return SamplingParams(1.0, 1, 1.0, repetition_penalty)
+    if sampler == "sample":
+        return SamplingParams(temperature, 0, 1.0, repetition_penalty)
+    if sampler == "top_k":
+        return SamplingParams(temperature, int(top_k if top_k is not None else 50), 1.0,
+                              repetition_penalty)
+    return SamplingParams(temperature, 0, float(top_p if top_p is not None else 0.9),
+                          repetition_penalty)
+
+
+# ---------------------------------------------------------------- sampling
+def apply_repetition_penalty(logits, seen, penalty):
+    """CTRL's penalty on the tokens marked in `seen` `[batch, vocab]`."""
+    logits = tf.cast(logits, tf.float32)
+    penalty = tf.cast(penalty, tf.float32)
+    penalized = tf.where(logits > 0, logits / penalty, logits * penalty)
+    return tf.where(seen > 0, penalized, logits)
+
+
+def filter_logits(logits, seen, temperature, top_k, top_p, repetition_penalty):
+    """Applies the repetition penalty, temperature, top-k and top-p to float32
+    `[batch, vocab]` logits; filtered-out tokens get `-inf`."""
+    temperature = tf.cast(temperature, tf.float32)
+    top_k = tf.cast(top_k, tf.int32)
+    top_p = tf.cast(top_p, tf.float32)
+    logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    logits = logits / tf.maximum(temperature, 1e-6)
+    vocab = tf.shape(logits)[-1]
+
+    def keep_top_k():
+        k = tf.clip_by_value(top_k, 1, vocab)
+        kth = tf.math.top_k(logits, k=k).values[:, -1:]
+        return tf.where(logits < kth, -np.inf, logits)
+
+    logits = tf.cond(top_k > 0, keep_top_k, lambda: logits)
+
+    def keep_nucleus():
+        sorted_logits = tf.sort(logits, direction="DESCENDING", axis=-1)
+        probs = tf.nn.softmax(sorted_logits, axis=-1)
+        before = tf.cumsum(probs, axis=-1, exclusive=True)
+        # The smallest logit still inside the nucleus (the first is always kept).
+        inside = tf.cast(before < top_p, tf.int32)
+        last = tf.maximum(tf.reduce_sum(inside, axis=-1) - 1, 0)
+        cutoff = tf.gather(sorted_logits, last, batch_dims=1)[:, None]
+        return tf.where(logits < cutoff, -np.inf, logits)
+
+    return tf.cond(top_p < 1.0, keep_nucleus, lambda: logits)
+
+
+def next_tokens(logits, seen, params, seed):
+    """Picks one token per row. `params` holds scalar tensors; `seed` is an int32 `[2]`."""
+    temperature, top_k, top_p, penalty = params
+    greedy = tf.logical_or(tf.equal(top_k, 1), temperature <= 0.0)
+
+    def pick_greedy():
+        return tf.argmax(apply_repetition_penalty(logits, seen, penalty), axis=-1,
+                         output_type=tf.int32)
+
+    def pick_sample():
+        filtered = filter_logits(logits, seen, temperature, top_k, top_p, penalty)
+        return tf.cast(tf.random.stateless_categorical(filtered, 1, seed=seed)[:, 0], tf.int32)
+
+    return tf.cond(greedy, pick_greedy, pick_sample)
+
+
+def _mark_seen(seen, ids, weights):
+    """Sets `seen[b, ids[b, t]] = max(seen, weights[b, t])`."""
+    batch = tf.shape(ids)[0]
+    rows = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(ids))
+    index = tf.stack([tf.reshape(rows, [-1]), tf.reshape(ids, [-1])], axis=1)
+    return tf.tensor_scatter_nd_max(seen, index, tf.reshape(tf.cast(weights, seen.dtype), [-1]))
+
+
+# -------------------------------------------------------------- decode loop
+def _prefill(model, prompt_ids, prompt_mask, max_length):
+    batch, prompt_len = tf.shape(prompt_ids)[0], tf.shape(prompt_ids)[1]
+    mask = tf.cast(prompt_mask, tf.int32)
+    caches = model.empty_caches(batch, max_length, model.embedding.compute_dtype)
+    key_mask = tf.concat([mask, tf.zeros([batch, max_length - prompt_len], tf.int32)], axis=1)
+    positions = tf.maximum(tf.cumsum(mask, axis=1) - 1, 0)
+    logits, caches = model.forward_with_cache(prompt_ids, positions, key_mask, caches, 0)
+    lengths = tf.reduce_sum(mask, axis=1)
+    seen = _mark_seen(tf.zeros([batch, model.config.vocab_size]), prompt_ids, mask)
+    return logits[:, -1], caches, key_mask, lengths, seen
+
+
+def _advance(model, tokens, slot, lengths, key_mask, caches):
+    """Writes `tokens` `[batch]` at cache slot `slot`; returns the next logits."""
+    batch = tf.shape(tokens)[0]
+    key_mask = tf.tensor_scatter_nd_update(
+        key_mask, tf.stack([tf.range(batch), tf.fill([batch], slot)], axis=1),
+        tf.ones([batch], tf.int32))
+    logits, caches = model.forward_with_cache(tokens[:, None], lengths[:, None], key_mask,
+                                              caches, slot)
+    return logits[:, 0], key_mask, caches
+
+
+def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_ids, max_length):
+    """The whole generation as TF ops (for `tf.function`/XLA and SavedModels).
+
+    Args:
+        model: an `ALGPT2LMHeadModel`.
+        prompt_ids: int32 `[batch, T]`, left-padded.
+        prompt_mask: int32 `[batch, T]`.
+        max_new_tokens: int32 scalar; at most `max_length - T`.
+        params: `(temperature, top_k, top_p, repetition_penalty)` scalar tensors.
+        seed: int32 scalar.
+        stop_ids: int32 `[n]`; a row stops after emitting one of them.
+        max_length: Python int, the cache length.
+    Returns:
+        `(new_ids [batch, max_length - T], num_new [batch])`: tokens after a
+        row's stop token are undefined; `num_new` counts a row's tokens,
+        its stop token included.
+    """
+    prompt_len = tf.shape(prompt_ids)[1]
+    batch = tf.shape(prompt_ids)[0]
+    capacity = max_length - prompt_len
+    steps = tf.minimum(tf.cast(max_new_tokens, tf.int32), capacity)
+    logits, caches, key_mask, lengths, seen = _prefill(model, prompt_ids, prompt_mask, max_length)
+    out = tf.zeros([batch, capacity], tf.int32)
+    finished = tf.zeros([batch], tf.bool)
+    num_new = tf.zeros([batch], tf.int32)
+    stop_ids = tf.cast(stop_ids, tf.int32)
+
+    def body(i, finished, num_new, out, logits, caches, key_mask, lengths, seen):
+        tokens = next_tokens(logits, seen, params, tf.stack([tf.cast(seed, tf.int32), i]))
+        tokens = tf.where(finished, tf.zeros_like(tokens), tokens)
+        out = tf.tensor_scatter_nd_update(
+            out, tf.stack([tf.range(batch), tf.fill([batch], i)], axis=1), tokens)
+        num_new = num_new + tf.cast(tf.logical_not(finished), tf.int32)
+        stopped = tf.reduce_any(tf.equal(tokens[:, None], stop_ids[None, :]), axis=1)
+        finished = tf.logical_or(finished, stopped)
+        seen = _mark_seen(seen, tokens[:, None], tf.ones_like(tokens)[:, None])
+        logits, key_mask, caches = _advance(model, tokens, prompt_len + i, lengths, key_mask,
+                                            caches)
+        return i + 1, finished, num_new, out, logits, caches, key_mask, lengths + 1, seen
+
+    def running(i, finished, *_):
+        return tf.logical_and(i < steps, tf.logical_not(tf.reduce_all(finished)))
+
+    state = (tf.constant(0), finished, num_new, out, logits, caches, key_mask, lengths, seen)
+    state = tf.while_loop(running, body, state)
+    return state[3], state[2]
+
+
+# ------------------------------------------------------------------ Python API
+@dataclasses.dataclass
+class GenerationOutput:
+    """`text`: prompt + continuation per row (when prompts were strings);
+    `ids`: prompt + new ids per row; `new_ids`: the new ids alone (the stop
+    token included when one was emitted)."""
+
+    ids: List[List[int]]
+    new_ids: List[List[int]]
+    text: Optional[List[str]] = None
+
+
+def _round_up(value, multiple):
+    return -(-value // multiple) * multiple
+
+
+class Generator:
+    """Compiled generation for one model: one traced function per `max_length`
+    bucket (XLA compiles once per batch and prompt-length bucket).
+
+    Args:
+        model: an `ALGPT2LMHeadModel`.
+        jit_compile: compile the loop with XLA (default True).
+
+    Example:
+    >>> generator = Generator(model)
+    >>> generator.generate([[464, 3290]], max_new_tokens=8).new_ids
+    """
+
+    def __init__(self, model, jit_compile=True):
+        self.model = model
+        self.jit_compile = jit_compile
+        self._functions = {}
+        self.trace_count = 0
+
+    def _function(self, max_length):
+        if max_length not in self._functions:
+            model = self.model
+
+            def run(prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, top_p,
+                    repetition_penalty, seed, stop_ids):
+                self.trace_count += 1
+                return decode(model, prompt_ids, prompt_mask, max_new_tokens,
+                              (temperature, top_k, top_p, repetition_penalty), seed, stop_ids,
+                              max_length)
+
+            signature = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, None], tf.int32),
+                         tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float32),
+                         tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float32),
+                         tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.int32),
+                         tf.TensorSpec([None], tf.int32)]
+            self._functions[max_length] = tf.function(
+                run, input_signature=signature, jit_compile=self.jit_compile)
+        return self._functions[max_length]
+
+    def buckets(self, prompt_len, max_new_tokens):
+        """`(padded prompt length, cache length)` for a request."""
+        limit = self.model.config.max_positions
+        if prompt_len + max_new_tokens > limit:
+            raise ValueError(f"The prompt ({prompt_len} tokens) plus max_new_tokens "
+                             f"({max_new_tokens}) exceeds max_positions ({limit}).")
+        padded = min(_round_up(prompt_len, PROMPT_BUCKET), limit - max_new_tokens)
+        max_length = min(_round_up(padded + max_new_tokens, LENGTH_BUCKET), limit)
+        return padded, max_length
+
+    def generate(self, prompt_ids, max_new_tokens=32, params=None, seed=0, stop_ids=(),
+                 pad_id=0):
+        """Generates from token-id prompts (a list of lists, or an int array
+        `[batch, len]` with no padding); returns a `GenerationOutput` without text."""
+        prompts = [list(map(int, p)) for p in prompt_ids]
+        if not prompts:
+            raise ValueError("No prompts given.")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("A prompt is empty; give at least one token (e.g. <|endoftext|>).")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for p in prompts for t in p):
+            raise ValueError(f"Prompt token ids must be in [0, {vocab}).")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        params = params or SamplingParams(top_k=1)
+        longest = max(len(p) for p in prompts)
+        padded, max_length = self.buckets(longest, max_new_tokens)
+        ids = np.full((len(prompts), padded), pad_id, np.int32)
+        mask = np.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, padded - len(p):] = p
+            mask[row, padded - len(p):] = 1
+        new, counts = self._function(max_length)(
+            ids, mask, np.int32(max_new_tokens), np.float32(params.temperature),
+            np.int32(params.top_k), np.float32(params.top_p),
+            np.float32(params.repetition_penalty), np.int32(seed or 0),
+            np.asarray(list(stop_ids), np.int32).reshape(-1))
+        new, counts = new.numpy(), counts.numpy()
+        new_ids = [new[row, :counts[row]].tolist() for row in range(len(prompts))]
+        return GenerationOutput(ids=[p + n for p, n in zip(prompts, new_ids)], new_ids=new_ids)
+
+
+    def stream(self, prompt_ids, max_new_tokens=32, params=None, seed=0, stop_ids=()):
+        """Yields new token ids one by one for a single prompt (for terminals).
+
+        Same tokens as `generate`; each step is a compiled call, so the cache
+        crosses the Python boundary per token (slower than `generate`).
+        """
+        prompt = [int(t) for t in prompt_ids]
+        params = params or SamplingParams(top_k=1)
+        if not prompt:
+            raise ValueError("The prompt is empty.")
+        padded, max_length = self.buckets(len(prompt), max_new_tokens)
+        ids = np.zeros((1, padded), np.int32)
+        mask = np.zeros_like(ids)
+        ids[0, padded - len(prompt):] = prompt
+        mask[0, padded - len(prompt):] = 1
+        prefill, step = self._stream_functions(max_length)
+        state = prefill(ids, mask)
+        values = (np.float32(params.temperature), np.int32(params.top_k), np.float32(params.top_p),
+                  np.float32(params.repetition_penalty))
+        for i in range(max_new_tokens):
+            token, state = step(np.int32(i), np.int32(padded + i), np.int32(seed or 0), values, state)
+            token = int(token.numpy()[0])
+            yield token
+            if token in stop_ids:
+                return
+
+    def _stream_functions(self, max_length):
+        key = ("stream", max_length)
+        if key not in self._functions:
+            model = self.model
+
+            def prefill(ids, mask):
+                return _prefill(model, ids, mask, max_length)
+
+            def step(i, slot, seed, params, state):
+                logits, caches, key_mask, lengths, seen = state
+                tokens = next_tokens(logits, seen, params, tf.stack([seed, i]))
+                seen = _mark_seen(seen, tokens[:, None], tf.ones_like(tokens)[:, None])
+                logits, key_mask, caches = _advance(model, tokens, slot, lengths, key_mask, caches)
+                return tokens, (logits, caches, key_mask, lengths + 1, seen)
+
+            self._functions[key] = (tf.function(prefill, jit_compile=self.jit_compile),
+                                    tf.function(step, jit_compile=self.jit_compile))
+        return self._functions[key]
+
+
+def generator_for(model):
+    """The model's cached `Generator` (created on first use)."""
+    if getattr(model, "_algpt2_generator", None) is None:
+        model._algpt2_generator = Generator(model)
+    return model._algpt2_generator
+
+
+def generate(model, prompts, max_new_tokens=32, sampler="greedy", seed=None, tokenizer=None,
+             temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, stop_ids=None):
+    """Generates continuations of string or token-id prompts.
+
+    Args:
+        model: an `ALGPT2LMHeadModel`.
+        prompts: a string, a list of strings, or token ids (a list of lists
+            or an int array `[batch, len]`).
+        max_new_tokens: the most tokens to add per prompt.
+        sampler: "greedy", "sample", "top_k" or "top_p".
+        seed: sampling seed (same seed, same text).
+        tokenizer: a `GPT2Tokenizer` for string prompts (default: GPT-2's).
+        temperature, top_k, top_p, repetition_penalty: see the module docstring.
+        stop_ids: token ids that end a row (default: `<|endoftext|>`).
+
+    Returns:
+        A `GenerationOutput` (with `text` when the prompts were strings).
+
+    Example:
+    >>> out = model.generate("The meaning of life is", max_new_tokens=20, sampler="top_p", seed=1)
+    >>> print(out.text[0])
+    """
+    from algpt2_tf.tokenizer import GPT2Tokenizer
+
+    params = sampling_params(sampler, temperature, top_k, top_p, repetition_penalty)
+    is_text = isinstance(prompts, str) or (
+        isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts))
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if is_text or stop_ids is None:
+        tokenizer = tokenizer or getattr(model, "tokenizer", None) or GPT2Tokenizer()
+    if stop_ids is None:
+        stop_ids = [tokenizer.eos_id]
+    if is_text:
+        ids = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
+    else:
+        ids = np.asarray(prompts).tolist() if isinstance(prompts, np.ndarray) else list(prompts)
+    out = generator_for(model).generate(ids, max_new_tokens, params, seed, stop_ids)
+    if is_text:
+        out.text = [p + tokenizer.decode([t for t in new if t not in stop_ids])
+                    for p, new in zip(prompts, out.new_ids)]
+    return out

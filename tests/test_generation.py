@@ -1,0 +1,179 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from algpt2_tf import ALGPT2LMHeadModel
+from algpt2_tf.generation import (Generator, SamplingParams, filter_logits, next_tokens,
+                                  sampling_params)
+from conftest import gpt2_tiny_config, tiny_config
+
+
+@pytest.fixture(params=["algpt2", "gpt2"], scope="module")
+def model(request):
+    import keras
+    keras.utils.set_random_seed(3)
+    config = (tiny_config(max_positions=64, initializer_range=0.2) if request.param == "algpt2"
+              else gpt2_tiny_config(max_positions=64, initializer_range=0.2))
+    return ALGPT2LMHeadModel(config)
+
+
+def full_logits(model, ids, mask=None):
+    inputs = {"input_ids": np.asarray(ids, np.int32)}
+    if mask is not None:
+        inputs["attention_mask"] = np.asarray(mask, np.int32)
+    return model(inputs)["logits"].numpy()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_cached_logits_equal_full_recompute(model, padded, rng):
+    ids = rng.integers(0, 97, (2, 12)).astype(np.int32)
+    mask = np.ones_like(ids)
+    if padded:
+        mask[0, :4] = 0  # left padding in row 0
+    else:
+        ids, mask = ids[:1], mask[:1]
+    max_length = 16
+    prefill = 8
+    caches = model.empty_caches(ids.shape[0], max_length)
+    key_mask = np.zeros((ids.shape[0], max_length), np.int32)
+    key_mask[:, :prefill] = mask[:, :prefill]
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    logits, caches = model.forward_with_cache(ids[:, :prefill], positions[:, :prefill], key_mask,
+                                              caches, 0)
+    got = [logits.numpy()]
+    for t in range(prefill, 12):
+        key_mask[:, t] = 1
+        step, caches = model.forward_with_cache(ids[:, t:t + 1], positions[:, t:t + 1], key_mask,
+                                                caches, t)
+        got.append(step.numpy())
+    got = np.concatenate(got, axis=1)
+    expected = full_logits(model, ids, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], expected[real], atol=1e-4)
+
+
+def naive_greedy(model, prompt, steps):
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(np.argmax(full_logits(model, [ids])[0, -1])))
+    return ids[len(prompt):]
+
+
+def test_greedy_with_cache_equals_without(model):
+    generator = Generator(model)
+    prompt = [5, 17, 42, 8, 3]
+    out = generator.generate([prompt], max_new_tokens=20)
+    assert out.new_ids[0] == naive_greedy(model, prompt, 20)
+    assert out.ids[0] == prompt + out.new_ids[0]
+
+
+def test_batch_equals_one_by_one(model):
+    generator = Generator(model)
+    prompts = [[5, 17, 42, 8, 3], [9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    batch = generator.generate(prompts, max_new_tokens=12).new_ids
+    alone = [generator.generate([p], max_new_tokens=12).new_ids[0] for p in prompts]
+    assert batch == alone
+
+
+def test_stream_equals_generate(model):
+    generator = Generator(model)
+    prompt = [4, 8, 15, 16, 23, 42]
+    for params in (SamplingParams(top_k=1), sampling_params("top_p", 0.9, top_p=0.8)):
+        expected = generator.generate([prompt], 15, params, seed=5).new_ids[0]
+        assert list(generator.stream(prompt, 15, params, seed=5)) == expected
+
+
+def test_compiled_once_per_bucket(model):
+    generator = Generator(model)
+    generator.generate([[1, 2, 3]], max_new_tokens=8)
+    generator.generate([[4, 5, 6, 7, 8]], max_new_tokens=10, params=sampling_params("top_k", 0.7, top_k=5), seed=3)
+    generator.generate([[4, 5], [6, 7, 8, 9]], max_new_tokens=8, params=sampling_params("top_p", 1.2, top_p=0.5))
+    assert generator.trace_count == 1
+
+
+def test_seeded_sampling_is_reproducible(model):
+    generator = Generator(model)
+    params = sampling_params("sample", temperature=1.5)
+    a = generator.generate([[1, 2, 3]], 20, params, seed=11).new_ids
+    b = generator.generate([[1, 2, 3]], 20, params, seed=11).new_ids
+    c = generator.generate([[1, 2, 3]], 20, params, seed=12).new_ids
+    assert a == b and a != c
+
+
+def test_stops_at_stop_ids(model):
+    generator = Generator(model)
+    free = generator.generate([[5, 17, 42]], max_new_tokens=10).new_ids[0]
+    stop = free[3]
+    out = generator.generate([[5, 17, 42], [5, 17, 42]], max_new_tokens=10, stop_ids=[stop]).new_ids
+    assert out[0] == free[:free.index(stop) + 1] == out[1]
+
+
+def test_temperature_zero_is_greedy(model):
+    generator = Generator(model)
+    greedy = generator.generate([[3, 1, 4]], 10).new_ids
+    assert generator.generate([[3, 1, 4]], 10, sampling_params("sample", temperature=0.0), seed=9).new_ids == greedy
+
+
+def test_top_k_never_leaves_the_k_best(rng):
+    logits = tf.constant(rng.normal(size=(4, 200)).astype(np.float32))
+    seen = tf.zeros_like(logits)
+    best = np.argsort(-logits.numpy(), axis=1)[:, :5]
+    params = (tf.constant(1.0), tf.constant(5), tf.constant(1.0), tf.constant(1.0))
+    for seed in range(40):
+        tokens = next_tokens(logits, seen, params, tf.constant([seed, 0])).numpy()
+        assert all(t in best[row] for row, t in enumerate(tokens))
+
+
+def test_top_p_never_leaves_the_nucleus(rng):
+    logits = rng.normal(size=(3, 100)).astype(np.float32) * 3
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    nuclei = []
+    for row in probs:
+        order = np.argsort(-row)
+        before = np.cumsum(row[order]) - row[order]
+        nuclei.append(set(order[before < 0.6].tolist()))
+    params = (tf.constant(1.0), tf.constant(0), tf.constant(0.6), tf.constant(1.0))
+    seen = tf.zeros_like(logits)
+    picked = [set() for _ in nuclei]
+    for seed in range(60):
+        tokens = next_tokens(tf.constant(logits), seen, params, tf.constant([seed, 1])).numpy()
+        for row, t in enumerate(tokens):
+            assert t in nuclei[row]
+            picked[row].add(int(t))
+    assert any(len(p) > 1 for p in picked)  # it does sample
+    kept = np.isfinite(filter_logits(logits, seen, 1.0, 0, 0.6, 1.0).numpy())
+    assert [set(np.flatnonzero(k).tolist()) for k in kept] == nuclei
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    logits = tf.constant([[2.0, 1.9, -1.0]])
+    seen = tf.constant([[1.0, 0.0, 0.0]])
+    params = (tf.constant(1.0), tf.constant(1), tf.constant(1.0), tf.constant(1.2))
+    assert next_tokens(logits, seen, params, tf.constant([0, 0])).numpy()[0] == 1
+    no_penalty = (tf.constant(1.0), tf.constant(1), tf.constant(1.0), tf.constant(1.0))
+    assert next_tokens(logits, seen, no_penalty, tf.constant([0, 0])).numpy()[0] == 0
+
+
+def test_model_generate_with_text_and_ids():
+    model = ALGPT2LMHeadModel(tiny_config(vocab_size=50257, max_positions=64))
+    out = model.generate(["Hello world", "A longer prompt here"], max_new_tokens=6, seed=1)
+    assert len(out.text) == 2 and out.text[0].startswith("Hello world")
+    assert out.ids[0][:2] == [15496, 995]
+    ids_out = model.generate(np.array([[15496, 995]]), max_new_tokens=6)
+    assert ids_out.text is None and ids_out.new_ids[0] == out.new_ids[0][:len(ids_out.new_ids[0])]
+
+
+def test_bad_generation_requests(model):
+    generator = Generator(model)
+    with pytest.raises(ValueError, match="max_positions"):
+        generator.generate([[1] * 60], max_new_tokens=10)
+    with pytest.raises(ValueError, match="empty"):
+        generator.generate([[]], max_new_tokens=3)
+    with pytest.raises(ValueError, match="ids must be in"):
+        generator.generate([[1, 500]], max_new_tokens=3)
+    with pytest.raises(ValueError, match="sampler"):
+        sampling_params("beam")
+    with pytest.raises(ValueError, match="top_p"):
+        sampling_params("top_p", top_p=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        sampling_params("sample", temperature=-1)
