@@ -6,6 +6,22 @@ import keras
 from keras import ops
 
 
+def write_slots(cache, new, index):
+    """`cache` `[batch, heads, slots, head_size]` with `new` written at slots
+    `index .. index + T - 1`.
+
+    A gather and a select rather than XLA's dynamic-update-slice, so that the
+    same graph runs under XLA, plain TensorFlow (TF Serving) and TFLite
+    builtins alike.
+    """
+    slots = ops.shape(cache)[2]
+    count = ops.shape(new)[2]
+    slot = ops.arange(slots)
+    placed = ops.take(new, ops.clip(slot - index, 0, count - 1), axis=2)
+    inside = ops.logical_and(slot >= index, slot < index + count)
+    return ops.where(inside[None, None, :, None], placed, cache)
+
+
 @keras.saving.register_keras_serializable(package="algpt2_tf")
 class CausalSelfAttention(keras.layers.Layer):
     """GPT-2 self-attention: one fused q/k/v projection, softmax in float32.
@@ -68,9 +84,8 @@ class CausalSelfAttention(keras.layers.Layer):
         q, k, v = ops.split(self.qkv(x), 3, axis=-1)
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         if cache is not None:
-            start = [0, 0, cache_index, 0]
-            k = ops.slice_update(cache[:, 0], start, ops.cast(k, cache.dtype))
-            v = ops.slice_update(cache[:, 1], start, ops.cast(v, cache.dtype))
+            k = write_slots(cache[:, 0], ops.cast(k, cache.dtype), cache_index)
+            v = write_slots(cache[:, 1], ops.cast(v, cache.dtype), cache_index)
             cache = ops.stack([k, v], axis=1)
             k, v = ops.cast(k, q.dtype), ops.cast(v, q.dtype)
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
