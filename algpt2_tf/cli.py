@@ -137,6 +137,29 @@ def _add_generation_commands(sub):
     p.set_defaults(func=_generate)
 
 
+# -------------------------------------------------------------------- export
+def _export(args):
+    from algpt2_tf.export import export_model
+
+    report = export_model(args.model, args.format, args.out, version=args.version,
+                          quantize=args.quantize, max_length=args.max_length,
+                          overwrite=args.overwrite)
+    print(report.summary())
+
+
+def _add_export_command(sub):
+    p = sub.add_parser("export", help="export .keras, a TF Serving SavedModel or TFLite")
+    p.add_argument("--model", required=True, help="model.keras or a run directory")
+    p.add_argument("--format", required=True, help="keras, savedmodel or tflite")
+    p.add_argument("--out", required=True, help="model folder, e.g. saved_models/algpt2")
+    p.add_argument("--version", type=int, help="version number (default: the next one)")
+    p.add_argument("--quantize", default="none", help="none, fp16 or int8 (tflite)")
+    p.add_argument("--max-length", type=int,
+                   help="cache length for generate/decode (default: min(256, max_positions))")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    p.set_defaults(func=_export)
+
+
 def _add_training_commands(sub):
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
@@ -211,7 +234,7 @@ def build_parser():
     return parser
 
 
-_EXTRA_COMMANDS = [_add_training_commands, _add_generation_commands]
+_EXTRA_COMMANDS = [_add_training_commands, _add_generation_commands, _add_export_command]
 
 
 def main(argv=None):

@@ -2,7 +2,8 @@
 
 The shared block is one set of weights, but each of the `num_layers`
 applications attends over its own keys and values, so there is one cache per
-virtual layer: `[batch, 2, heads, max_length, head_size]`, preallocated.
+virtual layer: keys and values of `[batch, heads, max_length, head_size]`,
+preallocated.
 
 Prompts are left-padded to a common length bucket; a prefill pass writes the
 prompt into cache slots `0..T-1`; each decode step writes one slot. Positions

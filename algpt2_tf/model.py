@@ -31,8 +31,10 @@ def attention_bias(query_positions, key_mask):
     """
     keys = ops.arange(ops.shape(key_mask)[1])
     causal = ops.expand_dims(query_positions, 1) >= ops.expand_dims(keys, 0)
-    visible = ops.logical_and(causal[None, :, :], ops.cast(key_mask, "bool")[:, None, :])
-    return ops.where(visible, 0.0, NEG_INF)[:, None, :, :]
+    # expand_dims rather than [None] indexing: TFLite has no new-axis strided slice.
+    visible = ops.logical_and(ops.expand_dims(causal, 0),
+                              ops.expand_dims(ops.cast(key_mask, "bool"), 1))
+    return ops.expand_dims(ops.where(visible, 0.0, NEG_INF), 1)
 
 
 @keras.saving.register_keras_serializable(package="algpt2_tf")
@@ -177,8 +179,9 @@ class ALGPT2LMHeadModel(keras.Model):
             position_ids: int `[batch, T]`, their positions.
             key_mask: `[batch, max_length]`, 1 for slots holding real tokens
                 (the new ones included).
-            caches: one `[batch, 2, heads, max_length, head_size]` tensor per
-                virtual layer (the block is shared, the cache is not).
+            caches: one `(keys, values)` pair of `[batch, heads, max_length,
+                head_size]` tensors per virtual layer (the block is shared,
+                the cache is not).
             cache_index: int scalar, the first slot written.
         Returns:
             `(logits [batch, T, vocab], new caches)`.
@@ -196,8 +199,8 @@ class ALGPT2LMHeadModel(keras.Model):
     def empty_caches(self, batch_size, max_length, dtype="float32"):
         """Zero caches for `forward_with_cache`, one per virtual layer."""
         c = self.config
-        shape = (batch_size, 2, c.num_heads, max_length, c.head_size)
-        return [ops.zeros(shape, dtype) for _ in range(c.num_layers)]
+        shape = (batch_size, c.num_heads, max_length, c.head_size)
+        return [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in range(c.num_layers)]
 
     def generate(self, prompts, max_new_tokens=32, sampler="greedy", seed=None, tokenizer=None,
                  **kwargs):

@@ -19,7 +19,7 @@ def write_slots(cache, new, index):
     slot = ops.arange(slots)
     placed = ops.take(new, ops.clip(slot - index, 0, count - 1), axis=2)
     inside = ops.logical_and(slot >= index, slot < index + count)
-    return ops.where(inside[None, None, :, None], placed, cache)
+    return ops.where(ops.reshape(inside, (1, 1, -1, 1)), placed, cache)
 
 
 @keras.saving.register_keras_serializable(package="algpt2_tf")
@@ -30,9 +30,10 @@ class CausalSelfAttention(keras.layers.Layer):
     key, a large negative number elsewhere) so that causality and padding are
     decided once per forward pass, not once per layer.
 
-    With a cache, the new keys and values are written at `cache_index` into a
-    preallocated `[batch, 2, heads, max_length, head_size]` tensor and the
-    queries attend over the whole cache (the bias hides the unwritten slots).
+    With a cache, a `(keys, values)` pair of preallocated `[batch, heads,
+    max_length, head_size]` tensors, the new keys and values are written at
+    `cache_index` and the queries attend over the whole cache (the bias hides
+    the unwritten slots).
 
     Args:
         hidden_size: model width.
@@ -84,9 +85,10 @@ class CausalSelfAttention(keras.layers.Layer):
         q, k, v = ops.split(self.qkv(x), 3, axis=-1)
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         if cache is not None:
-            k = write_slots(cache[:, 0], ops.cast(k, cache.dtype), cache_index)
-            v = write_slots(cache[:, 1], ops.cast(v, cache.dtype), cache_index)
-            cache = ops.stack([k, v], axis=1)
+            key_cache, value_cache = cache
+            k = write_slots(key_cache, ops.cast(k, key_cache.dtype), cache_index)
+            v = write_slots(value_cache, ops.cast(v, value_cache.dtype), cache_index)
+            cache = (k, v)
             k, v = ops.cast(k, q.dtype), ops.cast(v, q.dtype)
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
         scores = ops.cast(scores, "float32") * (1.0 / math.sqrt(self.head_size))

@@ -130,7 +130,8 @@ class SOPHead(keras.layers.Layer):
 
     def call(self, normalized_hidden, attention_mask):
         index = last_token_index(attention_mask)
-        pooled = ops.take_along_axis(normalized_hidden, index[:, None, None], axis=1)[:, 0]
+        pooled = ops.take_along_axis(
+            normalized_hidden, ops.reshape(index, (-1, 1, 1)), axis=1)[:, 0]
         return ops.cast(self.classifier(pooled), "float32")
 
     def get_config(self):

@@ -1,0 +1,122 @@
+"""TFLite export: `logits`, `prefill` and `decode` signatures with the KV cache held in the interpreter.
+
+Token ids in, logits out (tf-text ops do not run in TFLite). Batch 1, cache
+length `max_length`. The cache lives in resource variables inside the
+interpreter, one per virtual layer, so a decode step moves one token id in
+and one logits row out instead of copying the whole cache across the
+boundary:
+
+    prefill(input_ids [1, T], attention_mask [1, T]) -> logits [1, vocab]
+        writes the prompt into slots 0..T-1 (right padding only) and returns
+        the next-token logits of the last real token;
+    decode(input_id [1, 1], position [1]) -> logits [1, vocab]
+        writes the token at slot `position` and attends to slots <= position;
+    logits(input_ids [1, T], attention_mask [1, T]) -> logits [1, T, vocab]
+        a plain forward pass.
+"""
+
+import os
+import tempfile
+
+import keras
+import tensorflow as tf
+
+from algpt2_tf.model import attention_bias, position_ids_from_mask
+
+QUANTIZATIONS = ("none", "fp16", "int8")
+
+
+class TFLiteModule(tf.Module):
+    """The three signatures over one model; the cache is `tf.Variable`s."""
+
+    def __init__(self, model, max_length):
+        super().__init__()
+        self.model = model
+        self.max_length = max_length
+        self._values = [keras.ops.convert_to_numpy(v) for v in model.variables]
+        c = model.config
+        shape = (1, c.num_heads, max_length, c.head_size)
+        self.caches = [(tf.Variable(tf.zeros(shape), trainable=False, name=f"keys_{i}"),
+                        tf.Variable(tf.zeros(shape), trainable=False, name=f"values_{i}"))
+                       for i in range(c.num_layers)]
+
+        ids_spec = tf.TensorSpec([1, None], tf.int32, name="input_ids")
+        mask_spec = tf.TensorSpec([1, None], tf.int32, name="attention_mask")
+        self.prefill = tf.function(self._prefill, input_signature=[ids_spec, mask_spec])
+        self.logits = tf.function(self._logits, input_signature=[ids_spec, mask_spec])
+        self.decode = tf.function(self._decode, input_signature=[
+            tf.TensorSpec([1, 1], tf.int32, name="input_id"),
+            tf.TensorSpec([1], tf.int32, name="position")])
+
+    def _frozen(self):
+        """Model weights read as constants while tracing: the converter then
+        embeds them, and only the cache stays a (mutable) variable. Without
+        this, TFLite treats the weights as uninitialised variables (NaN)."""
+        return keras.StatelessScope(state_mapping=[
+            (v, tf.constant(value)) for v, value in zip(self.model.variables, self._values)])
+
+    def _run(self, ids, positions, bias, index):
+        caches = [(k.read_value(), v.read_value()) for k, v in self.caches]
+        logits, caches = _forward(self.model, ids, positions, bias, caches, index)
+        for (k_var, v_var), (k, v) in zip(self.caches, caches):
+            k_var.assign(k)
+            v_var.assign(v)
+        return logits
+
+    def _prefill(self, input_ids, attention_mask):
+        with self._frozen():
+            return self._prefill_frozen(input_ids, attention_mask)
+
+    def _prefill_frozen(self, input_ids, attention_mask):
+        key_mask = tf.pad(attention_mask, [[0, 0], [0, self.max_length - tf.shape(input_ids)[1]]])
+        bias = attention_bias(tf.range(tf.shape(input_ids)[1]), key_mask)
+        logits = self._run(input_ids, position_ids_from_mask(attention_mask), bias, 0)
+        last = tf.reduce_sum(attention_mask) - 1
+        return {"logits": tf.gather(logits, last, axis=1)}
+
+    def _decode(self, input_id, position):
+        with self._frozen():
+            return self._decode_frozen(input_id, position)
+
+    def _decode_frozen(self, input_id, position):
+        slots = tf.range(self.max_length)
+        visible = tf.cast(tf.expand_dims(slots, 0) <= tf.expand_dims(position, 1), tf.int32)
+        bias = attention_bias(position, visible)
+        logits = self._run(input_id, tf.expand_dims(position, 1), bias, position[0])
+        return {"logits": logits[:, 0]}
+
+    def _logits(self, input_ids, attention_mask):
+        with self._frozen():
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            return {"logits": self.model(inputs)["logits"]}
+
+
+def _forward(model, ids, positions, bias, caches, index):
+    """`model.forward_with_cache` with a precomputed attention bias."""
+    hidden = model.embedding(ids, positions)
+    new = []
+    for i in range(model.config.num_layers):
+        hidden, cache = model.block_for_layer(i)(hidden, bias, cache=caches[i], cache_index=index)
+        new.append(cache)
+    return model.logits_from_hidden(hidden), new
+
+
+def convert(model, max_length, quantize="none"):
+    """Returns the `.tflite` flatbuffer bytes."""
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}.")
+    module = TFLiteModule(model, max_length)
+    with tempfile.TemporaryDirectory() as tmp:
+        tf.saved_model.save(module, tmp, signatures={
+            "prefill": module.prefill.get_concrete_function(),
+            "decode": module.decode.get_concrete_function(),
+            "logits": module.logits.get_concrete_function()})
+        converter = tf.lite.TFLiteConverter.from_saved_model(
+            tmp, signature_keys=["prefill", "decode", "logits"])
+        converter.experimental_enable_resource_variables = True
+        if quantize != "none":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter._experimental_disable_per_channel = True
+        if quantize == "fp16":
+            converter.target_spec.supported_types = [tf.float16]
+        return converter.convert()
