@@ -1,0 +1,186 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
+from algpt2_tf.cli import main
+from algpt2_tf.export import PROBE_TEXT, export_model, probe_batch, tflite_greedy
+from algpt2_tf.tokenizer import GPT2Tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    import keras
+
+    keras.utils.set_random_seed(5)
+    config = ALGPT2Config(max_positions=96, hidden_size=32, num_layers=3, num_heads=2,
+                          intermediate_size=64, embedding_size=16, sop_head=True,
+                          initializer_range=0.1)
+    path = str(tmp_path_factory.mktemp("model") / "m.keras")
+    ALGPT2LMHeadModel(config).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def keras_model(model_path):
+    from algpt2_tf.saving import load_model
+    return load_model(model_path)
+
+
+def run_python(code):
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_keras_export_loads_in_a_fresh_process(tmp_path, model_path, keras_model):
+    report = export_model(model_path, "keras", str(tmp_path / "m"), log=lambda *_: None)
+    assert report.path == str(tmp_path / "m" / "1" / "model.keras")
+    ids, mask = probe_batch(GPT2Tokenizer())
+    got = run_python(f"""
+import json, keras, numpy as np, algpt2_tf
+m = keras.models.load_model({report.path!r})
+out = m({{"input_ids": np.array({ids.tolist()}), "attention_mask": np.array({mask.tolist()})}})
+print(json.dumps(out["logits"].numpy().tolist()))
+""")
+    expected = keras_model({"input_ids": ids, "attention_mask": mask})["logits"].numpy()
+    np.testing.assert_allclose(np.array(got), expected, atol=1e-5)
+
+
+def test_savedmodel_serves_logits_and_text_without_algpt2(tmp_path, model_path, keras_model):
+    out = tmp_path / "served"
+    report = export_model(model_path, "savedmodel", str(out), max_length=64, log=lambda *_: None)
+    assert report.path == str(out / "1") and os.path.exists(out / "1" / "saved_model.pb")
+    ids, mask = probe_batch(GPT2Tokenizer())
+    prompts = PROBE_TEXT + ["", "Ünïcödé 😀 text"]
+    got = run_python(f"""
+import json, sys
+import tensorflow as tf, tensorflow_text
+sm = tf.saved_model.load({str(out / "1")!r})
+logits = sm.signatures["serving_default"](input_ids=tf.constant({ids.tolist()}, tf.int32),
+                                          attention_mask=tf.constant({mask.tolist()}, tf.int32))
+gen = sm.signatures["generate"](prompts=tf.constant({prompts!r}), max_new_tokens=tf.constant(20),
+                                temperature=tf.constant(1.0), top_k=tf.constant(1),
+                                top_p=tf.constant(1.0), seed=tf.constant(0))
+sampled = [sm.signatures["generate"](prompts=tf.constant(["Once"]), max_new_tokens=tf.constant(10),
+                                     temperature=tf.constant(1.0), top_k=tf.constant(0),
+                                     top_p=tf.constant(0.9), seed=tf.constant(s))["text"].numpy()[0].decode()
+           for s in (1, 1, 2)]
+print(json.dumps({{"algpt2_imported": any(m.startswith("algpt2_tf") for m in sys.modules),
+                   "logits": logits["logits"].numpy().tolist(),
+                   "text": [t.decode() for t in gen["text"].numpy()],
+                   "ids": gen["token_ids"].numpy().tolist(), "sampled": sampled}}))
+""")
+    assert not got["algpt2_imported"]
+    expected = keras_model({"input_ids": ids, "attention_mask": mask})["logits"].numpy()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.array(got["logits"])[real], expected[real], atol=1e-4)
+    greedy = keras_model.generate(prompts, max_new_tokens=20, sampler="greedy")
+    assert got["text"] == greedy.text
+    for row, ids_row in zip(got["ids"], greedy.ids):
+        assert [t for t in row if t != -1] == ids_row
+    assert got["sampled"][0] == got["sampled"][1] and got["sampled"][0].startswith("Once")
+    shown = subprocess.run(["saved_model_cli", "show", "--dir", str(out / "1"), "--all"],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0
+    assert "signature_def['serving_default']" in shown.stdout
+    assert "signature_def['generate']" in shown.stdout
+
+
+def test_tflite_float32_matches_keras_and_decodes_identically(tmp_path, model_path, keras_model):
+    from ai_edge_litert.interpreter import Interpreter
+
+    report = export_model(model_path, "tflite", str(tmp_path / "lite"), max_length=64,
+                          log=lambda *_: None)
+    interpreter = Interpreter(model_path=report.path)
+    assert set(interpreter.get_signature_list()) == {"prefill", "decode", "logits"}
+    prompt = GPT2Tokenizer().encode("In the beginning")
+    ids = np.array([prompt], np.int32)
+    lite = interpreter.get_signature_runner("logits")(input_ids=ids, attention_mask=np.ones_like(ids))
+    np.testing.assert_allclose(lite["logits"], keras_model(ids)["logits"].numpy(), atol=1e-4)
+    expected = keras_model.generate([prompt], max_new_tokens=32, stop_ids=[]).new_ids[0]
+    assert tflite_greedy(interpreter, prompt, 32) == expected
+    # Prefill again: the cache is rewritten, not appended to.
+    assert tflite_greedy(interpreter, prompt, 32) == expected
+    assert report.greedy_agreement == 1.0 and report.max_abs_diff < 1e-4
+
+
+@pytest.mark.parametrize("quantize", ["fp16", "int8"])
+def test_tflite_quantized(tmp_path, model_path, quantize):
+    base = export_model(model_path, "tflite", str(tmp_path / "f32"), max_length=64, log=lambda *_: None)
+    report = export_model(model_path, "tflite", str(tmp_path / quantize), quantize=quantize,
+                          max_length=64, log=lambda *_: None)
+    assert report.size_bytes < 0.7 * base.size_bytes
+    assert report.greedy_agreement is not None and 0.0 <= report.greedy_agreement <= 1.0
+    assert report.max_abs_diff < 1.0
+
+
+def test_export_bad_input_exits_2_and_leaves_nothing(tmp_path, model_path, capsys):
+    out = str(tmp_path / "m")
+    assert main(["export", "--model", model_path, "--format", "keras", "--out", out]) == 0
+    before = sorted(os.listdir(out))
+    cases = [
+        (["--format", "onnx"], "Unknown format"),
+        (["--format", "keras", "--model", str(tmp_path / "none.keras")], "No model"),
+        (["--format", "keras", "--version", "1"], "already exists"),
+        (["--format", "tflite", "--max-length", "4096"], "max_positions"),
+        (["--format", "keras", "--quantize", "int8"], "tflite format only"),
+    ]
+    for extra, message in cases:
+        args = ["export", "--model", model_path, "--out", out] + extra
+        if "--model" in extra:
+            args = ["export", "--out", out] + extra
+        assert main(args) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert sorted(os.listdir(out)) == before
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["export", "--model", model_path, "--format", "keras", "--out",
+                 str(blocker / "sub")]) == 2
+    assert main(["export", "--model", model_path, "--format", "keras", "--out", str(blocker)]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    # --overwrite replaces version 1 in place.
+    assert main(["export", "--model", model_path, "--format", "keras", "--out", out,
+                 "--version", "1", "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == before
+
+
+def test_failed_export_leaves_nothing(tmp_path, model_path, monkeypatch):
+    from algpt2_tf import export as export_lib
+
+    def broken(*args, **kwargs):
+        raise export_lib.ExportVerificationError("simulated mismatch")
+
+    monkeypatch.setitem(export_lib._EXPORTERS, "keras", broken)
+    with pytest.raises(export_lib.ExportVerificationError):
+        export_model(model_path, "keras", str(tmp_path / "new"), log=lambda *_: None)
+    assert not os.path.exists(tmp_path / "new")
+
+
+def test_tools_export_script(tmp_path, model_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(repo, "tools", "export.py"), "--model",
+                           model_path, "--format", "keras", "--out", str(tmp_path / "t")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Wrote keras" in done.stdout
+    bad = subprocess.run([sys.executable, os.path.join(repo, "tools", "export.py"), "--model",
+                          model_path, "--format", "zip", "--out", str(tmp_path / "t")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "Unknown format" in bad.stderr
+
+
+@pytest.mark.slow
+def test_algpt2_int8_tflite_size(tmp_path):
+    model = ALGPT2LMHeadModel(ALGPT2Config.from_preset("algpt2"))
+    path = str(tmp_path / "algpt2.keras")
+    model.save(path)
+    report = export_model(path, "tflite", str(tmp_path / "lite"), quantize="int8",
+                          max_length=64, log=lambda *_: None)
+    # One int8 copy of the 50257 x 128 table serves the lookup and the tied softmax.
+    assert report.size_bytes <= 15.5e6, report.size_bytes
