@@ -160,6 +160,67 @@ def _add_export_command(sub):
     p.set_defaults(func=_export)
 
 
+# --------------------------------------------------------------------- serve
+def _serve(args):
+    from algpt2_tf.serving.server import serve
+
+    serve(args.model_base_path, args.model_name, host=args.host, port=args.port,
+          max_request_bytes=args.max_request_bytes, timeout_seconds=args.timeout,
+          poll_seconds=args.poll_seconds)
+
+
+def _client(args):
+    import numpy as np
+
+    from algpt2_tf.serving.client import ServingClient, ServingClientError
+
+    client = ServingClient(args.url, args.model_name, args.version, timeout=args.timeout)
+    try:
+        if args.prompt is not None:
+            out = client.generate([args.prompt], args.max_new_tokens, args.temperature,
+                                  args.top_k, args.top_p, args.seed)
+            print(out["text"][0])
+        elif args.ids is not None:
+            try:
+                ids = [int(t) for t in args.ids.split(",")]
+            except ValueError:
+                raise UsageError(f"--ids must be comma-separated integers, got {args.ids!r}.")
+            logits = np.asarray(client.logits([ids]))
+            top = np.argsort(-logits[0, -1])[:5]
+            print(json.dumps({"shape": list(logits.shape), "next_token_top5": top.tolist()}))
+        else:
+            print(json.dumps(client.status(), indent=2))
+    except (ServingClientError, OSError) as e:
+        print(f"algpt2 client: {e}", file=sys.stderr)
+        return 1
+
+
+def _add_serving_commands(sub):
+    p = sub.add_parser("serve", help="serve SavedModels over TF Serving's REST protocol")
+    p.add_argument("--model-base-path", required=True, help="e.g. saved_models/algpt2")
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--poll-seconds", type=float, default=1.0, help="how often to look for new versions")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("client", help="query a TF Serving REST endpoint (ours or the real one)")
+    p.add_argument("--url", default="http://127.0.0.1:8501")
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--version", type=int)
+    p.add_argument("--prompt", help="generate from this text (the generate signature)")
+    p.add_argument("--ids", help="comma-separated token ids: print next-token logits info")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=1, help="1 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=_client)
+
+
 def _add_training_commands(sub):
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
@@ -234,7 +295,8 @@ def build_parser():
     return parser
 
 
-_EXTRA_COMMANDS = [_add_training_commands, _add_generation_commands, _add_export_command]
+_EXTRA_COMMANDS = [_add_training_commands, _add_generation_commands, _add_export_command,
+                   _add_serving_commands]
 
 
 def main(argv=None):
