@@ -204,7 +204,15 @@ def _preset_dir():
     return resources.files("algpt2_tf").joinpath("configs")
 
 
+_SIZE_ORDER = {"tiny": 0, "": 1, "medium": 2, "large": 3, "xl": 4}
+
+
+def _preset_order(name):
+    family, _, size = name.partition("-")
+    return (family != "algpt2", _SIZE_ORDER.get(size, 5), name)
+
+
 def list_presets():
-    """Names of the shipped presets, sorted."""
-    return sorted(os.path.splitext(p.name)[0] for p in _preset_dir().iterdir()
-                  if p.name.endswith(".json"))
+    """Names of the shipped presets: ALGPT2 sizes first, then the GPT-2 baselines."""
+    return sorted((os.path.splitext(p.name)[0] for p in _preset_dir().iterdir()
+                   if p.name.endswith(".json")), key=_preset_order)

@@ -194,6 +194,7 @@ def test_new_version_is_picked_up_while_in_flight_requests_finish(exported, tmp_
         srv.stop()
 
 
+@pytest.mark.slow
 def test_load_16_clients_x_50_requests_each_signature(server):
     def client(i):
         errors = 0

@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmarks of algpt2-tf and keras-hub's GPT-2 (the peer), measured in one run.
+
+Every measurement runs in its own subprocess (so peak RSS is per case), the
+variants of a case alternate, and each figure is the median of `--repeats`
+runs. Ratios compare against the peer measured in the same run.
+
+    python benchmarks/bench.py              # full suite (CPU; tens of minutes on 2 cores)
+    python benchmarks/bench.py --quick      # CI smoke: tiny shapes, one run each
+    python benchmarks/bench.py --gpu        # the training case on a GPU, bf16, larger batch
+
+Writes benchmarks/results/latest.json and latest.md (or --out PREFIX).
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+GPT2_124M = dict(vocab_size=50257, hidden=768, layers=12, heads=12, positions=1024)
+TINY = dict(vocab_size=50257, hidden=64, layers=2, heads=2, positions=128)
+
+
+# ------------------------------------------------------------------ workers
+def _our_model(preset, shape, quick):
+    from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
+
+    config = ALGPT2Config.from_preset(preset)
+    overrides = dict(embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
+    if quick:
+        overrides.update(hidden_size=shape["hidden"], num_layers=shape["layers"],
+                         num_heads=shape["heads"], intermediate_size=4 * shape["hidden"],
+                         max_positions=shape["positions"])
+    values = config.to_dict()
+    values.update(overrides)
+    return ALGPT2LMHeadModel(ALGPT2Config.from_dict(values))
+
+
+def _peer_model(shape):
+    import keras_hub
+
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=shape["vocab_size"], num_layers=shape["layers"], num_heads=shape["heads"],
+        hidden_dim=shape["hidden"], intermediate_dim=4 * shape["hidden"],
+        max_sequence_length=shape["positions"], dropout=0.0)
+    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+
+
+def model_flops_per_token(model_kind, shape, seq_len, preset=None, quick=False):
+    """Forward FLOPs per token: 2 x (weights applied per token) + attention scores."""
+    if model_kind == "peer":
+        h, layers, vocab, e = shape["hidden"], shape["layers"], shape["vocab_size"], shape["hidden"]
+        factor = False
+    else:
+        from algpt2_tf import ALGPT2Config
+
+        c = ALGPT2Config.from_preset(preset)
+        h, layers, vocab = (shape["hidden"], shape["layers"], c.vocab_size) if quick else (
+            c.hidden_size, c.num_layers, c.vocab_size)
+        e = c.embedding_size or h
+        factor = c.embedding_size is not None
+    block = 12 * h * h  # qkv 3h^2 + out h^2 + mlp 8h^2
+    attention = 2 * seq_len * h  # scores + weighted sum (causal average)
+    head = e * vocab + (2 * h * e if factor else 0)
+    return 2 * (layers * (block + attention) + head)
+
+
+def worker_train(case):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    if case["precision"] == "bf16":
+        keras.config.set_dtype_policy("mixed_bfloat16")
+    batch, seq = case["batch"], case["seq_len"]
+    shape = TINY if case["quick"] else GPT2_124M
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50000, (batch * 4, seq)).astype("int32")
+    if case["model"] == "peer":
+        model = _peer_model(shape)
+        model.compile(optimizer=keras.optimizers.AdamW(1e-4),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      jit_compile=case["xla"])
+        x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1])}
+        ds = tf.data.Dataset.from_tensor_slices((x, ids[:, 1:])).batch(batch).repeat()
+        tokens_per_step = batch * (seq - 1)
+    else:
+        model = _our_model(case["model"], shape, case["quick"])
+        model.compile(optimizer=keras.optimizers.AdamW(1e-4), jit_compile=case["xla"])
+        ds = tf.data.Dataset.from_tensor_slices(
+            {"input_ids": ids, "attention_mask": np.ones_like(ids)}).batch(batch).repeat()
+        tokens_per_step = batch * (seq - 1)
+    steps = case["steps"]
+    if case["forward_only"]:
+        fn = tf.function(lambda x: model(x, training=False), jit_compile=case["xla"])
+        batch_x = next(iter(ds))[0] if case["model"] == "peer" else next(iter(ds))
+        fn(batch_x)
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = fn(batch_x)
+        np.asarray(out["logits"] if isinstance(out, dict) else out).sum()
+    else:
+        model.fit(ds, steps_per_epoch=2, epochs=1, verbose=0)  # compile + warm up
+        start = time.perf_counter()
+        model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+    elapsed = time.perf_counter() - start
+    return {"tokens_per_s": steps * tokens_per_step / elapsed}
+
+
+def worker_decode(case):
+    import numpy as np
+
+    batch, prompt, new = case["batch"], case["prompt"], case["new_tokens"]
+    shape = TINY if case["quick"] else GPT2_124M
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, 50000, (batch, prompt)).astype("int32")
+    if case["model"] == "peer":
+        model = _peer_model(shape)
+        model.compile(sampler="greedy")
+        total = prompt + new
+        token_ids = np.zeros((batch, total), "int32")
+        token_ids[:, :prompt] = prompts
+        mask = np.zeros_like(token_ids, dtype=bool)
+        mask[:, :prompt] = True
+        inputs = {"token_ids": token_ids, "padding_mask": mask}
+
+        def run():
+            model.generate(inputs, max_length=total, stop_token_ids=None)
+    else:
+        from algpt2_tf.generation import Generator
+
+        generator = Generator(_our_model(case["model"], shape, case["quick"]))
+
+        def run():
+            generator.generate(prompts, max_new_tokens=new, stop_ids=())
+    run()  # compile
+    start = time.perf_counter()
+    run()
+    return {"tokens_per_s": batch * new / (time.perf_counter() - start)}
+
+
+def worker_tflite(case):
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    from algpt2_tf.export.tflite import convert
+
+    shape = TINY if case["quick"] else GPT2_124M
+    model = _our_model(case["model"], shape, case["quick"])
+    prompt, new = case["prompt"], case["new_tokens"]
+    interpreter = Interpreter(model_content=convert(model, prompt + new, case["quantize"]),
+                              num_threads=os.cpu_count())
+    prefill = interpreter.get_signature_runner("prefill")
+    decode = interpreter.get_signature_runner("decode")
+    ids = np.random.default_rng(0).integers(0, 50000, (1, prompt)).astype("int32")
+    logits = prefill(input_ids=ids, attention_mask=np.ones_like(ids))["logits"]
+    start = time.perf_counter()
+    for step in range(new):
+        token = int(np.argmax(logits[0]))
+        logits = decode(input_id=np.array([[token]], np.int32),
+                        position=np.array([prompt + step], np.int32))["logits"]
+    return {"tokens_per_s": new / (time.perf_counter() - start)}
+
+
+def worker_matmul_peak(case):
+    import tensorflow as tf
+
+    n = 512 if case["quick"] else 2048
+    a = tf.random.normal([n, n])
+    b = tf.random.normal([n, n])
+    fn = tf.function(lambda: tf.matmul(a, b))
+    fn()
+    reps = 5 if case["quick"] else 20
+    start = time.perf_counter()
+    for _ in range(reps):
+        out = fn()
+    out.numpy()
+    return {"flops_per_s": 2 * n ** 3 * reps / (time.perf_counter() - start)}
+
+
+WORKERS = {"train": worker_train, "forward": worker_train, "decode": worker_decode,
+           "tflite_decode": worker_tflite, "matmul_peak": worker_matmul_peak}
+
+
+def run_worker(case):
+    result = WORKERS[case["kind"]](case)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+# ------------------------------------------------------------------ parent
+def measure(case):
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"case {case} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def plan(quick, gpu):
+    seq, batch, steps = (32, 2, 2) if quick else (256, 4, 4)
+    if gpu:
+        seq, batch, steps = 512, 32, 10
+    train = []
+    for precision in ("fp32", "bf16"):
+        for model in ("algpt2", "gpt2", "peer"):
+            for xla in (False, True):
+                train.append(dict(kind="train", model=model, precision=precision, xla=xla,
+                                  batch=batch, seq_len=seq, steps=steps, forward_only=False,
+                                  quick=quick))
+    if gpu:
+        return {"train": [c for c in train if c["precision"] == "bf16"]}
+    forward = [dict(kind="forward", model=m, precision="fp32", xla=x, batch=batch, seq_len=seq,
+                    steps=steps, forward_only=True, quick=quick)
+               for m in ("algpt2", "gpt2", "peer") for x in (False, True)]
+    new = 8 if quick else 128
+    decode = [dict(kind="decode", model=m, batch=b, prompt=16, new_tokens=new, quick=quick)
+              for b in (1, 8) for m in ("algpt2", "gpt2", "peer")]
+    tflite = [dict(kind="tflite_decode", model="algpt2", quantize=q, prompt=16, new_tokens=new,
+                   quick=quick) for q in ("none", "int8")]
+    return {"train": train, "forward": forward, "decode": decode, "tflite_decode": tflite,
+            "matmul_peak": [dict(kind="matmul_peak", quick=quick)]}
+
+
+def label(case):
+    parts = [case.get("model", "")]
+    for key in ("precision", "batch", "quantize"):
+        if key in case:
+            parts.append(f"{key}={case[key]}")
+    if "xla" in case:
+        parts.append("xla" if case["xla"] else "no-xla")
+    return " ".join(p for p in parts if p)
+
+
+def summarize(results, peak_flops, quick):
+    """Best-of-XLA per model/precision, ratios against the peer of the same group."""
+    rows = []
+    groups = {}
+    for r in results:
+        c = r["case"]
+        key = (c["kind"], c.get("precision"), c.get("batch"), c.get("quantize"))
+        groups.setdefault(key, []).append(r)
+    for key, items in groups.items():
+        best = {}
+        for r in items:
+            m = r["case"].get("model")
+            if m not in best or r["tokens_per_s"] > best[m]["tokens_per_s"]:
+                best[m] = r
+        peer = best.get("peer")
+        for m, r in sorted(best.items()):
+            row = {"case": key[0], "label": label(r["case"]), "tokens_per_s": r["tokens_per_s"],
+                   "peak_rss_mb": r["peak_rss_mb"],
+                   "vs_peer": (r["tokens_per_s"] / peer["tokens_per_s"]) if peer else None}
+            if key[0] in ("train", "forward") and peak_flops:
+                shape = TINY if quick else GPT2_124M
+                per_token = model_flops_per_token(m if m == "peer" else "ours", shape,
+                                                  r["case"]["seq_len"], None if m == "peer" else m,
+                                                  quick)
+                factor = 3 if key[0] == "train" else 1
+                row["mfu"] = per_token * factor * r["tokens_per_s"] / peak_flops
+            rows.append(row)
+    return rows
+
+
+def markdown(rows, peak_flops):
+    lines = ["| case | variant (best of XLA on/off) | tokens/s | vs keras-hub | peak RSS MB | MFU |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{r['vs_peer']:.2f}x" if r["vs_peer"] is not None else "-"
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        lines.append(f"| {r['case']} | {r['label']} | {r['tokens_per_s']:.1f} | {ratio} | "
+                     f"{r['peak_rss_mb']:.0f} | {mfu} |")
+    lines.append("")
+    lines.append(f"Measured matmul peak: {peak_flops / 1e9:.1f} GFLOP/s (float32).")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one run each (CI smoke)")
+    parser.add_argument("--gpu", action="store_true", help="only the bf16 training case, GPU-sized")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="+", help="case kinds to run (train forward decode "
+                        "tflite_decode matmul_peak)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "latest"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return 0
+    repeats = 1 if args.quick else args.repeats
+    cases = plan(args.quick, args.gpu)
+    if args.only:
+        cases = {k: v for k, v in cases.items() if k in args.only}
+    results = []
+    peak = None
+    for kind, variants in cases.items():
+        runs = {i: [] for i in range(len(variants))}
+        for rep in range(repeats):  # alternate the variants, repeat
+            for i, case in enumerate(variants):
+                out = measure(case)
+                runs[i].append(out)
+                print(f"[{kind} {rep + 1}/{repeats}] {label(case)}: "
+                      f"{out.get('tokens_per_s', out.get('flops_per_s', 0)):.1f}", flush=True)
+        for i, case in enumerate(variants):
+            metric = "flops_per_s" if kind == "matmul_peak" else "tokens_per_s"
+            value = statistics.median(r[metric] for r in runs[i])
+            rss = max(r["peak_rss_mb"] for r in runs[i])
+            if kind == "matmul_peak":
+                peak = value
+            else:
+                results.append({"case": case, "tokens_per_s": value, "peak_rss_mb": rss,
+                                "runs": [r[metric] for r in runs[i]]})
+    rows = summarize(results, peak, args.quick)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick, "gpu": args.gpu,
+              "repeats": repeats, "cpu_count": os.cpu_count(), "matmul_peak_flops": peak,
+              "rows": rows, "raw": results}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    table = markdown(rows, peak or 0)
+    with open(args.out + ".md", "w") as f:
+        f.write(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
