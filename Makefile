@@ -13,3 +13,9 @@ test-fast:
 
 clean:
 	rm -rf build *.egg-info .pytest_cache
+
+bench:
+	$(PYTHON) benchmarks/bench.py
+
+bench-quick:
+	$(PYTHON) benchmarks/bench.py --quick --out benchmarks/results/quick

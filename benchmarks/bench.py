@@ -38,7 +38,8 @@ def _our_model(preset, shape, quick):
     if quick:
         overrides.update(hidden_size=shape["hidden"], num_layers=shape["layers"],
                          num_heads=shape["heads"], intermediate_size=4 * shape["hidden"],
-                         max_positions=shape["positions"])
+                         max_positions=shape["positions"],
+                         num_layer_groups=1 if config.num_layer_groups == 1 else shape["layers"])
     values = config.to_dict()
     values.update(overrides)
     return ALGPT2LMHeadModel(ALGPT2Config.from_dict(values))

@@ -66,3 +66,19 @@ def test_main_job_trains_on_the_default_corpus(tmp_path):
     import csv
     rows = list(csv.DictReader(open(tmp_path / "demo" / "metrics.csv")))
     assert float(rows[-1]["lm_loss"]) < float(rows[0]["lm_loss"]) - 1.0
+
+
+@pytest.mark.slow
+def test_benchmark_harness_quick(tmp_path):
+    """`make bench-quick`: every case runs once on tiny shapes (no speed assertions)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "quick"
+    done = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "bench.py"), "--quick",
+                           "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "quick.json").read_text())
+    cases = {row["case"] for row in report["rows"]}
+    assert cases == {"train", "forward", "decode", "tflite_decode"}
+    assert all(row["tokens_per_s"] > 0 for row in report["rows"])
+    assert report["matmul_peak_flops"] > 0
+    assert "| train |" in (tmp_path / "quick.md").read_text()
