@@ -117,6 +117,18 @@ def test_mixed_precision_training(tmp_path, small_config, corpus):
     assert keras.config.dtype_policy().name == "float32"
 
 
+def test_bf16_loss_curve_tracks_float32(tmp_path, small_config, corpus):
+    curves = {}
+    for precision in (None, "bf16"):
+        run = f"run-{precision}"
+        train(options(tmp_path, small_config, corpus, out=run, mixed_precision=precision,
+                      steps=40, learning_rate=1e-2, log_every=4), log=lambda *_: None)
+        rows = list(csv.DictReader(open(tmp_path / run / "metrics.csv")))
+        curves[precision] = np.array([float(r["lm_loss"]) for r in rows])
+    assert curves[None][-1] < curves[None][0] - 0.5  # it learns
+    np.testing.assert_allclose(curves["bf16"], curves[None], rtol=0.05)
+
+
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, small_config, corpus):
     from algpt2_tf.training import TrainingDiverged
 
