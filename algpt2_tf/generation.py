@@ -154,6 +154,14 @@ def _advance(model, tokens, slot, lengths, key_mask, caches):
     return logits[:, 0], key_mask, caches
 
 
+def _sample_and_advance(model, logits, seen, params, seed_pair, slot, lengths, key_mask, caches):
+    """One decode step: pick the next tokens, mark them seen, run them through the model."""
+    tokens = next_tokens(logits, seen, params, seed_pair)
+    seen = _mark_seen(seen, tokens[:, None], tf.ones_like(tokens)[:, None])
+    logits, key_mask, caches = _advance(model, tokens, slot, lengths, key_mask, caches)
+    return tokens, seen, logits, key_mask, caches
+
+
 def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_ids, max_length):
     """The whole generation as TF ops (for `tf.function`/XLA and SavedModels).
 
@@ -182,16 +190,16 @@ def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_id
     stop_ids = tf.cast(stop_ids, tf.int32)
 
     def body(i, finished, num_new, out, logits, caches, key_mask, lengths, seen):
-        tokens = next_tokens(logits, seen, params, tf.stack([tf.cast(seed, tf.int32), i]))
+        tokens, seen, logits, key_mask, caches = _sample_and_advance(
+            model, logits, seen, params, tf.stack([tf.cast(seed, tf.int32), i]), prompt_len + i,
+            lengths, key_mask, caches)
+        # Rows that already stopped emit 0s (not counted in num_new).
         tokens = tf.where(finished, tf.zeros_like(tokens), tokens)
         out = tf.tensor_scatter_nd_update(
             out, tf.stack([tf.range(batch), tf.fill([batch], i)], axis=1), tokens)
         num_new = num_new + tf.cast(tf.logical_not(finished), tf.int32)
         stopped = tf.reduce_any(tf.equal(tokens[:, None], stop_ids[None, :]), axis=1)
         finished = tf.logical_or(finished, stopped)
-        seen = _mark_seen(seen, tokens[:, None], tf.ones_like(tokens)[:, None])
-        logits, key_mask, caches = _advance(model, tokens, prompt_len + i, lengths, key_mask,
-                                            caches)
         return i + 1, finished, num_new, out, logits, caches, key_mask, lengths + 1, seen
 
     def running(i, finished, *_):
@@ -335,9 +343,9 @@ class Generator:
 
             def step(i, slot, seed, params, state):
                 logits, caches, key_mask, lengths, seen = state
-                tokens = next_tokens(logits, seen, params, tf.stack([seed, i]))
-                seen = _mark_seen(seen, tokens[:, None], tf.ones_like(tokens)[:, None])
-                logits, key_mask, caches = _advance(model, tokens, slot, lengths, key_mask, caches)
+                tokens, seen, logits, key_mask, caches = _sample_and_advance(
+                    model, logits, seen, params, tf.stack([seed, i]), slot, lengths, key_mask,
+                    caches)
                 return tokens, (logits, caches, key_mask, lengths + 1, seen)
 
             self._functions[key] = (tf.function(prefill, jit_compile=self.jit_compile),
