@@ -76,7 +76,7 @@ def main():
     parser.add_argument("--model-name")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=50)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "serve_load.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,8 +99,8 @@ def main():
                         raise SystemExit("the server did not start")
                     time.sleep(0.2)
             cases = {
-                "serving_default": {"inputs": {"input_ids": [[464, 2068, 7586, 21831] * 4],
-                                               "attention_mask": [[1] * 16]}},
+                "serving_default": {"inputs": {"input_ids": [[464, 2068]],
+                                               "attention_mask": [[1, 1]]}},
                 "generate": {"signature_name": "generate", "inputs": {
                     "prompts": ["The quick brown fox"], "max_new_tokens": args.max_new_tokens,
                     "temperature": 1.0, "top_k": 1, "top_p": 1.0, "seed": 0}},
