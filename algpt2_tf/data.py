@@ -160,7 +160,20 @@ def _epoch_batch_indices(step, batch_size, num_items, seed):
     return order[within * batch_size:(within + 1) * batch_size]
 
 
-def _check_enough(num_items, batch_size, what):
+def count_examples(num_tokens, seq_len, document_offsets=None):
+    """`(count, name)` of the examples a stream of `num_tokens` yields: packed
+    blocks, or SOP pairs when `document_offsets` is given."""
+    if document_offsets is None:
+        return num_blocks(num_tokens, seq_len), _examples_name(seq_len, sop=False)
+    starts = sop_pair_starts(np.asarray(document_offsets), num_tokens, seq_len)
+    return len(starts), _examples_name(seq_len, sop=True)
+
+
+def _examples_name(seq_len, sop):
+    return f"SOP pairs of {seq_len} tokens inside one document" if sop else f"blocks of {seq_len} tokens"
+
+
+def check_enough(num_items, batch_size, what):
     if num_items < batch_size:
         raise ValueError(
             f"The corpus holds {num_items} {what}, fewer than one batch ({batch_size}). "
@@ -187,7 +200,7 @@ def lm_dataset(tokens, seq_len, batch_size, seed=0, start_step=0, num_steps=None
         shuffle: `False` keeps the stream order (one pass, for evaluation).
     """
     count = num_blocks(len(tokens), seq_len)
-    _check_enough(count, batch_size, f"blocks of {seq_len} tokens")
+    check_enough(count, batch_size, _examples_name(seq_len, sop=False))
     blocks = tf.constant(np.asarray(tokens[:count * seq_len], np.int32).reshape(count, seq_len))
 
     def make_batch(step):
@@ -224,7 +237,7 @@ def sop_dataset(tokens, document_offsets, seq_len, batch_size, seed=0, start_ste
     if seq_len % 2:
         raise ValueError(f"SOP needs an even seq_len, got {seq_len}.")
     starts = sop_pair_starts(np.asarray(document_offsets), len(tokens), seq_len)
-    _check_enough(len(starts), batch_size, f"SOP pairs of {seq_len} tokens inside one document")
+    check_enough(len(starts), batch_size, _examples_name(seq_len, sop=True))
     stream = tf.constant(np.asarray(tokens, np.int32))
     starts_t = tf.constant(starts)
     half = seq_len // 2

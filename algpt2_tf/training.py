@@ -377,17 +377,9 @@ def train(options, log=print):
     elif options.valid_fraction:
         valid_tokens = data_lib.load_split(cache_dir, "valid")
 
-    if options.sop:
-        offsets = data_lib.load_document_offsets(cache_dir)
-        items = len(data_lib.sop_pair_starts(offsets, len(tokens), options.seq_len))
-        item_name = f"SOP pairs of {options.seq_len} tokens inside one document"
-    else:
-        items = data_lib.num_blocks(len(tokens), options.seq_len)
-        item_name = f"blocks of {options.seq_len} tokens"
-    if items < options.batch_size:
-        raise ValueError(f"The corpus ({len(tokens)} tokens) holds {items} {item_name}, fewer "
-                         f"than one batch ({options.batch_size}). Use more text, a shorter "
-                         "--seq-len or a smaller --batch-size.")
+    offsets = data_lib.load_document_offsets(cache_dir) if options.sop else None
+    items, item_name = data_lib.count_examples(len(tokens), options.seq_len, offsets)
+    data_lib.check_enough(items, options.batch_size, item_name)
     batches_per_epoch = items // options.batch_size
     if options.steps:
         micro_total = options.steps * options.grad_accum
@@ -426,7 +418,7 @@ def train(options, log=print):
         truncate_metrics(os.path.join(options.out, "metrics.csv"), start_step)
 
         make = data_lib.sop_dataset if options.sop else data_lib.lm_dataset
-        extra = (data_lib.load_document_offsets(cache_dir),) if options.sop else ()
+        extra = (offsets,) if options.sop else ()
         dataset = make(tokens, *extra, seq_len=options.seq_len, batch_size=options.batch_size,
                        seed=options.seed, start_step=start_step * options.grad_accum,
                        num_steps=micro_total - start_step * options.grad_accum)

@@ -21,7 +21,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from algpt2_tf.model import attention_bias, position_ids_from_mask
+from algpt2_tf.model import position_ids_from_mask
 
 QUANTIZATIONS = ("none", "fp16", "int8")
 
@@ -55,9 +55,9 @@ class TFLiteModule(tf.Module):
         return keras.StatelessScope(state_mapping=[
             (v, tf.constant(value)) for v, value in zip(self.model.variables, self._values)])
 
-    def _run(self, ids, positions, bias, index):
+    def _run(self, ids, positions, key_mask, index):
         caches = [(k.read_value(), v.read_value()) for k, v in self.caches]
-        logits, caches = _forward(self.model, ids, positions, bias, caches, index)
+        logits, caches = self.model.forward_with_cache(ids, positions, key_mask, caches, index)
         for (k_var, v_var), (k, v) in zip(self.caches, caches):
             k_var.assign(k)
             v_var.assign(v)
@@ -69,8 +69,7 @@ class TFLiteModule(tf.Module):
 
     def _prefill_frozen(self, input_ids, attention_mask):
         key_mask = tf.pad(attention_mask, [[0, 0], [0, self.max_length - tf.shape(input_ids)[1]]])
-        bias = attention_bias(tf.range(tf.shape(input_ids)[1]), key_mask)
-        logits = self._run(input_ids, position_ids_from_mask(attention_mask), bias, 0)
+        logits = self._run(input_ids, position_ids_from_mask(attention_mask), key_mask, 0)
         last = tf.reduce_sum(attention_mask) - 1
         return {"logits": tf.gather(logits, last, axis=1)}
 
@@ -81,24 +80,13 @@ class TFLiteModule(tf.Module):
     def _decode_frozen(self, input_id, position):
         slots = tf.range(self.max_length)
         visible = tf.cast(tf.expand_dims(slots, 0) <= tf.expand_dims(position, 1), tf.int32)
-        bias = attention_bias(position, visible)
-        logits = self._run(input_id, tf.expand_dims(position, 1), bias, position[0])
+        logits = self._run(input_id, tf.expand_dims(position, 1), visible, position[0])
         return {"logits": logits[:, 0]}
 
     def _logits(self, input_ids, attention_mask):
         with self._frozen():
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
             return {"logits": self.model(inputs)["logits"]}
-
-
-def _forward(model, ids, positions, bias, caches, index):
-    """`model.forward_with_cache` with a precomputed attention bias."""
-    hidden = model.embedding(ids, positions)
-    new = []
-    for i in range(model.config.num_layers):
-        hidden, cache = model.block_for_layer(i)(hidden, bias, cache=caches[i], cache_index=index)
-        new.append(cache)
-    return model.logits_from_hidden(hidden), new
 
 
 def convert(model, max_length, quantize="none"):
