@@ -6,7 +6,8 @@ import tensorflow as tf
 
 import algpt2_tf
 from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
-from algpt2_tf.layers import CausalSelfAttention, DecoderBlock, FactorizedEmbedding, SOPHead, TiedLMHead
+from algpt2_tf.layers import (CausalSelfAttention, DecoderBlock, FactorizedEmbedding, Linear, SOPHead,
+                              TiedLMHead)
 from conftest import gpt2_tiny_config, tiny_config
 
 
@@ -168,6 +169,7 @@ def test_layers_serialize_from_their_config():
         DecoderBlock(16, 4, 32, attention_dropout=0.1, activation="relu"),
         TiedLMHead(16, embedding_size=4, tie_projection=True),
         SOPHead(16, initializer_range=0.05),
+        Linear(8, activation="gelu"),
     ]
     for layer in layers:
         config = layer.get_config()
@@ -175,6 +177,18 @@ def test_layers_serialize_from_their_config():
         assert clone.get_config() == config
         restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
         assert type(restored) is type(layer)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_linear_is_bit_identical_to_dense(rng, jit_compile):
+    dense, linear = keras.layers.Dense(24), Linear(24)
+    for layer in (dense, linear):
+        layer.build((None, None, 16))
+    linear.set_weights([w + 0.5 for w in dense.get_weights()])
+    dense.set_weights(linear.get_weights())  # a non-zero bias
+    x = rng.standard_normal((2, 1, 16)).astype("float32")
+    run = tf.function(lambda layer: layer(x), jit_compile=jit_compile)
+    np.testing.assert_array_equal(run(linear).numpy(), run(dense).numpy())
 
 
 def test_mixed_bfloat16_policy_runs(rng):

@@ -4,5 +4,7 @@ from algpt2_tf.layers.attention import CausalSelfAttention
 from algpt2_tf.layers.block import DecoderBlock
 from algpt2_tf.layers.embedding import FactorizedEmbedding
 from algpt2_tf.layers.heads import SOPHead, TiedLMHead
+from algpt2_tf.layers.linear import Linear
 
-__all__ = ["CausalSelfAttention", "DecoderBlock", "FactorizedEmbedding", "SOPHead", "TiedLMHead"]
+__all__ = ["CausalSelfAttention", "DecoderBlock", "FactorizedEmbedding", "Linear", "SOPHead",
+           "TiedLMHead"]

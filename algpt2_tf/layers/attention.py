@@ -5,21 +5,22 @@ import math
 import keras
 from keras import ops
 
+from algpt2_tf.layers.linear import Linear
+
 
 def write_slots(cache, new, index):
     """`cache` `[batch, heads, slots, head_size]` with `new` written at slots
     `index .. index + T - 1`.
 
-    A gather and a select rather than XLA's dynamic-update-slice, so that the
-    same graph runs under XLA, plain TensorFlow (TF Serving) and TFLite
-    builtins alike.
+    A scatter of `head_size` rows (`tensor_scatter_nd_update`): XLA updates
+    the cache in place, touching only the new rows (a select over the whole
+    cache cost 12% of batch-1 decode time), and the same op runs in plain
+    TensorFlow (TF Serving) and as a TFLite builtin.
     """
-    slots = ops.shape(cache)[2]
-    count = ops.shape(new)[2]
-    slot = ops.arange(slots)
-    placed = ops.take(new, ops.clip(slot - index, 0, count - 1), axis=2)
-    inside = ops.logical_and(slot >= index, slot < index + count)
-    return ops.where(ops.reshape(inside, (1, 1, -1, 1)), placed, cache)
+    batch, heads, count = ops.shape(new)[0], ops.shape(new)[1], ops.shape(new)[2]
+    rows, head, slot = ops.meshgrid(ops.arange(batch), ops.arange(heads),
+                                    index + ops.arange(count), indexing="ij")
+    return ops.scatter_update(cache, ops.stack([rows, head, slot], axis=-1), new)
 
 
 @keras.saving.register_keras_serializable(package="algpt2_tf")
@@ -63,9 +64,9 @@ class CausalSelfAttention(keras.layers.Layer):
         init = keras.initializers.TruncatedNormal(stddev=initializer_range)
         out_init = keras.initializers.TruncatedNormal(
             stddev=output_initializer_range or initializer_range)
-        self.qkv = keras.layers.Dense(3 * hidden_size, kernel_initializer=init, name="qkv",
+        self.qkv = Linear(3 * hidden_size, kernel_initializer=init, name="qkv",
                                       dtype=self.dtype_policy)
-        self.output_dense = keras.layers.Dense(hidden_size, kernel_initializer=out_init,
+        self.output_dense = Linear(hidden_size, kernel_initializer=out_init,
                                                name="output", dtype=self.dtype_policy)
         self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 

@@ -3,6 +3,7 @@
 import keras
 
 from algpt2_tf.layers.attention import CausalSelfAttention
+from algpt2_tf.layers.linear import Linear
 
 
 def get_activation(name):
@@ -61,9 +62,9 @@ class DecoderBlock(keras.layers.Layer):
             output_initializer_range=output_initializer_range, name="attention", dtype=policy)
         self.mlp_norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, name="mlp_norm", dtype=policy)
-        self.mlp_in = keras.layers.Dense(intermediate_size, kernel_initializer=init,
+        self.mlp_in = Linear(intermediate_size, kernel_initializer=init,
                                          name="mlp_in", dtype=policy)
-        self.mlp_out = keras.layers.Dense(hidden_size, kernel_initializer=out_init,
+        self.mlp_out = Linear(hidden_size, kernel_initializer=out_init,
                                           name="mlp_out", dtype=policy)
         self.residual_dropout_layer = keras.layers.Dropout(residual_dropout, dtype=policy)
 

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from algpt2_tf.layers.linear import Linear
+
 
 @keras.saving.register_keras_serializable(package="algpt2_tf")
 class FactorizedEmbedding(keras.layers.Layer):
@@ -37,7 +39,7 @@ class FactorizedEmbedding(keras.layers.Layer):
         self.initializer_range = initializer_range
         self.projection = None
         if embedding_size is not None:
-            self.projection = keras.layers.Dense(
+            self.projection = Linear(
                 hidden_size, kernel_initializer=self._initializer(), name="projection",
                 dtype=self.dtype_policy)
         self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)

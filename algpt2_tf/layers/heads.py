@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from algpt2_tf.layers.linear import Linear
+
 
 @keras.saving.register_keras_serializable(package="algpt2_tf")
 class TiedLMHead(keras.layers.Layer):
@@ -40,7 +42,7 @@ class TiedLMHead(keras.layers.Layer):
             epsilon=layer_norm_epsilon, name="final_norm", dtype=self.dtype_policy)
         self.projection = None
         if embedding_size is not None and not tie_projection:
-            self.projection = keras.layers.Dense(
+            self.projection = Linear(
                 embedding_size, name="projection", dtype=self.dtype_policy,
                 kernel_initializer=keras.initializers.TruncatedNormal(stddev=initializer_range))
 
@@ -120,7 +122,7 @@ class SOPHead(keras.layers.Layer):
         super().__init__(**kwargs)
         self.hidden_size = hidden_size
         self.initializer_range = initializer_range
-        self.classifier = keras.layers.Dense(
+        self.classifier = Linear(
             2, name="classifier", dtype=self.dtype_policy,
             kernel_initializer=keras.initializers.TruncatedNormal(stddev=initializer_range))
 
