@@ -18,8 +18,11 @@ boundary:
 import os
 import tempfile
 
+import flatbuffers
 import keras
+import numpy as np
 import tensorflow as tf
+from ai_edge_litert import schema_py_generated as schema
 
 from algpt2_tf.model import position_ids_from_mask
 
@@ -107,4 +110,71 @@ def convert(model, max_length, quantize="none"):
             converter._experimental_disable_per_channel = True
         if quantize == "fp16":
             converter.target_spec.supported_types = [tf.float16]
-        return converter.convert()
+        return fill_zero_initializers(converter.convert())
+
+
+def fill_zero_initializers(flatbuffer):
+    """Replaces all-zero variable initial values by `FILL(shape, 0)` ops.
+
+    The converter stores a resource variable's initial value as a constant
+    buffer of the initializer subgraph (the one that `CALL_ONCE` runs before
+    the first signature). The caches start as zeros, so that buffer is pure
+    padding: 0.8 MB for the algpt2 preset at `max_length` 256. A `FILL` op
+    computes the same zeros when the interpreter starts.
+
+    Args:
+        flatbuffer: `.tflite` bytes from the converter.
+    Returns:
+        The rewritten `.tflite` bytes (unchanged when nothing matched).
+    """
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
+    signature_subgraphs = {s.subgraphIndex for s in model.signatureDefs or []}
+    codes = [c.builtinCode for c in model.operatorCodes]
+    changed = False
+    for index, subgraph in enumerate(model.subgraphs):
+        if index in signature_subgraphs:
+            continue
+        assigned = {op.inputs[1] for op in subgraph.operators or []
+                    if codes[op.opcodeIndex] == schema.BuiltinOperator.ASSIGN_VARIABLE}
+        fills = []
+        for tensor_index in sorted(assigned):
+            tensor = subgraph.tensors[tensor_index]
+            data = model.buffers[tensor.buffer].data
+            if (tensor.type != schema.TensorType.FLOAT32 or data is None or len(data) < 1024
+                    or np.any(np.asarray(data, np.uint8))):
+                continue
+            model.buffers[tensor.buffer].data = None
+            tensor.buffer = 0  # buffer 0 is the empty buffer: an ordinary tensor now
+            inputs = []
+            for value, kind in ((np.asarray(tensor.shape, np.int32), schema.TensorType.INT32),
+                                (np.zeros((), np.float32), schema.TensorType.FLOAT32)):
+                buffer = schema.BufferT()
+                buffer.data = np.frombuffer(value.tobytes(), np.uint8)
+                model.buffers.append(buffer)
+                constant = schema.TensorT()
+                constant.shape, constant.type = list(value.shape), kind
+                constant.buffer = len(model.buffers) - 1
+                subgraph.tensors.append(constant)
+                inputs.append(len(subgraph.tensors) - 1)
+            fills.append((inputs, tensor_index))
+        if not fills:
+            continue
+        if schema.BuiltinOperator.FILL not in codes:
+            code = schema.OperatorCodeT()
+            code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.FILL
+            code.version = 1
+            model.operatorCodes.append(code)
+            codes.append(schema.BuiltinOperator.FILL)
+        for inputs, output in fills:
+            op = schema.OperatorT()
+            op.opcodeIndex = codes.index(schema.BuiltinOperator.FILL)
+            op.inputs, op.outputs = inputs, [output]
+            op.builtinOptionsType = schema.BuiltinOptions.FillOptions
+            op.builtinOptions = schema.FillOptionsT()
+            subgraph.operators.insert(0, op)
+        changed = True
+    if not changed:
+        return flatbuffer
+    builder = flatbuffers.Builder(len(flatbuffer))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
