@@ -116,6 +116,34 @@ def test_tflite_float32_matches_keras_and_decodes_identically(tmp_path, model_pa
                 if b.data is not None and len(b.data) >= 1024 and not np.any(b.data)]
 
 
+def fully_connected_count(flatbuffer):
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
+    codes = [c.builtinCode for c in model.operatorCodes]
+    return sum(codes[op.opcodeIndex] == schema.BuiltinOperator.FULLY_CONNECTED
+               for g in model.subgraphs for op in g.operators or [])
+
+
+def test_tflite_holds_the_shared_block_once():
+    """The layers run as a WHILE loop, so the converted model has the same
+    operators (and the interpreter one packed copy of the shared weights)
+    whatever the depth; without sharing, one loop per group still works."""
+    from ai_edge_litert.interpreter import Interpreter
+    from conftest import gpt2_tiny_config, tiny_config
+
+    from algpt2_tf.export.tflite import convert
+
+    counts = [fully_connected_count(convert(ALGPT2LMHeadModel(tiny_config(num_layers=n)), 16))
+              for n in (2, 5)]
+    assert counts[0] == counts[1] > 0
+    model = ALGPT2LMHeadModel(gpt2_tiny_config())
+    interpreter = Interpreter(model_content=convert(model, 16))
+    ids = np.array([[3, 1, 4, 1, 5]], np.int32)
+    lite = interpreter.get_signature_runner("logits")(input_ids=ids, attention_mask=np.ones_like(ids))
+    np.testing.assert_allclose(lite["logits"], model(ids)["logits"].numpy(), atol=1e-4)
+    expected = model.generate(ids, max_new_tokens=8, stop_ids=[]).new_ids[0]
+    assert tflite_greedy(interpreter, ids[0].tolist(), 8) == expected
+
+
 @pytest.mark.parametrize("quantize", ["fp16", "int8"])
 def test_tflite_quantized(tmp_path, model_path, quantize):
     base = export_model(model_path, "tflite", str(tmp_path / "f32"), max_length=64, log=lambda *_: None)
