@@ -170,16 +170,27 @@ def worker_decode(case):
 
 
 def worker_tflite(case):
-    import numpy as np
-    from ai_edge_litert.interpreter import Interpreter
+    """Converts, then decodes in a child process, so that the peak RSS
+    reported is the interpreter's and not the converter's."""
+    import tempfile
 
     from algpt2_tf.export.tflite import convert
 
     shape = TINY if case["quick"] else GPT2_124M
     model = _our_model(case["model"], shape, case["quick"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.tflite")
+        with open(path, "wb") as f:
+            f.write(convert(model, case["prompt"] + case["new_tokens"], case["quantize"]))
+        return measure(dict(case, kind="tflite_run", path=path))
+
+
+def worker_tflite_run(case):
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
     prompt, new = case["prompt"], case["new_tokens"]
-    interpreter = Interpreter(model_content=convert(model, prompt + new, case["quantize"]),
-                              num_threads=os.cpu_count())
+    interpreter = Interpreter(model_path=case["path"], num_threads=os.cpu_count())
     prefill = interpreter.get_signature_runner("prefill")
     decode = interpreter.get_signature_runner("decode")
     ids = np.random.default_rng(0).integers(0, 50000, (1, prompt)).astype("int32")
@@ -209,12 +220,26 @@ def worker_matmul_peak(case):
 
 
 WORKERS = {"train": worker_train, "forward": worker_train, "decode": worker_decode,
-           "tflite_decode": worker_tflite, "matmul_peak": worker_matmul_peak}
+           "tflite_decode": worker_tflite, "tflite_run": worker_tflite_run,
+           "matmul_peak": worker_matmul_peak}
+
+
+def peak_rss_mb():
+    """This process's peak RSS. VmHWM starts afresh at exec; ru_maxrss would
+    carry over the peak of the (forked) parent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_worker(case):
     result = WORKERS[case["kind"]](case)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.setdefault("peak_rss_mb", peak_rss_mb())
     return result
 
 
@@ -270,6 +295,9 @@ def summarize(results, peak_flops, quick):
         c = r["case"]
         key = (c["kind"], c.get("precision"), c.get("batch"), c.get("quantize"))
         groups.setdefault(key, []).append(r)
+    batch1_peer = [r for r in results
+                   if r["case"]["kind"] == "decode" and r["case"]["batch"] == 1
+                   and r["case"]["model"] == "peer"]
     for key, items in groups.items():
         best = {}
         for r in items:
@@ -277,6 +305,8 @@ def summarize(results, peak_flops, quick):
             if m not in best or r["tokens_per_s"] > best[m]["tokens_per_s"]:
                 best[m] = r
         peer = best.get("peer")
+        if key[0] == "tflite_decode" and batch1_peer:  # against the Keras peer's batch-1 decode
+            peer = batch1_peer[0]
         for m, r in sorted(best.items()):
             row = {"case": key[0], "label": label(r["case"]), "tokens_per_s": r["tokens_per_s"],
                    "peak_rss_mb": r["peak_rss_mb"],
