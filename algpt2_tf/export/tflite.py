@@ -2,10 +2,9 @@
 
 Token ids in, logits out (tf-text ops do not run in TFLite). Batch 1, cache
 length `max_length`. The cache lives in resource variables inside the
-interpreter (keys and values of all virtual layers), so a decode step moves
-one token id in and one logits row out instead of copying the whole cache
-across the boundary, and the shared block runs as a WHILE loop over layers so
-that its weights exist once in the interpreter:
+interpreter, one per virtual layer, so a decode step moves one token id in
+and one logits row out instead of copying the whole cache across the
+boundary:
 
     prefill(input_ids [1, T], attention_mask [1, T]) -> logits [1, vocab]
         writes the prompt into slots 0..T-1 (right padding only) and returns
@@ -16,7 +15,6 @@ that its weights exist once in the interpreter:
         a plain forward pass.
 """
 
-import collections
 import os
 import tempfile
 
@@ -26,16 +24,13 @@ import numpy as np
 import tensorflow as tf
 from ai_edge_litert import schema_py_generated as schema
 
-from algpt2_tf.layers.attention import write_slots
-from algpt2_tf.model import attention_bias, position_ids_from_mask
+from algpt2_tf.model import position_ids_from_mask
 
 QUANTIZATIONS = ("none", "fp16", "int8")
 
 
 class TFLiteModule(tf.Module):
-    """The three signatures over one model; the cache is two `tf.Variable`s,
-    keys and values of all virtual layers stacked: `[layers, heads,
-    max_length, head_size]` (batch 1)."""
+    """The three signatures over one model; the cache is `tf.Variable`s."""
 
     def __init__(self, model, max_length):
         super().__init__()
@@ -43,9 +38,10 @@ class TFLiteModule(tf.Module):
         self.max_length = max_length
         self._values = [keras.ops.convert_to_numpy(v) for v in model.variables]
         c = model.config
-        shape = (c.num_layers, c.num_heads, max_length, c.head_size)
-        self.keys = tf.Variable(tf.zeros(shape), trainable=False, name="keys")
-        self.values = tf.Variable(tf.zeros(shape), trainable=False, name="values")
+        shape = (1, c.num_heads, max_length, c.head_size)
+        self.caches = [(tf.Variable(tf.zeros(shape), trainable=False, name=f"keys_{i}"),
+                        tf.Variable(tf.zeros(shape), trainable=False, name=f"values_{i}"))
+                       for i in range(c.num_layers)]
 
         ids_spec = tf.TensorSpec([1, None], tf.int32, name="input_ids")
         mask_spec = tf.TensorSpec([1, None], tf.int32, name="attention_mask")
@@ -62,61 +58,13 @@ class TFLiteModule(tf.Module):
         return keras.StatelessScope(state_mapping=[
             (v, tf.constant(value)) for v, value in zip(self.model.variables, self._values)])
 
-    def _layers(self, hidden, bias, caches=None, index=0):
-        """The virtual layers as one WHILE loop per layer group.
-
-        Why a graph loop and not `model.forward_with_cache`'s Python loop:
-        TFLite's XNNPACK packs the weights of every FULLY_CONNECTED node
-        separately, so 12 unrolled applications of the shared block became
-        12 packed copies per signature (1.1 GB resident for algpt2, and each
-        layer streamed its own copy from memory). In a loop body the shared
-        weights belong to one node.
-
-        Args:
-            hidden: `[1, T, hidden]` embedded inputs.
-            bias: the attention bias for them.
-            caches: `None`, or stacked `(keys, values)` `[layers, heads,
-                slots, head_size]` whose slots `index .. index + T - 1` the
-                new tokens take.
-            index: the first slot written.
-        Returns:
-            `(hidden, new_keys, new_values)`: the new rows `[layers, heads, T,
-            head_size]` (zeros without caches).
-        """
-        c = self.model.config
-        count = tf.shape(hidden)[1]
-        rows = tf.zeros([c.num_layers, c.num_heads, count, c.head_size])
-        state = (hidden, rows, rows)
-        for group, block in enumerate(self.model.blocks):
-            def body(i, hidden, new_keys, new_values, block=block):
-                if caches is None:
-                    return i + 1, block(hidden, bias)[0], new_keys, new_values
-                cache = (tf.gather(caches[0], i)[None], tf.gather(caches[1], i)[None])
-                hidden, (keys, values) = block(hidden, bias, cache=cache, cache_index=index)
-                written = [tf.slice(t, [0, 0, index, 0], [1, -1, count, -1]) for t in (keys, values)]
-                return (i + 1, hidden, tf.tensor_scatter_nd_update(new_keys, [[i]], written[0]),
-                        tf.tensor_scatter_nd_update(new_values, [[i]], written[1]))
-
-            stop = (group + 1) * c.layers_per_group
-            _, *state = tf.while_loop(lambda i, *_: i < stop, body,
-                                      (tf.constant(group * c.layers_per_group), *state))
-        return state
-
-    def _cached_logits(self, ids, positions, key_mask, index, caches):
-        """Logits of `ids` written at slot `index`; stores the updated cache.
-
-        `caches` are the stacked caches; only their first `key_mask.shape[1]`
-        slots enter the layer loop (TFLite's WHILE copies its loop
-        variables on every iteration, so a decode step passes the slots up to
-        its position, not all `max_length`).
-        """
-        hidden = self.model.embedding(ids, positions)
-        bias = attention_bias(index + tf.range(tf.shape(ids)[1]), key_mask)
-        window = [t[:, :, :tf.shape(key_mask)[1]] for t in caches]
-        hidden, new_keys, new_values = self._layers(hidden, bias, window, index)
-        self.keys.assign(write_slots(caches[0], new_keys, index))
-        self.values.assign(write_slots(caches[1], new_values, index))
-        return self.model.logits_from_hidden(hidden)
+    def _run(self, ids, positions, key_mask, index):
+        caches = [(k.read_value(), v.read_value()) for k, v in self.caches]
+        logits, caches = self.model.forward_with_cache(ids, positions, key_mask, caches, index)
+        for (k_var, v_var), (k, v) in zip(self.caches, caches):
+            k_var.assign(k)
+            v_var.assign(v)
+        return logits
 
     def _prefill(self, input_ids, attention_mask):
         with self._frozen():
@@ -124,11 +72,7 @@ class TFLiteModule(tf.Module):
 
     def _prefill_frozen(self, input_ids, attention_mask):
         key_mask = tf.pad(attention_mask, [[0, 0], [0, self.max_length - tf.shape(input_ids)[1]]])
-        # Zeros of a run-time shape: constant zeros would be stored in the file.
-        empty = tf.zeros(tf.concat([tf.shape(self.keys)[:2], tf.shape(key_mask)[1:],
-                                    tf.shape(self.keys)[3:]], axis=0))
-        logits = self._cached_logits(input_ids, position_ids_from_mask(attention_mask), key_mask,
-                                     0, (empty, empty))
+        logits = self._run(input_ids, position_ids_from_mask(attention_mask), key_mask, 0)
         last = tf.reduce_sum(attention_mask) - 1
         return {"logits": tf.gather(logits, last, axis=1)}
 
@@ -137,17 +81,15 @@ class TFLiteModule(tf.Module):
             return self._decode_frozen(input_id, position)
 
     def _decode_frozen(self, input_id, position):
-        visible = tf.ones([1, position[0] + 1], tf.int32)  # slots 0..position
-        logits = self._cached_logits(input_id, tf.expand_dims(position, 1), visible, position[0],
-                                     (self.keys.read_value(), self.values.read_value()))
+        slots = tf.range(self.max_length)
+        visible = tf.cast(tf.expand_dims(slots, 0) <= tf.expand_dims(position, 1), tf.int32)
+        logits = self._run(input_id, tf.expand_dims(position, 1), visible, position[0])
         return {"logits": logits[:, 0]}
 
     def _logits(self, input_ids, attention_mask):
         with self._frozen():
-            hidden = self.model.embedding(input_ids, position_ids_from_mask(attention_mask))
-            bias = attention_bias(tf.range(tf.shape(input_ids)[1]), attention_mask)
-            hidden, _, _ = self._layers(hidden, bias)
-            return {"logits": self.model.logits_from_hidden(hidden)}
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            return {"logits": self.model(inputs)["logits"]}
 
 
 def convert(model, max_length, quantize="none"):
@@ -188,7 +130,6 @@ def fill_zero_initializers(flatbuffer):
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
     signature_subgraphs = {s.subgraphIndex for s in model.signatureDefs or []}
     codes = [c.builtinCode for c in model.operatorCodes]
-    references = collections.Counter(t.buffer for g in model.subgraphs for t in g.tensors)
     changed = False
     for index, subgraph in enumerate(model.subgraphs):
         if index in signature_subgraphs:
@@ -202,8 +143,7 @@ def fill_zero_initializers(flatbuffer):
             if (tensor.type != schema.TensorType.FLOAT32 or data is None or len(data) < 1024
                     or np.any(np.asarray(data, np.uint8))):
                 continue
-            if references[tensor.buffer] == 1:  # the converter shares equal buffers
-                model.buffers[tensor.buffer].data = None
+            model.buffers[tensor.buffer].data = None
             tensor.buffer = 0  # buffer 0 is the empty buffer: an ordinary tensor now
             inputs = []
             for value, kind in ((np.asarray(tensor.shape, np.int32), schema.TensorType.INT32),
