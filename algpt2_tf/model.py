@@ -153,8 +153,10 @@ class ALGPT2LMHeadModel(keras.Model):
                 tf.shape(input_ids)[1], c.max_positions,
                 message=f"sequence length exceeds max_positions ({c.max_positions})"),
         ]
+        # Both pass through the checks: positions come from the mask, so a
+        # mask that skipped them could reach the position lookup first.
         with tf.control_dependencies(checks):
-            return tf.identity(input_ids)
+            return tf.identity(input_ids), tf.identity(attention_mask)
 
     def hidden_states(self, input_ids, attention_mask, training=False):
         """Embedding and the `num_layers` decoder applications; `[batch, seq, hidden]`."""
@@ -212,7 +214,7 @@ class ALGPT2LMHeadModel(keras.Model):
 
     def call(self, inputs, training=False):
         input_ids, attention_mask = self._unpack_inputs(inputs)
-        input_ids = self._check_inputs(input_ids, attention_mask)
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
         hidden = self.hidden_states(input_ids, attention_mask, training=training)
         normalized = self.lm_head.normalize(hidden)
         outputs = {"logits": self.logits_from_hidden(normalized, normalized=True)}
