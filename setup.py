@@ -20,6 +20,7 @@ setup(
         "tensorboard>=2.20,<3",
         "numpy>=1.26,<3",
         "ai-edge-litert>=2.0,<3",
+        "flatbuffers>=24.3",  # rewriting .tflite files (export/tflite.py)
         "fastapi>=0.110,<1",
         "uvicorn>=0.29,<1",
     ],

@@ -15,6 +15,7 @@ boundary:
         a plain forward pass.
 """
 
+import collections
 import os
 import tempfile
 
@@ -130,6 +131,7 @@ def fill_zero_initializers(flatbuffer):
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
     signature_subgraphs = {s.subgraphIndex for s in model.signatureDefs or []}
     codes = [c.builtinCode for c in model.operatorCodes]
+    references = collections.Counter(t.buffer for g in model.subgraphs for t in g.tensors)
     changed = False
     for index, subgraph in enumerate(model.subgraphs):
         if index in signature_subgraphs:
@@ -143,7 +145,8 @@ def fill_zero_initializers(flatbuffer):
             if (tensor.type != schema.TensorType.FLOAT32 or data is None or len(data) < 1024
                     or np.any(np.asarray(data, np.uint8))):
                 continue
-            model.buffers[tensor.buffer].data = None
+            if references[tensor.buffer] == 1:  # the converter shares equal buffers
+                model.buffers[tensor.buffer].data = None
             tensor.buffer = 0  # buffer 0 is the empty buffer: an ordinary tensor now
             inputs = []
             for value, kind in ((np.asarray(tensor.shape, np.int32), schema.TensorType.INT32),
