@@ -186,20 +186,39 @@ def worker_tflite(case):
 
 
 def worker_tflite_run(case):
+    """`runtime`: "interpreter" (ai_edge_litert's Interpreter) or "compiled"
+    (LiteRT's CompiledModel with an XNNPACK weight cache, `LiteRTDecoder`)."""
+    import tempfile
+
     import numpy as np
-    from ai_edge_litert.interpreter import Interpreter
 
     prompt, new = case["prompt"], case["new_tokens"]
-    interpreter = Interpreter(model_path=case["path"], num_threads=os.cpu_count())
-    prefill = interpreter.get_signature_runner("prefill")
-    decode = interpreter.get_signature_runner("decode")
     ids = np.random.default_rng(0).integers(0, 50000, (1, prompt)).astype("int32")
-    logits = prefill(input_ids=ids, attention_mask=np.ones_like(ids))["logits"]
+    if case.get("runtime") == "compiled":
+        import importlib.util
+
+        # The module alone: importing the algpt2_tf package would load
+        # TensorFlow and count it in this process's peak RSS.
+        spec = importlib.util.spec_from_file_location(
+            "litert", os.path.join(os.path.dirname(HERE), "algpt2_tf", "export", "litert.py"))
+        litert = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(litert)
+        decoder = litert.LiteRTDecoder(case["path"], os.path.join(tempfile.mkdtemp(), "weights.cache"))
+        prefill = lambda: decoder.prefill(ids[0].tolist())  # noqa: E731
+        decode = decoder.decode
+    else:
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=case["path"], num_threads=os.cpu_count())
+        runners = [interpreter.get_signature_runner(s) for s in ("prefill", "decode")]
+        prefill = lambda: runners[0](input_ids=ids, attention_mask=np.ones_like(ids))["logits"]  # noqa: E731
+        decode = lambda token, position: runners[1](  # noqa: E731
+            input_id=np.array([[token]], np.int32),
+            position=np.array([position], np.int32))["logits"]
+    logits = prefill()
     start = time.perf_counter()
     for step in range(new):
-        token = int(np.argmax(logits[0]))
-        logits = decode(input_id=np.array([[token]], np.int32),
-                        position=np.array([prompt + step], np.int32))["logits"]
+        logits = decode(int(np.argmax(logits[0])), prompt + step)
     return {"tokens_per_s": new / (time.perf_counter() - start)}
 
 
@@ -271,15 +290,16 @@ def plan(quick, gpu):
     new = 8 if quick else 128
     decode = [dict(kind="decode", model=m, batch=b, prompt=16, new_tokens=new, quick=quick)
               for b in (1, 8) for m in ("algpt2", "gpt2", "peer")]
-    tflite = [dict(kind="tflite_decode", model="algpt2", quantize=q, prompt=16, new_tokens=new,
-                   quick=quick) for q in ("none", "int8")]
+    tflite = [dict(kind="tflite_decode", model="algpt2", quantize=q, runtime=r, prompt=16,
+                   new_tokens=new, quick=quick)
+              for q in ("none", "int8") for r in ("interpreter", "compiled")]
     return {"train": train, "forward": forward, "decode": decode, "tflite_decode": tflite,
             "matmul_peak": [dict(kind="matmul_peak", quick=quick)]}
 
 
 def label(case):
     parts = [case.get("model", "")]
-    for key in ("precision", "batch", "quantize"):
+    for key in ("precision", "batch", "quantize", "runtime"):
         if key in case:
             parts.append(f"{key}={case[key]}")
     if "xla" in case:
@@ -293,7 +313,7 @@ def summarize(results, peak_flops, quick):
     groups = {}
     for r in results:
         c = r["case"]
-        key = (c["kind"], c.get("precision"), c.get("batch"), c.get("quantize"))
+        key = (c["kind"], c.get("precision"), c.get("batch"), c.get("quantize"), c.get("runtime"))
         groups.setdefault(key, []).append(r)
     batch1_peer = [r for r in results
                    if r["case"]["kind"] == "decode" and r["case"]["batch"] == 1

@@ -116,6 +116,21 @@ def test_tflite_float32_matches_keras_and_decodes_identically(tmp_path, model_pa
                 if b.data is not None and len(b.data) >= 1024 and not np.any(b.data)]
 
 
+def test_litert_compiled_model_with_weight_cache_decodes_identically(tmp_path, model_path,
+                                                                     keras_model):
+    from algpt2_tf.export.litert import LiteRTDecoder
+
+    report = export_model(model_path, "tflite", str(tmp_path / "lite"), max_length=64,
+                          log=lambda *_: None)
+    cache = str(tmp_path / "xnnpack" / "weights.cache")
+    prompt = GPT2Tokenizer().encode("In the beginning")
+    expected = keras_model.generate([prompt], max_new_tokens=32, stop_ids=[]).new_ids[0]
+    assert LiteRTDecoder(report.path, weight_cache_path=cache).greedy(prompt, 32) == expected
+    assert os.path.getsize(cache) > 0
+    # A second decoder reuses the packed weights from the file.
+    assert LiteRTDecoder(report.path, weight_cache_path=cache).greedy(prompt, 32) == expected
+
+
 def test_tflite_without_sharing():
     """GPT-2-shaped (a block per layer): the same signatures, the same outputs."""
     from ai_edge_litert.interpreter import Interpreter
