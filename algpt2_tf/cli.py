@@ -262,6 +262,8 @@ def _add_training_commands(sub):
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--mixed-precision", choices=["bf16", "fp16"])
     p.add_argument("--jit-compile", action="store_true")
+    p.add_argument("--fuse-elementwise", action="store_true",
+                   help="XLA-fuse the element-wise ops, matmuls stay oneDNN (bf16 on CPU)")
     p.add_argument("--sop", action="store_true", help="train with sentence-order prediction")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=100)

@@ -81,6 +81,10 @@ def worker_train(case):
 
     StepTimer = _step_timer_class()
 
+    if case.get("fuse"):
+        from algpt2_tf.training import enable_elementwise_fusion
+
+        enable_elementwise_fusion()  # before the first graph is built
     if case["precision"] == "bf16":
         keras.config.set_dtype_policy("mixed_bfloat16")
     batch, seq = case["batch"], case["seq_len"]
@@ -278,10 +282,12 @@ def plan(quick, gpu):
     train = []
     for precision in ("fp32", "bf16"):
         for model in ("algpt2", "gpt2", "peer"):
-            for xla in (False, True):
+            # bf16 adds XLA-fused element-wise ops around oneDNN matmuls (no XLA step)
+            for xla, fuse in ((False, False), (True, False)) + (
+                    ((False, True),) if precision == "bf16" and not gpu else ()):
                 train.append(dict(kind="train", model=model, precision=precision, xla=xla,
-                                  batch=batch, seq_len=seq, steps=steps, forward_only=False,
-                                  quick=quick))
+                                  fuse=fuse, batch=batch, seq_len=seq, steps=steps,
+                                  forward_only=False, quick=quick))
     if gpu:
         return {"train": [c for c in train if c["precision"] == "bf16"]}
     forward = [dict(kind="forward", model=m, precision="fp32", xla=x, batch=batch, seq_len=seq,
@@ -302,7 +308,9 @@ def label(case):
     for key in ("precision", "batch", "quantize", "runtime"):
         if key in case:
             parts.append(f"{key}={case[key]}")
-    if "xla" in case:
+    if case.get("fuse"):
+        parts.append("fused")
+    elif "xla" in case:
         parts.append("xla" if case["xla"] else "no-xla")
     return " ".join(p for p in parts if p)
 
@@ -343,7 +351,7 @@ def summarize(results, peak_flops, quick):
 
 
 def markdown(rows, peak_flops):
-    lines = ["| case | variant (best of XLA on/off) | tokens/s | vs keras-hub | peak RSS MB | MFU |",
+    lines = ["| case | variant (best of XLA on/off/fused) | tokens/s | vs keras-hub | peak RSS MB | MFU |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         ratio = f"{r['vs_peer']:.2f}x" if r["vs_peer"] is not None else "-"

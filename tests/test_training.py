@@ -129,6 +129,66 @@ def test_bf16_loss_curve_tracks_float32(tmp_path, small_config, corpus):
     np.testing.assert_allclose(curves["bf16"], curves[None], rtol=0.05)
 
 
+def test_enable_elementwise_fusion_sets_tf_xla_flags(monkeypatch):
+    from algpt2_tf.training import ELEMENTWISE_FUSION_FLAGS, enable_elementwise_fusion
+
+    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_clustering_debug")
+    enable_elementwise_fusion()
+    enable_elementwise_fusion()  # idempotent
+    assert os.environ["TF_XLA_FLAGS"].split() == ["--tf_xla_clustering_debug",
+                                                  *ELEMENTWISE_FUSION_FLAGS]
+    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_ops_to_cluster=PW")
+    with pytest.raises(ValueError, match="FUSIBLE"):
+        enable_elementwise_fusion()
+
+
+def test_fuse_elementwise_and_jit_compile_exclude_each_other(tmp_path, small_config, corpus):
+    with pytest.raises(ValueError, match="--fuse-elementwise and --jit-compile"):
+        train(options(tmp_path, small_config, corpus, fuse_elementwise=True, jit_compile=True))
+    assert not (tmp_path / "run").exists()
+
+
+def _clustered_ops(dump_dir):
+    """Op types inside / outside XLA clusters in TF's mark_for_compilation graph dumps."""
+    import glob
+    import re
+
+    clustered, unclustered = set(), set()
+    for path in glob.glob(os.path.join(dump_dir, "mark_for_compilation_annotated*.pbtxt")):
+        for node in open(path).read().split("\nnode {")[1:]:
+            op = re.search(r'op: "([^"]+)"', node).group(1)
+            (clustered if "_XlaCluster" in node else unclustered).add(op)
+    return clustered, unclustered
+
+
+@pytest.mark.slow
+def test_fused_bf16_training_clusters_elementwise_ops_only(tmp_path, small_config, corpus):
+    """`--fuse-elementwise`: XLA clusters hold the element-wise ops, no matmul; same loss curve."""
+    dump = tmp_path / "graphs"
+    env = dict(os.environ, ALGPT2_CACHE=str(tmp_path / "cache"),
+               TF_XLA_FLAGS="--tf_xla_clustering_debug", TF_DUMP_GRAPH_PREFIX=str(dump))
+    args = ["--out", str(tmp_path / "fused"), "--config", small_config, "--train-files", corpus,
+            "--seq-len", "32", "--batch-size", "4", "--steps", "40", "--learning-rate", "1e-2",
+            "--warmup-steps", "2", "--log-every", "4", "--checkpoint-every", "20", "--seed", "7",
+            "--verbose", "0", "--mixed-precision", "bf16"]
+    done = subprocess.run([sys.executable, "-m", "algpt2_tf.cli", "train", *args,
+                           "--fuse-elementwise"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    clustered, unclustered = _clustered_ops(dump)
+    assert {"Tanh", "TanhGrad", "Mul", "Cast", "Rsqrt"} <= clustered  # GELU, LayerNorm, casts
+    assert not {"MatMul", "BatchMatMulV2"} & clustered
+    assert {"MatMul", "BatchMatMulV2"} <= unclustered  # the oneDNN kernels run them
+
+    train(options(tmp_path, small_config, corpus, out="plain", mixed_precision="bf16",
+                  steps=40, learning_rate=1e-2, log_every=4, checkpoint_every=20),
+          log=lambda *_: None)
+    curves = [np.array([float(r["lm_loss"]) for r in csv.DictReader(open(tmp_path / run /
+                                                                          "metrics.csv"))])
+              for run in ("fused", "plain")]
+    assert curves[0][-1] < curves[0][0] - 0.5  # it learns
+    np.testing.assert_allclose(curves[0], curves[1], rtol=0.05)
+
+
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, small_config, corpus):
     from algpt2_tf.training import TrainingDiverged
 
