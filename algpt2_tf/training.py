@@ -37,8 +37,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 NO_DECAY = ["gamma", "beta", "bias", "embeddings"]
 """Variable-name fragments excluded from weight decay: LayerNorm, biases, embeddings."""
 ELEMENTWISE_FUSION_FLAGS = ("--tf_xla_auto_jit=2", "--tf_xla_cpu_global_jit",
-                            "--tf_xla_ops_to_cluster=FUSIBLE")
-"""TF_XLA_FLAGS of `enable_elementwise_fusion`: auto-clustering on CPU, fusible ops only."""
+                            "--tf_xla_ops_to_cluster=PW,PWRED,MISC")
+"""TF_XLA_FLAGS of `enable_elementwise_fusion`: CPU auto-clustering of XLA's point-wise ops
+(PW), softmax-like ops (PWRED) and reshapes/transposes (MISC)."""
 
 
 def enable_elementwise_fusion():
@@ -48,11 +49,14 @@ def enable_elementwise_fusion():
     as float32, but XLA (`jit_compile=True`) computes bf16 dots in float32, so
     bf16 training runs without XLA, and its LayerNorms, GELUs, casts and
     softmaxes then run as one TF kernel per op. This turns on TF's
-    auto-clustering restricted to XLA's "fusible" ops (element-wise, reductions,
-    reshapes): those are compiled and fused, `MatMul` and `BatchMatMul` stay
-    oneDNN kernels. Measured here (`benchmarks/`): about +5% tokens/s for
-    `algpt2` bf16 training; nothing to gain with `jit_compile=True`, which
-    already compiles the whole step.
+    auto-clustering for XLA's point-wise, softmax and reshape ops only: they are
+    compiled and fused, while `MatMul`/`BatchMatMul` stay oneDNN kernels and
+    reductions (`Sum`, `Mean`: the bias and LayerNorm gradients) stay TF
+    kernels, because XLA:CPU reduces bf16 tensors about 8x slower (measured:
+    the 12 `[4, 256, 3072]` bias-gradient sums of one step take 46 ms in XLA,
+    5.8 ms in TF). Measured gain: see `benchmarks/results/train.md` (no XLA vs
+    fused rows). Nothing to gain with `jit_compile=True`, which already
+    compiles the whole step.
 
     TF reads `TF_XLA_FLAGS` once, when it first optimizes a graph, so call this
     before the first model is built (the `algpt2 train --fuse-elementwise` flag
@@ -66,7 +70,7 @@ def enable_elementwise_fusion():
     for flag in flags:
         if flag.startswith("--tf_xla_ops_to_cluster=") and flag not in ELEMENTWISE_FUSION_FLAGS:
             raise ValueError(f"TF_XLA_FLAGS already has {flag}; element-wise fusion needs "
-                             "--tf_xla_ops_to_cluster=FUSIBLE.")
+                             f"{ELEMENTWISE_FUSION_FLAGS[-1]}.")
     os.environ["TF_XLA_FLAGS"] = " ".join(
         flags + [f for f in ELEMENTWISE_FUSION_FLAGS if f not in flags])
 
