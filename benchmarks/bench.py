@@ -281,10 +281,11 @@ def plan(quick, gpu):
         seq, batch, steps = 512, 32, 10
     train = []
     for precision in ("fp32", "bf16"):
+        variants = [(False, False), (True, False)]  # (xla, fuse)
+        if precision == "bf16" and not gpu:  # XLA-fused element-wise ops around oneDNN matmuls
+            variants.append((False, True))
         for model in ("algpt2", "gpt2", "peer"):
-            # bf16 adds XLA-fused element-wise ops around oneDNN matmuls (no XLA step)
-            for xla, fuse in ((False, False), (True, False)) + (
-                    ((False, True),) if precision == "bf16" and not gpu else ()):
+            for xla, fuse in variants:
                 train.append(dict(kind="train", model=model, precision=precision, xla=xla,
                                   fuse=fuse, batch=batch, seq_len=seq, steps=steps,
                                   forward_only=False, quick=quick))
