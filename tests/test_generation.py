@@ -3,8 +3,8 @@ import pytest
 import tensorflow as tf
 
 from algpt2_tf import ALGPT2LMHeadModel
-from algpt2_tf.generation import (Generator, SamplingParams, filter_logits, next_tokens,
-                                  sampling_params)
+from algpt2_tf.generation import (Generator, SamplingParams, filter_logits, first_argmax,
+                                  next_tokens, sampling_params)
 from conftest import gpt2_tiny_config, tiny_config
 
 
@@ -112,6 +112,18 @@ def test_temperature_zero_is_greedy(model):
     generator = Generator(model)
     greedy = generator.generate([[3, 1, 4]], 10).new_ids
     assert generator.generate([[3, 1, 4]], 10, sampling_params("sample", temperature=0.0), seed=9).new_ids == greedy
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_first_argmax_is_argmax_with_first_index_on_ties(rng, jit):
+    logits = rng.normal(size=(6, 301)).astype(np.float32)
+    logits[1, [7, 40, 300]] = 9.0  # a three-way tie: the first wins
+    logits[2, :] = -np.inf
+    logits[2, 5] = -3.0
+    logits[3, :] = 0.0
+    got = tf.function(first_argmax, jit_compile=jit)(tf.constant(logits)).numpy()
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+    assert got.dtype == np.int32 and got[1] == 7 and got[3] == 0
 
 
 def test_top_k_never_leaves_the_k_best(rng):
