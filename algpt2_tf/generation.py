@@ -27,6 +27,8 @@ from typing import List, Optional
 import numpy as np
 import tensorflow as tf
 
+from algpt2_tf.xla_flags import prefer_wide_vectors
+
 SAMPLERS = ("greedy", "sample", "top_k", "top_p")
 PROMPT_BUCKET = 16
 LENGTH_BUCKET = 64
@@ -242,7 +244,9 @@ class Generator:
 
     Args:
         model: an `ALGPT2LMHeadModel`.
-        jit_compile: compile the loop with XLA (default True).
+        jit_compile: compile the loop with XLA (default True). Also asks XLA
+            for 512-bit vector code on AVX-512 CPUs (`prefer_wide_vectors`),
+            which applies when no XLA compilation ran in this process before.
 
     Example:
     >>> generator = Generator(model)
@@ -250,6 +254,8 @@ class Generator:
     """
 
     def __init__(self, model, jit_compile=True):
+        if jit_compile:
+            prefer_wide_vectors()  # faster matrix-vector products (see its docstring)
         self.model = model
         self.jit_compile = jit_compile
         self._functions = {}

@@ -29,6 +29,7 @@ import numpy as np
 
 from algpt2_tf import data as data_lib
 from algpt2_tf.config import ALGPT2Config
+from algpt2_tf.xla_flags import enable_elementwise_fusion
 
 DEFAULT_STEPS = 600
 """Steps of a run given neither --steps nor --epochs (the README's main job)."""
@@ -36,45 +37,6 @@ OPTIMIZERS = ("adamw", "lamb")
 SCHEDULES = ("cosine", "linear", "constant")
 NO_DECAY = ["gamma", "beta", "bias", "embeddings"]
 """Variable-name fragments excluded from weight decay: LayerNorm, biases, embeddings."""
-ELEMENTWISE_FUSION_FLAGS = ("--tf_xla_auto_jit=2", "--tf_xla_cpu_global_jit",
-                            "--tf_xla_ops_to_cluster=PW,PWRED,MISC")
-"""TF_XLA_FLAGS of `enable_elementwise_fusion`: CPU auto-clustering of XLA's point-wise ops
-(PW), softmax-like ops (PWRED) and reshapes/transposes (MISC)."""
-
-
-def enable_elementwise_fusion():
-    """Lets XLA fuse the element-wise work of every TF graph, leaving matmuls to oneDNN.
-
-    With `mixed_bfloat16` on CPU, oneDNN's bf16 matmuls are about twice as fast
-    as float32, but XLA (`jit_compile=True`) computes bf16 dots in float32, so
-    bf16 training runs without XLA, and its LayerNorms, GELUs, casts and
-    softmaxes then run as one TF kernel per op. This turns on TF's
-    auto-clustering for XLA's point-wise, softmax and reshape ops only: they are
-    compiled and fused, while `MatMul`/`BatchMatMul` stay oneDNN kernels and
-    reductions (`Sum`, `Mean`: the bias and LayerNorm gradients) stay TF
-    kernels, because XLA:CPU reduces bf16 tensors about 8x slower (measured:
-    the 12 `[4, 256, 3072]` bias-gradient sums of one step take 46 ms in XLA,
-    5.8 ms in TF). Measured gain: see `benchmarks/results/train.md` (no XLA vs
-    fused rows). Nothing to gain with `jit_compile=True`, which already
-    compiles the whole step.
-
-    TF reads `TF_XLA_FLAGS` once, when it first optimizes a graph, so call this
-    before the first model is built (the `algpt2 train --fuse-elementwise` flag
-    does); a later call changes nothing.
-
-    Raises:
-        ValueError: `TF_XLA_FLAGS` already sets `--tf_xla_ops_to_cluster` to
-            something else.
-    """
-    flags = os.environ.get("TF_XLA_FLAGS", "").split()
-    for flag in flags:
-        if flag.startswith("--tf_xla_ops_to_cluster=") and flag not in ELEMENTWISE_FUSION_FLAGS:
-            raise ValueError(f"TF_XLA_FLAGS already has {flag}; element-wise fusion needs "
-                             f"{ELEMENTWISE_FUSION_FLAGS[-1]}.")
-    os.environ["TF_XLA_FLAGS"] = " ".join(
-        flags + [f for f in ELEMENTWISE_FUSION_FLAGS if f not in flags])
-
-
 @dataclasses.dataclass
 class TrainOptions:
     """Everything a training run depends on (the CLI flags of `algpt2 train`)."""

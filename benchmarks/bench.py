@@ -82,7 +82,7 @@ def worker_train(case):
     StepTimer = _step_timer_class()
 
     if case.get("fuse"):
-        from algpt2_tf.training import enable_elementwise_fusion
+        from algpt2_tf.xla_flags import enable_elementwise_fusion
 
         enable_elementwise_fusion()  # before the first graph is built
     if case["precision"] == "bf16":

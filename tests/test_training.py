@@ -134,19 +134,6 @@ def test_bf16_loss_curve_tracks_float32(tmp_path, small_config, corpus):
     np.testing.assert_allclose(curves["bf16"], curves[None], rtol=0.05)
 
 
-def test_enable_elementwise_fusion_sets_tf_xla_flags(monkeypatch):
-    from algpt2_tf.training import ELEMENTWISE_FUSION_FLAGS, enable_elementwise_fusion
-
-    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_clustering_debug")
-    enable_elementwise_fusion()
-    enable_elementwise_fusion()  # idempotent
-    assert os.environ["TF_XLA_FLAGS"].split() == ["--tf_xla_clustering_debug",
-                                                  *ELEMENTWISE_FUSION_FLAGS]
-    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_ops_to_cluster=PW")
-    with pytest.raises(ValueError, match="PW,PWRED,MISC"):
-        enable_elementwise_fusion()
-
-
 def test_fuse_elementwise_and_jit_compile_exclude_each_other(tmp_path, small_config, corpus):
     with pytest.raises(ValueError, match="--fuse-elementwise and --jit-compile"):
         train(options(tmp_path, small_config, corpus, fuse_elementwise=True, jit_compile=True))

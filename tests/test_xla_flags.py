@@ -1,0 +1,79 @@
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from algpt2_tf import xla_flags
+from algpt2_tf.xla_flags import (ELEMENTWISE_FUSION_FLAGS, WIDE_VECTORS_FLAG,
+                                 enable_elementwise_fusion, prefer_wide_vectors)
+
+
+def test_enable_elementwise_fusion_sets_tf_xla_flags(monkeypatch):
+    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_clustering_debug")
+    enable_elementwise_fusion()
+    enable_elementwise_fusion()  # idempotent
+    assert os.environ["TF_XLA_FLAGS"].split() == ["--tf_xla_clustering_debug",
+                                                  *ELEMENTWISE_FUSION_FLAGS]
+    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_ops_to_cluster=PW")
+    with pytest.raises(ValueError, match="PW,PWRED,MISC"):
+        enable_elementwise_fusion()
+
+
+def test_cpu_has_avx512_reads_cpuinfo_flags(tmp_path):
+    zen4, avx2 = tmp_path / "zen4", tmp_path / "avx2"
+    zen4.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert xla_flags.cpu_has_avx512(str(zen4))
+    assert not xla_flags.cpu_has_avx512(str(avx2))
+    assert not xla_flags.cpu_has_avx512(str(tmp_path / "missing"))
+
+
+def test_prefer_wide_vectors_sets_xla_flags(monkeypatch):
+    monkeypatch.setattr(xla_flags, "cpu_has_avx512", lambda: True)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    assert prefer_wide_vectors() and prefer_wide_vectors()  # idempotent
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_cpu_enable_fast_math=false",
+                                               WIDE_VECTORS_FLAG]
+    # The user's own choice wins.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=256")
+    assert not prefer_wide_vectors()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_prefer_vector_width=256"
+    # No AVX-512: nothing to ask for.
+    monkeypatch.setattr(xla_flags, "cpu_has_avx512", lambda: False)
+    monkeypatch.delenv("XLA_FLAGS")
+    assert not prefer_wide_vectors() and "XLA_FLAGS" not in os.environ
+
+
+GENERATE = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+from algpt2_tf import ALGPT2LMHeadModel
+from algpt2_tf.generation import Generator
+Generator(ALGPT2LMHeadModel(tiny_config())).generate([[1, 2, 3]], max_new_tokens=2)
+"""
+
+
+def compiled_vector_widths(tmp_path, xla_flags_value):
+    """The `prefer-vector-width` of the LLVM functions XLA generates for a Generator run."""
+    dump = tmp_path / "dump"
+    env = dict(os.environ, XLA_FLAGS=f"{xla_flags_value} --xla_dump_to={dump}".strip())
+    script = GENERATE.format(tests=os.path.dirname(__file__))
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True)
+    widths = set()
+    for path in glob.glob(str(dump / "*.ll")):
+        with open(path) as f:
+            widths.update(re.findall(r'"prefer-vector-width"="(\d+)"', f.read()))
+    return widths
+
+
+@pytest.mark.skipif(not xla_flags.cpu_has_avx512(), reason="needs a CPU with AVX-512")
+def test_generator_compiles_512_bit_vector_code(tmp_path):
+    # Generator asks for wide vectors before its first compilation; the
+    # user's own choice in XLA_FLAGS wins.
+    assert compiled_vector_widths(tmp_path / "default", "") == {"512"}
+    assert compiled_vector_widths(tmp_path / "narrow",
+                                  "--xla_cpu_prefer_vector_width=256") == {"256"}
