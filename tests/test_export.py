@@ -70,11 +70,11 @@ gen = sm.signatures["generate"](prompts=tf.constant({prompts!r}), max_new_tokens
                                 top_p=tf.constant(1.0), seed=tf.constant(0))
 sampled = [sm.signatures["generate"](prompts=tf.constant(["Once"]), max_new_tokens=tf.constant(10),
                                      temperature=tf.constant(1.0), top_k=tf.constant(0),
-                                     top_p=tf.constant(0.9), seed=tf.constant(s))["text"].numpy()[0].decode()
+                                     top_p=tf.constant(0.9), seed=tf.constant(s))["text"].numpy()[0].decode("utf-8", "replace")
            for s in (1, 1, 2)]
 print(json.dumps({{"algpt2_imported": any(m.startswith("algpt2_tf") for m in sys.modules),
                    "logits": logits["logits"].numpy().tolist(),
-                   "text": [t.decode() for t in gen["text"].numpy()],
+                   "text": [t.decode("utf-8", "replace") for t in gen["text"].numpy()],
                    "ids": gen["token_ids"].numpy().tolist(), "sampled": sampled}}))
 """)
     assert not got["algpt2_imported"]
