@@ -74,9 +74,9 @@ def prefer_wide_vectors():
     XLA's CPU compiler prefers 256-bit vectors by default, also where the CPU
     has 512-bit ones. Batch-1 decoding is a chain of matrix-vector products
     that XLA generates itself, and these run faster with the wide vectors:
-    `algpt2` greedy decoding, batch 1, on a 2-core AMD EPYC (AVX-512),
-    measured 157-164 -> 188-190 tokens/s in one run of each. keras-hub's
-    GPT-2 124M, whose decoding waits on memory, gains nothing (48.1 -> 48.8).
+    `algpt2` greedy decoding, batch 1, on a 2-core AMD EPYC (AVX-512): 184 ->
+    204 tokens/s. keras-hub's GPT-2 124M, whose decoding waits on memory,
+    gains nothing (48.1 -> 48.8).
 
     Does nothing on CPUs without AVX-512, or when `XLA_FLAGS` already chooses
     a vector width. Call it before the first XLA compilation (`Generator`

@@ -124,6 +124,8 @@ def test_first_argmax_is_argmax_with_first_index_on_ties(rng, jit):
     got = tf.function(first_argmax, jit_compile=jit)(tf.constant(logits)).numpy()
     np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
     assert got.dtype == np.int32 and got[1] == 7 and got[3] == 0
+    nan_row = tf.function(first_argmax, jit_compile=jit)(tf.fill([1, 301], np.nan)).numpy()
+    assert 0 <= nan_row[0] < 301
 
 
 def test_top_k_never_leaves_the_k_best(rng):

@@ -66,8 +66,7 @@ class TiedLMHead(keras.layers.Layer):
         Args:
             hidden: the last decoder block's output.
             token_embeddings: the `[vocab, E]` token table of the embedding.
-            input_projection_kernel: the embedding's E -> hidden `Linear`
-                kernel, stored `[hidden, E]`;
+            input_projection_kernel: the embedding's `[E, hidden]` kernel;
                 required with `tie_projection`.
             normalized: `hidden` already went through `normalize`.
         """
@@ -77,8 +76,8 @@ class TiedLMHead(keras.layers.Layer):
         elif self.tie_projection:
             if input_projection_kernel is None:
                 raise ValueError("tie_projection=True: pass input_projection_kernel.")
-            kernel = ops.cast(input_projection_kernel, x.dtype)  # [hidden, E]: hidden -> E as is
-            x = ops.matmul(x, kernel) + ops.cast(self.projection_bias, x.dtype)
+            kernel = ops.cast(input_projection_kernel, x.dtype)
+            x = ops.matmul(x, ops.transpose(kernel)) + ops.cast(self.projection_bias, x.dtype)
         table = ops.cast(token_embeddings, x.dtype)
         return ops.cast(ops.matmul(x, ops.transpose(table)), "float32")
 
