@@ -21,12 +21,14 @@ tokens already in the sequence (CTRL). Sampling is seeded and stateless: the
 same seed gives the same text.
 """
 
+import contextlib
 import dataclasses
 from typing import List, Optional
 
 import numpy as np
 import tensorflow as tf
 
+from algpt2_tf.layers.linear import rows_kernel_copies
 from algpt2_tf.xla_flags import prefer_wide_vectors
 
 SAMPLERS = ("greedy", "sample", "top_k", "top_p")
@@ -269,9 +271,12 @@ class Generator:
             def run(prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, top_p,
                     repetition_penalty, seed, stop_ids):
                 self.trace_count += 1
-                return decode(model, prompt_ids, prompt_mask, max_new_tokens,
-                              (temperature, top_k, top_p, repetition_penalty), seed, stop_ids,
-                              max_length)
+                # XLA: batch-1 steps multiply by row-major kernel copies (see rows_kernel_copies).
+                copies = rows_kernel_copies(model) if self.jit_compile else contextlib.nullcontext()
+                with copies:
+                    return decode(model, prompt_ids, prompt_mask, max_new_tokens,
+                                  (temperature, top_k, top_p, repetition_penalty), seed,
+                                  stop_ids, max_length)
 
             signature = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, None], tf.int32),
                          tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float32),

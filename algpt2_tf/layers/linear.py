@@ -1,6 +1,9 @@
 """`Linear`: a Dense layer whose bias add stays out of XLA:CPU's dot fusion."""
 
+import contextlib
+
 import keras
+import tensorflow as tf
 from keras import ops
 
 
@@ -27,10 +30,52 @@ class Linear(keras.layers.Dense):
     (2, 8)
     """
 
+    rows_kernel = None
+    """A `[units, input_dim]` copy of the kernel while `rows_kernel_copies` is active."""
+
     def call(self, inputs, training=None):
-        x = ops.matmul(inputs, self.kernel)
+        if self.rows_kernel is None:
+            x = ops.matmul(inputs, self.kernel)
+        else:
+            x = self._matmul_one_row_by_rows_kernel(inputs)
         if self.bias is not None:
             x = ops.subtract(x, ops.negative(self.bias))
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+    def _matmul_one_row_by_rows_kernel(self, inputs):
+        """`inputs @ kernel`, through `rows_kernel` when there is one input row.
+
+        XLA compiles for static shapes, so it keeps one branch of the `cond`.
+        """
+        flat = ops.reshape(inputs, (-1, self.kernel.shape[0]))
+        rows_kernel = ops.cast(self.rows_kernel, flat.dtype)
+        product = tf.cond(tf.shape(flat)[0] == 1,
+                          lambda: tf.linalg.matmul(flat, rows_kernel, transpose_b=True),
+                          lambda: tf.linalg.matmul(flat, ops.cast(self.kernel, flat.dtype)))
+        return ops.reshape(product, tuple(ops.shape(inputs)[:-1]) + (self.units,))
+
+
+@contextlib.contextmanager
+def rows_kernel_copies(model):
+    """Gives every `Linear` of `model` a `[units, input_dim]` copy of its kernel
+    for one-row products, while tracing a batch-1 decode loop.
+
+    XLA:CPU's matrix-vector code runs about 12% faster when the matrix is
+    stored one row per output unit, but its matrix-matrix products (Eigen)
+    run about 40% slower with that layout (measured: batch-8 decoding 580 ->
+    344 tokens/s). So the kernels stay `[input_dim, units]`, and a decode
+    function traced inside this context makes the transposed copies once
+    per call, before its loop (`Generator` does, for its XLA-compiled
+    loop): one-row steps use the copies, anything larger the kernels. The
+    copies cost their size in memory during the call (28 MB for `algpt2`).
+    """
+    layers = [layer for layer in model._flatten_layers() if isinstance(layer, Linear)]
+    for layer in layers:
+        layer.rows_kernel = tf.transpose(layer.kernel)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.rows_kernel = None
