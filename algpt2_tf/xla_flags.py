@@ -5,7 +5,7 @@ when they first need it, and keep what they read for the life of the process.
 So these functions must run before the first model is built (element-wise
 fusion) or before the first XLA compilation (wide vectors); a later call
 changes nothing. The callers in this package (`algpt2 train
---fuse-elementwise`, `Generator`, the REST server) call them early enough.
+--fuse-elementwise`, `Generator`) call them early enough.
 """
 import os
 

@@ -31,7 +31,8 @@ class Linear(keras.layers.Dense):
     """
 
     rows_kernel = None
-    """A `[units, input_dim]` copy of the kernel while `rows_kernel_copies` is active."""
+    """A `[units, input_dim]` copy of the kernel, in the compute dtype, while
+    `rows_kernel_copies` is active."""
 
     def call(self, inputs, training=None):
         if self.rows_kernel is None:
@@ -50,9 +51,8 @@ class Linear(keras.layers.Dense):
         XLA compiles for static shapes, so it keeps one branch of the `cond`.
         """
         flat = ops.reshape(inputs, (-1, self.kernel.shape[0]))
-        rows_kernel = ops.cast(self.rows_kernel, flat.dtype)
         product = tf.cond(tf.shape(flat)[0] == 1,
-                          lambda: tf.linalg.matmul(flat, rows_kernel, transpose_b=True),
+                          lambda: tf.linalg.matmul(flat, self.rows_kernel, transpose_b=True),
                           lambda: tf.linalg.matmul(flat, ops.cast(self.kernel, flat.dtype)))
         return ops.reshape(product, tuple(ops.shape(inputs)[:-1]) + (self.units,))
 
@@ -73,7 +73,7 @@ def rows_kernel_copies(model):
     """
     layers = [layer for layer in model._flatten_layers() if isinstance(layer, Linear)]
     for layer in layers:
-        layer.rows_kernel = tf.transpose(layer.kernel)
+        layer.rows_kernel = tf.transpose(ops.cast(layer.kernel, layer.compute_dtype))
     try:
         yield
     finally:
