@@ -2,8 +2,9 @@
 
 The shared block is one set of weights, but each of the `num_layers`
 applications attends over its own keys and values, so there is one cache per
-virtual layer: keys and values of `[batch, heads, max_length, head_size]`,
-preallocated.
+virtual layer: keys and values of `[batch, heads, slots, head_size]`. A step
+attends over every slot of its cache, so the decode loop starts with a short
+cache and pads it as the text grows (see `cache_lengths`).
 
 Prompts are left-padded to a common length bucket; a prefill pass writes the
 prompt into cache slots `0..T-1`; each decode step writes one slot. Positions
@@ -34,6 +35,7 @@ from algpt2_tf.xla_flags import prefer_wide_vectors
 SAMPLERS = ("greedy", "sample", "top_k", "top_p")
 PROMPT_BUCKET = 16
 LENGTH_BUCKET = 64
+CACHE_SEGMENT = 64  # the first cache length of the decode loop (see cache_lengths)
 
 
 @dataclasses.dataclass
@@ -146,6 +148,31 @@ def _mark_seen(seen, ids, weights):
 
 
 # -------------------------------------------------------------- decode loop
+def cache_lengths(max_length):
+    """The cache lengths `decode` grows through: 64, 128, 256, ... then `max_length`.
+
+    A decode step attends over its whole cache, so a cache sized for the
+    longest request would make every early step read mostly empty slots. The
+    decode loop instead starts with a short cache and pads it between loops:
+    each length is one loop in the compiled function, so doubling keeps their
+    number logarithmic while a step reads at most twice the slots it needs.
+    """
+    lengths, length = [], CACHE_SEGMENT
+    while length < max_length:
+        lengths.append(length)
+        length *= 2
+    return lengths + [max_length]
+
+
+def _grow(caches, key_mask, length):
+    """Pads the caches' slot axis and `key_mask` to `length` slots."""
+    extra = length - tf.shape(key_mask)[1]
+    key_mask = tf.pad(key_mask, [[0, 0], [0, extra]])
+    caches = [tuple(tf.pad(c, [[0, 0], [0, 0], [0, extra], [0, 0]]) for c in pair)
+              for pair in caches]
+    return caches, key_mask
+
+
 def _prefill(model, prompt_ids, prompt_mask, max_length):
     batch, prompt_len = tf.shape(prompt_ids)[0], tf.shape(prompt_ids)[1]
     mask = tf.cast(prompt_mask, tf.int32)
@@ -198,7 +225,11 @@ def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_id
     batch = tf.shape(prompt_ids)[0]
     capacity = max_length - prompt_len
     steps = tf.minimum(tf.cast(max_new_tokens, tf.int32), capacity)
-    logits, caches, key_mask, lengths, seen = _prefill(model, prompt_ids, prompt_mask, max_length)
+    lengths_to_grow = cache_lengths(max_length)
+    # The first cache holds the prompt; each loop below runs the steps whose
+    # slot fits in its cache, then the next one pads it.
+    first = tf.maximum(lengths_to_grow[0], prompt_len)
+    logits, caches, key_mask, lengths, seen = _prefill(model, prompt_ids, prompt_mask, first)
     out = tf.zeros([batch, capacity], tf.int32)
     finished = tf.zeros([batch], tf.bool)
     num_new = tf.zeros([batch], tf.int32)
@@ -221,7 +252,14 @@ def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_id
         return tf.logical_and(i < steps, tf.logical_not(tf.reduce_all(finished)))
 
     state = (tf.constant(0), finished, num_new, out, logits, caches, key_mask, lengths, seen)
-    state = tf.while_loop(running, body, state)
+    for length in lengths_to_grow:
+        length = tf.maximum(length, prompt_len)
+
+        def fits(i, *rest, length=length):  # the step's slot is inside this cache
+            return tf.logical_and(running(i, *rest), prompt_len + i < length)
+
+        caches, key_mask = _grow(state[5], state[6], length)
+        state = tf.while_loop(fits, body, state[:5] + (caches, key_mask) + state[7:])
     return state[3], state[2]
 
 

@@ -3,8 +3,9 @@ import pytest
 import tensorflow as tf
 
 from algpt2_tf import ALGPT2LMHeadModel
-from algpt2_tf.generation import (Generator, SamplingParams, filter_logits, first_argmax,
-                                  next_tokens, sampling_params)
+from algpt2_tf import generation
+from algpt2_tf.generation import (Generator, SamplingParams, cache_lengths, filter_logits,
+                                  first_argmax, next_tokens, sampling_params)
 from conftest import gpt2_tiny_config, tiny_config
 
 
@@ -65,6 +66,23 @@ def test_greedy_with_cache_equals_without(model):
     out = generator.generate([prompt], max_new_tokens=20)
     assert out.new_ids[0] == naive_greedy(model, prompt, 20)
     assert out.ids[0] == prompt + out.new_ids[0]
+
+
+def test_cache_lengths_double_up_to_max_length():
+    assert cache_lengths(40) == [40]
+    assert cache_lengths(64) == [64]
+    assert cache_lengths(192) == [64, 128, 192]
+    assert cache_lengths(1024) == [64, 128, 256, 512, 1024]
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_growing_cache_gives_the_same_tokens(model, monkeypatch, jit):
+    # Cache lengths 4, 8, 16, 32, 64: the prompt bucket (16) skips the first
+    # three loops, then the cache grows twice while decoding.
+    monkeypatch.setattr(generation, "CACHE_SEGMENT", 4)
+    prompts = [[5, 17, 42], [9, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
+    out = Generator(model, jit_compile=jit).generate(prompts, max_new_tokens=30)
+    assert out.new_ids == [naive_greedy(model, p, 30) for p in prompts]
 
 
 def test_batch_equals_one_by_one(model):
