@@ -179,10 +179,11 @@ def _prefill(model, prompt_ids, prompt_mask, max_length):
     caches = model.empty_caches(batch, max_length, model.embedding.compute_dtype)
     key_mask = tf.concat([mask, tf.zeros([batch, max_length - prompt_len], tf.int32)], axis=1)
     positions = tf.maximum(tf.cumsum(mask, axis=1) - 1, 0)
-    logits, caches = model.forward_with_cache(prompt_ids, positions, key_mask, caches, 0)
+    logits, caches = model.forward_with_cache(prompt_ids, positions, key_mask, caches, 0,
+                                              last_logits_only=True)
     lengths = tf.reduce_sum(mask, axis=1)
     seen = _mark_seen(tf.zeros([batch, model.config.vocab_size]), prompt_ids, mask)
-    return logits[:, -1], caches, key_mask, lengths, seen
+    return logits[:, 0], caches, key_mask, lengths, seen
 
 
 def _advance(model, tokens, slot, lengths, key_mask, caches):

@@ -172,7 +172,8 @@ class ALGPT2LMHeadModel(keras.Model):
         return self.lm_head(hidden, self.embedding.token_embeddings,
                             input_projection_kernel=kernel, normalized=normalized)
 
-    def forward_with_cache(self, input_ids, position_ids, key_mask, caches, cache_index):
+    def forward_with_cache(self, input_ids, position_ids, key_mask, caches, cache_index,
+                           last_logits_only=False):
         """One cached step (prefill or decode), for generation.
 
         Args:
@@ -185,6 +186,8 @@ class ALGPT2LMHeadModel(keras.Model):
                 head_size]` tensors per virtual layer (the block is shared,
                 the cache is not).
             cache_index: int scalar, the first slot written.
+            last_logits_only: apply the LM head to the last position only
+                (a prefill needs no more), giving logits `[batch, 1, vocab]`.
         Returns:
             `(logits [batch, T, vocab], new caches)`.
         """
@@ -196,6 +199,8 @@ class ALGPT2LMHeadModel(keras.Model):
             hidden, cache = self.block_for_layer(i)(hidden, bias, cache=caches[i],
                                                     cache_index=cache_index)
             new_caches.append(cache)
+        if last_logits_only:
+            hidden = hidden[:, -1:]
         return self.logits_from_hidden(hidden), new_caches
 
     def empty_caches(self, batch_size, max_length, dtype="float32"):

@@ -42,6 +42,10 @@ def test_cached_logits_equal_full_recompute(model, padded, rng):
     logits, caches = model.forward_with_cache(ids[:, :prefill], positions[:, :prefill], key_mask,
                                               caches, 0)
     got = [logits.numpy()]
+    last, _ = model.forward_with_cache(ids[:, :prefill], positions[:, :prefill], key_mask,
+                                       model.empty_caches(ids.shape[0], max_length), 0,
+                                       last_logits_only=True)
+    np.testing.assert_allclose(last.numpy(), got[0][:, -1:], atol=1e-5)
     for t in range(prefill, 12):
         key_mask[:, t] = 1
         step, caches = model.forward_with_cache(ids[:, t:t + 1], positions[:, t:t + 1], key_mask,
