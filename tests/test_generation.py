@@ -4,8 +4,9 @@ import tensorflow as tf
 
 from algpt2_tf import ALGPT2LMHeadModel
 from algpt2_tf import generation
-from algpt2_tf.generation import (Generator, SamplingParams, cache_lengths, filter_logits,
-                                  first_argmax, next_tokens, sampling_params)
+from algpt2_tf.generation import (Generator, SamplingParams, apply_repetition_penalty,
+                                  cache_lengths, filter_logits, first_argmax, next_tokens,
+                                  sampling_params)
 from conftest import gpt2_tiny_config, tiny_config
 
 
@@ -188,6 +189,9 @@ def test_repetition_penalty_discourages_seen_tokens():
     assert next_tokens(logits, seen, params, tf.constant([0, 0])).numpy()[0] == 1
     no_penalty = (tf.constant(1.0), tf.constant(1), tf.constant(1.0), tf.constant(1.0))
     assert next_tokens(logits, seen, no_penalty, tf.constant([0, 0])).numpy()[0] == 0
+    penalized = apply_repetition_penalty(tf.constant([[2.0, -1.0, 3.0]]),
+                                         tf.constant([[1.0, 1.0, 0.0]]), 2.0)
+    np.testing.assert_array_equal(penalized.numpy(), [[1.0, -2.0, 3.0]])
 
 
 def test_model_generate_with_text_and_ids():
