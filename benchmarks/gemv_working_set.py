@@ -7,7 +7,7 @@ one GPT-2 MLP kernel), the way a decode step cycles through the shared block's
 kernels, and reports the bandwidth it reached. The last case repeats N=1 with
 one intra-op thread (XLA splits each product over the intra-op threads).
 
-    python benchmarks/gemv_working_set.py [--out benchmarks/results/gemv_working_set]
+    python benchmarks/gemv_working_set.py [--quick] [--out benchmarks/results/gemv_working_set]
 """
 
 import argparse
@@ -20,12 +20,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 ROWS, COLS = 3072, 768
-STEPS = 300
 CASES = [dict(matrices=n, threads=0) for n in (1, 2, 3, 4, 6)] + [dict(matrices=1, threads=1)]
+QUICK_CASES = [dict(matrices=1, threads=0), dict(matrices=1, threads=1)]  # checks the harness
 
 
-def run_case(matrices, threads):
-    """Times STEPS passes over `matrices` products; returns microseconds and GB/s per product."""
+def run_case(matrices, threads, steps):
+    """Times `steps` passes over `matrices` products; returns microseconds and GB/s per product."""
     import time
 
     import numpy as np
@@ -45,7 +45,7 @@ def run_case(matrices, threads):
             for kernel in kernels:  # each output feeds the next: no product can be skipped
                 x = x + tf.reduce_sum(tf.matmul(x, kernel, transpose_b=True)) * 1e-9
             return i + 1, x
-        return tf.while_loop(lambda i, x: i < STEPS, body, (0, x))[1]
+        return tf.while_loop(lambda i, x: i < steps, body, (0, x))[1]
 
     x = tf.ones((1, COLS))
     loop(x)  # compile
@@ -53,20 +53,22 @@ def run_case(matrices, threads):
     for _ in range(5):
         start = time.perf_counter()
         loop(x).numpy()
-        best = min(best, (time.perf_counter() - start) / (STEPS * matrices))
+        best = min(best, (time.perf_counter() - start) / (steps * matrices))
     return {"us_per_product": best * 1e6, "gb_per_s": ROWS * COLS * 4 / best / 1e9}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(HERE, "results", "gemv_working_set"))
+    parser.add_argument("--quick", action="store_true", help="two short cases (a harness check)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, as JSON
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(**json.loads(args.case))))
         return
     rows = []
-    for case in CASES:
+    for case in QUICK_CASES if args.quick else CASES:
+        case = dict(case, steps=10 if args.quick else 300)
         out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
                              check=True, capture_output=True, text=True).stdout
         result = dict(case, working_set_mb=case["matrices"] * ROWS * COLS * 4 / 1e6,

@@ -82,3 +82,17 @@ def test_benchmark_harness_quick(tmp_path):
     assert all(row["tokens_per_s"] > 0 for row in report["rows"])
     assert report["matmul_peak_flops"] > 0
     assert "| train |" in (tmp_path / "quick.md").read_text()
+
+
+@pytest.mark.slow
+def test_gemv_working_set_quick(tmp_path):
+    """`benchmarks/gemv_working_set.py --quick` times its two cases and writes JSON and a table."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "gemv"
+    done = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "gemv_working_set.py"),
+                           "--quick", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "gemv.json").read_text())
+    assert [(r["matrices"], r["threads"]) for r in rows] == [(1, 0), (1, 1)]
+    assert all(r["gb_per_s"] > 0 and r["us_per_product"] > 0 for r in rows)
+    assert "| 1 | 9.4 | 1 |" in (tmp_path / "gemv.md").read_text()
