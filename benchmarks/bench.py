@@ -364,6 +364,14 @@ def markdown(rows, peak_flops):
     return "\n".join(lines) + "\n"
 
 
+def gpu_visible():
+    """Whether TensorFlow sees a GPU (checked in a child, so the parent stays TF-free)."""
+    probe = "import tensorflow as tf; print(len(tf.config.list_physical_devices('GPU')))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    lines = out.stdout.split()
+    return out.returncode == 0 and bool(lines) and lines[-1].isdigit() and int(lines[-1]) > 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one run each (CI smoke)")
@@ -377,6 +385,10 @@ def main():
     if args.worker:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
+    if args.gpu and not gpu_visible():
+        print("--gpu: TensorFlow sees no GPU here (tf.config.list_physical_devices('GPU') is "
+              "empty); the GPU-sized training case would run on the CPU for hours.", file=sys.stderr)
+        return 2
     repeats = 1 if args.quick else args.repeats
     cases = plan(args.quick, args.gpu)
     if args.only:
