@@ -181,11 +181,11 @@ def _grow(caches, key_mask, length):
     return caches, key_mask
 
 
-def _prefill(model, prompt_ids, prompt_mask, max_length):
+def _prefill(model, prompt_ids, prompt_mask, cache_length):
     batch, prompt_len = tf.shape(prompt_ids)[0], tf.shape(prompt_ids)[1]
     mask = tf.cast(prompt_mask, tf.int32)
-    caches = model.empty_caches(batch, max_length, model.embedding.compute_dtype)
-    key_mask = tf.concat([mask, tf.zeros([batch, max_length - prompt_len], tf.int32)], axis=1)
+    caches = model.empty_caches(batch, cache_length, model.embedding.compute_dtype)
+    key_mask = tf.concat([mask, tf.zeros([batch, cache_length - prompt_len], tf.int32)], axis=1)
     positions = tf.maximum(tf.cumsum(mask, axis=1) - 1, 0)
     logits, caches = model.forward_with_cache(prompt_ids, positions, key_mask, caches, 0,
                                               last_logits_only=True)
@@ -267,7 +267,7 @@ def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_id
         def fits(i, *rest, length=length):  # the step's slot is inside this cache
             return tf.logical_and(running(i, *rest), prompt_len + i < length)
 
-        caches, key_mask = _grow(state[5], state[6], length)
+        caches, key_mask = _grow(state[5], state[6], length)  # state[5:7]: caches, key_mask
         state = tf.while_loop(fits, body, state[:5] + (caches, key_mask) + state[7:])
     return state[3], state[2]
 
