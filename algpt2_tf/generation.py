@@ -234,11 +234,11 @@ def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_id
     batch = tf.shape(prompt_ids)[0]
     capacity = max_length - prompt_len
     steps = tf.minimum(tf.cast(max_new_tokens, tf.int32), capacity)
-    lengths_to_grow = cache_lengths(max_length)
-    # The first cache holds the prompt; each loop below runs the steps whose
-    # slot fits in its cache, then the next one pads it.
-    first = tf.maximum(lengths_to_grow[0], prompt_len)
-    logits, caches, key_mask, lengths, seen = _prefill(model, prompt_ids, prompt_mask, first)
+    # Every cache holds at least the prompt; each loop below runs the steps
+    # whose slot fits in its cache, then the next one pads it.
+    cache_sizes = [tf.maximum(length, prompt_len) for length in cache_lengths(max_length)]
+    logits, caches, key_mask, lengths, seen = _prefill(model, prompt_ids, prompt_mask,
+                                                       cache_sizes[0])
     out = tf.zeros([batch, capacity], tf.int32)
     finished = tf.zeros([batch], tf.bool)
     num_new = tf.zeros([batch], tf.int32)
@@ -261,9 +261,7 @@ def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_id
         return tf.logical_and(i < steps, tf.logical_not(tf.reduce_all(finished)))
 
     state = (tf.constant(0), finished, num_new, out, logits, caches, key_mask, lengths, seen)
-    for length in lengths_to_grow:
-        length = tf.maximum(length, prompt_len)
-
+    for length in cache_sizes:
         def fits(i, *rest, length=length):  # the step's slot is inside this cache
             return tf.logical_and(running(i, *rest), prompt_len + i < length)
 
