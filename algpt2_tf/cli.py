@@ -283,6 +283,32 @@ def _add_training_commands(sub):
     p.set_defaults(func=_evaluate)
 
 
+# ---------------------------------------------------------------- experiments
+def _experiment_run(args):
+    from algpt2_tf.experiments.runner import run_experiment
+
+    run_experiment(args.spec, args.out, verbose=args.verbose)
+
+
+def _experiment_report(args):
+    from algpt2_tf.experiments.report import write_report
+
+    write_report(args.dir)
+
+
+def _add_experiment_commands(sub):
+    p = sub.add_parser("experiment", help="train, evaluate and compare model variants (arms)")
+    esub = p.add_subparsers(dest="experiment_command", required=True)
+    r = esub.add_parser("run", help="run every arm of a spec that has no result yet, then report")
+    r.add_argument("spec", help="the spec, a .json or .yaml file")
+    r.add_argument("--out", required=True, help="experiment folder, e.g. experiments/runs/NAME")
+    r.add_argument("--verbose", type=int, default=1, help="Keras progress: 0 silent, 1 bar, 2 lines")
+    r.set_defaults(func=_experiment_run)
+    r = esub.add_parser("report", help="rewrite the table, CSV, JSON and plots from the folder")
+    r.add_argument("dir", help="an experiment folder")
+    r.set_defaults(func=_experiment_report)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="algpt2", description="ALGPT2: an ALBERT-style GPT-2 for TensorFlow / Keras 3.")
@@ -297,8 +323,8 @@ def build_parser():
     return parser
 
 
-_EXTRA_COMMANDS = [_add_training_commands, _add_generation_commands, _add_export_command,
-                   _add_serving_commands]
+_EXTRA_COMMANDS = [_add_training_commands, _add_experiment_commands, _add_generation_commands,
+                   _add_export_command, _add_serving_commands]
 
 
 def main(argv=None):

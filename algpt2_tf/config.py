@@ -14,6 +14,9 @@ from typing import Optional
 ACTIVATIONS = ("gelu", "gelu_exact", "relu")
 """Supported MLP activations. `gelu` is GPT-2's tanh approximation."""
 
+GROUP_ORDERS = ("sequence", "cycle", "cycle_rev")
+"""How `num_layer_groups` blocks are assigned to the layers (see `ALGPT2Config.block_of_layer`)."""
+
 
 @dataclasses.dataclass
 class ALGPT2Config:
@@ -42,6 +45,16 @@ class ALGPT2Config:
         initializer_range: standard deviation of the normal initializer.
         sop_head: add the sentence-order-prediction head.
         sop_loss_weight: weight of the SOP loss in the training loss.
+        group_order: which block each layer runs when there are several:
+            `sequence` (block i // layers_per_group: 0 0 1 1 2 2), `cycle`
+            (0 1 2 0 1 2) or `cycle_rev` (the last round reversed: 0 1 2 2 1 0),
+            after Takase & Kiyono (2021), "Lessons on Parameter Sharing across
+            Layers in Transformers".
+        per_layer_norms: each virtual layer owns the two LayerNorms of the
+            block it runs (relaxed sharing; see `layers/adapter.py`).
+        lora_rank: rank of the per-virtual-layer low-rank deltas on the block's
+            four kernels (0: none), as in Relaxed Recursive Transformers
+            (Bae et al., 2024). The deltas start at zero.
 
     Example:
     >>> config = ALGPT2Config.from_preset("algpt2-tiny")
@@ -67,6 +80,9 @@ class ALGPT2Config:
     initializer_range: float = 0.02
     sop_head: bool = False
     sop_loss_weight: float = 1.0
+    group_order: str = "sequence"
+    per_layer_norms: bool = False
+    lora_rank: int = 0
 
     def __post_init__(self):
         if self.intermediate_size is None:
@@ -100,7 +116,7 @@ class ALGPT2Config:
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
-        for name in ("tie_word_embeddings", "tie_projection", "sop_head"):
+        for name in ("tie_word_embeddings", "tie_projection", "sop_head", "per_layer_norms"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         if not self.tie_word_embeddings:
@@ -115,6 +131,12 @@ class ALGPT2Config:
             raise ValueError(
                 f"sop_loss_weight must be a non-negative number, got {self.sop_loss_weight!r}.")
 
+        if self.group_order not in GROUP_ORDERS:
+            raise ValueError(
+                f"group_order must be one of {GROUP_ORDERS}, got {self.group_order!r}.")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be a non-negative integer, got {self.lora_rank!r}.")
+
     # -------------------------------------------------------------- derived
     @property
     def head_size(self):
@@ -127,6 +149,20 @@ class ALGPT2Config:
     @property
     def factorized(self):
         return self.embedding_size is not None
+
+    @property
+    def has_layer_adapters(self):
+        """Whether each virtual layer owns parameters (`per_layer_norms`, `lora_rank`)."""
+        return self.per_layer_norms or self.lora_rank > 0
+
+    def block_of_layer(self, layer_index):
+        """The index of the block that virtual layer `layer_index` runs (see `group_order`)."""
+        groups = self.num_layer_groups
+        if self.group_order == "sequence":
+            return layer_index // self.layers_per_group
+        if self.group_order == "cycle_rev" and layer_index >= self.num_layers - groups:
+            return groups - 1 - layer_index % groups  # the last round, reversed
+        return layer_index % groups
 
     def num_parameters(self):
         """The model's parameter count, computed from the shapes alone.
@@ -142,13 +178,18 @@ class ALGPT2Config:
                 count += e  # the output projection keeps only its bias
             else:
                 count += h * e + e  # output projection hidden -> E
-        block = (2 * h  # attention LayerNorm
-                 + h * 3 * h + 3 * h  # fused q, k, v
+        i = self.intermediate_size
+        norms = 2 * h + 2 * h  # attention and MLP LayerNorms
+        block = (h * 3 * h + 3 * h  # fused q, k, v
                  + h * h + h  # attention output
-                 + 2 * h  # MLP LayerNorm
-                 + h * self.intermediate_size + self.intermediate_size
-                 + self.intermediate_size * h + h)
+                 + h * i + i + i * h + h)  # MLP
+        if not self.per_layer_norms:
+            block += norms
         count += self.num_layer_groups * block
+        per_layer = norms if self.per_layer_norms else 0
+        # Rank-r deltas: A [in, r] and B [r, out] on q/k/v, attention output, MLP in, MLP out.
+        per_layer += self.lora_rank * ((h + 3 * h) + (h + h) + (h + i) + (i + h))
+        count += self.num_layers * per_layer
         count += 2 * h  # final LayerNorm
         if self.sop_head:
             count += h * 2 + 2  # 2-way classifier on the final-normalized state

@@ -6,6 +6,7 @@ from keras import ops
 
 from algpt2_tf import losses
 from algpt2_tf.config import ALGPT2Config
+from algpt2_tf.layers.adapter import LayerAdapter
 from algpt2_tf.layers.block import DecoderBlock
 from algpt2_tf.layers.embedding import FactorizedEmbedding
 from algpt2_tf.layers.heads import SOPHead, TiedLMHead
@@ -43,8 +44,10 @@ class ALGPT2LMHeadModel(keras.Model):
     decoder blocks, a tied softmax and an optional SOP head.
 
     `num_layer_groups` block objects exist; the forward pass applies them
-    `num_layers` times (layer `i` uses block `i // layers_per_group`), so the
-    weight count does not depend on `num_layers`.
+    `num_layers` times (layer `i` runs block `config.block_of_layer(i)`), so
+    the weight count of the blocks does not depend on `num_layers`. With
+    `per_layer_norms` or `lora_rank`, each virtual layer also owns a small
+    `LayerAdapter` (relaxed sharing).
 
     Call it with a dict `{"input_ids": int [batch, seq], "attention_mask":
     [batch, seq]}` (the mask is optional; 1 = real token, left or right
@@ -85,7 +88,7 @@ class ALGPT2LMHeadModel(keras.Model):
                 attention_dropout=c.attention_dropout, residual_dropout=c.residual_dropout,
                 layer_norm_epsilon=c.layer_norm_epsilon, activation=c.activation,
                 initializer_range=c.initializer_range, output_initializer_range=output_init,
-                name=f"block_{g}", dtype=policy)
+                layer_norms=not c.per_layer_norms, name=f"block_{g}", dtype=policy)
             for g in range(c.num_layer_groups)
         ]
         self.lm_head = TiedLMHead(
@@ -94,6 +97,13 @@ class ALGPT2LMHeadModel(keras.Model):
             name="lm_head", dtype=policy)
         self.sop_head = SOPHead(c.hidden_size, c.initializer_range, name="sop_head",
                                 dtype=policy) if c.sop_head else None
+        # Relaxed sharing: what each virtual layer owns around its block (none by default).
+        self.adapters = [
+            LayerAdapter(c.hidden_size, c.intermediate_size, norms=c.per_layer_norms,
+                         lora_rank=c.lora_rank, layer_norm_epsilon=c.layer_norm_epsilon,
+                         initializer_range=c.initializer_range, name=f"layer_{i}", dtype=policy)
+            for i in range(c.num_layers)
+        ] if c.has_layer_adapters else []
         self.lm_loss_tracker = keras.metrics.Mean(name="lm_loss")
         self.perplexity_tracker = losses.Perplexity(name="perplexity")
         self.sop_loss_tracker = keras.metrics.Mean(name="sop_loss")
@@ -109,12 +119,20 @@ class ALGPT2LMHeadModel(keras.Model):
         self.lm_head.build(hidden_shape)
         if self.sop_head is not None:
             self.sop_head.build(hidden_shape)
+        for adapter in self.adapters:
+            adapter.build(hidden_shape)
         self.built = True
 
     # ------------------------------------------------------------------ pieces
     def block_for_layer(self, layer_index):
         """The block object that virtual layer `layer_index` runs."""
-        return self.blocks[layer_index // self.config.layers_per_group]
+        return self.blocks[self.config.block_of_layer(layer_index)]
+
+    def run_layer(self, layer_index, hidden, bias, cache=None, cache_index=None, training=False):
+        """Virtual layer `layer_index`: its block, with the layer's adapter if it has one."""
+        adapter = self.adapters[layer_index] if self.adapters else None
+        return self.block_for_layer(layer_index)(hidden, bias, cache=cache, cache_index=cache_index,
+                                                 training=training, adapter=adapter)
 
     def _unpack_inputs(self, inputs):
         if isinstance(inputs, dict):
@@ -163,7 +181,7 @@ class ALGPT2LMHeadModel(keras.Model):
         hidden = self.embedding(input_ids, position_ids_from_mask(attention_mask), training=training)
         bias = attention_bias(ops.arange(ops.shape(input_ids)[1]), attention_mask)
         for i in range(self.config.num_layers):
-            hidden, _ = self.block_for_layer(i)(hidden, bias, training=training)
+            hidden, _ = self.run_layer(i, hidden, bias, training=training)
         return hidden
 
     def logits_from_hidden(self, hidden, normalized=False):
@@ -196,8 +214,8 @@ class ALGPT2LMHeadModel(keras.Model):
         bias = attention_bias(query_slots, key_mask)
         new_caches = []
         for i in range(self.config.num_layers):
-            hidden, cache = self.block_for_layer(i)(hidden, bias, cache=caches[i],
-                                                    cache_index=cache_index)
+            hidden, cache = self.run_layer(i, hidden, bias, cache=caches[i],
+                                           cache_index=cache_index)
             new_caches.append(cache)
         if last_logits_only:
             hidden = hidden[:, -1:]

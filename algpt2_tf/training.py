@@ -449,7 +449,8 @@ def train(options, log=print):
         model.fit(dataset, epochs=math.ceil(micro_total / micro_per_epoch),
                   initial_epoch=(start_step * options.grad_accum) // micro_per_epoch,
                   steps_per_epoch=micro_per_epoch, validation_data=valid_ds,
-                  callbacks=callbacks, verbose=options.verbose)
+                  callbacks=callbacks, verbose=options.verbose,
+                  shuffle=False)  # batches are already shuffled, as a function of (seed, step)
         if callback.diverged_at is not None:
             good = manager.steps()
             raise TrainingDiverged(

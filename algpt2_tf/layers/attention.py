@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from algpt2_tf.layers.adapter import add_delta
 from algpt2_tf.layers.linear import Linear
 
 
@@ -81,9 +82,13 @@ class CausalSelfAttention(keras.layers.Layer):
         x = ops.reshape(x, (batch, seq, self.num_heads, self.head_size))
         return ops.transpose(x, (0, 2, 1, 3))
 
-    def call(self, x, attention_bias, cache=None, cache_index=None, training=None):
-        """Returns `(output, cache)`; `cache` is `None` when none was given."""
-        q, k, v = ops.split(self.qkv(x), 3, axis=-1)
+    def call(self, x, attention_bias, cache=None, cache_index=None, training=None, adapter=None):
+        """Returns `(output, cache)`; `cache` is `None` when none was given.
+
+        `adapter`: a `LayerAdapter` whose low-rank deltas are added to the
+        q/k/v and output projections, or `None`.
+        """
+        q, k, v = ops.split(add_delta(self.qkv(x), adapter, "qkv", x), 3, axis=-1)
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         if cache is not None:
             key_cache, value_cache = cache
@@ -104,7 +109,7 @@ class CausalSelfAttention(keras.layers.Layer):
         out = ops.transpose(ops.matmul(probs, v), (0, 2, 1, 3))
         batch, seq = ops.shape(out)[0], ops.shape(out)[1]
         out = ops.reshape(out, (batch, seq, self.hidden_size))
-        return self.output_dense(out), cache
+        return add_delta(self.output_dense(out), adapter, "attention_output", out), cache
 
     def get_config(self):
         config = super().get_config()

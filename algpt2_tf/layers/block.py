@@ -2,6 +2,7 @@
 
 import keras
 
+from algpt2_tf.layers.adapter import add_delta
 from algpt2_tf.layers.attention import CausalSelfAttention
 from algpt2_tf.layers.linear import Linear
 
@@ -31,6 +32,9 @@ class DecoderBlock(keras.layers.Layer):
         activation: `gelu` (tanh approximation), `gelu_exact` or `relu`.
         initializer_range: stddev of the normal initializer.
         output_initializer_range: stddev of the two residual output projections.
+        layer_norms: own the two LayerNorms. `False` when each virtual layer
+            owns them instead (`per_layer_norms`): every call then passes a
+            `LayerAdapter` that has them.
 
     Example:
     >>> block = DecoderBlock(hidden_size=32, num_heads=4, intermediate_size=128)
@@ -39,7 +43,8 @@ class DecoderBlock(keras.layers.Layer):
 
     def __init__(self, hidden_size, num_heads, intermediate_size, attention_dropout=0.0,
                  residual_dropout=0.0, layer_norm_epsilon=1e-5, activation="gelu",
-                 initializer_range=0.02, output_initializer_range=None, **kwargs):
+                 initializer_range=0.02, output_initializer_range=None, layer_norms=True,
+                 **kwargs):
         super().__init__(**kwargs)
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -50,18 +55,21 @@ class DecoderBlock(keras.layers.Layer):
         self.activation = activation
         self.initializer_range = initializer_range
         self.output_initializer_range = output_initializer_range
+        self.layer_norms = layer_norms
         self._activation_fn = get_activation(activation)
         init = keras.initializers.TruncatedNormal(stddev=initializer_range)
         out_init = keras.initializers.TruncatedNormal(
             stddev=output_initializer_range or initializer_range)
         policy = self.dtype_policy
-        self.attention_norm = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, name="attention_norm", dtype=policy)
+        self.attention_norm = self.mlp_norm = None
+        if layer_norms:
+            self.attention_norm = keras.layers.LayerNormalization(
+                epsilon=layer_norm_epsilon, name="attention_norm", dtype=policy)
+            self.mlp_norm = keras.layers.LayerNormalization(
+                epsilon=layer_norm_epsilon, name="mlp_norm", dtype=policy)
         self.attention = CausalSelfAttention(
             hidden_size, num_heads, dropout=attention_dropout, initializer_range=initializer_range,
             output_initializer_range=output_initializer_range, name="attention", dtype=policy)
-        self.mlp_norm = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, name="mlp_norm", dtype=policy)
         self.mlp_in = Linear(intermediate_size, kernel_initializer=init,
                                          name="mlp_in", dtype=policy)
         self.mlp_out = Linear(hidden_size, kernel_initializer=out_init,
@@ -70,19 +78,33 @@ class DecoderBlock(keras.layers.Layer):
 
     def build(self, input_shape=None):
         shape = (None, None, self.hidden_size)
-        self.attention_norm.build(shape)
+        if self.layer_norms:
+            self.attention_norm.build(shape)
+            self.mlp_norm.build(shape)
         self.attention.build(shape)
-        self.mlp_norm.build(shape)
         self.mlp_in.build(shape)
         self.mlp_out.build((None, None, self.intermediate_size))
         self.built = True
 
-    def call(self, x, attention_bias, cache=None, cache_index=None, training=None):
-        """Returns `(output, cache)`, see `CausalSelfAttention.call`."""
-        attended, cache = self.attention(self.attention_norm(x), attention_bias, cache=cache,
-                                         cache_index=cache_index, training=training)
+    def call(self, x, attention_bias, cache=None, cache_index=None, training=None, adapter=None):
+        """Returns `(output, cache)`, see `CausalSelfAttention.call`.
+
+        `adapter`: the calling virtual layer's `LayerAdapter` (its own
+        LayerNorms, its low-rank deltas), or `None`.
+        """
+        owns_norms = adapter is not None and adapter.attention_norm is not None
+        attention_norm = adapter.attention_norm if owns_norms else self.attention_norm
+        mlp_norm = adapter.mlp_norm if owns_norms else self.mlp_norm
+        if attention_norm is None:
+            raise ValueError("This block has no LayerNorms (layer_norms=False): pass an adapter "
+                             "that owns them.")
+        attended, cache = self.attention(attention_norm(x), attention_bias, cache=cache,
+                                         cache_index=cache_index, training=training,
+                                         adapter=adapter)
         x = x + self.residual_dropout_layer(attended, training=training)
-        h = self.mlp_out(self._activation_fn(self.mlp_in(self.mlp_norm(x))))
+        normed = mlp_norm(x)
+        h = self._activation_fn(add_delta(self.mlp_in(normed), adapter, "mlp_in", normed))
+        h = add_delta(self.mlp_out(h), adapter, "mlp_out", h)
         x = x + self.residual_dropout_layer(h, training=training)
         return x, cache
 
@@ -98,5 +120,6 @@ class DecoderBlock(keras.layers.Layer):
             activation=self.activation,
             initializer_range=self.initializer_range,
             output_initializer_range=self.output_initializer_range,
+            layer_norms=self.layer_norms,
         )
         return config

@@ -1,0 +1,311 @@
+"""Runs an experiment: every arm trained with `train`, evaluated, sampled; resumable.
+
+An experiment folder:
+
+    OUT/spec.json                the spec as run (a rerun must match it)
+    OUT/tokenizer/               the BPE trained for it (when the spec asks for one)
+    OUT/data/                    derived files (WikiText article shares), OUT/cache/ the token cache
+    OUT/configs/ARM.json         each arm's model config
+    OUT/arms/ARM/lr-L_seed-S/    one training run (`train`'s run folder) + result.json
+    OUT/results.{json,csv,md}, OUT/*.png   the report (`report.write_report`)
+
+A run is finished when its `result.json` exists. Rerunning the same command
+skips finished runs and resumes an unfinished one from its last checkpoint
+(`train`'s exact resume), so a `kill -9` costs at most one checkpoint
+interval.
+"""
+
+import math
+import os
+import re
+import time
+
+import keras
+
+from algpt2_tf.experiments.spec import SpecError
+from algpt2_tf.experiments.text_metrics import text_metrics
+from algpt2_tf.files import atomic_write_json, read_json
+
+_WIKITEXT_HEADING = re.compile(r"^ = [^=].* = $")
+
+
+# ------------------------------------------------------------------- data
+def wikitext_articles(path):
+    """The articles of a WikiText `.raw` file, in order (split at the ` = Title = ` lines)."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    articles, current = [], []
+    for line in lines:
+        if _WIKITEXT_HEADING.match(line) and current:
+            articles.append("\n".join(current))
+            current = []
+        current.append(line)
+    if "".join(current).strip():
+        articles.append("\n".join(current))
+    return [a for a in articles if a.strip()]
+
+
+def article_share(articles, share):
+    """Articles `[start, end)` of a `[start_fraction, end_fraction]` share (rounded)."""
+    start, end = (int(round(f * len(articles))) for f in share)
+    return articles[start:end]
+
+
+def source_texts(source):
+    """The documents of one `FileSource`."""
+    from algpt2_tf.data import read_documents
+    from algpt2_tf.tokenizer import expand_files
+
+    if source.wikitext_articles is None:
+        return list(read_documents(expand_files(source.path)))
+    return article_share(wikitext_articles(source.path), source.wikitext_articles)
+
+
+def materialize_train_files(spec, data_dir):
+    """Paths `train` can read: globs as they are, article shares written as `.jsonl`."""
+    paths = []
+    for source in spec.train_files:
+        if source.wikitext_articles is None:
+            paths.append(source.path)
+            continue
+        start, end = source.wikitext_articles
+        name = f"{os.path.basename(source.path)}.articles-{start:g}-{end:g}.jsonl"
+        path = os.path.join(data_dir, name)
+        if not os.path.exists(path):
+            import json
+
+            os.makedirs(data_dir, exist_ok=True)
+            lines = "".join(json.dumps({"text": t}) + "\n" for t in source_texts(source))
+            from algpt2_tf.files import atomic_write_text
+
+            atomic_write_text(path, lines)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------- the plan
+def run_dir_name(learning_rate, seed):
+    return f"lr-{learning_rate:g}_seed-{seed}"
+
+
+def default_learning_rate(spec, arm):
+    from algpt2_tf.training import TrainOptions
+
+    return float(arm.options.get("learning_rate",
+                                 spec.options.get("learning_rate", TrainOptions.learning_rate)))
+
+
+def valid_loss_of(result):
+    loss = result.get("valid_loss")
+    return math.inf if loss is None or not math.isfinite(loss) else loss
+
+
+class Experiment:
+    """One experiment folder: the spec, its tokenizer and data, and its runs.
+
+    Args:
+        spec: an `ExperimentSpec`.
+        out: the experiment folder.
+        log: where progress lines go.
+        verbose: the Keras progress display of training (0, 1 or 2).
+    """
+
+    def __init__(self, spec, out, log=print, verbose=1):
+        self.spec = spec
+        self.out = out
+        self.log = log
+        self.verbose = verbose
+
+    # ---------------------------------------------------------------- setup
+    def check_folder(self):
+        """Creates OUT with spec.json, or checks that OUT holds this same spec."""
+        path = os.path.join(self.out, "spec.json")
+        if os.path.exists(path):
+            if read_json(path) != self.spec.source:
+                raise SpecError(f"{self.out} holds a different experiment (spec.json differs). "
+                                "Use another --out, or the same spec to resume.")
+            return
+        if os.path.isdir(self.out) and os.listdir(self.out):
+            raise SpecError(f"{self.out} is not empty and holds no experiment (no spec.json).")
+        os.makedirs(self.out, exist_ok=True)
+        atomic_write_json(path, self.spec.source)
+
+    def tokenizer_dir(self):
+        """The tokenizer folder of every arm (`None`: the shipped GPT-2 BPE)."""
+        from algpt2_tf.tokenizer import train_tokenizer
+
+        wanted = self.spec.tokenizer
+        if wanted is None or isinstance(wanted, str):
+            return wanted
+        directory = os.path.join(self.out, "tokenizer")
+        if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+            texts = [t for s in self.spec.train_files for t in source_texts(s)]
+            self.log(f"Training a {wanted['vocab_size']}-id BPE on the training files -> {directory}")
+            train_tokenizer(texts, wanted["vocab_size"], directory + ".tmp",
+                            min_frequency=wanted["min_frequency"])
+            os.replace(directory + ".tmp", directory)
+        return directory
+
+    def arm_config(self, arm, vocab_size):
+        """Writes and returns the path of the arm's config (the tokenizer's vocabulary size)."""
+        from algpt2_tf.config import ALGPT2Config
+
+        values = {**self.spec.base_config.to_dict(), **arm.config, "vocab_size": vocab_size}
+        if arm.config.get("intermediate_size") is None and "hidden_size" in arm.config:
+            values["intermediate_size"] = None  # follow the arm's hidden size
+        config = ALGPT2Config.from_dict(values)
+        os.makedirs(os.path.join(self.out, "configs"), exist_ok=True)
+        path = os.path.join(self.out, "configs", f"{arm.name}.json")
+        if not os.path.exists(path):
+            atomic_write_json(path, config.to_dict())
+        return path, config
+
+    # ------------------------------------------------------------------ runs
+    def run(self):
+        """Trains, evaluates and samples every run that has no result yet; returns all results."""
+        from algpt2_tf.tokenizer import GPT2Tokenizer
+
+        spec = self.spec
+        self.check_folder()
+        tokenizer_dir = self.tokenizer_dir()
+        tokenizer = GPT2Tokenizer(tokenizer_dir)
+        train_files = materialize_train_files(spec, os.path.join(self.out, "data"))
+        eval_texts = {name: [t for s in sources for t in source_texts(s)]
+                      for name, sources in spec.eval_sets.items()}
+        chosen = {}  # arm -> its learning rate
+        results = []
+        for number, arm in enumerate(spec.arms, 1):
+            config_path, config = self.arm_config(arm, tokenizer.vocab_size)
+            if arm.sweep:
+                rates = arm.sweep
+            elif arm.learning_rate_from:
+                rates = [chosen[arm.learning_rate_from]]
+            else:
+                rates = [default_learning_rate(spec, arm)]
+            self.log(f"[{number}/{len(spec.arms)}] arm {arm.name}: {config.num_parameters():,} "
+                     f"parameters, learning rate{'s' if len(rates) > 1 else ''} "
+                     f"{', '.join(f'{r:g}' for r in rates)}, seeds {arm.seeds}")
+            started = time.time()
+            train_args = (config_path, config, tokenizer_dir, train_files)
+            first = [self._train(arm, rate, arm.seeds[0], *train_args) for rate in rates]
+            best = min(first, key=valid_loss_of)
+            chosen[arm.name] = best["learning_rate"]
+            # Only the chosen rate is evaluated and run with the other seeds.
+            best = self._evaluate(best, tokenizer, eval_texts)
+            more = [self._evaluate(self._train(arm, best["learning_rate"], seed, *train_args),
+                                   tokenizer, eval_texts)
+                    for seed in arm.seeds[1:]]
+            results.extend(first + more)
+            summary = ", ".join(f"{name} word ppl {best['eval'][name]['word_perplexity']:.2f}"
+                                for name in eval_texts)
+            self.log(f"[{number}/{len(spec.arms)}] arm {arm.name} done in "
+                     f"{time.time() - started:.0f} s: learning rate {best['learning_rate']:g}"
+                     f"{' (best valid loss of the sweep)' if arm.sweep else ''}; {summary}")
+        return results
+
+    def _train(self, arm, learning_rate, seed, config_path, config, tokenizer_dir, train_files):
+        """Trains one run (or finds it trained); returns its result (no evaluation yet)."""
+        from algpt2_tf.training import TrainOptions, train
+
+        spec = self.spec
+        run_dir = os.path.join(self.out, "arms", arm.name, run_dir_name(learning_rate, seed))
+        result_path = os.path.join(run_dir, "result.json")
+        if os.path.exists(result_path):
+            self.log(f"  {arm.name} lr {learning_rate:g} seed {seed}: trained earlier, skipped")
+            return read_json(result_path)
+        values = {**spec.options, **arm.options, "learning_rate": learning_rate}
+        options = TrainOptions(
+            out=run_dir, preset=None, config=config_path, train_files=train_files,
+            valid_fraction=spec.valid_fraction, tokenizer=tokenizer_dir,
+            cache_dir=os.path.join(self.out, "cache"), seq_len=spec.seq_len,
+            batch_size=spec.batch_size, steps=spec.steps, seed=seed, verbose=self.verbose,
+            **values)
+        self.log(f"  {arm.name} lr {learning_rate:g} seed {seed}: training {spec.steps} steps")
+        keras.backend.clear_session()
+        started = time.time()
+        summary = train(options, log=lambda line: self.log("  " + line))
+        seconds = time.time() - started
+        trained_tokens = (spec.steps - summary["resumed_from"]) * spec.seq_len * spec.batch_size
+        result = {
+            "arm": arm.name, "learning_rate": learning_rate, "seed": seed,
+            "parameters": config.num_parameters(),
+            "non_embedding_parameters": non_embedding_parameters(config),
+            "training_tokens": spec.steps * spec.seq_len * spec.batch_size, "steps": spec.steps,
+            "resumed_from_step": summary["resumed_from"],
+            "train_seconds": seconds,
+            "tokens_per_second": trained_tokens / seconds if trained_tokens else None,
+            **training_curve(os.path.join(run_dir, "metrics.csv"), spec.seq_len * spec.batch_size),
+        }
+        atomic_write_json(result_path, result)
+        return result
+
+    def _evaluate(self, result, tokenizer, eval_texts):
+        """Adds held-out metrics and generation statistics to a trained run's result."""
+        from algpt2_tf.evaluation import evaluate_texts
+        from algpt2_tf.saving import load_model
+
+        if "eval" in result:
+            return result
+        spec = self.spec
+        run_dir = os.path.join(self.out, "arms", result["arm"],
+                               run_dir_name(result["learning_rate"], result["seed"]))
+        self.log(f"  {result['arm']} lr {result['learning_rate']:g} seed {result['seed']}: "
+                 "evaluating and sampling")
+        keras.backend.clear_session()
+        model = load_model(run_dir)
+        result = dict(result, eval={})
+        for name, texts in eval_texts.items():
+            metrics = evaluate_texts(model, tokenizer, texts, seq_len=spec.eval_seq_len,
+                                     stride=spec.eval_stride, batch_size=spec.eval_batch_size,
+                                     verbose=0)
+            result["eval"][name] = {k: metrics[k] for k in (
+                "word_perplexity", "bits_per_byte", "token_perplexity", "tokens", "words")}
+        gen = spec.generation
+        if gen["prompts"]:
+            output = model.generate(gen["prompts"], max_new_tokens=gen["max_new_tokens"],
+                                    sampler="top_p", top_p=gen["top_p"],
+                                    temperature=gen["temperature"], seed=gen["seed"],
+                                    tokenizer=tokenizer)
+            continuations = [text[len(prompt):] for prompt, text in zip(gen["prompts"], output.text)]
+            result["generation"] = text_metrics(continuations, [len(n) for n in output.new_ids])
+            result["samples"] = [{"prompt": p, "continuation": c}
+                                 for p, c in zip(gen["prompts"], continuations)]
+        atomic_write_json(os.path.join(run_dir, "result.json"), result)
+        return result
+
+
+def non_embedding_parameters(config):
+    """Parameters outside the token and position tables (Kaplan et al.'s model size)."""
+    width = config.embedding_size or config.hidden_size
+    return config.num_parameters() - (config.vocab_size + config.max_positions) * width
+
+
+def training_curve(metrics_path, tokens_per_step):
+    """The final training loss, the validation loss and the loss curve from `metrics.csv`.
+
+    Keras logs the mean loss since the start of the epoch (an epoch is one
+    checkpoint interval), so the curve is smoothed within each interval.
+    """
+    import csv
+
+    curve, valid_curve = [], []
+    with open(metrics_path, newline="") as f:
+        for row in csv.DictReader(f):
+            tokens = int(float(row["step"])) * tokens_per_step
+            if row.get("lm_loss"):
+                curve.append([tokens, float(row["lm_loss"])])
+            if row.get("val_lm_loss"):
+                valid_curve.append([tokens, float(row["val_lm_loss"])])
+    return {"final_train_loss": curve[-1][1] if curve else None,
+            "valid_loss": valid_curve[-1][1] if valid_curve else None,
+            "curve": curve, "valid_curve": valid_curve}
+
+
+def run_experiment(spec_path, out, log=print, verbose=1):
+    """`algpt2 experiment run`: validates the spec, runs what is missing, writes the report."""
+    from algpt2_tf.experiments.report import write_report
+    from algpt2_tf.experiments.spec import load_spec
+
+    spec = load_spec(spec_path)
+    Experiment(spec, out, log=log, verbose=verbose).run()
+    return write_report(out, log=log)
