@@ -191,12 +191,12 @@ class Experiment:
             best = min(first, key=valid_loss_of)
             chosen[arm.name] = best["learning_rate"]
             # Only the chosen rate is evaluated and run with the other seeds.
-            best = self._evaluate(best, tokenizer, eval_texts)
-            more = [self._evaluate(self._train(arm, best["learning_rate"], seed, *train_args),
-                                   tokenizer, eval_texts)
-                    for seed in arm.seeds[1:]]
+            more = [best] + [self._train(arm, best["learning_rate"], seed, *train_args)
+                             for seed in arm.seeds[1:]]
+            more = [self._evaluate(r, tokenizer, eval_texts, train_args) for r in more]
+            first = [r for r in first if r["learning_rate"] != best["learning_rate"]]
             results.extend(first + more)
-            summary = ", ".join(f"{name} word ppl {best['eval'][name]['word_perplexity']:.2f}"
+            summary = ", ".join(f"{name} word ppl {more[0]['eval'][name]['word_perplexity']:.2f}"
                                 for name in eval_texts)
             self.log(f"[{number}/{len(spec.arms)}] arm {arm.name} done in "
                      f"{time.time() - started:.0f} s: learning rate {best['learning_rate']:g}"
@@ -239,7 +239,7 @@ class Experiment:
         atomic_write_json(result_path, result)
         return result
 
-    def _evaluate(self, result, tokenizer, eval_texts):
+    def _evaluate(self, result, tokenizer, eval_texts, train_args):
         """Adds held-out metrics and generation statistics to a trained run's result."""
         from algpt2_tf.evaluation import evaluate_texts
         from algpt2_tf.saving import load_model
@@ -247,8 +247,12 @@ class Experiment:
         if "eval" in result:
             return result
         spec = self.spec
-        run_dir = os.path.join(self.out, "arms", result["arm"],
-                               run_dir_name(result["learning_rate"], result["seed"]))
+        arm, rate, seed = spec.arm(result["arm"]), result["learning_rate"], result["seed"]
+        run_dir = os.path.join(self.out, "arms", arm.name, run_dir_name(rate, seed))
+        if not os.path.exists(os.path.join(run_dir, "model.keras")):
+            # Trained in another checkout (only result.json is kept in git): train it again.
+            os.remove(os.path.join(run_dir, "result.json"))
+            result = self._train(arm, rate, seed, *train_args)
         self.log(f"  {result['arm']} lr {result['learning_rate']:g} seed {result['seed']}: "
                  "evaluating and sampling")
         keras.backend.clear_session()

@@ -94,7 +94,7 @@ class ExperimentSpec:
     generation: Dict[str, Any]
     baseline: str
     arms: List[Arm]
-    source: Dict[str, Any]  # the spec as read (paths made absolute): what a rerun must match
+    source: Dict[str, Any]  # the spec as read: what a rerun must match
 
     @property
     def steps(self):
@@ -293,7 +293,6 @@ def parse_spec(raw, base_dir="."):
     if baseline not in [a.name for a in arms]:
         raise SpecError(f"baseline {baseline!r} is not an arm.")
     source = json.loads(json.dumps(raw))
-    source["_base_dir"] = base_dir
     return ExperimentSpec(
         name=name, description=raw.get("description", ""), base_config=base_config,
         tokenizer=tokenizer, train_files=train_files, valid_fraction=float(valid_fraction),

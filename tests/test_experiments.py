@@ -1,0 +1,254 @@
+"""`algpt2 experiment`: spec validation, a tiny two-arm run, skip/resume, the report."""
+
+import copy
+import json
+import os
+
+import pytest
+
+from algpt2_tf.cli import main
+from algpt2_tf.experiments import SpecError, load_spec, parse_spec
+from algpt2_tf.experiments.runner import article_share, wikitext_articles
+from algpt2_tf.experiments.text_metrics import distinct_n, repeated_ngram_fraction, text_metrics
+
+WIKI = """ 
+ = First article = 
+ 
+ Alpha beta gamma . 
+ 
+ = = A section = = 
+ 
+ Delta epsilon . 
+ 
+ = Second article = 
+ 
+ Zeta eta theta . 
+ 
+ = Third article = 
+ 
+ Iota kappa . 
+"""
+
+
+def write_corpus(folder):
+    """Small training and evaluation files made from Python's own documentation."""
+    from pydoc_data import topics
+
+    names = sorted(topics.topics)
+    os.makedirs(folder, exist_ok=True)
+    for i, part in enumerate(("train_a", "train_b", "held_out")):
+        text = "\n\n".join(topics.topics[k] for k in names[i::7][:12])
+        with open(os.path.join(folder, f"{part}.txt"), "w", encoding="utf-8") as f:
+            f.write(text)
+    with open(os.path.join(folder, "wiki.raw"), "w", encoding="utf-8") as f:
+        f.write(WIKI)
+
+
+def tiny_spec():
+    return {
+        "name": "tiny",
+        "base": {"preset": "algpt2-tiny", "overrides": {
+            "hidden_size": 16, "num_heads": 2, "intermediate_size": 32, "num_layers": 2,
+            "embedding_size": 8, "max_positions": 32, "sop_head": False}},
+        "tokenizer": {"vocab_size": 300},
+        "train": {"files": ["data/train_*.txt", {"path": "data/wiki.raw",
+                                                 "wikitext_articles": [0.0, 0.67]}],
+                  "valid_fraction": 0.1},
+        "budget": {"tokens": 1024, "seq_len": 16, "batch_size": 4},
+        "options": {"warmup_steps": 2, "checkpoint_every": 8, "log_every": 4},
+        "evaluation": {"sets": [{"name": "held_out", "files": ["data/held_out.txt"]},
+                                {"name": "wiki", "files": [{"path": "data/wiki.raw",
+                                                            "wikitext_articles": [0.67, 1.0]}]}],
+                       "seq_len": 16, "stride": 8},
+        "generation": {"prompts": ["The", "A list"], "max_new_tokens": 6},
+        "baseline": "gpt2",
+        "arms": [
+            {"name": "gpt2", "config": {"embedding_size": None, "num_layer_groups": 2},
+             "sweep": {"learning_rate": [0.0001, 0.01]}},
+            {"name": "algpt2_lora", "config": {"lora_rank": 2, "per_layer_norms": True},
+             "learning_rate_from": "gpt2", "seeds": [0, 1]},
+        ],
+    }
+
+
+def write_spec(folder, spec, name="spec.json"):
+    path = os.path.join(folder, name)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    return path
+
+
+# ------------------------------------------------------------------ pieces
+def test_text_metrics_by_hand():
+    assert distinct_n(["a b a b"], 1) == 0.5
+    assert distinct_n(["a b a b"], 2) == 2 / 3
+    assert distinct_n([""], 3) == 0.0
+    assert repeated_ngram_fraction(["a b c d a b c d"], 4) == 1 / 5  # "a b c d" again at the end
+    assert repeated_ngram_fraction(["a b c d", "a b c d"], 4) == 0.0  # counted within a text
+    stats = text_metrics(["x y", "x y z w"], lengths_in_tokens=[3, 5])
+    assert stats["mean_length_words"] == 3.0 and stats["mean_length_tokens"] == 4.0
+    assert stats["distinct_1"] == 4 / 6
+
+
+def test_wikitext_articles_split_at_top_level_headings(tmp_path):
+    write_corpus(tmp_path)
+    articles = wikitext_articles(str(tmp_path / "wiki.raw"))
+    assert [a.strip().splitlines()[0].strip() for a in articles] == [
+        "= First article =", "= Second article =", "= Third article ="]
+    assert "A section" in articles[0]  # second-level headings stay inside their article
+    assert article_share(articles, [0.0, 0.67]) == articles[:2]
+    assert article_share(articles, [0.67, 1.0]) == articles[2:]
+
+
+# -------------------------------------------------------------- validation
+def _mutations():
+    def arm(spec, i):
+        return spec["arms"][i]
+
+    return {
+        "unknown top-level field": (lambda s: s.update(trainng={}), "unknown field"),
+        "unknown config field": (lambda s: arm(s, 1)["config"].update(lora=2), "lora"),
+        "unknown preset": (lambda s: s["base"].update(preset="gpt5"), "unknown preset 'gpt5'"),
+        "missing file": (lambda s: s["train"]["files"].append("data/nope.txt"), "nope.txt"),
+        "arm overrides nothing": (lambda s: s["arms"].append({"name": "same"}), "overrides nothing"),
+        "two arms with one name": (lambda s: s["arms"].append(dict(arm(s, 1))), "Two arms"),
+        "bad config value": (lambda s: arm(s, 1)["config"].update(group_order="zigzag"),
+                             "group_order"),
+        "bad option": (lambda s: arm(s, 1).update(options={"optimizer": "sgd"}), "optimizer"),
+        "arm changes the budget": (lambda s: arm(s, 1).update(options={"seq_len": 8}), "seq_len"),
+        "unknown lr source": (lambda s: arm(s, 1).update(learning_rate_from="bert"), "bert"),
+        "sweep without validation split": (lambda s: s["train"].update(valid_fraction=0),
+                                           "valid_fraction"),
+        "baseline not an arm": (lambda s: s.update(baseline="gpt3"), "gpt3"),
+        "budget below one batch": (lambda s: s["budget"].update(tokens=10), "one batch"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_mutations()))
+def test_spec_errors_exit_2_before_anything_trains(case, tmp_path, capsys):
+    write_corpus(tmp_path / "data")
+    mutate, message = _mutations()[case]
+    spec = copy.deepcopy(tiny_spec())
+    mutate(spec)
+    out = tmp_path / "out"
+    assert main(["experiment", "run", write_spec(tmp_path, spec), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "algpt2 experiment: error:" in err and message in err
+    assert not out.exists()
+
+
+def test_yaml_specs_and_their_errors(tmp_path):
+    import yaml
+
+    write_corpus(tmp_path / "data")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec()))
+    spec = load_spec(str(path))
+    assert [a.name for a in spec.arms] == ["gpt2", "algpt2_lora"] and spec.steps == 16
+    path.write_text("name: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(str(path))
+
+
+def test_the_shipped_spec_is_valid():
+    from conftest import REPO, shared_file
+
+    shared_file("pd-books")
+    spec = load_spec(os.path.join(REPO, "experiments", "algpt2_vs_gpt2.json"))
+    gpt2 = spec.arm("gpt2")
+    assert gpt2.sweep and spec.baseline == "gpt2" and len(gpt2.seeds) == 2
+    assert len(spec.arm("algpt2").seeds) == 2
+    # The held-out books are not in the training files.
+    held_out = {os.path.basename(s.path) for s in spec.eval_sets["books"]}
+    assert len(held_out) == 2
+    assert not held_out & {os.path.basename(s.path) for s in spec.train_files}
+
+
+def test_parse_spec_resolves_paths_against_the_spec_folder(tmp_path):
+    write_corpus(tmp_path / "data")
+    spec = parse_spec(tiny_spec(), str(tmp_path))
+    assert spec.train_files[0].path == os.path.join(str(tmp_path), "data/train_*.txt")
+    with pytest.raises(SpecError, match="train_"):
+        parse_spec(tiny_spec(), str(tmp_path / "elsewhere"))
+
+
+# ----------------------------------------------------------------- a run
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    import io
+    from contextlib import redirect_stdout
+
+    folder = tmp_path_factory.mktemp("experiment")
+    write_corpus(folder / "data")
+    spec_path = write_spec(folder, tiny_spec())
+    out = folder / "out"
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        assert main(["experiment", "run", spec_path, "--out", str(out), "--verbose", "0"]) == 0
+    return spec_path, out, printed.getvalue()
+
+
+@pytest.mark.slow
+def test_run_writes_results_and_plots(finished):
+    _, out, printed = finished
+    for name in ("results.json", "results.csv", "results.md", "loss.png", "ppl_vs_params.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "[1/2] arm gpt2:" in printed and "[2/2] arm algpt2_lora done" in printed
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["arm"]: r for r in results["arms"]}
+    assert set(rows) == {"gpt2", "algpt2_lora"} and not results["missing_arms"]
+    # The sweep picks the rate with the lower validation loss; the next arm reuses it.
+    sweep = rows["gpt2"]["sweep"]
+    best_rate = min(sweep, key=lambda pair: pair[1])[0]
+    assert rows["gpt2"]["learning_rate"] == best_rate == rows["algpt2_lora"]["learning_rate"]
+    assert rows["algpt2_lora"]["seeds"] == [0, 1]
+    assert rows["gpt2"]["eval"]["held_out"]["word_perplexity_ratio"] == 1.0
+    assert rows["algpt2_lora"]["parameters"] < rows["gpt2"]["parameters"]
+    lora = rows["algpt2_lora"]
+    assert lora["eval"]["wiki"]["word_perplexity_spread"] is not None  # two seeds
+    assert 0 <= lora["generation"]["distinct_1"] <= 1 and lora["generation"]["mean_length_tokens"] > 0
+    table = (out / "results.md").read_text()
+    assert "| algpt2_lora (seeds 0, 1) |" in table and "(swept)" in table
+    # Only the chosen rate is evaluated; every run has a training curve.
+    runs = results["runs"]
+    assert len(runs) == 4
+    assert sum("eval" in r for r in runs) == 3
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("arm,learning_rate")
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_runs_and_resumes_an_unfinished_one(finished, capsys):
+    spec_path, out, _ = finished
+    run_dir = out / "arms" / "algpt2_lora"
+    seed1 = next(run_dir.glob("*_seed-1"))
+    before = json.loads((seed1 / "result.json").read_text())
+    # As if killed after the checkpoint at step 8 of 16: no result, no model, no last checkpoint.
+    (seed1 / "result.json").unlink()
+    (seed1 / "model.keras").unlink()
+    (seed1 / "checkpoints" / "ckpt-00000016.npz").unlink()
+    assert main(["experiment", "run", spec_path, "--out", str(out), "--verbose", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("trained earlier, skipped") == 3
+    assert "Resuming from step 8" in printed
+    after = json.loads((seed1 / "result.json").read_text())
+    assert after["resumed_from_step"] == 8
+    assert after["valid_loss"] == pytest.approx(before["valid_loss"], abs=1e-5)
+    assert after["eval"]["wiki"]["word_perplexity"] == pytest.approx(
+        before["eval"]["wiki"]["word_perplexity"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_report_rebuilds_from_disk_and_a_changed_spec_is_refused(finished, tmp_path, capsys):
+    spec_path, out, _ = finished
+    table = (out / "results.md").read_text()
+    (out / "results.md").unlink()
+    (out / "loss.png").unlink()
+    assert main(["experiment", "report", str(out)]) == 0
+    assert (out / "results.md").read_text() == table and (out / "loss.png").exists()
+    changed = tiny_spec()
+    changed["budget"]["tokens"] = 2048
+    other = write_spec(os.path.dirname(spec_path), changed, "changed.json")
+    assert main(["experiment", "run", other, "--out", str(out)]) == 2
+    assert "holds a different experiment" in capsys.readouterr().err
+    assert main(["experiment", "report", str(tmp_path)]) == 2
