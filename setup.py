@@ -9,6 +9,7 @@ setup(
     license="MIT",
     python_requires=">=3.10,<3.14",
     packages=find_packages(include=["algpt2_tf", "algpt2_tf.*"]),
+    py_modules=["algpt2_command"],  # the console script (see its docstring)
     package_data={"algpt2_tf": ["configs/*.json", "assets/*"]},
     include_package_data=True,
     install_requires=[
@@ -23,9 +24,11 @@ setup(
         "flatbuffers>=24.3",  # rewriting .tflite files (export/tflite.py)
         "fastapi>=0.110,<1",
         "uvicorn>=0.29,<1",
+        "pyyaml>=6",  # experiment specs in YAML
+        "matplotlib>=3.8",  # experiment plots
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6", "httpx>=0.27"],
     },
-    entry_points={"console_scripts": ["algpt2=algpt2_tf.cli:main"]},
+    entry_points={"console_scripts": ["algpt2=algpt2_command:main"]},
 )

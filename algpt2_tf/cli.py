@@ -2,6 +2,8 @@
 
 Every subcommand is a thin layer over a library function. Bad input (a
 `ValueError`, a missing file) prints `algpt2: error: ...` and exits with 2.
+This module imports no TensorFlow at the top: `algpt2 --help` and `algpt2
+info` answer without it (see `algpt2_command.py`).
 """
 
 import argparse
@@ -330,6 +332,10 @@ _EXTRA_COMMANDS = [_add_training_commands, _add_experiment_commands, _add_genera
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "info":  # `info` reads the presets alone
+        from algpt2_tf.tf_startup import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
     try:
         result = args.func(args)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,

@@ -16,7 +16,6 @@ boundary:
 """
 
 import collections
-import os
 import tempfile
 
 import flatbuffers
