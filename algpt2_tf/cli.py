@@ -150,12 +150,14 @@ def _export(args):
 
 
 def _add_export_command(sub):
+    from algpt2_tf.export.api import FORMATS, QUANTIZATIONS
+
     p = sub.add_parser("export", help="export .keras, a TF Serving SavedModel or TFLite")
     p.add_argument("--model", required=True, help="model.keras or a run directory")
-    p.add_argument("--format", required=True, help="keras, savedmodel or tflite")
+    p.add_argument("--format", required=True, help=", ".join(FORMATS))
     p.add_argument("--out", required=True, help="model folder, e.g. saved_models/algpt2")
     p.add_argument("--version", type=int, help="version number (default: the next one)")
-    p.add_argument("--quantize", default="none", help="none, fp16 or int8 (tflite)")
+    p.add_argument("--quantize", default="none", help=f"{', '.join(QUANTIZATIONS)} (tflite)")
     p.add_argument("--max-length", type=int,
                    help="cache length for generate/decode (default: min(256, max_positions))")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")

@@ -24,12 +24,14 @@ same seed gives the same text.
 
 import contextlib
 import dataclasses
-from typing import List, Optional
+from typing import Any, List, NamedTuple, Optional
 
 import numpy as np
 import tensorflow as tf
 
 from algpt2_tf.layers.linear import rows_kernel_copies
+from algpt2_tf.model import position_ids_from_mask
+from algpt2_tf.prompts import check_prompts, left_pad
 from algpt2_tf.xla_flags import prefer_wide_vectors
 
 SAMPLERS = ("greedy", "sample", "top_k", "top_p")
@@ -186,7 +188,7 @@ def _prefill(model, prompt_ids, prompt_mask, cache_length):
     mask = tf.cast(prompt_mask, tf.int32)
     caches = model.empty_caches(batch, cache_length, model.embedding.compute_dtype)
     key_mask = tf.concat([mask, tf.zeros([batch, cache_length - prompt_len], tf.int32)], axis=1)
-    positions = tf.maximum(tf.cumsum(mask, axis=1) - 1, 0)
+    positions = position_ids_from_mask(mask)
     logits, caches = model.forward_with_cache(prompt_ids, positions, key_mask, caches, 0,
                                               last_logits_only=True)
     lengths = tf.reduce_sum(mask, axis=1)
@@ -239,35 +241,49 @@ def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_id
     cache_sizes = [tf.maximum(length, prompt_len) for length in cache_lengths(max_length)]
     logits, caches, key_mask, lengths, seen = _prefill(model, prompt_ids, prompt_mask,
                                                        cache_sizes[0])
-    out = tf.zeros([batch, capacity], tf.int32)
-    finished = tf.zeros([batch], tf.bool)
-    num_new = tf.zeros([batch], tf.int32)
     stop_ids = tf.cast(stop_ids, tf.int32)
 
-    def body(i, finished, num_new, out, logits, caches, key_mask, lengths, seen):
+    def body(state):
         tokens, seen, logits, key_mask, caches = _sample_and_advance(
-            model, logits, seen, params, tf.stack([tf.cast(seed, tf.int32), i]), prompt_len + i,
-            lengths, key_mask, caches)
+            model, state.logits, state.seen, params, tf.stack([tf.cast(seed, tf.int32), state.step]),
+            prompt_len + state.step, state.lengths, state.key_mask, state.caches)
         # Rows that already stopped emit 0s (not counted in num_new).
-        tokens = tf.where(finished, tf.zeros_like(tokens), tokens)
+        tokens = tf.where(state.finished, tf.zeros_like(tokens), tokens)
         out = tf.tensor_scatter_nd_update(
-            out, tf.stack([tf.range(batch), tf.fill([batch], i)], axis=1), tokens)
-        num_new = num_new + tf.cast(tf.logical_not(finished), tf.int32)
+            state.out, tf.stack([tf.range(batch), tf.fill([batch], state.step)], axis=1), tokens)
         stopped = tf.reduce_any(tf.equal(tokens[:, None], stop_ids[None, :]), axis=1)
-        finished = tf.logical_or(finished, stopped)
-        return i + 1, finished, num_new, out, logits, caches, key_mask, lengths + 1, seen
+        return DecodeState(
+            step=state.step + 1, finished=tf.logical_or(state.finished, stopped),
+            num_new=state.num_new + tf.cast(tf.logical_not(state.finished), tf.int32), out=out,
+            logits=logits, caches=caches, key_mask=key_mask, lengths=state.lengths + 1, seen=seen)
 
-    def running(i, finished, *_):
-        return tf.logical_and(i < steps, tf.logical_not(tf.reduce_all(finished)))
-
-    state = (tf.constant(0), finished, num_new, out, logits, caches, key_mask, lengths, seen)
+    state = DecodeState(step=tf.constant(0), finished=tf.zeros([batch], tf.bool),
+                        num_new=tf.zeros([batch], tf.int32), out=tf.zeros([batch, capacity], tf.int32),
+                        logits=logits, caches=caches, key_mask=key_mask, lengths=lengths, seen=seen)
     for length in cache_sizes:
-        def fits(i, *rest, length=length):  # the step's slot is inside this cache
-            return tf.logical_and(running(i, *rest), prompt_len + i < length)
+        def fits(state, length=length):  # running, and the step's slot is inside this cache
+            return tf.logical_and(
+                tf.logical_and(state.step < steps, tf.logical_not(tf.reduce_all(state.finished))),
+                prompt_len + state.step < length)
 
-        caches, key_mask = _grow(state[5], state[6], length)  # state[5:7]: caches, key_mask
-        state = tf.while_loop(fits, body, state[:5] + (caches, key_mask) + state[7:])
-    return state[3], state[2]
+        caches, key_mask = _grow(state.caches, state.key_mask, length)
+        state = tf.while_loop(fits, lambda s: (body(s),),
+                              (state._replace(caches=caches, key_mask=key_mask),))[0]
+    return state.out, state.num_new
+
+
+class DecodeState(NamedTuple):
+    """What `decode`'s loop carries from one step to the next."""
+
+    step: Any  # int32 scalar: tokens generated so far (the same for every row)
+    finished: Any  # bool [batch]: the row emitted a stop token
+    num_new: Any  # int32 [batch]: tokens of each row, its stop token included
+    out: Any  # int32 [batch, capacity]: the new tokens
+    logits: Any  # float32 [batch, vocab]: the next-token logits
+    caches: Any  # one (keys, values) pair per virtual layer
+    key_mask: Any  # int32 [batch, slots]: 1 on written cache slots
+    lengths: Any  # int32 [batch]: real tokens of each row (the next position)
+    seen: Any  # float32 [batch, vocab]: tokens in the row so far (repetition penalty)
 
 
 # ------------------------------------------------------------------ Python API
@@ -346,24 +362,10 @@ class Generator:
                  pad_id=0):
         """Generates from token-id prompts (a list of lists, or an int array
         `[batch, len]` with no padding); returns a `GenerationOutput` without text."""
-        prompts = [list(map(int, p)) for p in prompt_ids]
-        if not prompts:
-            raise ValueError("No prompts given.")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("A prompt is empty; give at least one token (e.g. <|endoftext|>).")
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for p in prompts for t in p):
-            raise ValueError(f"Prompt token ids must be in [0, {vocab}).")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        prompts = self._checked(prompt_ids, max_new_tokens)
         params = params or SamplingParams(top_k=1)
-        longest = max(len(p) for p in prompts)
-        padded, max_length = self.buckets(longest, max_new_tokens)
-        ids = np.full((len(prompts), padded), pad_id, np.int32)
-        mask = np.zeros_like(ids)
-        for row, p in enumerate(prompts):
-            ids[row, padded - len(p):] = p
-            mask[row, padded - len(p):] = 1
+        padded, max_length = self.buckets(max(len(p) for p in prompts), max_new_tokens)
+        ids, mask = left_pad(prompts, padded, pad_id)
         new, counts = self._function(max_length)(
             ids, mask, np.int32(max_new_tokens), np.float32(params.temperature),
             np.int32(params.top_k), np.float32(params.top_p),
@@ -373,6 +375,11 @@ class Generator:
         new_ids = [new[row, :counts[row]].tolist() for row in range(len(prompts))]
         return GenerationOutput(ids=[p + n for p, n in zip(prompts, new_ids)], new_ids=new_ids)
 
+    def _checked(self, prompt_ids, max_new_tokens):
+        prompts = check_prompts(prompt_ids, self.model.config.vocab_size)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        return prompts
 
     def stream(self, prompt_ids, max_new_tokens=32, params=None, seed=0, stop_ids=()):
         """Yields new token ids one by one for a single prompt (for terminals).
@@ -380,15 +387,10 @@ class Generator:
         Same tokens as `generate`; each step is a compiled call, so the cache
         crosses the Python boundary per token (slower than `generate`).
         """
-        prompt = [int(t) for t in prompt_ids]
+        [prompt] = self._checked([prompt_ids], max_new_tokens)
         params = params or SamplingParams(top_k=1)
-        if not prompt:
-            raise ValueError("The prompt is empty.")
         padded, max_length = self.buckets(len(prompt), max_new_tokens)
-        ids = np.zeros((1, padded), np.int32)
-        mask = np.zeros_like(ids)
-        ids[0, padded - len(prompt):] = prompt
-        mask[0, padded - len(prompt):] = 1
+        ids, mask = left_pad([prompt], padded)
         prefill, step = self._stream_functions(max_length)
         state = prefill(ids, mask)
         values = (np.float32(params.temperature), np.int32(params.top_k), np.float32(params.top_p),

@@ -81,7 +81,7 @@ class ALGPT2LMHeadModel(keras.Model):
             c.vocab_size, c.max_positions, c.hidden_size, c.embedding_size,
             dropout=c.embedding_dropout, initializer_range=c.initializer_range,
             name="embedding", dtype=policy)
-        # ALBERT idea #2: one block object per group, reused for every layer of the group.
+        # ALBERT idea #2: one block object per group, reused by every layer of the group.
         self.blocks = [
             DecoderBlock(
                 c.hidden_size, c.num_heads, c.intermediate_size,

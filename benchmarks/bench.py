@@ -198,16 +198,15 @@ def worker_tflite_run(case):
 
     prompt, new = case["prompt"], case["new_tokens"]
     ids = np.random.default_rng(0).integers(0, 50000, (1, prompt)).astype("int32")
-    if case.get("runtime") == "compiled":
-        import importlib.util
+    # The decoders need no TensorFlow; the package must not import it either, or it
+    # would count in this process's peak RSS.
+    os.environ["ALGPT2_DEFER_TENSORFLOW"] = "1"
+    from algpt2_tf.export.greedy import greedy_continuation
 
-        # The module alone: importing the algpt2_tf package would load
-        # TensorFlow and count it in this process's peak RSS.
-        spec = importlib.util.spec_from_file_location(
-            "litert", os.path.join(os.path.dirname(HERE), "algpt2_tf", "export", "litert.py"))
-        litert = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(litert)
-        decoder = litert.LiteRTDecoder(case["path"], os.path.join(tempfile.mkdtemp(), "weights.cache"))
+    if case.get("runtime") == "compiled":
+        from algpt2_tf.export.litert import LiteRTDecoder
+
+        decoder = LiteRTDecoder(case["path"], os.path.join(tempfile.mkdtemp(), "weights.cache"))
         prefill = lambda: decoder.prefill(ids[0].tolist())  # noqa: E731
         decode = decoder.decode
     else:
@@ -221,8 +220,8 @@ def worker_tflite_run(case):
             position=np.array([position], np.int32))["logits"]
     logits = prefill()
     start = time.perf_counter()
-    for step in range(new):
-        logits = decode(int(np.argmax(logits[0])), prompt + step)
+    greedy_continuation(decode, logits, prompt, new)
+    assert "tensorflow" not in sys.modules
     return {"tokens_per_s": new / (time.perf_counter() - start)}
 
 

@@ -188,7 +188,7 @@ def test_export_bad_input_exits_2_and_leaves_nothing(tmp_path, model_path, capsy
 
 
 def test_failed_export_leaves_nothing(tmp_path, model_path, monkeypatch):
-    from algpt2_tf import export as export_lib
+    from algpt2_tf.export import api as export_lib
 
     def broken(*args, **kwargs):
         raise export_lib.ExportVerificationError("simulated mismatch")

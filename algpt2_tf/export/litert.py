@@ -18,6 +18,8 @@ from ai_edge_litert.compiled_model import CompiledModel
 from ai_edge_litert.cpu_options import CpuOptions
 from ai_edge_litert.options import Options
 
+from algpt2_tf.export.greedy import greedy_continuation
+
 
 def default_weight_cache(model_path):
     """`$ALGPT2_CACHE/xnnpack/<digest of the path, size and mtime>.cache`."""
@@ -83,9 +85,4 @@ class LiteRTDecoder:
 
     def greedy(self, prompt_ids, steps):
         """The greedy continuation of `prompt_ids`, `steps` tokens."""
-        logits = self.prefill(prompt_ids)
-        new = []
-        for step in range(steps):
-            new.append(int(np.argmax(logits[0])))
-            logits = self.decode(new[-1], len(prompt_ids) + step)
-        return new
+        return greedy_continuation(self.decode, self.prefill(prompt_ids), len(prompt_ids), steps)

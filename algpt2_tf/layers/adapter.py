@@ -1,5 +1,7 @@
 """`LayerAdapter`: what one virtual layer owns around a shared block (relaxed sharing).
 
+This relaxes ALBERT idea #2 (cross-layer sharing, the loop in `model.py`).
+
 A shared block gives every virtual layer the same function. Two cheap ways to
 let the layers differ, each an `ALGPT2Config` option:
 

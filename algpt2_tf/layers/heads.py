@@ -1,4 +1,4 @@
-"""The tied LM head (ALGPT2 idea #3) and the sentence-order-prediction head."""
+"""The tied LM head (the softmax reuses the token table) and the SOP head (ALBERT idea #3)."""
 
 import keras
 from keras import ops
@@ -102,7 +102,7 @@ def last_token_index(attention_mask):
 
 @keras.saving.register_keras_serializable(package="algpt2_tf")
 class SOPHead(keras.layers.Layer):
-    """Sentence-order prediction: a 2-way classifier on the last real token.
+    """Sentence-order prediction (ALBERT idea #3): a 2-way classifier on the last real token.
 
     A causal model has seen the whole pair only at its last token, so that
     token's hidden state (after the final LayerNorm) is the pooled summary.

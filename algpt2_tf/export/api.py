@@ -1,0 +1,222 @@
+"""Exports a trained model as `.keras`, a TF Serving SavedModel or TFLite, verified before it lands.
+
+Every format is written in TF Serving's layout, `OUT/VERSION/`, VERSION
+defaulting to the next integer. The export goes to a temporary folder inside
+OUT, is loaded and run there and compared with the Keras model, and only then
+renamed into place: an existing version is never replaced without
+`overwrite=True`, and a failed export leaves nothing behind.
+"""
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import numpy as np
+
+from algpt2_tf.export.greedy import greedy_continuation
+from algpt2_tf.prompts import left_pad
+
+FORMATS = ("keras", "savedmodel", "tflite")
+QUANTIZATIONS = ("none", "fp16", "int8")
+"""TFLite weight formats (`tflite.convert`); the other formats keep float32."""
+PROBE_TEXT = ["The quick brown fox jumps over the lazy dog.", "Hello"]
+GREEDY_TOKENS = 32
+
+
+@dataclasses.dataclass
+class ExportReport:
+    format: str
+    path: str
+    version: int
+    size_bytes: int
+    max_abs_diff: float
+    quantize: str = "none"
+    greedy_agreement: Optional[float] = None
+    notes: str = ""
+
+    def summary(self):
+        line = (f"Wrote {self.format} ({self.quantize}) to {self.path}: "
+                f"{self.size_bytes / 1e6:.2f} MB, max |logits - keras| = {self.max_abs_diff:.2e}")
+        if self.greedy_agreement is not None:
+            line += f", greedy tokens identical to Keras: {self.greedy_agreement:.0%}"
+        return line + (f" ({self.notes})" if self.notes else "")
+
+
+def directory_size(path):
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path)
+               for f in files)
+
+
+def next_version(out):
+    versions = [int(d) for d in os.listdir(out) if d.isdigit()] if os.path.isdir(out) else []
+    return max(versions, default=0) + 1
+
+
+def probe_batch(tokenizer):
+    """A left-padded batch of two texts: ids, mask."""
+    return left_pad([tokenizer.encode(t) for t in PROBE_TEXT])
+
+
+def export_model(model_path, format, out, version=None, quantize="none", max_length=None,
+                 overwrite=False, log=print):
+    """Exports, verifies and moves into `out/VERSION/`; returns an `ExportReport`.
+
+    Args:
+        model_path: a `.keras` file or a training run directory.
+        format: "keras", "savedmodel" or "tflite".
+        out: the model's folder, e.g. `saved_models/algpt2`.
+        version: the version number (default: the next one).
+        quantize: "none", "fp16" or "int8" (TFLite only).
+        max_length: the cache length of `generate` / TFLite decoding
+            (default: min(256, max_positions)).
+        overwrite: replace an existing version.
+    """
+    from algpt2_tf.saving import load_model, load_tokenizer_for
+
+    if format not in FORMATS:
+        raise ValueError(f"Unknown format {format!r}; choose one of {', '.join(FORMATS)}.")
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}.")
+    if quantize != "none" and format != "tflite":
+        raise ValueError("--quantize applies to the tflite format only.")
+    if version is not None and (not isinstance(version, int) or version < 1):
+        raise ValueError(f"version must be a positive integer, got {version!r}.")
+    model = load_model(model_path)
+    tokenizer = load_tokenizer_for(model_path)
+    limit = model.config.max_positions
+    max_length = max_length or min(256, limit)
+    if not 2 <= max_length <= limit:
+        raise ValueError(f"max_length {max_length} must be in [2, the model's max_positions={limit}].")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"{out} exists and is not a directory.")
+    version = version or next_version(out)
+    final = os.path.join(out, str(version))
+    if os.path.exists(final) and not overwrite:
+        raise FileExistsError(f"{final} already exists; pass --overwrite to replace it, "
+                              "or choose another --version.")
+    created_out = not os.path.exists(out)
+    os.makedirs(out, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".export-{version}-", dir=out)
+    try:
+        report = _EXPORTERS[format](model, tokenizer, staging, quantize, max_length, log)
+        report.version = version
+        report.path = os.path.normpath(os.path.join(final, os.path.relpath(report.path, staging)))
+        if os.path.exists(final):
+            old = tempfile.mkdtemp(prefix=f".replaced-{version}-", dir=out)
+            os.replace(final, os.path.join(old, "v"))
+            os.replace(staging, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created_out:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return report
+
+
+class ExportVerificationError(ValueError):
+    """The exported artifact does not reproduce the Keras model."""
+
+
+def _keras_logits(model, ids, mask):
+    return model({"input_ids": ids, "attention_mask": mask})["logits"].numpy()
+
+
+def _export_keras(model, tokenizer, staging, quantize, max_length, log):
+    import keras
+
+    path = os.path.join(staging, "model.keras")
+    model.save(path)
+    tokenizer.save(os.path.join(staging, "tokenizer"))
+    ids, mask = probe_batch(tokenizer)
+    diff = float(np.abs(_keras_logits(keras.models.load_model(path), ids, mask)
+                        - _keras_logits(model, ids, mask)).max())
+    if diff > 1e-5:
+        raise ExportVerificationError(f"The reloaded .keras model differs by {diff:.2e}.")
+    return ExportReport("keras", path, 0, directory_size(staging), diff)
+
+
+def _greedy_text(model, tokenizer, prompts, steps):
+    out = model.generate(list(prompts), max_new_tokens=steps, sampler="greedy", tokenizer=tokenizer)
+    return out.text
+
+
+def _export_savedmodel(model, tokenizer, staging, quantize, max_length, log):
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401  (registers the ops the SavedModel uses)
+
+    from algpt2_tf.export import savedmodel
+
+    savedmodel.save(model, tokenizer, staging, max_length)
+    loaded = tf.saved_model.load(staging)
+    ids, mask = probe_batch(tokenizer)
+    logits = loaded.signatures["serving_default"](input_ids=tf.constant(ids),
+                                                  attention_mask=tf.constant(mask))["logits"]
+    real = mask.astype(bool)
+    diff = float(np.abs(logits.numpy()[real] - _keras_logits(model, ids, mask)[real]).max())
+    steps = min(GREEDY_TOKENS, max_length - ids.shape[1])
+    served = loaded.signatures["generate"](
+        prompts=tf.constant(PROBE_TEXT), max_new_tokens=tf.constant(steps, tf.int32),
+        temperature=tf.constant(1.0), top_k=tf.constant(1), top_p=tf.constant(1.0),
+        seed=tf.constant(0))
+    texts = [t.decode("utf-8", "replace") for t in served["text"].numpy()]  # as the tokenizer decodes
+    expected = _greedy_text(model, tokenizer, PROBE_TEXT, steps)
+    if diff > 1e-4 or texts != expected:
+        raise ExportVerificationError(
+            f"The SavedModel does not reproduce the Keras model (logits differ by {diff:.2e}; "
+            f"generate gave {texts!r}, Keras {expected!r}).")
+    return ExportReport("savedmodel", staging, 0, directory_size(staging), diff,
+                        greedy_agreement=1.0)
+
+
+def tflite_greedy(interpreter, prompt_ids, steps):
+    """Greedy continuation through the `prefill`/`decode` signatures."""
+    prefill = interpreter.get_signature_runner("prefill")
+    decode = interpreter.get_signature_runner("decode")
+    ids = np.asarray([prompt_ids], np.int32)
+    logits = prefill(input_ids=ids, attention_mask=np.ones_like(ids))["logits"]
+
+    def step(token, position):
+        return decode(input_id=np.array([[token]], np.int32),
+                      position=np.array([position], np.int32))["logits"]
+
+    return greedy_continuation(step, logits, len(prompt_ids), steps)
+
+
+def _export_tflite(model, tokenizer, staging, quantize, max_length, log):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from algpt2_tf.export import tflite
+
+    path = os.path.join(staging, "model.tflite")
+    with open(path, "wb") as f:
+        f.write(tflite.convert(model, max_length, quantize))
+    tokenizer.save(os.path.join(staging, "tokenizer"))
+    interpreter = Interpreter(model_path=path)
+    prompt = tokenizer.encode(PROBE_TEXT[0])
+    ids = np.asarray([prompt], np.int32)
+    lite = interpreter.get_signature_runner("logits")(
+        input_ids=ids, attention_mask=np.ones_like(ids))["logits"]
+    diff = float(np.abs(lite - _keras_logits(model, ids, np.ones_like(ids))).max())
+    steps = min(GREEDY_TOKENS, max_length - len(prompt))
+    lite_tokens = tflite_greedy(interpreter, prompt, steps)
+    keras_tokens = model.generate([prompt], max_new_tokens=steps, stop_ids=[]).new_ids[0]
+    agreement = float(np.mean(np.equal(lite_tokens, keras_tokens)))
+    if quantize == "none" and (diff > 1e-4 or agreement < 1.0):
+        raise ExportVerificationError(
+            f"The float32 TFLite model does not reproduce the Keras model (logits differ by "
+            f"{diff:.2e}, greedy agreement {agreement:.0%}).")
+    if not np.isfinite(lite).all():
+        raise ExportVerificationError("The TFLite model outputs NaN/inf.")
+    notes = "" if quantize == "none" else "quantized: differences are expected"
+    return ExportReport("tflite", path, 0, directory_size(path), diff, quantize=quantize,
+                        greedy_agreement=agreement, notes=notes)
+
+
+_EXPORTERS = {"keras": _export_keras, "savedmodel": _export_savedmodel, "tflite": _export_tflite}
