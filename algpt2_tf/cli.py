@@ -36,7 +36,8 @@ def _info(args):
 # ------------------------------------------------------------------ tokenizer
 def _tokenizer_train(args):
     from algpt2_tf.data import read_documents
-    from algpt2_tf.tokenizer import expand_files, train_tokenizer
+    from algpt2_tf.files import expand_files
+    from algpt2_tf.tokenizer import train_tokenizer
 
     paths = expand_files(args.files)
     documents = list(read_documents(paths))
@@ -53,7 +54,7 @@ def _prepare(args):
     from algpt2_tf.tokenizer import GPT2Tokenizer
 
     tokenizer = GPT2Tokenizer(args.tokenizer)
-    out = args.out or default_cache_dir(args.files + [f"valid={args.valid_fraction}"], tokenizer)
+    out = args.out or default_cache_dir(args.files, tokenizer, args.valid_fraction)
     meta = prepare_corpus(args.files, out, tokenizer, valid_fraction=args.valid_fraction,
                           text_key=args.text_key)
     print(json.dumps({"cache_dir": out, "documents": meta["documents"],
@@ -65,8 +66,8 @@ def _train(args):
     from algpt2_tf.training import TrainOptions, TrainingDiverged, train
 
     values = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__}
-    if not args.preset and not args.config:
-        values["preset"] = "algpt2-tiny"
+    if "preset" not in values:
+        values["preset"] = None if args.config else TrainOptions.preset
     options = TrainOptions(**values)
     try:
         train(options)
@@ -79,7 +80,7 @@ def _evaluate(args):
     from algpt2_tf.data import read_documents
     from algpt2_tf.evaluation import evaluate_texts
     from algpt2_tf.saving import load_model, load_tokenizer_for
-    from algpt2_tf.tokenizer import expand_files
+    from algpt2_tf.files import expand_files
 
     model = load_model(args.model)
     tokenizer = load_tokenizer_for(args.model)
@@ -226,6 +227,9 @@ def _add_serving_commands(sub):
 
 
 def _add_training_commands(sub):
+    from algpt2_tf.train_options import (DEFAULT_STEPS, OPTIMIZERS, SCHEDULES, TrainOptions,
+                                         default_values)
+
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
     t = tsub.add_parser("train", help="train a new byte-level BPE on your files")
@@ -243,37 +247,42 @@ def _add_training_commands(sub):
     p.add_argument("--text-key", default="text", help="the text field of .jsonl records")
     p.set_defaults(func=_prepare)
 
-    p = sub.add_parser("train", help="train a model with model.fit (resumes when rerun)")
-    p.add_argument("--preset", default=None, help="model preset (default: algpt2-tiny)")
+    p = sub.add_parser("train", help="train a model with model.fit (resumes when rerun)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default=argparse.SUPPRESS,
+                   help=f"model preset (without --config: {TrainOptions.preset})")
     p.add_argument("--config", help="model config JSON file instead of a preset")
     p.add_argument("--train-files", nargs="+", help="globs of .txt/.jsonl files "
                    "(default: a small built-in corpus of Python's documentation)")
     p.add_argument("--valid-files", nargs="+")
-    p.add_argument("--valid-fraction", type=float, default=0.0)
+    p.add_argument("--valid-fraction", type=float, help="share of the training text held out")
     p.add_argument("--tokenizer", help="tokenizer directory (default: GPT-2)")
     p.add_argument("--cache-dir", help="token cache directory (see `algpt2 prepare`)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--schedule", default="cosine", help="cosine, linear or constant")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--optimizer", default="adamw", help="adamw or lamb")
-    p.add_argument("--clip-norm", type=float, default=1.0)
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, help="tokens per example")
+    p.add_argument("--batch-size", type=int, help="examples per step")
+    p.add_argument("--steps", type=int, help=f"(default: {DEFAULT_STEPS} without --epochs)")
+    p.add_argument("--epochs", type=float, help="passes over the data, instead of --steps")
+    p.add_argument("--learning-rate", type=float, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup from 0")
+    p.add_argument("--schedule", help=", ".join(SCHEDULES))
+    p.add_argument("--min-lr-ratio", type=float, help="the final learning rate / the peak")
+    p.add_argument("--weight-decay", type=float, help="decoupled weight decay")
+    p.add_argument("--optimizer", help=", ".join(OPTIMIZERS))
+    p.add_argument("--clip-norm", type=float, help="global gradient-norm clipping")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--mixed-precision", choices=["bf16", "fp16"])
     p.add_argument("--jit-compile", action="store_true")
     p.add_argument("--fuse-elementwise", action="store_true",
                    help="XLA-fuse the element-wise ops, matmuls stay oneDNN (bf16 on CPU)")
     p.add_argument("--sop", action="store_true", help="train with sentence-order prediction")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--keep-checkpoints", type=int, default=3)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--verbose", type=int, default=1, help="Keras progress: 0 silent, 1 bar, 2 lines")
+    p.add_argument("--seed", type=int, help="initialization and data order")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept")
+    p.add_argument("--log-every", type=int, help="steps between metrics.csv rows")
+    p.add_argument("--verbose", type=int, help="Keras progress: 0 silent, 1 bar, 2 lines")
+    # Every default comes from TrainOptions; --preset's applies only without --config (_train).
+    p.set_defaults(**{k: v for k, v in default_values().items() if k != "preset"})
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="perplexity, bits per byte and word perplexity")

@@ -23,8 +23,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from algpt2_tf.files import atomic_path, atomic_write_json, cache_root, expand_files
 from algpt2_tf.losses import IGNORE_INDEX
-from algpt2_tf.tokenizer import expand_files
 
 CACHE_VERSION = 1
 
@@ -112,17 +112,13 @@ def prepare_corpus(patterns, cache_dir, tokenizer, valid_fraction=0.0, text_key=
     _atomic_save(os.path.join(cache_dir, "valid.npy"), stream[split:])
     meta = dict(wanted, train_tokens=int(split), valid_tokens=int(len(stream) - split),
                 documents=len(documents), characters=sum(len(d) for d in documents))
-    tmp = meta_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, meta_path)
+    atomic_write_json(meta_path, meta)
     return meta
 
 
 def _atomic_save(path, array):
-    tmp = path + ".tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_path(path, ".npy") as tmp:
+        np.save(tmp, array)
 
 
 def load_split(cache_dir, split="train"):
@@ -134,15 +130,13 @@ def load_document_offsets(cache_dir):
     return np.load(os.path.join(cache_dir, "train_docs.npy"))
 
 
-def cache_root():
-    """`$ALGPT2_CACHE` or `~/.cache/algpt2`."""
-    return os.path.expanduser(os.environ.get("ALGPT2_CACHE", "~/.cache/algpt2"))
-
-
-def default_cache_dir(patterns, tokenizer):
+def default_cache_dir(patterns, tokenizer, valid_fraction=None):
     """The token cache of a file set: a folder under `cache_root()` named by
-    the absolute globs and the tokenizer."""
-    keys = sorted(os.path.abspath(os.path.expanduser(p)) if "=" not in p else p for p in patterns)
+    the absolute globs, the validation share and the tokenizer."""
+    keys = [os.path.abspath(os.path.expanduser(p)) for p in patterns]
+    if valid_fraction is not None:
+        keys.append(f"valid={valid_fraction}")
+    keys = sorted(keys)
     key = hashlib.sha256(json.dumps([keys, tokenizer.fingerprint]).encode()).hexdigest()
     return os.path.join(cache_root(), key[:16])
 
@@ -260,3 +254,68 @@ def sop_dataset(tokens, document_offsets, seq_len, batch_size, seed=0, start_ste
 
     return _steps(start_step, num_steps).map(make_batch, num_parallel_calls=tf.data.AUTOTUNE,
                                               deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
+# ------------------------------------------------------------- entry point
+class TrainingData:
+    """The token streams of a training run and the datasets made from them.
+
+    `training_data(options, tokenizer)` builds it; `train` asks it for the
+    number of batches in an epoch, the training batches from a step on, and
+    the validation batches.
+    """
+
+    def __init__(self, tokens, valid_tokens, document_offsets, meta, seq_len, batch_size, seed):
+        self.tokens = tokens
+        self.valid_tokens = valid_tokens
+        self.document_offsets = document_offsets  # set for SOP
+        self.meta = meta
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        items, what = count_examples(len(tokens), seq_len, document_offsets)
+        check_enough(items, batch_size, what)
+        self.batches_per_epoch = items // batch_size
+
+    def train_dataset(self, start_step, num_steps):
+        """Batches `start_step .. start_step + num_steps - 1` (LM blocks, or SOP pairs)."""
+        if self.document_offsets is not None:
+            return sop_dataset(self.tokens, self.document_offsets, self.seq_len, self.batch_size,
+                               seed=self.seed, start_step=start_step, num_steps=num_steps)
+        return lm_dataset(self.tokens, self.seq_len, self.batch_size, seed=self.seed,
+                          start_step=start_step, num_steps=num_steps)
+
+    def valid_dataset(self):
+        """One ordered pass over the validation text, or `None` without one."""
+        if self.valid_tokens is None:
+            return None
+        steps = num_blocks(len(self.valid_tokens), self.seq_len) // self.batch_size
+        if steps == 0:
+            raise ValueError(f"The validation text ({len(self.valid_tokens)} tokens) holds less "
+                             f"than one batch of {self.batch_size} x {self.seq_len} tokens.")
+        return lm_dataset(self.valid_tokens, self.seq_len, self.batch_size, shuffle=False,
+                          num_steps=steps)
+
+
+def training_data(options, tokenizer, default_files):
+    """Tokenizes and caches (once) the files a `TrainOptions` names; returns `TrainingData`.
+
+    Args:
+        options: a `TrainOptions` (train/valid files, split, cache, shape, SOP, seed).
+        tokenizer: the `GPT2Tokenizer` of the run.
+        default_files: the training files when the options name none.
+    """
+    train_files = options.train_files or default_files
+    cache_dir = options.cache_dir or default_cache_dir(train_files, tokenizer,
+                                                       options.valid_fraction)
+    meta = prepare_corpus(train_files, cache_dir, tokenizer, options.valid_fraction)
+    valid_tokens = None
+    if options.valid_files:
+        valid_cache = default_cache_dir(options.valid_files, tokenizer)
+        prepare_corpus(options.valid_files, valid_cache, tokenizer)
+        valid_tokens = load_split(valid_cache, "train")
+    elif options.valid_fraction:
+        valid_tokens = load_split(cache_dir, "valid")
+    offsets = load_document_offsets(cache_dir) if options.sop else None
+    return TrainingData(load_split(cache_dir, "train"), valid_tokens, offsets, meta,
+                        options.seq_len, options.batch_size, options.seed)

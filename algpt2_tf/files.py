@@ -1,19 +1,73 @@
-"""Writing files so that a kill never leaves a torn one: write a temporary file, then rename."""
+"""Files: finding inputs, the cache folder, and writing so that a kill never leaves a torn file.
 
+Every file this package writes goes through `atomic_path` (or the helpers on
+top of it): the content is written to a temporary path beside the target and
+renamed onto it, so a reader sees the old file or the new one, never half.
+"""
+
+import contextlib
+import glob
 import json
 import os
 
 
+def cache_root():
+    """`$ALGPT2_CACHE` or `~/.cache/algpt2`."""
+    return os.path.expanduser(os.environ.get("ALGPT2_CACHE", "~/.cache/algpt2"))
+
+
+def expand_files(patterns, what="files"):
+    """Sorted, de-duplicated paths matching the globs; an error naming any glob that matches nothing."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    paths = []
+    for pattern in patterns:
+        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                         if os.path.isfile(p))
+        if not matches:
+            raise FileNotFoundError(f"No {what} match {pattern!r}.")
+        paths.extend(m for m in matches if m not in paths)
+    return paths
+
+
+@contextlib.contextmanager
+def atomic_path(path, suffix=""):
+    """Yields a temporary path beside `path` (ending in `suffix`, for writers
+    that insist on an extension); when the block succeeds it is renamed onto
+    `path`, when it fails it is removed.
+
+    Example:
+    >>> import tempfile
+    >>> target = os.path.join(tempfile.mkdtemp(), "numbers.txt")
+    >>> with atomic_path(target) as tmp:
+    ...     with open(tmp, "w") as f:
+    ...         _ = f.write("1 2 3")
+    >>> open(target).read()
+    '1 2 3'
+    """
+    tmp = f"{path}.tmp{suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isdir(tmp):
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def atomic_write_text(path, text):
-    """Writes `text` to `path` through `path.tmp` and an atomic rename."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Writes `text` (UTF-8) to `path` through `atomic_path`."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 def atomic_write_json(path, value):
-    """Writes `value` as indented JSON (see `atomic_write_text`)."""
+    """Writes `value` as indented JSON through `atomic_path`."""
     atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 
 

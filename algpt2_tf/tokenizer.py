@@ -7,7 +7,6 @@ load it and give the same ids inside a TensorFlow graph (used by the
 SavedModel `generate` signature).
 """
 
-import glob
 import hashlib
 import json
 import os
@@ -137,20 +136,6 @@ class GPT2Tokenizer:
             if os.path.abspath(target) != path:
                 shutil.copyfile(path, target)
         self._tokenizer.save(os.path.join(directory, "tokenizer.json"))
-
-
-def expand_files(patterns, what="files"):
-    """Sorted, de-duplicated paths matching the globs; an error naming any glob that matches nothing."""
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    paths = []
-    for pattern in patterns:
-        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                         if os.path.isfile(p))
-        if not matches:
-            raise FileNotFoundError(f"No {what} match {pattern!r}.")
-        paths.extend(m for m in matches if m not in paths)
-    return paths
 
 
 def train_tokenizer(texts, vocab_size, out_dir, min_frequency=2):

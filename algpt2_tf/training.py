@@ -16,106 +16,23 @@ to a temporary file and renamed, so a kill never leaves a torn one.
 """
 
 import csv
-import dataclasses
 import glob
 import json
 import math
 import os
 import re
-from typing import List, Optional
 
 import keras
 import numpy as np
 
 from algpt2_tf import data as data_lib
 from algpt2_tf.config import ALGPT2Config
+from algpt2_tf.files import atomic_path, atomic_write_json, atomic_write_text, cache_root
+from algpt2_tf.train_options import DEFAULT_STEPS, TrainOptions  # noqa: F401  (re-exported)
 from algpt2_tf.xla_flags import enable_elementwise_fusion
 
-DEFAULT_STEPS = 600
-"""Steps of a run given neither --steps nor --epochs (the README's main job)."""
-OPTIMIZERS = ("adamw", "lamb")
-SCHEDULES = ("cosine", "linear", "constant")
 NO_DECAY = ["gamma", "beta", "bias", "embeddings"]
 """Variable-name fragments excluded from weight decay: LayerNorm, biases, embeddings."""
-@dataclasses.dataclass
-class TrainOptions:
-    """Everything a training run depends on (the CLI flags of `algpt2 train`)."""
-
-    out: str
-    preset: Optional[str] = "algpt2-tiny"
-    config: Optional[str] = None
-    train_files: Optional[List[str]] = None
-    valid_files: Optional[List[str]] = None
-    valid_fraction: float = 0.0
-    tokenizer: Optional[str] = None
-    cache_dir: Optional[str] = None
-    seq_len: int = 128
-    batch_size: int = 8
-    steps: Optional[int] = None
-    epochs: Optional[float] = None
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    optimizer: str = "adamw"
-    clip_norm: Optional[float] = 1.0
-    grad_accum: int = 1
-    mixed_precision: Optional[str] = None
-    jit_compile: bool = False
-    fuse_elementwise: bool = False
-    sop: bool = False
-    seed: int = 0
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    verbose: int = 1
-
-    # Options that may change between a run and its resumption.
-    RESUMABLE_CHANGES = ("steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every",
-                         "verbose", "cache_dir", "fuse_elementwise")
-
-    def validate(self):
-        positive = ("seq_len", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
-                    "log_every")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}.")
-        if self.steps is not None and self.epochs is not None:
-            raise ValueError("Give --steps or --epochs, not both.")
-        if self.steps is not None and self.steps <= 0:
-            raise ValueError(f"--steps must be positive, got {self.steps}.")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"--epochs must be positive, got {self.epochs}.")
-        if self.preset and self.config:
-            raise ValueError("Give --preset or --config, not both.")
-        if not self.preset and not self.config:
-            raise ValueError("Give --preset NAME or --config FILE.")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
-        if self.mixed_precision not in (None, "bf16", "fp16"):
-            raise ValueError(f"--mixed-precision must be bf16 or fp16, got {self.mixed_precision!r}.")
-        if self.fuse_elementwise and self.jit_compile:
-            raise ValueError("--fuse-elementwise and --jit-compile exclude each other "
-                             "(--jit-compile already compiles the whole step).")
-        if self.learning_rate <= 0 or self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ValueError("--learning-rate must be > 0, --warmup-steps and --weight-decay >= 0.")
-        if self.clip_norm is not None and self.clip_norm <= 0:
-            raise ValueError(f"--clip-norm must be positive, got {self.clip_norm}.")
-        if self.valid_files and self.valid_fraction:
-            raise ValueError("Give --valid-files or --valid-fraction, not both.")
-        if self.sop and self.seq_len % 2:
-            raise ValueError(f"--sop needs an even --seq-len, got {self.seq_len}.")
-
-    def identity(self):
-        """The options that define the run (everything a resume must keep)."""
-        values = dataclasses.asdict(self)
-        for name in self.RESUMABLE_CHANGES + ("out",):
-            values.pop(name)
-        return values
 
 
 @keras.saving.register_keras_serializable(package="algpt2_tf")
@@ -201,9 +118,8 @@ class CheckpointManager:
                 arrays[f"{prefix}/{i:05d}"] = keras.ops.convert_to_numpy(v)
         if not all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f"):
             return False
-        tmp = self.path(step) + ".tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self.path(step))
+        with atomic_path(self.path(step), ".npz") as tmp:
+            np.savez(tmp, **arrays)
         for old in self.steps()[:-self.keep]:
             os.remove(self.path(old))
         return True
@@ -305,9 +221,7 @@ def default_corpus_files(directory):
     if not os.path.exists(path):
         os.makedirs(directory, exist_ok=True)
         text = "\n\n".join(topics.topics[k].strip() for k in sorted(topics.topics))
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(path + ".tmp", path)
+        atomic_write_text(path, text + "\n")
     return [path]
 
 
@@ -341,10 +255,7 @@ def _check_run_dir(options):
     if os.path.isdir(options.out) and os.listdir(options.out):
         raise ValueError(f"{options.out} is not empty and holds no algpt2 run (no run.json).")
     os.makedirs(options.out, exist_ok=True)
-    tmp = run_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(options.identity(), f, indent=2)
-    os.replace(tmp, run_path)
+    atomic_write_json(run_path, options.identity())
     return False
 
 
@@ -368,24 +279,10 @@ def train(options, log=print):
     tokenizer = GPT2Tokenizer(options.tokenizer)
     config = load_model_config(options, tokenizer)
     # Check the data before touching DIR.
-    train_files = options.train_files or default_corpus_files(
-        os.path.join(data_lib.cache_root(), "default_corpus"))
-    cache_dir = options.cache_dir or data_lib.default_cache_dir(
-        train_files + [f"valid={options.valid_fraction}"], tokenizer)
-    meta = data_lib.prepare_corpus(train_files, cache_dir, tokenizer, options.valid_fraction)
-    tokens = data_lib.load_split(cache_dir, "train")
-    valid_tokens = None
-    if options.valid_files:
-        valid_cache = data_lib.default_cache_dir(options.valid_files, tokenizer)
-        data_lib.prepare_corpus(options.valid_files, valid_cache, tokenizer)
-        valid_tokens = data_lib.load_split(valid_cache, "train")
-    elif options.valid_fraction:
-        valid_tokens = data_lib.load_split(cache_dir, "valid")
-
-    offsets = data_lib.load_document_offsets(cache_dir) if options.sop else None
-    items, item_name = data_lib.count_examples(len(tokens), options.seq_len, offsets)
-    data_lib.check_enough(items, options.batch_size, item_name)
-    batches_per_epoch = items // options.batch_size
+    data = data_lib.training_data(options, tokenizer, default_files=default_corpus_files(
+        os.path.join(cache_root(), "default_corpus")) if not options.train_files else None)
+    valid_ds = data.valid_dataset()
+    batches_per_epoch = data.batches_per_epoch
     if options.steps:
         micro_total = options.steps * options.grad_accum
     elif options.epochs:
@@ -422,19 +319,8 @@ def train(options, log=print):
             log(f"Resuming from step {start_step} ({manager.path(start_step)})")
         truncate_metrics(os.path.join(options.out, "metrics.csv"), start_step)
 
-        make = data_lib.sop_dataset if options.sop else data_lib.lm_dataset
-        extra = (offsets,) if options.sop else ()
-        dataset = make(tokens, *extra, seq_len=options.seq_len, batch_size=options.batch_size,
-                       seed=options.seed, start_step=start_step * options.grad_accum,
-                       num_steps=micro_total - start_step * options.grad_accum)
-        valid_ds = None
-        if valid_tokens is not None:
-            n_valid = data_lib.num_blocks(len(valid_tokens), options.seq_len) // options.batch_size
-            if n_valid == 0:
-                raise ValueError(f"The validation text ({len(valid_tokens)} tokens) holds less than "
-                                 f"one batch of {options.batch_size} x {options.seq_len} tokens.")
-            valid_ds = data_lib.lm_dataset(valid_tokens, options.seq_len, options.batch_size,
-                                           shuffle=False, num_steps=n_valid)
+        dataset = data.train_dataset(start_step * options.grad_accum,
+                                     micro_total - start_step * options.grad_accum)
 
         micro_per_epoch = options.checkpoint_every * options.grad_accum
         callback = TrainingCallback(manager, os.path.join(options.out, "metrics.csv"), start_step,
@@ -444,7 +330,7 @@ def train(options, log=print):
                      keras.callbacks.TensorBoard(os.path.join(options.out, "logs"),
                                                  update_freq=options.log_every)]
         log(f"Training {options.preset or options.config} ({config.num_parameters():,} parameters) "
-            f"on {meta['train_tokens']:,} tokens for {total_steps} steps of "
+            f"on {data.meta['train_tokens']:,} tokens for {total_steps} steps of "
             f"{options.batch_size * options.grad_accum} x {options.seq_len} tokens -> {options.out}")
         model.fit(dataset, epochs=math.ceil(micro_total / micro_per_epoch),
                   initial_epoch=(start_step * options.grad_accum) // micro_per_epoch,
@@ -462,9 +348,8 @@ def train(options, log=print):
     # The final model is a clean float32 copy: no optimizer state, loads anywhere.
     final = ALGPT2LMHeadModel(config)
     final.set_weights(model.get_weights())
-    tmp = os.path.join(options.out, "model.tmp.keras")
-    final.save(tmp)
-    os.replace(tmp, final_path)
+    with atomic_path(final_path, ".keras") as tmp:
+        final.save(tmp)
     log(f"Model written to {final_path}")
     return {"model": final_path, "steps": total_steps, "resumed_from": start_step,
             "metrics": os.path.join(options.out, "metrics.csv")}

@@ -14,7 +14,7 @@ import io
 import os
 import statistics
 
-from algpt2_tf.files import atomic_write_json, atomic_write_text, read_json
+from algpt2_tf.files import atomic_path, atomic_write_json, atomic_write_text, read_json
 
 GENERATION_COLUMNS = ("distinct_1", "distinct_2", "distinct_3", "repeated_4gram_fraction",
                       "mean_length_tokens")
@@ -228,9 +228,8 @@ def _plots(out, rows):
 
 
 def _save(fig, path):
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def copy_report(out, destination):

@@ -24,7 +24,7 @@ import keras
 
 from algpt2_tf.experiments.spec import SpecError
 from algpt2_tf.experiments.text_metrics import text_metrics
-from algpt2_tf.files import atomic_write_json, read_json
+from algpt2_tf.files import atomic_path, atomic_write_json, atomic_write_text, read_json
 
 _WIKITEXT_HEADING = re.compile(r"^ = [^=].* = $")
 
@@ -54,7 +54,7 @@ def article_share(articles, share):
 def source_texts(source):
     """The documents of one `FileSource`."""
     from algpt2_tf.data import read_documents
-    from algpt2_tf.tokenizer import expand_files
+    from algpt2_tf.files import expand_files
 
     if source.wikitext_articles is None:
         return list(read_documents(expand_files(source.path)))
@@ -76,8 +76,6 @@ def materialize_train_files(spec, data_dir):
 
             os.makedirs(data_dir, exist_ok=True)
             lines = "".join(json.dumps({"text": t}) + "\n" for t in source_texts(source))
-            from algpt2_tf.files import atomic_write_text
-
             atomic_write_text(path, lines)
         paths.append(path)
     return paths
@@ -141,9 +139,9 @@ class Experiment:
         if not os.path.exists(os.path.join(directory, "tokenizer.json")):
             texts = [t for s in self.spec.train_files for t in source_texts(s)]
             self.log(f"Training a {wanted['vocab_size']}-id BPE on the training files -> {directory}")
-            train_tokenizer(texts, wanted["vocab_size"], directory + ".tmp",
-                            min_frequency=wanted["min_frequency"])
-            os.replace(directory + ".tmp", directory)
+            with atomic_path(directory) as tmp:
+                train_tokenizer(texts, wanted["vocab_size"], tmp,
+                                min_frequency=wanted["min_frequency"])
         return directory
 
     def arm_config(self, arm, vocab_size):
