@@ -313,8 +313,11 @@ class Generator:
             which applies when no XLA compilation ran in this process before.
 
     Example:
+    >>> from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
+    >>> model = ALGPT2LMHeadModel(ALGPT2Config.from_preset("algpt2-tiny"))
     >>> generator = Generator(model)
-    >>> generator.generate([[464, 3290]], max_new_tokens=8).new_ids
+    >>> [len(ids) for ids in generator.generate([[464, 3290], [40]], max_new_tokens=8).new_ids]
+    [8, 8]
     """
 
     def __init__(self, model, jit_compile=True):
@@ -448,8 +451,13 @@ def generate(model, prompts, max_new_tokens=32, sampler="greedy", seed=None, tok
         A `GenerationOutput` (with `text` when the prompts were strings).
 
     Example:
+    >>> from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
+    >>> model = ALGPT2LMHeadModel(ALGPT2Config.from_preset("algpt2-tiny"))
     >>> out = model.generate("The meaning of life is", max_new_tokens=20, sampler="top_p", seed=1)
-    >>> print(out.text[0])
+    >>> out.text[0].startswith("The meaning of life is"), len(out.new_ids[0]) <= 20
+    (True, True)
+    >>> model.generate("The meaning of life is", max_new_tokens=20, sampler="top_p", seed=1).text == out.text
+    True
     """
     from algpt2_tf.tokenizer import GPT2Tokenizer
 

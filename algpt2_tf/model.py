@@ -64,8 +64,8 @@ class ALGPT2LMHeadModel(keras.Model):
 
     Example:
     >>> model = ALGPT2LMHeadModel(ALGPT2Config.from_preset("algpt2-tiny"))
-    >>> model({"input_ids": np.array([[464, 3290]])})["logits"].shape
-    TensorShape([1, 2, 50257])
+    >>> tuple(model({"input_ids": np.array([[464, 3290]])})["logits"].shape)
+    (1, 2, 50257)
     """
 
     def __init__(self, config, **kwargs):

@@ -153,7 +153,17 @@ def test_tflite_quantized(tmp_path, model_path, quantize):
     report = export_model(model_path, "tflite", str(tmp_path / quantize), quantize=quantize,
                           max_length=64, log=lambda *_: None)
     assert report.size_bytes < 0.7 * base.size_bytes
-    assert report.greedy_agreement is not None and 0.0 <= report.greedy_agreement <= 1.0
+    # The reported agreement is the share of greedy tokens equal to the Keras model's.
+    from ai_edge_litert.interpreter import Interpreter
+
+    from algpt2_tf.saving import load_model
+
+    prompt = GPT2Tokenizer().encode(PROBE_TEXT[0])
+    steps = len(tflite_greedy(Interpreter(model_path=base.path), prompt, 32))
+    lite = tflite_greedy(Interpreter(model_path=report.path), prompt, steps)
+    keras_tokens = load_model(model_path).generate([prompt], max_new_tokens=steps,
+                                                   stop_ids=[]).new_ids[0]
+    assert report.greedy_agreement == np.mean(np.equal(lite, keras_tokens))
     assert report.max_abs_diff < 1.0
 
 

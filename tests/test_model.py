@@ -288,4 +288,18 @@ def test_bad_ids_are_caught_inside_a_graph_too():
 
 
 def test_package_exports():
-    assert algpt2_tf.ALGPT2LMHeadModel is ALGPT2LMHeadModel
+    import subprocess
+    import sys
+
+    assert sorted(algpt2_tf.__all__) == ["ALGPT2Config", "ALGPT2LMHeadModel", "__version__",
+                                         "list_presets"]
+    assert all(hasattr(algpt2_tf, name) for name in algpt2_tf.__all__)
+    # `import algpt2_tf` registers the classes with Keras (a .keras file then loads without
+    # custom_objects); the command line's deferred import resolves the model on first use.
+    assert keras.saving.get_registered_object("algpt2_tf>ALGPT2LMHeadModel") is ALGPT2LMHeadModel
+    code = ("import os, sys; os.environ['ALGPT2_DEFER_TENSORFLOW'] = '1'; import algpt2_tf\n"
+            "before = 'tensorflow' in sys.modules\n"
+            "model_class = algpt2_tf.ALGPT2LMHeadModel\n"
+            "print(before, model_class.__module__, 'tensorflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.split() == ["False", "algpt2_tf.model", "True"], done.stderr[-2000:]

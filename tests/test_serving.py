@@ -254,3 +254,15 @@ def test_client_cli(server, capsys):
 def test_serve_cli_rejects_a_folder_without_versions(tmp_path, capsys):
     assert main(["serve", "--model-base-path", str(tmp_path), "--model-name", "x"]) == 2
     assert "No SavedModel version" in capsys.readouterr().err
+
+
+def test_client_docstring_example_against_a_live_server(exported):
+    """The `ServingClient` docstring example, run as a doctest against `algpt2 serve`."""
+    from test_docstrings import run_examples
+
+    root, _ = exported
+    srv = ServerThread(str(root / "base"), name="algpt2")
+    try:
+        assert run_examples(ServingClient, "ServingClient", {"url": srv.url}) == 2
+    finally:
+        srv.stop()

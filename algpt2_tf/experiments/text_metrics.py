@@ -7,8 +7,11 @@ score a perfect distinct-n), and they are only comparable between models
 sampled with the same prompts, lengths and sampler.
 
 Example:
->>> text_metrics(["the cat sat on the mat", "the cat sat on the cat sat on"])["distinct_1"]
-0.5
+>>> stats = text_metrics(["the cat sat", "the cat ran and the cat sat"])
+>>> stats["distinct_1"], stats["distinct_2"]  # 5 distinct of 10 words, 5 of 8 word pairs
+(0.5, 0.625)
+>>> stats["repeated_4gram_fraction"]  # "the cat ran and" ... "and the cat sat": none repeats
+0.0
 """
 
 from collections import Counter

@@ -40,9 +40,20 @@ class LiteRTDecoder:
             first use); default `default_weight_cache(model_path)`.
         num_threads: CPU threads (default: all).
 
-    Example:
-    >>> decoder = LiteRTDecoder("saved_models/demo-tflite/1/model.tflite")
-    >>> decoder.greedy([464, 3290], steps=8)
+    Example (exports a small random model first):
+    >>> import tempfile
+    >>> from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
+    >>> from algpt2_tf.export import export_model
+    >>> model = ALGPT2LMHeadModel(ALGPT2Config(max_positions=64, hidden_size=32, num_layers=2,
+    ...                                        num_heads=2, intermediate_size=64, embedding_size=16))
+    >>> folder = tempfile.mkdtemp()
+    >>> model.save(f"{folder}/m.keras")
+    >>> report = export_model(f"{folder}/m.keras", "tflite", f"{folder}/lite", max_length=32,
+    ...                       log=lambda *_: None)
+    >>> decoder = LiteRTDecoder(report.path, weight_cache_path=f"{folder}/weights.cache")
+    >>> decoder.greedy([464, 3290], steps=8) == model.generate(
+    ...     [[464, 3290]], max_new_tokens=8, stop_ids=[]).new_ids[0]
+    True
     """
 
     def __init__(self, model_path, weight_cache_path=None, num_threads=None):

@@ -45,8 +45,9 @@ class LayerAdapter(keras.layers.Layer):
     Example:
     >>> adapter = LayerAdapter(hidden_size=32, intermediate_size=64, lora_rank=4)
     >>> adapter.build()
-    >>> adapter.delta("mlp_in", np.ones((1, 3, 32), "float32")).shape  # B = 0: a zero delta
-    (1, 3, 64)
+    >>> delta = adapter.delta("mlp_in", np.ones((1, 3, 32), "float32"))
+    >>> tuple(delta.shape), float(np.abs(delta).max())  # B starts at zero: no change yet
+    ((1, 3, 64), 0.0)
     """
 
     def __init__(self, hidden_size, intermediate_size, norms=False, lora_rank=0,

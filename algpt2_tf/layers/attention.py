@@ -48,7 +48,9 @@ class CausalSelfAttention(keras.layers.Layer):
     Example:
     >>> attention = CausalSelfAttention(hidden_size=32, num_heads=4)
     >>> x = np.zeros((1, 3, 32), "float32")
-    >>> out, _ = attention(x, np.zeros((1, 1, 3, 3), "float32"))
+    >>> out, cache = attention(x, np.zeros((1, 1, 3, 3), "float32"))
+    >>> tuple(out.shape), cache is None
+    ((1, 3, 32), True)
     """
 
     def __init__(self, hidden_size, num_heads, dropout=0.0, initializer_range=0.02,

@@ -39,6 +39,8 @@ class DecoderBlock(keras.layers.Layer):
     Example:
     >>> block = DecoderBlock(hidden_size=32, num_heads=4, intermediate_size=128)
     >>> y, _ = block(np.zeros((1, 3, 32), "float32"), np.zeros((1, 1, 3, 3), "float32"))
+    >>> tuple(y.shape)
+    (1, 3, 32)
     """
 
     def __init__(self, hidden_size, num_heads, intermediate_size, attention_dropout=0.0,

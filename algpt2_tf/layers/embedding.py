@@ -24,7 +24,7 @@ class FactorizedEmbedding(keras.layers.Layer):
 
     Example:
     >>> layer = FactorizedEmbedding(100, 16, hidden_size=32, embedding_size=8)
-    >>> layer(np.array([[1, 2]]), np.array([[0, 1]])).shape
+    >>> tuple(layer(np.array([[1, 2]]), np.array([[0, 1]])).shape)
     (1, 2, 32)
     """
 

@@ -26,6 +26,8 @@ class TiedLMHead(keras.layers.Layer):
     Example:
     >>> head = TiedLMHead(hidden_size=32, embedding_size=8)
     >>> logits = head(np.zeros((1, 3, 32), "float32"), np.zeros((100, 8), "float32"))
+    >>> tuple(logits.shape), str(logits.dtype)
+    ((1, 3, 100), "<dtype: 'float32'>")
     """
 
     def __init__(self, hidden_size, embedding_size=None, tie_projection=False,
@@ -114,7 +116,7 @@ class SOPHead(keras.layers.Layer):
 
     Example:
     >>> head = SOPHead(hidden_size=32)
-    >>> head(np.zeros((2, 5, 32), "float32"), np.ones((2, 5), "int32")).shape
+    >>> tuple(head(np.zeros((2, 5, 32), "float32"), np.ones((2, 5), "int32")).shape)
     (2, 2)
     """
 

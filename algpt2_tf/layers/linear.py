@@ -26,7 +26,7 @@ class Linear(keras.layers.Dense):
 
     Example:
     >>> layer = Linear(8)
-    >>> layer(np.ones((2, 4), "float32")).shape
+    >>> tuple(layer(np.ones((2, 4), "float32")).shape)
     (2, 8)
     """
 

@@ -18,9 +18,11 @@ class ServingClient:
         version: a specific version, or None for the latest.
         timeout: seconds per request.
 
-    Example:
-    >>> client = ServingClient("http://127.0.0.1:8501", "algpt2")
-    >>> client.generate(["Hello"], max_new_tokens=20)["text"]
+    Example (`url` is where `algpt2 serve` listens, e.g. "http://127.0.0.1:8501"; the
+    test suite runs it against a live server):
+    >>> client = ServingClient(url, "algpt2")
+    >>> [text.startswith("Hello") for text in client.generate(["Hello"], max_new_tokens=4)["text"]]
+    [True]
     """
 
     def __init__(self, url, model_name, version=None, timeout=120.0):

@@ -1,0 +1,47 @@
+"""Every docstring example in the package runs, and shows what it prints.
+
+The serving client's example needs a live server: `test_serving.py` runs it.
+"""
+
+import doctest
+import importlib
+
+import numpy as np
+import pytest
+
+MODULES = [
+    "algpt2_tf.config", "algpt2_tf.model", "algpt2_tf.tokenizer", "algpt2_tf.generation",
+    "algpt2_tf.prompts", "algpt2_tf.files", "algpt2_tf.experiments.text_metrics",
+    "algpt2_tf.layers.adapter", "algpt2_tf.layers.attention", "algpt2_tf.layers.block",
+    "algpt2_tf.layers.embedding", "algpt2_tf.layers.heads", "algpt2_tf.layers.linear",
+    "algpt2_tf.export.litert",
+]
+
+
+def run_examples(obj, name, extraglobs=None):
+    """Runs the doctests of a module or object; returns how many examples ran."""
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    tests = finder.find(obj, name, extraglobs={"np": np, **(extraglobs or {})})
+    for test in tests:
+        runner.run(test)
+    assert runner.failures == 0, f"{runner.failures} docstring example(s) of {name} failed (see above)"
+    return sum(len(t.examples) for t in tests)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+    assert run_examples(importlib.import_module(name), name) > 0
+
+
+def test_every_module_with_examples_is_listed():
+    import pkgutil
+
+    import algpt2_tf
+
+    with_examples = set()
+    for info in pkgutil.walk_packages(algpt2_tf.__path__, "algpt2_tf."):
+        module = importlib.import_module(info.name)
+        if any(t.examples for t in doctest.DocTestFinder().find(module, info.name)):
+            with_examples.add(info.name)
+    assert with_examples - set(MODULES) == {"algpt2_tf.serving.client"}
