@@ -304,9 +304,11 @@ def _experiment_run(args):
 
 
 def _experiment_report(args):
-    from algpt2_tf.experiments.report import write_report
+    from algpt2_tf.experiments.report import copy_report, write_report
 
     write_report(args.dir)
+    if args.copy_to:
+        print(f"Report files copied to {copy_report(args.dir, args.copy_to)}")
 
 
 def _add_experiment_commands(sub):
@@ -319,6 +321,8 @@ def _add_experiment_commands(sub):
     r.set_defaults(func=_experiment_run)
     r = esub.add_parser("report", help="rewrite the table, CSV, JSON and plots from the folder")
     r.add_argument("dir", help="an experiment folder")
+    r.add_argument("--copy-to", help="also copy the report files (not the runs) here, e.g. "
+                   "experiments/results/NAME")
     r.set_defaults(func=_experiment_report)
 
 

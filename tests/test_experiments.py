@@ -244,8 +244,10 @@ def test_report_rebuilds_from_disk_and_a_changed_spec_is_refused(finished, tmp_p
     table = (out / "results.md").read_text()
     (out / "results.md").unlink()
     (out / "loss.png").unlink()
-    assert main(["experiment", "report", str(out)]) == 0
+    assert main(["experiment", "report", str(out), "--copy-to", str(tmp_path / "published")]) == 0
     assert (out / "results.md").read_text() == table and (out / "loss.png").exists()
+    assert sorted(os.listdir(tmp_path / "published")) == [
+        "loss.png", "ppl_vs_params.png", "results.csv", "results.json", "results.md", "spec.json"]
     changed = tiny_spec()
     changed["budget"]["tokens"] = 2048
     other = write_spec(os.path.dirname(spec_path), changed, "changed.json")
