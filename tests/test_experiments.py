@@ -90,6 +90,17 @@ def test_text_metrics_by_hand():
     assert stats["distinct_1"] == 4 / 6
 
 
+def test_interval_means_undo_keras_running_means():
+    from algpt2_tf.experiments.report import interval_means
+
+    losses = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0]  # one per step; epochs of 4 steps
+    logged = []
+    for step in (2, 4, 6, 8):  # logged every 2 steps: the mean since the epoch began
+        start = (step - 1) // 4 * 4
+        logged.append([step * 10, sum(losses[start:step]) / (step - start)])
+    assert interval_means(logged, 10, 4) == [[20, 8.5], [40, 6.5], [60, 4.5], [80, 2.5]]
+
+
 def test_wikitext_articles_split_at_top_level_headings(tmp_path):
     write_corpus(tmp_path)
     articles = wikitext_articles(str(tmp_path / "wiki.raw"))

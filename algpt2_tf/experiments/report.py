@@ -30,6 +30,32 @@ def load_results(out):
     return read_json(spec_path), results
 
 
+def interval_means(curve, tokens_per_step, steps_per_epoch):
+    """Turns Keras' logged losses into the mean loss of each logging interval.
+
+    Keras logs the mean loss since the start of the epoch (here: since the
+    last checkpoint), a curve that jumps at every epoch boundary. With
+    equal-sized batches the mean over steps k1+1..k2 of an epoch is
+    `(k2 m2 - k1 m1) / (k2 - k1)`.
+
+    Args:
+        curve: `[tokens, logged loss]` pairs, in step order.
+        tokens_per_step: tokens of one optimizer step.
+        steps_per_epoch: the checkpoint interval.
+    """
+    points, previous = [], None
+    for tokens, mean in curve:
+        step = round(tokens / tokens_per_step)
+        within = (step - 1) % steps_per_epoch + 1
+        if previous is None or previous[0] >= within:  # the first row of an epoch
+            points.append([tokens, mean])
+        else:
+            k1, m1 = previous
+            points.append([tokens, (within * mean - k1 * m1) / (within - k1)])
+        previous = (within, mean)
+    return points
+
+
 def _mean_spread(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -39,6 +65,11 @@ def _mean_spread(values):
 
 def summarize(spec, results):
     """One row per arm (in spec order) at its chosen learning rate; arms with no result are left out."""
+    from algpt2_tf.train_options import TrainOptions
+
+    tokens_per_step = spec["budget"]["seq_len"] * spec["budget"]["batch_size"]
+    steps_per_epoch = (spec.get("options") or {}).get("checkpoint_every",
+                                                      TrainOptions.checkpoint_every)
     rows = []
     for arm in spec["arms"]:
         runs = [r for r in results if r["arm"] == arm["name"]]
@@ -74,7 +105,7 @@ def summarize(spec, results):
         if "generation" in best:
             row["generation"] = {k: _mean_spread([r["generation"].get(k) for r in chosen])[0]
                                  for k in GENERATION_COLUMNS}
-        row["curve"] = best.get("curve", [])
+        row["curve"] = interval_means(best.get("curve", []), tokens_per_step, steps_per_epoch)
         rows.append(row)
     baseline = next((r for r in rows if r["arm"] == spec["baseline"]), None)
     for row in rows:
@@ -202,7 +233,7 @@ def _plots(out, rows):
             tokens, loss = zip(*r["curve"])
             ax.plot(tokens, loss, label=r["arm"])
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("training loss (nats/token, mean since the last checkpoint)")
+    ax.set_ylabel("training loss (nats/token, mean of each logging interval)")
     ax.set_title("Training loss")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -286,7 +286,8 @@ def training_curve(metrics_path, tokens_per_step):
     """The final training loss, the validation loss and the loss curve from `metrics.csv`.
 
     Keras logs the mean loss since the start of the epoch (an epoch is one
-    checkpoint interval), so the curve is smoothed within each interval.
+    checkpoint interval): the curve keeps those values as logged, and the
+    report turns them into per-interval means (`report.interval_means`).
     """
     import csv
 
