@@ -11,6 +11,7 @@ over its seeds, with the spread (max - min) where it has several.
 import csv
 import glob
 import io
+import math
 import os
 import statistics
 
@@ -28,6 +29,16 @@ def load_results(out):
     results = [read_json(p) for p in sorted(glob.glob(os.path.join(out, "arms", "*", "*",
                                                                    "result.json")))]
     return read_json(spec_path), results
+
+
+def best_by_valid_loss(runs):
+    """The run with the lowest validation loss (a missing or non-finite loss ranks last):
+    how a learning-rate sweep is decided, by the runner and in the report alike."""
+    def key(run):
+        loss = run.get("valid_loss")
+        return math.inf if loss is None or not math.isfinite(loss) else loss
+
+    return min(runs, key=key)
 
 
 def interval_means(curve, tokens_per_step, steps_per_epoch):
@@ -77,8 +88,7 @@ def summarize(spec, results):
             continue
         first_seed = arm.get("seeds", spec.get("seeds", [0]))[0]
         candidates = [r for r in runs if r["seed"] == first_seed] or runs
-        best = min(candidates, key=lambda r: (r.get("valid_loss") is None,
-                                              r.get("valid_loss") or 0.0))
+        best = best_by_valid_loss(candidates)
         chosen = [r for r in runs if r["learning_rate"] == best["learning_rate"] and "eval" in r]
         if not chosen:
             continue  # trained, not evaluated yet

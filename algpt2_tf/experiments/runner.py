@@ -15,13 +15,13 @@ skips finished runs and resumes an unfinished one from its last checkpoint
 interval.
 """
 
-import math
 import os
 import re
 import time
 
 import keras
 
+from algpt2_tf.experiments.report import best_by_valid_loss
 from algpt2_tf.experiments.spec import SpecError
 from algpt2_tf.experiments.text_metrics import text_metrics
 from algpt2_tf.files import atomic_path, atomic_write_json, atomic_write_text, read_json
@@ -87,15 +87,10 @@ def run_dir_name(learning_rate, seed):
 
 
 def default_learning_rate(spec, arm):
-    from algpt2_tf.training import TrainOptions
+    from algpt2_tf.train_options import TrainOptions
 
     return float(arm.options.get("learning_rate",
                                  spec.options.get("learning_rate", TrainOptions.learning_rate)))
-
-
-def valid_loss_of(result):
-    loss = result.get("valid_loss")
-    return math.inf if loss is None or not math.isfinite(loss) else loss
 
 
 class Experiment:
@@ -186,7 +181,7 @@ class Experiment:
             started = time.time()
             train_args = (config_path, config, tokenizer_dir, train_files)
             first = [self._train(arm, rate, arm.seeds[0], *train_args) for rate in rates]
-            best = min(first, key=valid_loss_of)
+            best = best_by_valid_loss(first)
             chosen[arm.name] = best["learning_rate"]
             # Only the chosen rate is evaluated and run with the other seeds.
             more = [best] + [self._train(arm, best["learning_rate"], seed, *train_args)

@@ -181,7 +181,7 @@ def _files(value, base_dir, where):
 
 
 def _options(value, where, allowed):
-    from algpt2_tf.training import TrainOptions
+    from algpt2_tf.train_options import TrainOptions
 
     _mapping(value, where, allowed)
     # Type and range checks are TrainOptions' own (see resolve_options).
