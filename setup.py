@@ -26,9 +26,15 @@ setup(
         "uvicorn>=0.29,<1",
         "pyyaml>=6",  # experiment specs in YAML
         "matplotlib>=3.8",  # experiment plots
+        "safetensors>=0.4",  # Hugging Face checkpoints (algpt2_tf/convert)
+        "ml_dtypes>=0.4",  # bfloat16 tensors in those checkpoints (a TensorFlow dependency too)
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6", "httpx>=0.27"],
+        # torch is pinned exactly: 2.13.0's CPU build installs from a local file here, while any
+        # other or an unpinned torch pulls a CUDA build of several GB. transformers + torch are
+        # the reference that tests/test_convert.py compares our conversions with.
+        "dev": ["pytest>=8", "hypothesis>=6", "httpx>=0.27", "torch==2.13.0",
+                "transformers>=5,<6"],
     },
     entry_points={"console_scripts": ["algpt2=algpt2_command:main"]},
 )

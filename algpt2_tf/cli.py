@@ -165,6 +165,35 @@ def _add_export_command(sub):
     p.set_defaults(func=_export)
 
 
+# ------------------------------------------------------------------- convert
+def _convert(args):
+    import warnings
+
+    from algpt2_tf import convert
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if args.from_hf:
+            report = convert.import_hf(args.from_hf, args.out)
+        else:
+            report = convert.export_hf(args.to_hf, args.out)
+    for warning in caught:
+        print(f"algpt2 convert: warning: {warning.message}", file=sys.stderr)
+    print(report.summary())
+
+
+def _add_convert_command(sub):
+    p = sub.add_parser("convert", help="import a Hugging Face GPT-2, or export ours as one")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", metavar="DIR",
+                        help="a Hugging Face GPT-2 folder (config.json + model.safetensors)")
+    source.add_argument("--to-hf", metavar="MODEL", help="our model.keras or a run directory")
+    p.add_argument("--out", required=True,
+                   help="the new folder: a run directory (--from-hf) or a Hugging Face folder "
+                        "(--to-hf)")
+    p.set_defaults(func=_convert)
+
+
 # --------------------------------------------------------------------- serve
 def _serve(args):
     from algpt2_tf.serving.server import serve
@@ -341,7 +370,7 @@ def build_parser():
 
 
 _EXTRA_COMMANDS = [_add_training_commands, _add_experiment_commands, _add_generation_commands,
-                   _add_export_command, _add_serving_commands]
+                   _add_export_command, _add_convert_command, _add_serving_commands]
 
 
 def main(argv=None):

@@ -59,6 +59,33 @@ def atomic_path(path, suffix=""):
         raise
 
 
+@contextlib.contextmanager
+def new_directory(path):
+    """Yields a temporary folder beside `path`, renamed to `path` when the
+    block succeeds and removed when it fails: a folder appears whole or not at
+    all. `path` must not exist yet (or be an empty folder).
+
+    Raises:
+        FileExistsError: `path` exists and is not an empty folder.
+    """
+    import shutil
+    import tempfile
+
+    if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise FileExistsError(f"{path} already exists; choose a new folder or remove it first.")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(path):
+            os.rmdir(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def atomic_write_text(path, text):
     """Writes `text` (UTF-8) to `path` through `atomic_path`."""
     with atomic_path(path) as tmp:

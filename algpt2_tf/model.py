@@ -283,6 +283,49 @@ class ALGPT2LMHeadModel(keras.Model):
         return results
 
     # ------------------------------------------------------------ serialization
+    @classmethod
+    def from_preset(cls, preset, load_weights=True):
+        """Loads a model the keras-hub way, from a name or a local folder.
+
+        Args:
+            preset: a run folder or `.keras` file of ours, a Hugging Face
+                GPT-2 folder (`config.json` + `model.safetensors`, converted
+                on the fly by `algpt2_tf.convert.from_hf`), or a preset name
+                (`algpt2_tf.list_presets()`).
+            load_weights: `False` gives a freshly initialized model of the
+                preset's (or folder's) config. No weights ship with the
+                package, so a preset name needs `load_weights=False`.
+
+        Example:
+        >>> ALGPT2LMHeadModel.from_preset("algpt2-tiny", load_weights=False).config.hidden_size
+        128
+        """
+        import os
+
+        from algpt2_tf.config import list_presets
+
+        if preset in list_presets():
+            if load_weights:
+                raise ValueError(f"No trained weights ship for preset {preset!r}: pass "
+                                 f"load_weights=False for a freshly initialized model, or a "
+                                 f"folder (a run of ours, or a Hugging Face GPT-2).")
+            return cls(ALGPT2Config.from_preset(preset))
+        from algpt2_tf import convert
+        from algpt2_tf.saving import load_model
+
+        if (os.path.isdir(preset) and not os.path.isfile(os.path.join(preset, "model.keras"))
+                and convert.is_hf_folder(preset)):
+            if not load_weights:
+                from algpt2_tf.convert.hf_config import config_from_hf, read_hf_config
+
+                return cls(config_from_hf(read_hf_config(preset)))
+            return convert.from_hf(preset)[0]
+        if not os.path.exists(preset):
+            raise ValueError(f"{preset!r} is neither a preset ({', '.join(list_presets())}) nor "
+                             f"an existing folder or .keras file.")
+        model = load_model(preset)
+        return model if load_weights else cls(model.config)
+
     def get_config(self):
         return {
             "name": self.name,
