@@ -172,7 +172,7 @@ def _convert(args):
     from algpt2_tf import convert
 
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", convert.ConversionWarning)
         if args.from_hf:
             report = convert.import_hf(args.from_hf, args.out)
         else:

@@ -199,13 +199,16 @@ def test_algpt2_exports_exactly(tmp_path, rng, overrides):
 
 
 def test_export_writes_a_tokenizer_transformers_loads(tmp_path, rng, capsys):
-    model = randomize(ALGPT2LMHeadModel(ours_config(vocab_size=50257)), rng)
+    model = randomize(ALGPT2LMHeadModel(ours_config(vocab_size=50257, sop_head=True)), rng)
     run = tmp_path / "run"
     run.mkdir()
     model.save(str(run / "model.keras"))
     GPT2Tokenizer().save(str(run / "tokenizer"))
     assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "hf")]) == 0
-    assert "untied lm_head" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "untied lm_head" in printed.out and "dropped: sop_head" in printed.out
+    assert printed.err.strip() == ("algpt2 convert: warning: A GPT-2 checkpoint has no sop_head: "
+                                   "it is not exported (the language model is, exactly).")
     assert {"config.json", "model.safetensors", "generation_config.json", "vocab.json",
             "merges.txt", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(tmp_path / "hf"))
     loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))

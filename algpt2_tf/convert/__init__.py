@@ -26,6 +26,10 @@ from algpt2_tf.convert import gpt2_weights, hf_config, hf_tokenizer, safetensors
 from algpt2_tf.convert.numpy_gpt2 import gpt2_logits
 from algpt2_tf.files import new_directory
 
+class ConversionWarning(UserWarning):
+    """Something of the model that the converted format cannot hold (it is left out)."""
+
+
 PROBE_LENGTH = 12
 """Tokens in the sequence each conversion checks its logits on."""
 
@@ -155,7 +159,8 @@ def import_hf(path, out):
         elif config.vocab_size < 50257:
             warnings.warn(f"{path} has no tokenizer files and a vocabulary of "
                           f"{config.vocab_size} ids: the default GPT-2 tokenizer will not fit it; "
-                          f"copy its tokenizer into {out}/tokenizer/.", stacklevel=2)
+                          f"copy its tokenizer into {out}/tokenizer/.", ConversionWarning,
+                          stacklevel=2)
         config.to_json_file(os.path.join(tmp, "config.json"))
         atomic_write_json(os.path.join(tmp, "converted_from.json"),
                           {"source": os.path.abspath(path), "config": values})
@@ -232,7 +237,8 @@ def to_hf(model, out, tokenizer=None):
     diff = _check_against_reference(model, expanded.tensors, values, "to_hf")
     if expanded.dropped:
         warnings.warn(f"A GPT-2 checkpoint has no {', '.join(expanded.dropped)}: it is not "
-                      f"exported (the language model is, exactly).", stacklevel=2)
+                      f"exported (the language model is, exactly).", ConversionWarning,
+                      stacklevel=2)
     tensors = {(name if name.startswith("lm_head.") else f"transformer.{name}"): value
                for name, value in expanded.tensors.items()}
     with new_directory(out) as tmp:
@@ -265,4 +271,4 @@ def _write_json(path, value):
 
 
 __all__ = ["from_hf", "import_hf", "to_hf", "export_hf", "is_hf_folder", "ImportReport",
-           "HFExportReport"]
+           "HFExportReport", "ConversionWarning"]

@@ -110,3 +110,6 @@ def write_file(path, tensors, metadata=None):
 
     save_file({name: np.ascontiguousarray(value) for name, value in tensors.items()}, path,
               metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors writes it private
