@@ -67,7 +67,7 @@ def _train(args):
 
     values = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__}
     if "preset" not in values:
-        values["preset"] = None if args.config else TrainOptions.preset
+        values["preset"] = None if args.config or args.init_model else TrainOptions.preset
     options = TrainOptions(**values)
     try:
         train(options)
@@ -194,6 +194,53 @@ def _add_convert_command(sub):
     p.set_defaults(func=_convert)
 
 
+# ------------------------------------------------------------------ compress
+def _compress(args):
+    from algpt2_tf.compression import compress_to_run
+
+    overrides = None
+    if args.overrides:
+        try:
+            overrides = json.loads(args.overrides)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--overrides is not valid JSON: {e}") from None
+        if not isinstance(overrides, dict):
+            raise UsageError("--overrides must be a JSON object of config fields.")
+    texts = None
+    if args.eval_files:
+        from algpt2_tf.data import read_documents
+        from algpt2_tf.files import expand_files
+
+        texts = list(read_documents(expand_files(args.eval_files)))
+        if not texts:
+            raise UsageError("The --eval-files hold no text.")
+    report = compress_to_run(args.teacher, args.out, preset=args.preset, overrides=overrides,
+                             init=args.init, lora_rank=args.lora_rank, eval_texts=texts,
+                             seq_len=args.seq_len, log=lambda line: print(line, file=sys.stderr))
+    print(report.summary())
+
+
+def _add_compress_command(sub):
+    from algpt2_tf.compression import INITS
+
+    p = sub.add_parser("compress", help="initialize an ALGPT2 from a trained GPT-2 (then train "
+                       "it with --init-model and --teacher)")
+    p.add_argument("--teacher", required=True, help="the trained model (model.keras or a run)")
+    p.add_argument("--preset", default="algpt2",
+                   help="the sharing to take from a preset (E, groups, ...); the shape is the "
+                        "teacher's")
+    p.add_argument("--overrides", help='config fields as JSON, e.g. \'{"num_layer_groups": 2}\'')
+    p.add_argument("--init", default="average", choices=INITS,
+                   help="a shared block starts from the mean of its layers or the first")
+    p.add_argument("--lora-rank", type=int,
+                   help="per-layer low-rank deltas from the SVD of (layer - shared block)")
+    p.add_argument("--eval-files", nargs="+", help="held-out text: report the perplexity of "
+                   "the teacher, the student and a random-init student")
+    p.add_argument("--seq-len", type=int, default=128, help="evaluation window")
+    p.add_argument("--out", required=True, help="the new run folder")
+    p.set_defaults(func=_compress)
+
+
 # --------------------------------------------------------------------- serve
 def _serve(args):
     from algpt2_tf.serving.server import serve
@@ -306,6 +353,15 @@ def _add_training_commands(sub):
                    help="XLA-fuse the element-wise ops, matmuls stay oneDNN (bf16 on CPU)")
     p.add_argument("--sop", action="store_true", help="train with sentence-order prediction")
     p.add_argument("--seed", type=int, help="initialization and data order")
+    p.add_argument("--init-model", help="start from this model's weights and config (e.g. "
+                   "`algpt2 compress`'s output) instead of --preset/--config")
+    p.add_argument("--teacher", help="distill from this model (same vocabulary): adds "
+                   "--distill-weight x KL(teacher || student) to the loss")
+    p.add_argument("--distill-weight", type=float, help="weight of the distillation term")
+    p.add_argument("--distill-temperature", type=float, help="softmax temperature T (the "
+                   "term is scaled by T^2)")
+    p.add_argument("--teacher-precision", choices=["float32", "bf16"],
+                   help="how the teacher computes")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept")
     p.add_argument("--log-every", type=int, help="steps between metrics.csv rows")
@@ -370,7 +426,8 @@ def build_parser():
 
 
 _EXTRA_COMMANDS = [_add_training_commands, _add_experiment_commands, _add_generation_commands,
-                   _add_export_command, _add_convert_command, _add_serving_commands]
+                   _add_export_command, _add_convert_command, _add_compress_command,
+                   _add_serving_commands]
 
 
 def main(argv=None):

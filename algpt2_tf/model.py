@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from algpt2_tf import losses
+from algpt2_tf import distillation, losses
 from algpt2_tf.config import ALGPT2Config
 from algpt2_tf.layers.adapter import LayerAdapter
 from algpt2_tf.layers.block import DecoderBlock
@@ -108,6 +108,7 @@ class ALGPT2LMHeadModel(keras.Model):
         self.perplexity_tracker = losses.Perplexity(name="perplexity")
         self.sop_loss_tracker = keras.metrics.Mean(name="sop_loss")
         self.sop_accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="sop_accuracy")
+        self.distill_loss_tracker = keras.metrics.Mean(name="distill_loss")
         self.build()
 
     def build(self, input_shape=None):
@@ -246,10 +247,24 @@ class ALGPT2LMHeadModel(keras.Model):
         return outputs
 
     # ---------------------------------------------------------------- training
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """Next-token cross-entropy (masked) + `sop_loss_weight` x SOP cross-entropy.
+    _distillation = None
 
-        Also updates the `lm_loss`, `perplexity`, `sop_loss` and `sop_accuracy` metrics.
+    def set_teacher(self, teacher, weight=1.0, temperature=1.0):
+        """Trains against `teacher` too (see `distillation.py`); `None` stops it.
+
+        The teacher is not one of this model's layers: its weights are not
+        saved, checkpointed or trained with it.
+        """
+        # object.__setattr__: Keras would otherwise track the teacher as a sub-layer.
+        object.__setattr__(self, "_distillation",
+                           None if teacher is None else (teacher, float(weight), float(temperature)))
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Next-token cross-entropy (masked) + `sop_loss_weight` x SOP cross-entropy
+        (+ the distillation term with a teacher, see `set_teacher`).
+
+        Also updates the `lm_loss`, `perplexity`, `sop_loss`, `sop_accuracy`
+        and `distill_loss` metrics.
         """
         input_ids, attention_mask = self._unpack_inputs(x)
         labels = x.get("labels") if isinstance(x, dict) else None
@@ -263,6 +278,14 @@ class ALGPT2LMHeadModel(keras.Model):
         self.lm_loss_tracker.update_state(lm_loss, sample_weight=tokens)
         self.perplexity_tracker.update_state(lm_loss, sample_weight=tokens)
         total = lm_loss
+        if self._distillation is not None:
+            teacher, distill_weight, temperature = self._distillation
+            teacher_logits = ops.stop_gradient(teacher(
+                {"input_ids": input_ids, "attention_mask": attention_mask})["logits"])
+            distill = distillation.kl_to_teacher(y_pred["logits"], teacher_logits, weight,
+                                                 temperature)
+            self.distill_loss_tracker.update_state(distill, sample_weight=tokens)
+            total = total + distill_weight * distill
         sop_labels = x.get("sop_labels") if isinstance(x, dict) else None
         if sop_labels is not None:
             if "sop_logits" not in y_pred:
@@ -275,11 +298,14 @@ class ALGPT2LMHeadModel(keras.Model):
         return total + self._aggregate_additional_loss(self.losses) if self.losses else total
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        """The standard metrics; the SOP ones only for batches that carry `sop_labels`."""
+        """The standard metrics; the SOP ones only for batches that carry
+        `sop_labels`, `distill_loss` only with a teacher."""
         results = super().compute_metrics(x, y, y_pred, sample_weight)
         if not (isinstance(x, dict) and "sop_labels" in x):
             results.pop("sop_loss", None)
             results.pop("sop_accuracy", None)
+        if self._distillation is None:
+            results.pop("distill_loss", None)
         return results
 
     # ------------------------------------------------------------ serialization

@@ -43,6 +43,11 @@ class TrainOptions:
     fuse_elementwise: bool = False
     sop: bool = False
     seed: int = 0
+    init_model: Optional[str] = None
+    teacher: Optional[str] = None
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
+    teacher_precision: str = "float32"
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -65,10 +70,19 @@ class TrainOptions:
             raise ValueError(f"--steps must be positive, got {self.steps}.")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"--epochs must be positive, got {self.epochs}.")
-        if self.preset and self.config:
-            raise ValueError("Give --preset or --config, not both.")
-        if not self.preset and not self.config:
-            raise ValueError("Give --preset NAME or --config FILE.")
+        if sum(bool(x) for x in (self.preset, self.config, self.init_model)) > 1:
+            raise ValueError("Give one of --preset, --config and --init-model (whose config it is).")
+        if not self.preset and not self.config and not self.init_model:
+            raise ValueError("Give --preset NAME, --config FILE or --init-model MODEL.")
+        if not self.teacher and (self.distill_weight != 1.0 or self.distill_temperature != 1.0
+                                 or self.teacher_precision != "float32"):
+            raise ValueError("--distill-weight, --distill-temperature and --teacher-precision "
+                             "need --teacher.")
+        if self.distill_weight < 0 or self.distill_temperature <= 0:
+            raise ValueError("--distill-weight must be >= 0 and --distill-temperature > 0.")
+        if self.teacher_precision not in ("float32", "bf16"):
+            raise ValueError(f"--teacher-precision must be float32 or bf16, "
+                             f"got {self.teacher_precision!r}.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
         if self.schedule not in SCHEDULES:

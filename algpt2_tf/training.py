@@ -226,8 +226,14 @@ def default_corpus_files(directory):
 
 
 def load_model_config(options, tokenizer):
-    config = (ALGPT2Config.from_preset(options.preset) if options.preset
-              else ALGPT2Config.from_json_file(options.config))
+    if options.init_model:
+        from algpt2_tf.saving import load_model
+
+        config = load_model(options.init_model).config
+    elif options.preset:
+        config = ALGPT2Config.from_preset(options.preset)
+    else:
+        config = ALGPT2Config.from_json_file(options.config)
     if config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"The model's vocab_size ({config.vocab_size}) is smaller than the "
                          f"tokenizer's ({tokenizer.vocab_size}).")
@@ -278,6 +284,12 @@ def train(options, log=print):
         enable_elementwise_fusion()
     tokenizer = GPT2Tokenizer(options.tokenizer)
     config = load_model_config(options, tokenizer)
+    teacher = None
+    if options.teacher:
+        from algpt2_tf.distillation import load_teacher
+
+        teacher = load_teacher(options.teacher, config.vocab_size, tokenizer,
+                               options.teacher_precision)
     # Check the data before touching DIR.
     data = data_lib.training_data(options, tokenizer, default_files=default_corpus_files(
         os.path.join(cache_root(), "default_corpus")) if not options.train_files else None)
@@ -309,6 +321,12 @@ def train(options, log=print):
             "mixed_bfloat16" if options.mixed_precision == "bf16" else "mixed_float16")
     try:
         model = ALGPT2LMHeadModel(config)
+        if options.init_model:
+            from algpt2_tf.saving import load_model
+
+            model.set_weights(load_model(options.init_model).get_weights())
+        if teacher is not None:
+            model.set_teacher(teacher, options.distill_weight, options.distill_temperature)
         if model.sop_head is not None and not options.sop:
             model.sop_head.trainable = False  # no SOP labels: nothing to learn there
         optimizer = make_optimizer(options, total_steps)
@@ -329,7 +347,9 @@ def train(options, log=print):
         callbacks = [callback,
                      keras.callbacks.TensorBoard(os.path.join(options.out, "logs"),
                                                  update_freq=options.log_every)]
-        log(f"Training {options.preset or options.config} ({config.num_parameters():,} parameters) "
+        log(f"Training {options.preset or options.config or options.init_model} "
+            f"({config.num_parameters():,} parameters"
+            f"{', distilling ' + options.teacher if teacher is not None else ''}) "
             f"on {data.meta['train_tokens']:,} tokens for {total_steps} steps of "
             f"{options.batch_size * options.grad_accum} x {options.seq_len} tokens -> {options.out}")
         model.fit(dataset, epochs=math.ceil(micro_total / micro_per_epoch),

@@ -132,6 +132,19 @@ def _mutations():
                                            "valid_fraction"),
         "baseline not an arm": (lambda s: s.update(baseline="gpt3"), "gpt3"),
         "budget below one batch": (lambda s: s["budget"].update(tokens=10), "one batch"),
+        "compress from an unknown arm": (lambda s: arm(s, 1).update(compress={"from": "bert"}),
+                                         "compress.from: 'bert' is not an earlier arm"),
+        "compress from a later arm": (lambda s: arm(s, 0).update(compress={"from": "algpt2_lora"}),
+                                      "'algpt2_lora' is not an earlier arm"),
+        "compress across shapes": (lambda s: (arm(s, 1)["config"].update(intermediate_size=48),
+                                              arm(s, 1).update(compress={"from": "gpt2"})),
+                                   "intermediate_size (48) differs"),
+        "bad compress init": (lambda s: arm(s, 1).update(compress={"from": "gpt2", "init": "x"}),
+                              "compress.init"),
+        "negative distill weight": (lambda s: arm(s, 1).update(
+            distill={"from": "gpt2", "weight": -1}), "distill.weight"),
+        "gap names no arm": (lambda s: s.update(gap={"teacher": "gpt2", "scratch": "x"}),
+                             "gap.scratch"),
     }
 
 

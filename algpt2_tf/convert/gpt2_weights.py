@@ -37,7 +37,7 @@ from algpt2_tf.layers.adapter import KERNELS
 
 # GPT-2 tensor suffix of a layer -> (our module path in a DecoderBlock, the
 # LayerNorm/Linear attribute), and the low-rank delta that merges into it.
-_LAYER_TENSORS = {
+LAYER_TENSORS = {
     "ln_1.weight": ("attention_norm", "gamma"),
     "ln_1.bias": ("attention_norm", "beta"),
     "attn.c_attn.weight": ("attention.qkv", "kernel"),
@@ -51,13 +51,14 @@ _LAYER_TENSORS = {
     "mlp.c_proj.weight": ("mlp_out", "kernel"),
     "mlp.c_proj.bias": ("mlp_out", "bias"),
 }
-_DELTA_OF = dict(zip(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+DELTA_OF = dict(zip(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                       "mlp.c_proj.weight"), KERNELS))
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 """Old causal-mask buffers some checkpoints carry: not weights."""
 
 
-def _resolve(owner, dotted):
+def resolve(owner, dotted):
+    """The attribute at a dotted path: `resolve(block, "attention.qkv")` is `block.attention.qkv`."""
     for name in dotted.split("."):
         owner = getattr(owner, name)
     return owner
@@ -65,11 +66,11 @@ def _resolve(owner, dotted):
 
 def _layer_variable(model, layer, suffix):
     """Our variable that GPT-2 tensor `h.{layer}.{suffix}` reads from (before any delta)."""
-    path, attribute = _LAYER_TENSORS[suffix]
+    path, attribute = LAYER_TENSORS[suffix]
     owner = model.block_for_layer(layer)
     if path.endswith("_norm") and model.config.per_layer_norms:
         owner = model.adapters[layer]
-    return getattr(_resolve(owner, path), attribute)
+    return getattr(resolve(owner, path), attribute)
 
 
 def gpt2_shapes(config):
@@ -130,7 +131,7 @@ def load_gpt2_tensors(model, tensors, source="the checkpoint"):
                "ln_f.weight": model.lm_head.final_norm.gamma,
                "ln_f.bias": model.lm_head.final_norm.beta}
     for n in range(c.num_layers):
-        targets.update({f"h.{n}.{s}": _layer_variable(model, n, s) for s in _LAYER_TENSORS})
+        targets.update({f"h.{n}.{s}": _layer_variable(model, n, s) for s in LAYER_TENSORS})
     for name, variable in targets.items():
         variable.assign(np.asarray(tensors[name], dtype="float32"))
 
@@ -207,9 +208,9 @@ def export_tensors(model):
     put("ln_f.bias", beta)
     for n in range(c.num_layers):
         adapter = model.adapters[n] if model.adapters else None
-        for suffix in _LAYER_TENSORS:
+        for suffix in LAYER_TENSORS:
             variable = _layer_variable(model, n, suffix)
-            delta = _DELTA_OF.get(suffix)
+            delta = DELTA_OF.get(suffix)
             if adapter is not None and adapter.lora_rank and delta:
                 put(f"h.{n}.{suffix}", _value(variable)
                     + _value(adapter.lora_a[delta]) @ _value(adapter.lora_b[delta]))

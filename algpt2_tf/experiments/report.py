@@ -116,6 +116,8 @@ def summarize(spec, results):
             row["generation"] = {k: _mean_spread([r["generation"].get(k) for r in chosen])[0]
                                  for k in GENERATION_COLUMNS}
         row["curve"] = interval_means(best.get("curve", []), tokens_per_step, steps_per_epoch)
+        row["compress"] = best.get("compress")  # with "init_eval": held-out figures before training
+        row["distill"] = best.get("distill")
         rows.append(row)
     baseline = next((r for r in rows if r["arm"] == spec["baseline"]), None)
     for row in rows:
@@ -126,7 +128,53 @@ def summarize(spec, results):
                                               if base else None)
             entry["bits_per_byte_ratio"] = (entry["bits_per_byte"] / base["bits_per_byte"]
                                             if base else None)
+    _gap_closed(spec, rows)
     return rows
+
+
+def _gap_closed(spec, rows):
+    """`entry["gap_closed"]`: the share of the word-perplexity gap between the
+    spec's `gap.scratch` and `gap.teacher` arms that an arm closes (0 = no
+    better than scratch, 1 = as good as the teacher)."""
+    gap = spec.get("gap")
+    by_name = {r["arm"]: r for r in rows}
+    if not gap or gap["teacher"] not in by_name or gap["scratch"] not in by_name:
+        return
+    teacher, scratch = by_name[gap["teacher"]], by_name[gap["scratch"]]
+    for row in rows:
+        for name, entry in row["eval"].items():
+            high = scratch["eval"][name]["word_perplexity"]
+            low = teacher["eval"][name]["word_perplexity"]
+            entry["gap_closed"] = ((high - entry["word_perplexity"]) / (high - low)
+                                   if high != low else None)
+
+
+def compression_table(spec, rows):
+    """The table of a spec with a `gap`: each arm's parameters against the teacher's,
+    how it started and trained, and the gap it closes on each evaluation set."""
+    gap = spec["gap"]
+    teacher = next((r for r in rows if r["arm"] == gap["teacher"]), None)
+    if teacher is None:
+        return ""
+    sets = list(teacher["eval"])
+    header = ["arm", "params", "params vs teacher", "init", "distill"]
+    for name in sets:
+        header += [f"{name} word ppl at init", f"{name} word ppl", f"{name} gap closed"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        compress, distill = r.get("compress"), r.get("distill")
+        cells = [r["arm"], f"{r['parameters']:,}", _fmt(r["parameters"] / teacher["parameters"], 3),
+                 f"{compress['init']} from {compress['from']}" if compress else "random",
+                 f"{distill['from']} (weight {distill['weight']:g}, T {distill['temperature']:g})"
+                 if distill else "-"]
+        for name in sets:
+            init_eval = (compress or {}).get("init_eval", {}).get(name)
+            entry = r["eval"][name]
+            cells += [_fmt(init_eval["word_perplexity"]) if init_eval else "-",
+                      _fmt(entry["word_perplexity"], 2, entry["word_perplexity_spread"]),
+                      _fmt(entry.get("gap_closed"), 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _fmt(value, digits=2, spread=None):
@@ -188,6 +236,11 @@ def write_report(out, log=print):
              "split of the training text, never on the evaluation sets. ± is half the spread "
              "(max - min) over seeds. rep-4: the share of repeated 4-grams; len: mean "
              "continuation length in tokens."]
+    if spec.get("gap") and rows:
+        text += ["", f"Compression: the gap between `{spec['gap']['scratch']}` (trained from "
+                 f"scratch) and its teacher `{spec['gap']['teacher']}`, and the share of it each "
+                 "arm closes (word perplexity; 1 = as good as the teacher). 'at init': the "
+                 "compressed student before any training.", "", compression_table(spec, rows)]
     sweeps = [r for r in rows if r["sweep"]]
     if sweeps:
         text += ["", "Learning-rate sweeps (validation loss at seed "

@@ -165,7 +165,9 @@ class Experiment:
         train_files = materialize_train_files(spec, os.path.join(self.out, "data"))
         eval_texts = {name: [t for s in sources for t in source_texts(s)]
                       for name, sources in spec.eval_sets.items()}
-        chosen = {}  # arm -> its learning rate
+        self.tokenizer, self.eval_texts = tokenizer, eval_texts
+        self.chosen = chosen = {}  # arm -> its learning rate
+        self.train_args = {}  # arm -> what _train needs besides the rate and seed
         results = []
         for number, arm in enumerate(spec.arms, 1):
             config_path, config = self.arm_config(arm, tokenizer.vocab_size)
@@ -180,6 +182,7 @@ class Experiment:
                      f"{', '.join(f'{r:g}' for r in rates)}, seeds {arm.seeds}")
             started = time.time()
             train_args = (config_path, config, tokenizer_dir, train_files)
+            self.train_args[arm.name] = train_args
             first = [self._train(arm, rate, arm.seeds[0], *train_args) for rate in rates]
             best = best_by_valid_loss(first)
             chosen[arm.name] = best["learning_rate"]
@@ -207,6 +210,15 @@ class Experiment:
             self.log(f"  {arm.name} lr {learning_rate:g} seed {seed}: trained earlier, skipped")
             return read_json(result_path)
         values = {**spec.options, **arm.options, "learning_rate": learning_rate}
+        extra = {}
+        if arm.compress:
+            init_dir, extra["compress"] = self._compressed_init(arm, config)
+            values["init_model"], config_path = init_dir, None
+        if arm.distill:
+            values.update(teacher=self._model_dir(arm.distill["from"]),
+                          distill_weight=arm.distill["weight"],
+                          distill_temperature=arm.distill["temperature"])
+            extra["distill"] = dict(arm.distill)
         options = TrainOptions(
             out=run_dir, preset=None, config=config_path, train_files=train_files,
             valid_fraction=spec.valid_fraction, tokenizer=tokenizer_dir,
@@ -228,9 +240,53 @@ class Experiment:
             "train_seconds": seconds,
             "tokens_per_second": trained_tokens / seconds if trained_tokens else None,
             **training_curve(os.path.join(run_dir, "metrics.csv"), spec.seq_len * spec.batch_size),
+            **extra,
         }
         atomic_write_json(result_path, result)
         return result
+
+    def _model_dir(self, name):
+        """The run folder of arm `name` at its chosen rate and first seed, with its model
+        (trained again, and evaluated again, if it was trained in another checkout)."""
+        arm = self.spec.arm(name)
+        run_dir = os.path.join(self.out, "arms", name, run_dir_name(self.chosen[name],
+                                                                    arm.seeds[0]))
+        if not os.path.exists(os.path.join(run_dir, "model.keras")):
+            self.log(f"  {name}: its model is needed here and is missing: training it again")
+            if os.path.exists(os.path.join(run_dir, "result.json")):
+                os.remove(os.path.join(run_dir, "result.json"))
+            result = self._train(arm, self.chosen[name], arm.seeds[0], *self.train_args[name])
+            self._evaluate(result, self.tokenizer, self.eval_texts, self.train_args[name])
+        return run_dir
+
+    def _compressed_init(self, arm, config):
+        """`(folder, summary)` of the arm's student as `compression.compress` initializes it
+        from its teacher arm's model, evaluated before any training (`ARM/init/`)."""
+        from algpt2_tf.compression import compress_to_run
+        from algpt2_tf.evaluation import evaluate_texts
+        from algpt2_tf.saving import load_model
+
+        spec, teacher = self.spec, arm.compress["from"]
+        init_dir = os.path.join(self.out, "arms", arm.name, "init")
+        teacher_dir = self._model_dir(teacher)
+        if not os.path.exists(os.path.join(init_dir, "model.keras")):
+            self.log(f"  {arm.name}: initializing from {teacher} ({arm.compress['init']})")
+            keras.backend.clear_session()
+            compress_to_run(teacher_dir, init_dir, preset=None, overrides=config.to_dict(),
+                            init=arm.compress["init"], log=lambda line: self.log("  " + line))
+        eval_path = os.path.join(init_dir, "init_eval.json")
+        if not os.path.exists(eval_path):
+            self.log(f"  {arm.name}: evaluating the initialized student")
+            model = load_model(init_dir)
+            evaluation = {}
+            for name, texts in self.eval_texts.items():
+                metrics = evaluate_texts(model, self.tokenizer, texts, seq_len=spec.eval_seq_len,
+                                         stride=spec.eval_stride,
+                                         batch_size=spec.eval_batch_size, verbose=0)
+                evaluation[name] = {k: metrics[k] for k in ("word_perplexity", "bits_per_byte",
+                                                            "token_perplexity")}
+            atomic_write_json(eval_path, evaluation)
+        return init_dir, {**arm.compress, "init_eval": read_json(eval_path)}
 
     def _evaluate(self, result, tokenizer, eval_texts, train_args):
         """Adds held-out metrics and generation statistics to a trained run's result."""

@@ -21,11 +21,19 @@ A spec is a JSON or YAML file (paths in it are relative to the file):
       - {name: gpt2, config: {embedding_size: null}, sweep: {learning_rate: [0.0005, 0.001]}}
       - {name: algpt2, config: {num_layer_groups: 1}, seeds: [0, 1]}
       - {name: algpt2_lora8, config: {lora_rank: 8}, learning_rate_from: algpt2}
+      - {name: compressed, compress: {from: gpt2, init: average},
+         distill: {from: gpt2, weight: 1.0, temperature: 1.0}, learning_rate_from: algpt2}
+    gap: {teacher: gpt2, scratch: algpt2}   # report the share of this gap each arm closes
 
 An arm overrides config fields (`config`) and training options (`options`);
 `sweep` lists learning rates to try (each a run, judged on the validation
 split), `learning_rate_from` reuses another arm's chosen rate. An arm's extra
-seeds run at its chosen rate.
+seeds run at its chosen rate. `compress` starts the arm from an earlier
+arm's trained model (`compression.compress`: shared blocks from its layers,
+SVD embedding, low-rank deltas from the SVD of the residuals when the arm
+has `lora_rank`); `distill` trains it against that model too
+(`distillation.py`). Both use the earlier arm's run at its chosen learning
+rate and first seed.
 """
 
 import dataclasses
@@ -43,7 +51,7 @@ ARM_OPTIONS = ("learning_rate", "warmup_steps", "schedule", "min_lr_ratio", "wei
 SPEC_OPTIONS = ARM_OPTIONS + ("checkpoint_every", "keep_checkpoints", "log_every")
 """Training options the spec's `options` may set for every arm."""
 TOP_LEVEL = ("name", "description", "base", "tokenizer", "train", "budget", "options",
-             "evaluation", "generation", "seeds", "baseline", "arms")
+             "evaluation", "generation", "seeds", "baseline", "arms", "gap")
 
 
 class SpecError(ValueError):
@@ -73,6 +81,8 @@ class Arm:
     seeds: List[int]
     sweep: Optional[List[float]] = None
     learning_rate_from: Optional[str] = None
+    compress: Optional[Dict[str, Any]] = None  # {"from": arm, "init": "average"|"stepwise"}
+    distill: Optional[Dict[str, Any]] = None  # {"from": arm, "weight": A, "temperature": T}
 
 
 @dataclasses.dataclass
@@ -94,6 +104,7 @@ class ExperimentSpec:
     generation: Dict[str, Any]
     baseline: str
     arms: List[Arm]
+    gap: Optional[Dict[str, str]]  # {"teacher": arm, "scratch": arm}
     source: Dict[str, Any]  # the spec as read: what a rerun must match
 
     @property
@@ -292,6 +303,12 @@ def parse_spec(raw, base_dir="."):
     baseline = raw["baseline"]
     if baseline not in [a.name for a in arms]:
         raise SpecError(f"baseline {baseline!r} is not an arm.")
+    gap = raw.get("gap")
+    if gap is not None:
+        _mapping(gap, "gap", ("teacher", "scratch"))
+        for key in ("teacher", "scratch"):
+            if gap.get(key) not in [a.name for a in arms]:
+                raise SpecError(f"gap.{key}: {gap.get(key)!r} is not an arm.")
     source = json.loads(json.dumps(raw))
     return ExperimentSpec(
         name=name, description=raw.get("description", ""), base_config=base_config,
@@ -299,7 +316,7 @@ def parse_spec(raw, base_dir="."):
         tokens=budget["tokens"], seq_len=budget["seq_len"], batch_size=budget["batch_size"],
         options=options, eval_sets=eval_sets, eval_seq_len=eval_seq_len, eval_stride=eval_stride,
         eval_batch_size=_positive_int(evaluation.get("batch_size", 16), "evaluation.batch_size"),
-        generation=generation, baseline=baseline, arms=arms, source=source)
+        generation=generation, baseline=baseline, arms=arms, gap=gap, source=source)
 
 
 def _arms(value, base_config, default_seeds):
@@ -308,7 +325,8 @@ def _arms(value, base_config, default_seeds):
     arms = []
     for i, item in enumerate(value):
         where = f"arms[{i}]"
-        _mapping(item, where, ("name", "config", "options", "seeds", "sweep", "learning_rate_from"))
+        _mapping(item, where, ("name", "config", "options", "seeds", "sweep", "learning_rate_from",
+                               "compress", "distill"))
         name = item.get("name")
         if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
             raise SpecError(f"{where}.name must be a non-empty string of letters, digits, "
@@ -335,8 +353,57 @@ def _arms(value, base_config, default_seeds):
         if sum(x is not None for x in (sweep, source, options.get("learning_rate"))) > 1:
             raise SpecError(f"{where}: give at most one of sweep, learning_rate_from and "
                             "options.learning_rate.")
-        if not config and not options and sweep is None and source is None:
+        compress, distill = _compress(item, arms, base_config, where), _distill(item, arms, where)
+        if (not config and not options and sweep is None and source is None and not compress
+                and not distill):
             raise SpecError(f"{where} overrides nothing: it would repeat the base model.")
         seeds = _seeds(item.get("seeds", default_seeds), f"{where}.seeds")
-        arms.append(Arm(name, dict(config), options, seeds, sweep, source))
+        arms.append(Arm(name, dict(config), options, seeds, sweep, source, compress, distill))
     return arms
+
+
+def _earlier_arm(value, arms, where):
+    found = next((a for a in arms if a.name == value), None)
+    if found is None:
+        raise SpecError(f"{where}: {value!r} is not an earlier arm.")
+    return found
+
+
+def _compress(item, arms, base_config, where):
+    """`compress: {from, init}`, checked against the teacher arm's shape."""
+    from algpt2_tf.compression import INITS, SHAPE_FIELDS
+
+    value = item.get("compress")
+    if value is None:
+        return None
+    _mapping(value, f"{where}.compress", ("from", "init"))
+    teacher = _earlier_arm(value.get("from"), arms, f"{where}.compress.from")
+    init = value.get("init", "average")
+    if init not in INITS:
+        raise SpecError(f"{where}.compress.init must be one of {INITS}, got {init!r}.")
+    mine = {**base_config.to_dict(), **(item.get("config") or {})}
+    theirs = {**base_config.to_dict(), **teacher.config}
+    for field in SHAPE_FIELDS:  # vocab_size is the experiment tokenizer's for every arm
+        if field != "vocab_size" and mine[field] != theirs[field]:
+            raise SpecError(f"{where}.compress: the arm's {field} ({mine[field]}) differs from "
+                            f"{teacher.name!r}'s ({theirs[field]}); compression keeps the "
+                            f"teacher's shape.")
+    if mine["num_layers"] > theirs["num_layers"]:
+        raise SpecError(f"{where}.compress: the arm has more layers ({mine['num_layers']}) than "
+                        f"{teacher.name!r} ({theirs['num_layers']}).")
+    return {"from": teacher.name, "init": init}
+
+
+def _distill(item, arms, where):
+    value = item.get("distill")
+    if value is None:
+        return None
+    _mapping(value, f"{where}.distill", ("from", "weight", "temperature"))
+    teacher = _earlier_arm(value.get("from"), arms, f"{where}.distill.from")
+    weight, temperature = value.get("weight", 1.0), value.get("temperature", 1.0)
+    for key, number, low in (("weight", weight, 0.0), ("temperature", temperature, None)):
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or (
+                number < 0 if low is not None else number <= 0):
+            kind = "non-negative" if low is not None else "positive"
+            raise SpecError(f"{where}.distill.{key} must be a {kind} number, got {number!r}.")
+    return {"from": teacher.name, "weight": float(weight), "temperature": float(temperature)}
