@@ -3,7 +3,7 @@ PYTHON ?= python3
 .PHONY: install test test-fast bench bench-quick clean
 
 install:
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,torch,jax]"
 
 test:
 	$(PYTHON) -m pytest -q tests

@@ -1,10 +1,9 @@
 """`ALGPT2LMHeadModel`: factorized embedding -> the shared-block loop -> tied head (+ SOP head)."""
 
 import keras
-import tensorflow as tf
 from keras import ops
 
-from algpt2_tf import distillation, losses
+from algpt2_tf import backend, distillation, losses
 from algpt2_tf.config import ALGPT2Config
 from algpt2_tf.layers.adapter import LayerAdapter
 from algpt2_tf.layers.block import DecoderBlock
@@ -164,18 +163,7 @@ class ALGPT2LMHeadModel(keras.Model):
         if tuple(attention_mask.shape) != tuple(input_ids.shape) and None not in attention_mask.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
                              f"input_ids shape {tuple(input_ids.shape)}.")
-        checks = [
-            tf.debugging.assert_non_negative(input_ids, message="input_ids must be >= 0"),
-            tf.debugging.assert_less(input_ids, c.vocab_size,
-                                     message=f"input_ids must be < vocab_size ({c.vocab_size})"),
-            tf.debugging.assert_less_equal(
-                tf.shape(input_ids)[1], c.max_positions,
-                message=f"sequence length exceeds max_positions ({c.max_positions})"),
-        ]
-        # Both pass through the checks: positions come from the mask, so a
-        # mask that skipped them could reach the position lookup first.
-        with tf.control_dependencies(checks):
-            return tf.identity(input_ids), tf.identity(attention_mask)
+        return backend.checked_inputs(input_ids, attention_mask, c.vocab_size, c.max_positions)
 
     def hidden_states(self, input_ids, attention_mask, training=False):
         """Embedding and the `num_layers` decoder applications; `[batch, seq, hidden]`."""
@@ -230,7 +218,12 @@ class ALGPT2LMHeadModel(keras.Model):
 
     def generate(self, prompts, max_new_tokens=32, sampler="greedy", seed=None, tokenizer=None,
                  **kwargs):
-        """Generates text or ids; see `algpt2_tf.generation.generate`."""
+        """Generates text or ids; see `algpt2_tf.generation.generate` (TensorFlow backend)."""
+        if not backend.is_tensorflow():
+            raise NotImplementedError(
+                f"generate() is an XLA loop of the TensorFlow backend; on {backend.name()} the "
+                f"model computes logits, trains and saves, and `forward_with_cache` gives the "
+                f"cached step to decode with.")
         from algpt2_tf import generation
 
         return generation.generate(self, prompts, max_new_tokens=max_new_tokens, sampler=sampler,

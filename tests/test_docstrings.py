@@ -14,7 +14,7 @@ MODULES = [
     "algpt2_tf.prompts", "algpt2_tf.files", "algpt2_tf.experiments.text_metrics",
     "algpt2_tf.layers.adapter", "algpt2_tf.layers.attention", "algpt2_tf.layers.block",
     "algpt2_tf.layers.embedding", "algpt2_tf.layers.heads", "algpt2_tf.layers.linear",
-    "algpt2_tf.export.litert", "algpt2_tf.convert",
+    "algpt2_tf.export.litert", "algpt2_tf.convert", "algpt2_tf.distillation",
 ]
 
 

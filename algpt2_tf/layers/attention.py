@@ -21,7 +21,10 @@ def write_slots(cache, new, index):
     batch, heads, count = ops.shape(new)[0], ops.shape(new)[1], ops.shape(new)[2]
     rows, head, slot = ops.meshgrid(ops.arange(batch), ops.arange(heads),
                                     index + ops.arange(count), indexing="ij")
-    return ops.scatter_update(cache, ops.stack([rows, head, slot], axis=-1), new)
+    # One row of indices per written head_size vector: the form every
+    # backend's scatter takes (PyTorch's needs 2-D indices).
+    indices = ops.reshape(ops.stack([rows, head, slot], axis=-1), (-1, 3))
+    return ops.scatter_update(cache, indices, ops.reshape(new, (-1, new.shape[-1])))
 
 
 @keras.saving.register_keras_serializable(package="algpt2_tf")

@@ -3,7 +3,6 @@
 import contextlib
 
 import keras
-import tensorflow as tf
 from keras import ops
 
 
@@ -49,7 +48,10 @@ class Linear(keras.layers.Dense):
         """`inputs @ kernel`, through `rows_kernel` when there is one input row.
 
         XLA compiles for static shapes, so it keeps one branch of the `cond`.
+        (TensorFlow only: `rows_kernel_copies` runs inside generation's XLA loop.)
         """
+        import tensorflow as tf
+
         flat = ops.reshape(inputs, (-1, self.kernel.shape[0]))
         product = tf.cond(tf.shape(flat)[0] == 1,
                           lambda: tf.linalg.matmul(flat, self.rows_kernel, transpose_b=True),
@@ -71,6 +73,8 @@ def rows_kernel_copies(model):
     loop): one-row steps use the copies, anything larger the kernels. The
     copies cost their size in memory during the call (28 MB for `algpt2`).
     """
+    import tensorflow as tf
+
     layers = [layer for layer in model._flatten_layers() if isinstance(layer, Linear)]
     for layer in layers:
         layer.rows_kernel = tf.transpose(ops.cast(layer.kernel, layer.compute_dtype))

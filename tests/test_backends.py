@@ -1,0 +1,104 @@
+"""The same model on Keras 3's TensorFlow, PyTorch and JAX backends.
+
+A backend is chosen before Keras is imported, so each runs in a subprocess
+(`backend_check.py`): the TensorFlow-written reference model loads on each,
+gives the same logits, padding and the cached step behave, bad input gives the
+same clear errors, `fit` lowers the LM and SOP losses, and the model each
+backend trained loads on the other two with the same logits.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
+
+pytest.importorskip("torch")
+pytest.importorskip("jax")
+
+BACKENDS = ("tensorflow", "torch", "jax")
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_check.py")
+TOL = 1e-4
+
+
+def run_check(backend, mode, folder):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
+               CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, SCRIPT, mode, str(folder)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{backend} {mode}:\n{done.stderr[-4000:]}"
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    found = json.loads(line[len("RESULT "):])
+    assert found["backend"] == backend
+    return found
+
+
+@pytest.fixture(scope="module")
+def findings(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("backends")
+    config = ALGPT2Config(vocab_size=97, max_positions=32, hidden_size=32, num_layers=3,
+                          num_heads=4, intermediate_size=64, embedding_size=8, sop_head=True,
+                          per_layer_norms=True, lora_rank=2, embedding_dropout=0.0,
+                          attention_dropout=0.0, residual_dropout=0.0)
+    model = ALGPT2LMHeadModel(config)
+    rng = np.random.default_rng(0)
+    for v in model.weights:  # every weight random, the deltas included
+        v.assign(rng.normal(0, 0.2, v.shape).astype("float32") + (1.0 if "gamma" in v.path else 0))
+    ids = rng.integers(0, 97, (2, 10)).astype("int32")
+    model.save(str(folder / "reference.keras"))
+    np.savez(folder / "reference.npz", ids=ids,
+             logits=np.asarray(model({"input_ids": ids})["logits"]))
+    written = {b: run_check(b, "write", folder) for b in BACKENDS}
+    read = {b: run_check(b, "read", folder) for b in BACKENDS}
+    return written, read
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_padding_and_cache_match_the_tensorflow_reference(findings, backend):
+    found = findings[0][backend]
+    assert found["forward_diff"] < TOL
+    assert found["padding_diff"] < TOL
+    assert found["cache_diff"] < TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_gives_the_same_clear_errors(findings, backend):
+    found = findings[0][backend]
+    assert "input_ids must be < vocab_size (97)" in found["error_large_id"]
+    assert "input_ids must be >= 0" in found["error_negative_id"]
+    assert "exceeds max_positions (32)" in found["error_too_long"]
+    if backend != "tensorflow":
+        assert "generate() is an XLA loop of the TensorFlow backend" in found["generate_error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fit_lowers_the_lm_and_sop_losses(findings, backend):
+    found = findings[0][backend]
+    assert found["lm_loss"][-1] < found["lm_loss"][0]
+    assert found["sop_loss"][-1] < found["sop_loss"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reader", BACKENDS)
+def test_a_model_saved_on_one_backend_loads_on_the_others(findings, reader):
+    found = findings[1][reader]
+    writers = [b for b in BACKENDS if b != reader]
+    assert sorted(k for k in found if k.startswith("load_")) == sorted(
+        f"load_{w}_diff" for w in writers)
+    for writer in writers:
+        assert found[f"load_{writer}_diff"] < TOL, writer
+
+
+@pytest.mark.slow
+def test_a_plain_pytorch_loop_trains_the_model(findings):
+    found = findings[0]["torch"]
+    assert found["is_torch_module"]
+    losses = found["torch_loop_losses"]
+    assert losses[-1] < losses[0]
