@@ -17,7 +17,6 @@ import keras
 import numpy as np
 
 import algpt2_tf  # noqa: F401  (registers the model with Keras)
-from algpt2_tf.losses import shifted_labels  # noqa: F401
 
 BACKENDS = ("tensorflow", "torch", "jax")
 

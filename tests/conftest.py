@@ -44,3 +44,27 @@ def shared_file(*parts):
     if not os.path.exists(path):
         pytest.skip(f"{path} is not available")
     return path
+
+
+def kill_at_first_checkpoint_then_rerun(cmd, run_dir, checkpoint="ckpt-00000004.npz", timeout=180):
+    """Starts the `algpt2 train` command `cmd`, `kill -9`s it as soon as
+    `run_dir/checkpoints/checkpoint` exists, reruns it to the end and returns
+    that rerun's `CompletedProcess` (the resume tests compare its model)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    first = os.path.join(str(run_dir), "checkpoints", checkpoint)
+    while not os.path.exists(first):
+        assert proc.poll() is None and time.time() < deadline, f"training ended before {checkpoint}"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(str(run_dir), "model.keras")), \
+        "the run finished before the kill"
+    done = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done

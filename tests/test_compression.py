@@ -3,14 +3,11 @@
 import csv
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import kill_at_first_checkpoint_then_rerun, tiny_config
 
 from algpt2_tf import ALGPT2LMHeadModel
 from algpt2_tf.cli import main
@@ -227,18 +224,7 @@ def test_distillation_resume_after_kill_is_exact(tmp_path, teacher_run, corpus):
            "--steps", str(steps), "--learning-rate", "3e-3", "--warmup-steps", "2",
            "--checkpoint-every", "4", "--keep-checkpoints", "2", "--log-every", "2",
            "--verbose", "0", "--seed", "7"]
-    proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    first = part / "checkpoints" / "ckpt-00000004.npz"
-    while not first.exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before checkpoint 4"
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (part / "model.keras").exists(), "the run finished before the kill"
-    done = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = kill_at_first_checkpoint_then_rerun(cmd, part)
     assert "Resuming from step" in done.stdout and "distilling" in done.stdout
     for a, b in zip(load_model(full["model"]).get_weights(), load_model(str(part)).get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-5)

@@ -1,14 +1,13 @@
 import csv
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
 import pytest
+
+from conftest import kill_at_first_checkpoint_then_rerun
 
 from algpt2_tf import ALGPT2Config
 from algpt2_tf.cli import main
@@ -86,18 +85,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, small_config, c
            "--steps", str(steps), "--learning-rate", "3e-3", "--warmup-steps", "2",
            "--checkpoint-every", "4", "--keep-checkpoints", "2", "--log-every", "2",
            "--verbose", "0", "--seed", "7"]
-    proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    first = part_dir / "checkpoints" / "ckpt-00000004.npz"
-    while not first.exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before checkpoint 4"
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (part_dir / "model.keras").exists(), "the run finished before the kill"
-    done = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    done = kill_at_first_checkpoint_then_rerun(cmd, part_dir, timeout=120)
     assert "Resuming from step" in done.stdout
     for a, b in zip(weights(full["model"]), weights(str(part_dir))):
         np.testing.assert_allclose(a, b, atol=1e-5)
