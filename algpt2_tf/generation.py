@@ -29,6 +29,7 @@ from typing import Any, List, NamedTuple, Optional
 import numpy as np
 import tensorflow as tf
 
+from algpt2_tf import backend
 from algpt2_tf.layers.linear import rows_kernel_copies
 from algpt2_tf.model import position_ids_from_mask
 from algpt2_tf.prompts import check_prompts, left_pad
@@ -474,7 +475,13 @@ def generate(model, prompts, max_new_tokens=32, sampler="greedy", seed=None, tok
         ids = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
     else:
         ids = np.asarray(prompts).tolist() if isinstance(prompts, np.ndarray) else list(prompts)
-    out = generator_for(model).generate(ids, max_new_tokens, params, seed, stop_ids)
+    if backend.is_tensorflow():
+        decoder = generator_for(model)
+    else:
+        from algpt2_tf.eager_generation import EagerGenerator
+
+        decoder = EagerGenerator(model)
+    out = decoder.generate(ids, max_new_tokens, params, seed, stop_ids)
     if is_text:
         out.text = [p + tokenizer.decode([t for t in new if t not in stop_ids])
                     for p, new in zip(prompts, out.new_ids)]

@@ -218,12 +218,8 @@ class ALGPT2LMHeadModel(keras.Model):
 
     def generate(self, prompts, max_new_tokens=32, sampler="greedy", seed=None, tokenizer=None,
                  **kwargs):
-        """Generates text or ids; see `algpt2_tf.generation.generate` (TensorFlow backend)."""
-        if not backend.is_tensorflow():
-            raise NotImplementedError(
-                f"generate() is an XLA loop of the TensorFlow backend; on {backend.name()} the "
-                f"model computes logits, trains and saves, and `forward_with_cache` gives the "
-                f"cached step to decode with.")
+        """Generates text or ids; see `algpt2_tf.generation.generate` (on torch and JAX:
+        `algpt2_tf.eager_generation`)."""
         from algpt2_tf import generation
 
         return generation.generate(self, prompts, max_new_tokens=max_new_tokens, sampler=sampler,

@@ -70,11 +70,11 @@ def write(folder, found):
     found["error_too_long"] = error_of(
         lambda: model({"input_ids": np.zeros((1, config.max_positions + 1), "int32")}))
 
-    if backend != "tensorflow":
-        try:
-            model.generate([1, 2], max_new_tokens=2)
-        except NotImplementedError as e:
-            found["generate_error"] = str(e)
+    # Greedy generation (the TF loop there, the eager loop here) from two prompts.
+    found["greedy"] = model.generate([[5, 6, 7], [8]], max_new_tokens=6, stop_ids=[]).new_ids
+    sampled = [model.generate([[5, 6, 7]], max_new_tokens=6, sampler="top_p", top_p=0.9,
+                              seed=3, stop_ids=[]).new_ids for _ in range(2)]
+    found["sampling_repeats"] = sampled[0] == sampled[1]
 
     # fit lowers the loss, with the SOP head trained too.
     keras.utils.set_random_seed(0)

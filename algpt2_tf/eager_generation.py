@@ -1,0 +1,106 @@
+"""Generation on the torch and JAX backends: the cached step in a Python loop.
+
+`generation.py`'s decode loop is one XLA-compiled TensorFlow function. On
+the other Keras backends, `EagerGenerator` runs the same steps with the
+model's backend-agnostic `forward_with_cache` (prefill the left-padded
+prompts, then one token per step into a cache per virtual layer), and picks
+each token on the host from the `[batch, vocab]` logits row:
+
+- greedy is the first argmax, as in the TensorFlow loop, so greedy tokens
+  are the TensorFlow backend's (tested);
+- sampling (temperature, top-k, top-p, repetition penalty, with the same
+  meaning as there) draws with a NumPy generator seeded by `seed`: the same
+  seed gives the same text on a backend, not the TensorFlow loop's text.
+
+It is not compiled, so it is slower than the TensorFlow loop; it is here so
+that a model trained on PyTorch or JAX can be sampled where it was trained.
+"""
+
+import numpy as np
+from keras import ops
+
+from algpt2_tf.prompts import check_prompts, left_pad
+
+
+def pick_tokens(logits, seen, params, rng):
+    """One token per row of float `[batch, vocab]` logits (NumPy), after the
+    repetition penalty, temperature, top-k and top-p of `params`."""
+    logits = logits.astype("float64")
+    if params.repetition_penalty != 1.0:
+        penalized = np.where(logits > 0, logits / params.repetition_penalty,
+                             logits * params.repetition_penalty)
+        logits = np.where(seen, penalized, logits)
+    if params.top_k == 1 or params.temperature <= 0:
+        return np.argmax(logits, axis=-1)  # the first index on ties
+    logits = logits / max(params.temperature, 1e-6)
+    if params.top_k > 0:
+        kth = -np.sort(-logits, axis=-1)[:, min(params.top_k, logits.shape[-1]) - 1:][:, :1]
+        logits = np.where(logits < kth, -np.inf, logits)
+    if params.top_p < 1.0:
+        ordered = -np.sort(-logits, axis=-1)
+        probs = np.exp(ordered - ordered[:, :1])
+        probs /= probs.sum(axis=-1, keepdims=True)
+        before = np.cumsum(probs, axis=-1) - probs
+        last = np.maximum((before < params.top_p).sum(axis=-1) - 1, 0)
+        cutoff = ordered[np.arange(len(ordered)), last][:, None]
+        logits = np.where(logits < cutoff, -np.inf, logits)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(len(row), p=row) for row in probs])
+
+
+class EagerGenerator:
+    """`Generator.generate` for any Keras backend (see the module docstring).
+
+    Args:
+        model: an `ALGPT2LMHeadModel`.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def generate(self, prompt_ids, max_new_tokens=32, params=None, seed=0, stop_ids=(),
+                 pad_id=0):
+        """Generates from token-id prompts; returns a `GenerationOutput` without text."""
+        from algpt2_tf.generation import GenerationOutput, SamplingParams
+
+        config = self.model.config
+        prompts = check_prompts(prompt_ids, config.vocab_size)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > config.max_positions:
+            raise ValueError(f"The prompt ({longest} tokens) plus max_new_tokens "
+                             f"({max_new_tokens}) exceeds max_positions ({config.max_positions}).")
+        params = params or SamplingParams(top_k=1)
+        stop = set(int(t) for t in stop_ids)
+        rng = np.random.default_rng(seed or 0)
+        batch, total = len(prompts), longest + max_new_tokens
+        ids, mask = left_pad(prompts, longest, pad_id)
+        key_mask = np.zeros((batch, total), "int32")
+        key_mask[:, :longest] = mask
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype("int32")
+        seen = np.zeros((batch, config.vocab_size), bool)
+        for row, prompt in enumerate(prompts):
+            seen[row, prompt] = True
+        logits, caches = self.model.forward_with_cache(
+            ids, positions, key_mask, self.model.empty_caches(batch, total), 0,
+            last_logits_only=True)
+        next_position = mask.sum(axis=1).astype("int32")
+        new = [[] for _ in prompts]
+        done = np.zeros(batch, bool)
+        for step in range(max_new_tokens):
+            tokens = pick_tokens(ops.convert_to_numpy(logits)[:, -1], seen, params, rng)
+            for row, token in enumerate(tokens):
+                if not done[row]:
+                    new[row].append(int(token))
+                    done[row] = int(token) in stop
+            if done.all() or step == max_new_tokens - 1:
+                break
+            seen[np.arange(batch), tokens] = True
+            slot = longest + step
+            key_mask[:, slot] = 1
+            logits, caches = self.model.forward_with_cache(
+                tokens[:, None].astype("int32"), next_position[:, None], key_mask, caches, slot)
+            next_position += 1
+        return GenerationOutput(ids=[p + n for p, n in zip(prompts, new)], new_ids=new)
