@@ -212,6 +212,14 @@ def test_teacher_as_its_own_student_has_zero_kl(tmp_path, teacher_run, corpus):
     assert float(row["loss"]) == pytest.approx(float(row["lm_loss"]), abs=1e-5)
 
 
+def test_a_bf16_teacher_distills_too(tmp_path, teacher_run, corpus):
+    train(student_options(tmp_path, teacher_run, corpus, "bf16", teacher=teacher_run, steps=2,
+                          log_every=1, teacher_precision="bf16"), log=lambda *_: None)
+    rows = list(csv.DictReader(open(tmp_path / "bf16" / "metrics.csv")))
+    # The student starts as the teacher: the KL is only bf16's rounding of the teacher.
+    assert 0 <= float(rows[0]["distill_loss"]) < 1e-2
+
+
 def test_distillation_resume_after_kill_is_exact(tmp_path, teacher_run, corpus):
     steps = 24
     full = train(student_options(tmp_path, teacher_run, corpus, "full", teacher=teacher_run,
