@@ -188,6 +188,17 @@ def test_the_shipped_spec_is_valid():
     assert not held_out & {os.path.basename(s.path) for s in spec.train_files}
 
 
+def test_the_shipped_compression_spec_is_valid():
+    from conftest import REPO, shared_file
+
+    shared_file("pd-books")
+    spec = load_spec(os.path.join(REPO, "experiments", "compress_gpt2.json"))
+    assert spec.gap == {"teacher": "gpt2_teacher", "scratch": "algpt2_scratch"}
+    lora = spec.arm("compressed_lora32_distill")
+    assert lora.compress == {"from": "gpt2_teacher", "init": "average"}
+    assert lora.distill["from"] == "gpt2_teacher" and lora.config == {"lora_rank": 32}
+
+
 def test_parse_spec_resolves_paths_against_the_spec_folder(tmp_path):
     write_corpus(tmp_path / "data")
     spec = parse_spec(tiny_spec(), str(tmp_path))
