@@ -38,6 +38,18 @@ def rng():
     return np.random.default_rng(0)
 
 
+@pytest.fixture
+def corpus(tmp_path):
+    """A glob of twelve small text files (Python's own documentation topics)."""
+    from pydoc_data import topics
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name in sorted(topics.topics)[:12]:
+        (folder / f"{name}.txt").write_text(topics.topics[name], encoding="utf-8")
+    return str(folder / "*.txt")
+
+
 def shared_file(*parts):
     """Path under ../shared/data, or skip the test when it is absent."""
     path = os.path.join(SHARED_DATA, *parts)

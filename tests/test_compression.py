@@ -122,17 +122,6 @@ def test_student_config_keeps_the_teachers_shape(rng):
 
 # ------------------------------------------------------------- the command
 @pytest.fixture
-def corpus(tmp_path):
-    from pydoc_data import topics
-
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for name in sorted(topics.topics)[:12]:
-        (folder / f"{name}.txt").write_text(topics.topics[name], encoding="utf-8")
-    return str(folder / "*.txt")
-
-
-@pytest.fixture
 def teacher_run(tmp_path, rng):
     """A saved GPT-2-mode teacher (GPT-2 vocabulary, random weights) in a run folder."""
     teacher = random_teacher(rng, vocab_size=50257, max_positions=64)

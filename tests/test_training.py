@@ -30,17 +30,6 @@ def small_config(tmp_path):
     return str(path)
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    from pydoc_data import topics
-
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for name in sorted(topics.topics)[:12]:
-        (folder / f"{name}.txt").write_text(topics.topics[name], encoding="utf-8")
-    return str(folder / "*.txt")
-
-
 def options(tmp_path, config, corpus, out="run", **kw):
     values = dict(out=str(tmp_path / out), preset=None, config=config, train_files=[corpus],
                   seq_len=32, batch_size=4, steps=12, learning_rate=3e-3, warmup_steps=2,
