@@ -13,6 +13,11 @@ here:
   (eager calls, `predict` inputs before they are traced), and inside a
   compiled step an out-of-range id is clipped by the lookup instead.
 
+- `traced`: a `tf.function` (one graph per input shape) on TensorFlow, the
+  plain function elsewhere (PyTorch runs eagerly; the model's JAX variables
+  live outside a pure function, so `jax.jit` would need Keras' stateless
+  calls).
+
 Generation's XLA loop, the tf.data pipelines and the exports are TensorFlow
 by nature and stay in their modules.
 """
@@ -28,6 +33,15 @@ def name():
 
 def is_tensorflow():
     return name() == "tensorflow"
+
+
+def traced(function):
+    """`function` as a TensorFlow graph function on TensorFlow, unchanged elsewhere."""
+    if is_tensorflow():
+        import tensorflow as tf
+
+        return tf.function(function, reduce_retracing=True)
+    return function
 
 
 def _concrete(tensor):

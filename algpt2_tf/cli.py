@@ -108,6 +108,16 @@ def _generate(args):
     tokenizer = load_tokenizer_for(args.model)
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     stop_ids = [tokenizer.eos_id] + list(args.stop_id or [])
+    from algpt2_tf import backend
+
+    if not backend.is_tensorflow():  # torch / JAX: the eager loop, printed when done
+        out = model.generate([ids], max_new_tokens=args.max_new_tokens, sampler=args.sampler,
+                             seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                             stop_ids=stop_ids)
+        new = [t for t in out.new_ids[0] if t not in stop_ids]
+        sys.stdout.write(prompt + tokenizer.decode(new) + "\n")
+        return
     generator = generator_for(model)
     generator.buckets(len(ids), args.max_new_tokens)  # validates the length before any output
     sys.stdout.write(prompt)
@@ -141,9 +151,18 @@ def _add_generation_commands(sub):
 
 
 # -------------------------------------------------------------------- export
+def _needs_tensorflow(what):
+    from algpt2_tf import backend
+
+    if not backend.is_tensorflow():
+        raise UsageError(f"{what} needs the TensorFlow backend (this run uses "
+                         f"{backend.name()}): run it with --backend tensorflow.")
+
+
 def _export(args):
     from algpt2_tf.export import export_model
 
+    _needs_tensorflow("export")
     report = export_model(args.model, args.format, args.out, version=args.version,
                           quantize=args.quantize, max_length=args.max_length,
                           overwrite=args.overwrite)
@@ -243,6 +262,7 @@ def _add_compress_command(sub):
 
 # --------------------------------------------------------------------- serve
 def _serve(args):
+    _needs_tensorflow("serve (SavedModels)")
     from algpt2_tf.serving.server import serve
 
     serve(args.model_base_path, args.model_name, host=args.host, port=args.port,
@@ -414,6 +434,10 @@ def _add_experiment_commands(sub):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="algpt2", description="ALGPT2: an ALBERT-style GPT-2 for TensorFlow / Keras 3.")
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help="the Keras backend: train, evaluate and generate run on each; "
+                             "export and serve need tensorflow (default: $KERAS_BACKEND, "
+                             "else tensorflow)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="print presets and their parameter counts")
@@ -430,9 +454,30 @@ _EXTRA_COMMANDS = [_add_training_commands, _add_experiment_commands, _add_genera
                    _add_serving_commands]
 
 
+BACKENDS = ("tensorflow", "torch", "jax")
+
+
+def _choose_backend(name):
+    """Sets KERAS_BACKEND before Keras starts (the `algpt2` script imports it late)."""
+    import os
+
+    keras = sys.modules.get("keras")
+    if keras is not None and keras.backend.backend() != name:
+        raise UsageError(f"--backend {name}: Keras already started with "
+                         f"{keras.backend.backend()}; use the `algpt2` command or set "
+                         f"KERAS_BACKEND={name} before Python starts.")
+    os.environ["KERAS_BACKEND"] = name
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.backend:
+        try:
+            _choose_backend(args.backend)
+        except UsageError as e:
+            print(f"algpt2: error: {e}", file=sys.stderr)
+            return 2
     if args.command != "info":  # `info` reads the presets alone
         from algpt2_tf.tf_startup import import_tensorflow_quietly
 

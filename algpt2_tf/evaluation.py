@@ -12,8 +12,8 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from algpt2_tf import backend
 from algpt2_tf.losses import IGNORE_INDEX, token_nll
 
 
@@ -68,11 +68,11 @@ def evaluate_texts(model, tokenizer, texts, seq_len=None, stride=None, batch_siz
     if not windows:
         raise ValueError("Nothing to evaluate: the text is empty or a single token.")
 
-    @tf.function(reduce_retracing=True)
+    @backend.traced
     def batch_nll(ids, mask, labels):
         logits = model({"input_ids": ids, "attention_mask": mask}, training=False)["logits"]
         nll, weight = token_nll(labels, logits)
-        return tf.reduce_sum(nll), tf.reduce_sum(weight)
+        return keras.ops.sum(nll), keras.ops.sum(weight)
 
     total_nll = 0.0
     total_tokens = 0.0
@@ -85,8 +85,8 @@ def evaluate_texts(model, tokenizer, texts, seq_len=None, stride=None, batch_siz
         for row, (w, lab) in enumerate(chunk):
             ids[row, :len(w)], mask[row, :len(w)], labels[row, :len(w)] = w, 1, lab
         nll, count = batch_nll(ids, mask, labels)
-        total_nll += float(nll)
-        total_tokens += float(count)
+        total_nll += float(keras.ops.convert_to_numpy(nll))
+        total_tokens += float(keras.ops.convert_to_numpy(count))
         if bar:
             bar.add(len(chunk))
     return {

@@ -110,3 +110,49 @@ def test_greedy_generation_gives_the_tensorflow_tokens(findings, backend):
     assert found["greedy"] == reference["greedy"]
     assert [len(row) for row in found["greedy"]] == [6, 6]
     assert found["sampling_repeats"]  # the same seed, the same tokens
+
+
+@pytest.mark.slow
+def test_the_command_line_runs_on_each_backend(tmp_path, corpus):
+    """`algpt2 --backend B`: train on torch, generate on JAX, evaluate on torch; export refuses."""
+    from algpt2_tf.evaluation import evaluate_texts
+    from algpt2_tf.saving import load_model
+    from algpt2_tf.tokenizer import GPT2Tokenizer
+
+    config = ALGPT2Config(max_positions=64, hidden_size=32, num_layers=2, num_heads=2,
+                          intermediate_size=64, embedding_size=16, embedding_dropout=0.0,
+                          attention_dropout=0.0, residual_dropout=0.0)
+    config.to_json_file(tmp_path / "config.json")
+    run = str(tmp_path / "run")
+
+    def algpt2(*args):
+        env = dict(os.environ, ALGPT2_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+        env.pop("KERAS_BACKEND", None)
+        return subprocess.run(["algpt2", *args], env=env, capture_output=True, text=True,
+                              timeout=600)
+
+    done = algpt2("--backend", "torch", "train", "--config", str(tmp_path / "config.json"),
+                  "--train-files", corpus, "--steps", "4", "--seq-len", "32", "--batch-size", "4",
+                  "--checkpoint-every", "2", "--log-every", "2", "--verbose", "0", "--out", run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = load_model(run)  # trained on torch, loaded here on TensorFlow
+
+    expected = model.generate("The list", max_new_tokens=6, sampler="greedy").text[0]
+    done = algpt2("--backend", "jax", "generate", "--model", run, "--prompt", "The list",
+                  "--max-new-tokens", "6", "--sampler", "greedy")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.rstrip("\n") == expected
+
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    done = algpt2("--backend", "torch", "evaluate", "--model", run, "--files",
+                  str(tmp_path / "text.txt"), "--seq-len", "32", "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = evaluate_texts(model, GPT2Tokenizer(), [(tmp_path / "text.txt").read_text()],
+                               seq_len=32, verbose=0)
+    assert json.loads(done.stdout)["token_perplexity"] == pytest.approx(
+        reference["token_perplexity"], rel=1e-4)
+
+    done = algpt2("--backend", "jax", "export", "--model", run, "--format", "keras", "--out",
+                  str(tmp_path / "exported"))
+    assert done.returncode == 2
+    assert "export needs the TensorFlow backend (this run uses jax)" in done.stderr
