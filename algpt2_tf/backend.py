@@ -44,26 +44,25 @@ def traced(function):
     return function
 
 
-def _concrete(tensor):
-    """The values of `tensor` as a NumPy array, or `None` while a function is traced."""
+def _being_traced(tensor):
+    """Whether `tensor` is symbolic (inside a `tf.function` or `jax.jit`): no values yet."""
+    if name() == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.executing_eagerly()
     if name() == "jax":
         import jax
 
-        if isinstance(tensor, jax.core.Tracer):
-            return None
-    return keras.ops.convert_to_numpy(tensor)
-
-
-def _tf_eager():
-    import tensorflow as tf
-
-    return tf.executing_eagerly()
+        return isinstance(tensor, jax.core.Tracer)
+    return False  # PyTorch runs eagerly
 
 
 def checked_inputs(input_ids, attention_mask, vocab_size, max_positions):
     """`(input_ids, attention_mask)`, after checking the ids are in `[0, vocab_size)`
     and the sequence is at most `max_positions` long (an error naming the limit)."""
-    if is_tensorflow() and not _tf_eager():
+    if _being_traced(input_ids):
+        if not is_tensorflow():
+            return input_ids, attention_mask  # under jax.jit: see the module docstring
         import tensorflow as tf
 
         checks = [
@@ -78,8 +77,8 @@ def checked_inputs(input_ids, attention_mask, vocab_size, max_positions):
         # mask that skipped them could reach the position lookup first.
         with tf.control_dependencies(checks):
             return tf.identity(input_ids), tf.identity(attention_mask)
-    ids = _concrete(input_ids)  # eager: check the values themselves
-    if ids is not None and ids.size:
+    ids = keras.ops.convert_to_numpy(input_ids)  # eager: check the values themselves
+    if ids.size:
         if ids.shape[1] > max_positions:
             raise ValueError(f"sequence length exceeds max_positions ({max_positions})")
         if np.min(ids) < 0:

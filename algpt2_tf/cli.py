@@ -76,17 +76,24 @@ def _train(args):
         return 1
 
 
-def _evaluate(args):
+def _texts(patterns, empty_message):
+    """The documents of the files matching `patterns`; a usage error when there are none."""
     from algpt2_tf.data import read_documents
+    from algpt2_tf.files import expand_files
+
+    texts = list(read_documents(expand_files(patterns)))
+    if not texts:
+        raise UsageError(empty_message)
+    return texts
+
+
+def _evaluate(args):
     from algpt2_tf.evaluation import evaluate_texts
     from algpt2_tf.saving import load_model, load_tokenizer_for
-    from algpt2_tf.files import expand_files
 
     model = load_model(args.model)
     tokenizer = load_tokenizer_for(args.model)
-    texts = list(read_documents(expand_files(args.files)))
-    if not texts:
-        raise UsageError("The files hold no text to evaluate.")
+    texts = _texts(args.files, "The files hold no text to evaluate.")
     result = evaluate_texts(model, tokenizer, texts, seq_len=args.seq_len, stride=args.stride,
                             batch_size=args.batch_size, verbose=0 if args.quiet else 1)
     text = json.dumps(result, indent=2)
@@ -225,14 +232,7 @@ def _compress(args):
             raise UsageError(f"--overrides is not valid JSON: {e}") from None
         if not isinstance(overrides, dict):
             raise UsageError("--overrides must be a JSON object of config fields.")
-    texts = None
-    if args.eval_files:
-        from algpt2_tf.data import read_documents
-        from algpt2_tf.files import expand_files
-
-        texts = list(read_documents(expand_files(args.eval_files)))
-        if not texts:
-            raise UsageError("The --eval-files hold no text.")
+    texts = _texts(args.eval_files, "The --eval-files hold no text.") if args.eval_files else None
     report = compress_to_run(args.teacher, args.out, preset=args.preset, overrides=overrides,
                              init=args.init, lora_rank=args.lora_rank, eval_texts=texts,
                              seq_len=args.seq_len, log=lambda line: print(line, file=sys.stderr))

@@ -205,12 +205,11 @@ def compress_to_run(teacher_path, out, preset="algpt2", overrides=None, init="av
     import os
     import shutil
 
-    from algpt2_tf.files import atomic_write_json, new_directory
+    from algpt2_tf.files import atomic_write_json, new_directory, require_new_directory
     from algpt2_tf.model import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model, load_tokenizer_for, resolve_model_path
 
-    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
-        raise FileExistsError(f"{out} already exists; choose a new --out or remove it first.")
+    require_new_directory(out)
     if not os.path.exists(teacher_path):
         raise FileNotFoundError(f"No teacher model at {teacher_path}.")
     teacher = load_model(teacher_path)

@@ -19,7 +19,7 @@ that a model trained on PyTorch or JAX can be sampled where it was trained.
 import numpy as np
 from keras import ops
 
-from algpt2_tf.prompts import check_prompts, left_pad
+from algpt2_tf.prompts import check_max_new_tokens, check_prompts, left_pad
 
 
 def pick_tokens(logits, seen, params, rng):
@@ -66,8 +66,7 @@ class EagerGenerator:
 
         config = self.model.config
         prompts = check_prompts(prompt_ids, config.vocab_size)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        check_max_new_tokens(max_new_tokens)
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > config.max_positions:
             raise ValueError(f"The prompt ({longest} tokens) plus max_new_tokens "

@@ -59,6 +59,13 @@ def atomic_path(path, suffix=""):
         raise
 
 
+def require_new_directory(path):
+    """Raises `FileExistsError` unless `path` is absent or an empty folder (the
+    check `new_directory` makes; callers with long work ahead make it first)."""
+    if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise FileExistsError(f"{path} already exists; choose a new folder or remove it first.")
+
+
 @contextlib.contextmanager
 def new_directory(path):
     """Yields a temporary folder beside `path`, renamed to `path` when the
@@ -71,8 +78,7 @@ def new_directory(path):
     import shutil
     import tempfile
 
-    if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
-        raise FileExistsError(f"{path} already exists; choose a new folder or remove it first.")
+    require_new_directory(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-", dir=parent)

@@ -32,7 +32,7 @@ import tensorflow as tf
 from algpt2_tf import backend
 from algpt2_tf.layers.linear import rows_kernel_copies
 from algpt2_tf.model import position_ids_from_mask
-from algpt2_tf.prompts import check_prompts, left_pad
+from algpt2_tf.prompts import check_max_new_tokens, check_prompts, left_pad
 from algpt2_tf.xla_flags import prefer_wide_vectors
 
 SAMPLERS = ("greedy", "sample", "top_k", "top_p")
@@ -381,8 +381,7 @@ class Generator:
 
     def _checked(self, prompt_ids, max_new_tokens):
         prompts = check_prompts(prompt_ids, self.model.config.vocab_size)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        check_max_new_tokens(max_new_tokens)
         return prompts
 
     def stream(self, prompt_ids, max_new_tokens=32, params=None, seed=0, stop_ids=()):

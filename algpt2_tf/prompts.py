@@ -15,6 +15,12 @@ def check_prompts(prompts, vocab_size):
     return prompts
 
 
+def check_max_new_tokens(max_new_tokens):
+    """An error naming `max_new_tokens` unless it is a positive integer."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+
+
 def left_pad(prompts, width=None, pad_id=0):
     """`(ids, mask)`, int32 `[batch, width]`: each prompt right-aligned, `mask` 1 on its tokens.
 

@@ -225,11 +225,11 @@ def default_corpus_files(directory):
     return [path]
 
 
-def load_model_config(options, tokenizer):
-    if options.init_model:
-        from algpt2_tf.saving import load_model
-
-        config = load_model(options.init_model).config
+def load_model_config(options, tokenizer, init_model=None):
+    """The run's config (from `init_model`, the `--init-model` loaded, when given), checked
+    against the tokenizer and the options."""
+    if init_model is not None:
+        config = init_model.config
     elif options.preset:
         config = ALGPT2Config.from_preset(options.preset)
     else:
@@ -283,7 +283,12 @@ def train(options, log=print):
     if options.fuse_elementwise:
         enable_elementwise_fusion()
     tokenizer = GPT2Tokenizer(options.tokenizer)
-    config = load_model_config(options, tokenizer)
+    init_model = None
+    if options.init_model:
+        from algpt2_tf.saving import load_model
+
+        init_model = load_model(options.init_model)
+    config = load_model_config(options, tokenizer, init_model)
     teacher = None
     if options.teacher:
         from algpt2_tf.distillation import load_teacher
@@ -321,10 +326,8 @@ def train(options, log=print):
             "mixed_bfloat16" if options.mixed_precision == "bf16" else "mixed_float16")
     try:
         model = ALGPT2LMHeadModel(config)
-        if options.init_model:
-            from algpt2_tf.saving import load_model
-
-            model.set_weights(load_model(options.init_model).get_weights())
+        if init_model is not None:
+            model.set_weights(init_model.get_weights())
         if teacher is not None:
             model.set_teacher(teacher, options.distill_weight, options.distill_temperature)
         if model.sop_head is not None and not options.sop:

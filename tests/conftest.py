@@ -26,6 +26,15 @@ def gpt2_tiny_config(**overrides):
     return tiny_config(embedding_size=None, num_layer_groups=3, sop_head=False, **overrides)
 
 
+def randomize_weights(model, rng, scale=0.2):
+    """Random values in every weight of `model` (LayerNorm gains around 1, biases and
+    low-rank deltas included), so no weight mapping passes by accident; returns `model`."""
+    for v in model.weights:
+        shift = 1.0 if "gamma" in v.path else 0.0
+        v.assign(rng.normal(0, scale, v.shape).astype("float32") + shift)
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_policy():
     keras.utils.set_random_seed(1234)

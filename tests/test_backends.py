@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import randomize_weights
+
 from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
 
 pytest.importorskip("torch")
@@ -44,10 +46,8 @@ def findings(tmp_path_factory):
                           num_heads=4, intermediate_size=64, embedding_size=8, sop_head=True,
                           per_layer_norms=True, lora_rank=2, embedding_dropout=0.0,
                           attention_dropout=0.0, residual_dropout=0.0)
-    model = ALGPT2LMHeadModel(config)
     rng = np.random.default_rng(0)
-    for v in model.weights:  # every weight random, the deltas included
-        v.assign(rng.normal(0, 0.2, v.shape).astype("float32") + (1.0 if "gamma" in v.path else 0))
+    model = randomize_weights(ALGPT2LMHeadModel(config), rng)
     ids = rng.integers(0, 97, (2, 10)).astype("int32")
     model.save(str(folder / "reference.keras"))
     np.savez(folder / "reference.npz", ids=ids,

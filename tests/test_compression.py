@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import kill_at_first_checkpoint_then_rerun, tiny_config
+from conftest import kill_at_first_checkpoint_then_rerun, randomize_weights, tiny_config
 
 from algpt2_tf import ALGPT2LMHeadModel
 from algpt2_tf.cli import main
@@ -26,10 +26,7 @@ def random_teacher(rng, **overrides):
     """A GPT-2-mode model with random values in every weight (gains around 1)."""
     values = {"embedding_size": None, "sop_head": False, "num_layers": 3, **overrides}
     values.setdefault("num_layer_groups", values["num_layers"])  # one block per layer
-    teacher = ALGPT2LMHeadModel(tiny_config(**values))
-    for v in teacher.weights:
-        v.assign(rng.normal(0, 0.2, v.shape).astype("float32") + (1.0 if "gamma" in v.path else 0))
-    return teacher
+    return randomize_weights(ALGPT2LMHeadModel(tiny_config(**values)), rng)
 
 
 def logits(model, ids):

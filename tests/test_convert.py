@@ -12,6 +12,8 @@ import warnings
 import numpy as np
 import pytest
 
+from conftest import randomize_weights
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -51,14 +53,6 @@ def hf_logits(model, ids):
 
 def our_logits(model, ids):
     return np.asarray(model({"input_ids": ids})["logits"])
-
-
-def randomize(model, rng):
-    """Random values in every weight of one of our models (gains around 1)."""
-    for v in model.weights:
-        shift = 1.0 if "gamma" in v.path else 0.0
-        v.assign(rng.normal(0, 0.2, v.shape).astype("float32") + shift)
-    return model
 
 
 def ours_config(**overrides):
@@ -182,7 +176,7 @@ def test_round_trip_gives_the_original_tensors(tmp_path):
     {"embedding_size": 48, "tie_projection": True, "sop_head": True},
 ])
 def test_algpt2_exports_exactly(tmp_path, rng, overrides):
-    model = randomize(ALGPT2LMHeadModel(ours_config(**overrides)), rng)
+    model = randomize_weights(ALGPT2LMHeadModel(ours_config(**overrides)), rng)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = convert.to_hf(model, str(tmp_path / "hf"))
@@ -199,7 +193,7 @@ def test_algpt2_exports_exactly(tmp_path, rng, overrides):
 
 
 def test_export_writes_a_tokenizer_transformers_loads(tmp_path, rng, capsys):
-    model = randomize(ALGPT2LMHeadModel(ours_config(vocab_size=50257, sop_head=True)), rng)
+    model = randomize_weights(ALGPT2LMHeadModel(ours_config(vocab_size=50257, sop_head=True)), rng)
     run = tmp_path / "run"
     run.mkdir()
     model.save(str(run / "model.keras"))

@@ -24,7 +24,7 @@ import numpy as np
 
 from algpt2_tf.convert import gpt2_weights, hf_config, hf_tokenizer, safetensors_io
 from algpt2_tf.convert.numpy_gpt2 import gpt2_logits
-from algpt2_tf.files import new_directory
+from algpt2_tf.files import new_directory, require_new_directory
 
 class ConversionWarning(UserWarning):
     """Something of the model that the converted format cannot hold (it is left out)."""
@@ -74,12 +74,15 @@ def _read_checkpoint(path):
     return config, tensors, {**hf_config.GPT2_DEFAULTS, **values}
 
 
-def _build(config, tensors, source):
+def _load_checked(path):
+    """`(model, HF config dict, max |logits - reference|)` of a Hugging Face folder:
+    read, checked, built, and compared with the NumPy GPT-2."""
     from algpt2_tf.model import ALGPT2LMHeadModel
 
+    config, tensors, values = _read_checkpoint(path)
     model = ALGPT2LMHeadModel(config)
-    gpt2_weights.load_gpt2_tensors(model, tensors, source=source)
-    return model
+    gpt2_weights.load_gpt2_tensors(model, tensors, source=path)
+    return model, values, _check_against_reference(model, tensors, values, path)
 
 
 def from_hf(path):
@@ -103,9 +106,7 @@ def from_hf(path):
     >>> model.config.embedding_size is None, tokenizer.vocab_size
     (True, 50257)
     """
-    config, tensors, values = _read_checkpoint(path)
-    model = _build(config, tensors, path)
-    _check_against_reference(model, tensors, values, path)
+    model, _, _ = _load_checked(path)
     tokenizer = None
     if hf_tokenizer.has_tokenizer(path):
         tokenizer = hf_tokenizer.import_tokenizer(path, tempfile.mkdtemp(prefix="algpt2-tokenizer-"))
@@ -143,12 +144,9 @@ def import_hf(path, out):
     """
     from algpt2_tf.files import atomic_write_json
 
-    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
-        raise FileExistsError(f"{out} already exists; choose a new --out or remove it first.")
-    config, tensors, values = _read_checkpoint(path)
-    model = _build(config, tensors, path)
-    diff = _check_against_reference(model, tensors, values, path)
-    del tensors
+    require_new_directory(out)
+    model, values, diff = _load_checked(path)
+    config = model.config
     with new_directory(out) as tmp:
         tokenizer = None
         if hf_tokenizer.has_tokenizer(path):
@@ -223,8 +221,7 @@ def to_hf(model, out, tokenizer=None):
     """
     from algpt2_tf.tokenizer import GPT2Tokenizer
 
-    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
-        raise FileExistsError(f"{out} already exists; choose a new --out or remove it first.")
+    require_new_directory(out)
     config = model.config
     if tokenizer is None and config.vocab_size >= 50257:
         tokenizer = GPT2Tokenizer()

@@ -263,10 +263,9 @@ class Experiment:
         """`(folder, summary)` of the arm's student as `compression.compress` initializes it
         from its teacher arm's model, evaluated before any training (`ARM/init/`)."""
         from algpt2_tf.compression import compress_to_run
-        from algpt2_tf.evaluation import evaluate_texts
         from algpt2_tf.saving import load_model
 
-        spec, teacher = self.spec, arm.compress["from"]
+        teacher = arm.compress["from"]
         init_dir = os.path.join(self.out, "arms", arm.name, "init")
         teacher_dir = self._model_dir(teacher)
         if not os.path.exists(os.path.join(init_dir, "model.keras")):
@@ -278,19 +277,25 @@ class Experiment:
         if not os.path.exists(eval_path):
             self.log(f"  {arm.name}: evaluating the initialized student")
             model = load_model(init_dir)
-            evaluation = {}
-            for name, texts in self.eval_texts.items():
-                metrics = evaluate_texts(model, self.tokenizer, texts, seq_len=spec.eval_seq_len,
-                                         stride=spec.eval_stride,
-                                         batch_size=spec.eval_batch_size, verbose=0)
-                evaluation[name] = {k: metrics[k] for k in ("word_perplexity", "bits_per_byte",
-                                                            "token_perplexity")}
-            atomic_write_json(eval_path, evaluation)
+            atomic_write_json(eval_path, self._held_out_metrics(model, self.tokenizer,
+                                                                self.eval_texts))
         return init_dir, {**arm.compress, "init_eval": read_json(eval_path)}
+
+    def _held_out_metrics(self, model, tokenizer, eval_texts):
+        """`{set: metrics}` of `model` on every evaluation set, with the spec's protocol."""
+        from algpt2_tf.evaluation import evaluate_texts
+
+        spec, found = self.spec, {}
+        for name, texts in eval_texts.items():
+            metrics = evaluate_texts(model, tokenizer, texts, seq_len=spec.eval_seq_len,
+                                     stride=spec.eval_stride, batch_size=spec.eval_batch_size,
+                                     verbose=0)
+            found[name] = {k: metrics[k] for k in (
+                "word_perplexity", "bits_per_byte", "token_perplexity", "tokens", "words")}
+        return found
 
     def _evaluate(self, result, tokenizer, eval_texts, train_args):
         """Adds held-out metrics and generation statistics to a trained run's result."""
-        from algpt2_tf.evaluation import evaluate_texts
         from algpt2_tf.saving import load_model
 
         if "eval" in result:
@@ -306,13 +311,7 @@ class Experiment:
                  "evaluating and sampling")
         keras.backend.clear_session()
         model = load_model(run_dir)
-        result = dict(result, eval={})
-        for name, texts in eval_texts.items():
-            metrics = evaluate_texts(model, tokenizer, texts, seq_len=spec.eval_seq_len,
-                                     stride=spec.eval_stride, batch_size=spec.eval_batch_size,
-                                     verbose=0)
-            result["eval"][name] = {k: metrics[k] for k in (
-                "word_perplexity", "bits_per_byte", "token_perplexity", "tokens", "words")}
+        result = dict(result, eval=self._held_out_metrics(model, tokenizer, eval_texts))
         gen = spec.generation
         if gen["prompts"]:
             output = model.generate(gen["prompts"], max_new_tokens=gen["max_new_tokens"],

@@ -371,7 +371,7 @@ def _earlier_arm(value, arms, where):
 
 def _compress(item, arms, base_config, where):
     """`compress: {from, init}`, checked against the teacher arm's shape."""
-    from algpt2_tf.compression import INITS, SHAPE_FIELDS
+    from algpt2_tf.compression import INITS, student_config
 
     value = item.get("compress")
     if value is None:
@@ -381,16 +381,13 @@ def _compress(item, arms, base_config, where):
     init = value.get("init", "average")
     if init not in INITS:
         raise SpecError(f"{where}.compress.init must be one of {INITS}, got {init!r}.")
-    mine = {**base_config.to_dict(), **(item.get("config") or {})}
-    theirs = {**base_config.to_dict(), **teacher.config}
-    for field in SHAPE_FIELDS:  # vocab_size is the experiment tokenizer's for every arm
-        if field != "vocab_size" and mine[field] != theirs[field]:
-            raise SpecError(f"{where}.compress: the arm's {field} ({mine[field]}) differs from "
-                            f"{teacher.name!r}'s ({theirs[field]}); compression keeps the "
-                            f"teacher's shape.")
-    if mine["num_layers"] > theirs["num_layers"]:
-        raise SpecError(f"{where}.compress: the arm has more layers ({mine['num_layers']}) than "
-                        f"{teacher.name!r} ({theirs['num_layers']}).")
+    # The student is checked as `algpt2 compress` checks it (shape, depth, E).
+    theirs = _config_with(base_config.to_dict(), teacher.config, f"arm {teacher.name!r}.config")
+    try:
+        student_config(theirs, preset=None,
+                       overrides={**base_config.to_dict(), **(item.get("config") or {})})
+    except ValueError as e:
+        raise SpecError(f"{where}.compress from {teacher.name!r}: {e}") from None
     return {"from": teacher.name, "init": init}
 
 
