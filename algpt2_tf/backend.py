@@ -18,6 +18,11 @@ here:
   live outside a pure function, so `jax.jit` would need Keras' stateless
   calls).
 
+- `compiled_inference`: a function of the model run many times with the
+  same shapes (generation's cached step), compiled the way each backend
+  compiles: `jax.jit` over Keras' stateless scope, `torch.compile` on
+  request, an XLA `tf.function` on TensorFlow.
+
 Generation's XLA loop, the tf.data pipelines and the exports are TensorFlow
 by nature and stay in their modules.
 """
@@ -42,6 +47,46 @@ def traced(function):
 
         return tf.function(function, reduce_retracing=True)
     return function
+
+
+def compiled_inference(function, variables, torch_compile=False):
+    """`function(*arrays)` compiled for inference (no gradients), reading `variables`.
+
+    Each shape of the arguments compiles once; later calls with the same
+    shapes reuse it. Measured on a cached decode step of `algpt2-tiny`
+    (batch 1, this 2-core CPU, same run): JAX `jax.jit` 678 tokens/s against
+    15 eager (45x; compiles in about 1 s). PyTorch eager under
+    `torch.no_grad()` (2.1x over recording gradients on `algpt2`, 4.6 against
+    2.2 tokens/s on a busy machine); `torch_compile=True` makes the step 8x faster
+    (571 against 68 tokens/s on `algpt2-tiny`) but compiles for about 65 s,
+    so it pays only for long-lived processes and is off by default.
+
+    Args:
+        function: takes and returns arrays (or lists/tuples of them); it may
+            call the model, whose weights are `variables`.
+        variables: the Keras variables `function` reads (`model.variables`).
+        torch_compile: on PyTorch, `torch.compile` the function.
+    """
+    if name() == "jax":
+        import jax
+
+        def pure(values, *args):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return function(*args)
+
+        jitted = jax.jit(pure)
+        return lambda *args: jitted([v.value for v in variables], *args)
+    if name() == "torch":
+        import torch
+
+        def no_grad(*args):
+            with torch.no_grad():
+                return function(*args)
+
+        return torch.compile(no_grad, dynamic=False) if torch_compile else no_grad
+    import tensorflow as tf
+
+    return tf.function(function, jit_compile=True, reduce_retracing=True)
 
 
 def _being_traced(tensor):

@@ -117,7 +117,7 @@ def _generate(args):
     stop_ids = [tokenizer.eos_id] + list(args.stop_id or [])
     from algpt2_tf import backend
 
-    if not backend.is_tensorflow():  # torch / JAX: the eager loop, printed when done
+    if not backend.is_tensorflow():  # torch / JAX: the host loop, printed when done
         out = model.generate([ids], max_new_tokens=args.max_new_tokens, sampler=args.sampler,
                              seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, repetition_penalty=args.repetition_penalty,

@@ -426,9 +426,15 @@ class Generator:
 
 
 def generator_for(model):
-    """The model's cached `Generator` (created on first use)."""
+    """The model's cached generator, created on first use: a `Generator` on
+    TensorFlow, a `HostLoopGenerator` on torch and JAX (`host_loop_generation`)."""
     if getattr(model, "_algpt2_generator", None) is None:
-        model._algpt2_generator = Generator(model)
+        if backend.is_tensorflow():
+            model._algpt2_generator = Generator(model)
+        else:
+            from algpt2_tf.host_loop_generation import HostLoopGenerator
+
+            model._algpt2_generator = HostLoopGenerator(model)
     return model._algpt2_generator
 
 
@@ -474,13 +480,7 @@ def generate(model, prompts, max_new_tokens=32, sampler="greedy", seed=None, tok
         ids = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
     else:
         ids = np.asarray(prompts).tolist() if isinstance(prompts, np.ndarray) else list(prompts)
-    if backend.is_tensorflow():
-        decoder = generator_for(model)
-    else:
-        from algpt2_tf.eager_generation import EagerGenerator
-
-        decoder = EagerGenerator(model)
-    out = decoder.generate(ids, max_new_tokens, params, seed, stop_ids)
+    out = generator_for(model).generate(ids, max_new_tokens, params, seed, stop_ids)
     if is_text:
         out.text = [p + tokenizer.decode([t for t in new if t not in stop_ids])
                     for p, new in zip(prompts, out.new_ids)]

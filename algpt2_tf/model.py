@@ -219,7 +219,7 @@ class ALGPT2LMHeadModel(keras.Model):
     def generate(self, prompts, max_new_tokens=32, sampler="greedy", seed=None, tokenizer=None,
                  **kwargs):
         """Generates text or ids; see `algpt2_tf.generation.generate` (on torch and JAX:
-        `algpt2_tf.eager_generation`)."""
+        `algpt2_tf.host_loop_generation`)."""
         from algpt2_tf import generation
 
         return generation.generate(self, prompts, max_new_tokens=max_new_tokens, sampler=sampler,

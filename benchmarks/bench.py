@@ -32,6 +32,7 @@ TINY = dict(vocab_size=50257, hidden=64, layers=2, heads=2, positions=128)
 # ------------------------------------------------------------------ workers
 def _our_model(preset, shape, quick):
     from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
+    # (shape is used only when quick)
 
     config = ALGPT2Config.from_preset(preset)
     overrides = dict(embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
@@ -173,6 +174,65 @@ def worker_decode(case):
     return {"tokens_per_s": batch * new / (time.perf_counter() - start)}
 
 
+def worker_backend(case):
+    """Forward, train or batch-1 decode of `case["preset"]` on the Keras backend
+    `case["backend"]` (this process was started with KERAS_BACKEND set).
+
+    Each backend runs its natural compiled path: forward through
+    `backend.compiled_inference` (XLA on TensorFlow, `jax.jit`, PyTorch eager
+    without gradients), `fit` with `jit_compile="auto"`, and generation's
+    decode loop (TensorFlow's XLA loop; the host loop elsewhere, with
+    `torch.compile` when `case["torch_compile"]`). `first_call_s` is the first
+    call's time (compilation included); tokens/s is from a later call.
+    """
+    import keras
+    import numpy as np
+
+    from algpt2_tf import backend
+    from algpt2_tf.generation import generator_for
+
+    assert backend.name() == case["backend"], (backend.name(), case["backend"])
+    model = _our_model(case["preset"], None, False)
+    rng = np.random.default_rng(0)
+    if case["what"] == "decode":
+        prompt, new = case["prompt"], case["new_tokens"]
+        ids = rng.integers(0, 50000, (1, prompt)).astype("int32").tolist()
+        if case.get("torch_compile"):
+            from algpt2_tf.host_loop_generation import HostLoopGenerator
+
+            model._algpt2_generator = HostLoopGenerator(model, torch_compile=True)
+        generator = generator_for(model)
+        start = time.perf_counter()
+        first = generator.generate(ids, max_new_tokens=new, stop_ids=()).new_ids
+        first_call = time.perf_counter() - start
+        start = time.perf_counter()
+        again = generator.generate(ids, max_new_tokens=new, stop_ids=()).new_ids
+        elapsed = time.perf_counter() - start
+        assert first == again
+        return {"tokens_per_s": new / elapsed, "first_call_s": first_call,
+                "tokens": first[0][:8]}
+    batch, seq, steps = case["batch"], case["seq_len"], case["steps"]
+    ids = rng.integers(0, 50000, (batch, seq)).astype("int32")
+    inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if case["what"] == "forward":
+        forward = backend.compiled_inference(lambda x: model(x)["logits"], model.variables)
+        start = time.perf_counter()
+        keras.ops.convert_to_numpy(forward(inputs))
+        first_call = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = forward(inputs)
+        keras.ops.convert_to_numpy(out)
+        return {"tokens_per_s": steps * batch * seq / (time.perf_counter() - start),
+                "first_call_s": first_call}
+    model.compile(optimizer=keras.optimizers.AdamW(1e-4))
+    timer = _step_timer_class()()
+    data = {k: np.tile(v, (steps + 1, 1)) for k, v in inputs.items()}
+    model.fit(data, batch_size=batch, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
+    return {"tokens_per_s": batch * (seq - 1) / statistics.median(timer.times[1:]),
+            "first_call_s": timer.times[0]}
+
+
 def worker_tflite(case):
     """Converts, then decodes in a child process, so that the peak RSS
     reported is the interpreter's and not the converter's."""
@@ -242,6 +302,7 @@ def worker_matmul_peak(case):
 
 
 WORKERS = {"train": worker_train, "forward": worker_train, "decode": worker_decode,
+           "backend": worker_backend,
            "tflite_decode": worker_tflite, "tflite_run": worker_tflite_run,
            "matmul_peak": worker_matmul_peak}
 
@@ -267,8 +328,11 @@ def run_worker(case):
 
 # ------------------------------------------------------------------ parent
 def measure(case):
+    env = dict(os.environ)
+    if "backend" in case:  # a Keras backend is chosen before Keras is imported
+        env.update(KERAS_BACKEND=case["backend"], JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"case {case} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -299,11 +363,23 @@ def plan(quick, gpu):
     tflite = [dict(kind="tflite_decode", model="algpt2", quantize=q, runtime=r, prompt=16,
                    new_tokens=new, quick=quick)
               for q in ("none", "int8") for r in ("interpreter", "compiled")]
+    backends = []
+    for preset in ("algpt2-tiny",) if quick else ("algpt2-tiny", "algpt2"):
+        for what in ("forward", "train", "decode"):
+            for name in ("tensorflow", "torch", "jax"):
+                case = dict(kind="backend", backend=name, preset=preset, what=what, batch=batch,
+                            seq_len=seq, steps=steps, prompt=16, new_tokens=new)
+                backends.append(case)
+                if what == "decode" and name == "torch":
+                    backends.append(dict(case, torch_compile=True))
     return {"train": train, "forward": forward, "decode": decode, "tflite_decode": tflite,
-            "matmul_peak": [dict(kind="matmul_peak", quick=quick)]}
+            "backend": backends, "matmul_peak": [dict(kind="matmul_peak", quick=quick)]}
 
 
 def label(case):
+    if case["kind"] == "backend":
+        compiled = " torch.compile" if case.get("torch_compile") else ""
+        return f"{case['preset']} {case['what']} {case['backend']}{compiled}"
     parts = [case.get("model", "")]
     for key in ("precision", "batch", "quantize", "runtime"):
         if key in case:
@@ -321,6 +397,8 @@ def summarize(results, peak_flops, quick):
     groups = {}
     for r in results:
         c = r["case"]
+        if c["kind"] == "backend":
+            continue  # backend_rows
         key = (c["kind"], c.get("precision"), c.get("batch"), c.get("quantize"), c.get("runtime"))
         groups.setdefault(key, []).append(r)
     batch1_peer = [r for r in results
@@ -350,6 +428,31 @@ def summarize(results, peak_flops, quick):
     return rows
 
 
+def backend_rows(results):
+    """One row per (preset, what, backend): tokens/s, first call, ratio to TensorFlow."""
+    backend = [r for r in results if r["case"]["kind"] == "backend"]
+    reference = {(r["case"]["preset"], r["case"]["what"]): r["tokens_per_s"] for r in backend
+                 if r["case"]["backend"] == "tensorflow"}
+    return [{"preset": r["case"]["preset"], "what": r["case"]["what"],
+             "backend": r["case"]["backend"] + (" torch.compile" if r["case"].get("torch_compile")
+                                                else ""),
+             "tokens_per_s": r["tokens_per_s"], "first_call_s": r["first_call_s"],
+             "peak_rss_mb": r["peak_rss_mb"],
+             "vs_tensorflow": r["tokens_per_s"] / reference[(r["case"]["preset"],
+                                                             r["case"]["what"])]}
+            for r in backend]
+
+
+def backend_markdown(rows):
+    lines = ["| model | case | backend | tokens/s | vs TensorFlow | first call s | peak RSS MB |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['what']} | {r['backend']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['vs_tensorflow']:.2f}x | {r['first_call_s']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows, peak_flops):
     lines = ["| case | variant (best of XLA on/off/fused) | tokens/s | vs keras-hub | peak RSS MB | MFU |",
              "|---|---|---:|---:|---:|---:|"]
@@ -377,7 +480,7 @@ def main():
     parser.add_argument("--gpu", action="store_true", help="only the bf16 training case, GPU-sized")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="+", help="case kinds to run (train forward decode "
-                        "tflite_decode matmul_peak)")
+                        "tflite_decode backend matmul_peak)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "latest"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -410,15 +513,20 @@ def main():
                 peak = value
             else:
                 results.append({"case": case, "tokens_per_s": value, "peak_rss_mb": rss,
-                                "runs": [r[metric] for r in runs[i]]})
+                                "runs": [r[metric] for r in runs[i]],
+                                "first_call_s": statistics.median(
+                                    r.get("first_call_s", 0.0) for r in runs[i])})
     rows = summarize(results, peak, args.quick)
+    by_backend = backend_rows(results)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick, "gpu": args.gpu,
               "repeats": repeats, "cpu_count": os.cpu_count(), "matmul_peak_flops": peak,
-              "rows": rows, "raw": results}
+              "rows": rows, "backend_rows": by_backend, "raw": results}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=2)
-    table = markdown(rows, peak or 0)
+    table = markdown(rows, peak or 0) if rows else ""
+    if by_backend:
+        table += "\nKeras backends (algpt2 presets; batch-1 decode):\n\n" + backend_markdown(by_backend)
     with open(args.out + ".md", "w") as f:
         f.write(table)
     print(table)

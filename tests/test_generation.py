@@ -98,6 +98,15 @@ def test_batch_equals_one_by_one(model):
     assert batch == alone
 
 
+def test_the_host_loop_gives_the_xla_loops_greedy_tokens(model):
+    # The torch / JAX decode loop (here on TensorFlow): same steps, same picks.
+    from algpt2_tf.host_loop_generation import HostLoopGenerator
+
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    expected = Generator(model).generate(prompts, 10, SamplingParams(top_k=1), 0, ()).new_ids
+    assert HostLoopGenerator(model).generate(prompts, 10).new_ids == expected
+
+
 def test_stream_equals_generate(model):
     generator = Generator(model)
     prompt = [4, 8, 15, 16, 23, 42]

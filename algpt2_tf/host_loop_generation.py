@@ -1,10 +1,12 @@
-"""Generation on the torch and JAX backends: the cached step in a Python loop.
+"""Generation on the torch and JAX backends: a compiled cached step in a Python loop.
 
 `generation.py`'s decode loop is one XLA-compiled TensorFlow function. On
-the other Keras backends, `EagerGenerator` runs the same steps with the
+the other Keras backends, `HostLoopGenerator` runs the same steps with the
 model's backend-agnostic `forward_with_cache` (prefill the left-padded
-prompts, then one token per step into a cache per virtual layer), and picks
-each token on the host from the `[batch, vocab]` logits row:
+prompts, then one token per step into a cache per virtual layer), compiled
+by `backend.compiled_inference` (`jax.jit` on JAX; on PyTorch eager without
+gradients, or `torch.compile` on request), and picks each token on the host
+from the `[batch, vocab]` logits row:
 
 - greedy is the first argmax, as in the TensorFlow loop, so greedy tokens
   are the TensorFlow backend's (tested);
@@ -12,13 +14,15 @@ each token on the host from the `[batch, vocab]` logits row:
   meaning as there) draws with a NumPy generator seeded by `seed`: the same
   seed gives the same text on a backend, not the TensorFlow loop's text.
 
-It is not compiled, so it is slower than the TensorFlow loop; it is here so
-that a model trained on PyTorch or JAX can be sampled where it was trained.
+The host loop costs a device-to-host copy of one logits row per step; it is
+here so that a model trained on PyTorch or JAX can be sampled where it was
+trained (`make bench` gives each backend's decode speed).
 """
 
 import numpy as np
 from keras import ops
 
+from algpt2_tf import backend
 from algpt2_tf.prompts import check_max_new_tokens, check_prompts, left_pad
 
 
@@ -49,15 +53,42 @@ def pick_tokens(logits, seen, params, rng):
     return np.array([rng.choice(len(row), p=row) for row in probs])
 
 
-class EagerGenerator:
+def tensors(*arrays):
+    """int32 backend tensors: a compiled step sees values, never constants
+    (`torch.compile` would recompile for each new Python or NumPy scalar)."""
+    return [ops.convert_to_tensor(np.asarray(a, "int32")) for a in arrays]
+
+
+class HostLoopGenerator:
     """`Generator.generate` for any Keras backend (see the module docstring).
 
     Args:
         model: an `ALGPT2LMHeadModel`.
+        torch_compile: on PyTorch, `torch.compile` the step (about 65 s of
+            compiling, then 8x faster steps: for long-lived processes).
+
+    Example:
+    >>> from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
+    >>> model = ALGPT2LMHeadModel(ALGPT2Config.from_preset("algpt2-tiny"))
+    >>> out = HostLoopGenerator(model).generate([[5, 6, 7]], max_new_tokens=4)
+    >>> len(out.new_ids[0])
+    4
     """
 
-    def __init__(self, model):
+    def __init__(self, model, torch_compile=False):
         self.model = model
+        # One uncompiled step first: it builds the weights that the compiled
+        # step reads, and Keras layers set Python state on their first call
+        # (name-scope paths) that would otherwise fail torch.compile's guards
+        # and recompile the step on the next call.
+        self._step(*tensors([[0]], [[0]], [[1]]), model.empty_caches(1, 1), *tensors(0))
+        self.step = backend.compiled_inference(self._step, model.variables, torch_compile)
+
+    def _step(self, input_ids, position_ids, key_mask, caches, cache_index):
+        """Logits of the last position `[batch, vocab]` and the new caches."""
+        logits, caches = self.model.forward_with_cache(
+            input_ids, position_ids, key_mask, caches, cache_index, last_logits_only=True)
+        return logits[:, -1], caches
 
     def generate(self, prompt_ids, max_new_tokens=32, params=None, seed=0, stop_ids=(),
                  pad_id=0):
@@ -82,14 +113,13 @@ class EagerGenerator:
         seen = np.zeros((batch, config.vocab_size), bool)
         for row, prompt in enumerate(prompts):
             seen[row, prompt] = True
-        logits, caches = self.model.forward_with_cache(
-            ids, positions, key_mask, self.model.empty_caches(batch, total), 0,
-            last_logits_only=True)
+        logits, caches = self.step(*tensors(ids, positions, key_mask),
+                                   self.model.empty_caches(batch, total), *tensors(0))
         next_position = mask.sum(axis=1).astype("int32")
         new = [[] for _ in prompts]
         done = np.zeros(batch, bool)
         for step in range(max_new_tokens):
-            tokens = pick_tokens(ops.convert_to_numpy(logits)[:, -1], seen, params, rng)
+            tokens = pick_tokens(ops.convert_to_numpy(logits), seen, params, rng)
             for row, token in enumerate(tokens):
                 if not done[row]:
                     new[row].append(int(token))
@@ -99,7 +129,7 @@ class EagerGenerator:
             seen[np.arange(batch), tokens] = True
             slot = longest + step
             key_mask[:, slot] = 1
-            logits, caches = self.model.forward_with_cache(
-                tokens[:, None].astype("int32"), next_position[:, None], key_mask, caches, slot)
+            logits, caches = self.step(*tensors(tokens[:, None], next_position[:, None], key_mask),
+                                       caches, *tensors(slot))
             next_position += 1
         return GenerationOutput(ids=[p + n for p, n in zip(prompts, new)], new_ids=new)
