@@ -105,6 +105,20 @@ def write(folder, found):
             optimizer.step()
             found["torch_loop_losses"].append(loss.item())
 
+        # fit reads a torch DataLoader, PyTorch's natural input, as it reads tf.data.
+        class Rows(torch.utils.data.Dataset):
+            def __len__(self):
+                return 16
+
+            def __getitem__(self, i):
+                row = torch.as_tensor(ids[i % len(ids)], dtype=torch.int32)
+                return {"input_ids": row, "attention_mask": torch.ones_like(row),
+                        "sop_labels": torch.tensor(i % 2)}
+
+        loader = torch.utils.data.DataLoader(Rows(), batch_size=4)
+        history = model.fit(loader, epochs=3, verbose=0).history
+        found["dataloader_lm_loss"] = [float(x) for x in history["lm_loss"]]
+
 
 def read(folder, found):
     ids = np.load(os.path.join(folder, "reference.npz"))["ids"]

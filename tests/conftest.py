@@ -67,7 +67,8 @@ def shared_file(*parts):
     return path
 
 
-def kill_at_first_checkpoint_then_rerun(cmd, run_dir, checkpoint="ckpt-00000004.npz", timeout=180):
+def kill_at_first_checkpoint_then_rerun(cmd, run_dir, checkpoint="ckpt-00000004.npz", timeout=180,
+                                       env=None):
     """Starts the `algpt2 train` command `cmd`, `kill -9`s it as soon as
     `run_dir/checkpoints/checkpoint` exists, reruns it to the end and returns
     that rerun's `CompletedProcess` (the resume tests compare its model)."""
@@ -75,8 +76,8 @@ def kill_at_first_checkpoint_then_rerun(cmd, run_dir, checkpoint="ckpt-00000004.
     import subprocess
     import time
 
-    proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    env = env or os.environ.copy()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     first = os.path.join(str(run_dir), "checkpoints", checkpoint)
     while not os.path.exists(first):
@@ -86,6 +87,6 @@ def kill_at_first_checkpoint_then_rerun(cmd, run_dir, checkpoint="ckpt-00000004.
     proc.wait()
     assert not os.path.exists(os.path.join(str(run_dir), "model.keras")), \
         "the run finished before the kill"
-    done = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return done

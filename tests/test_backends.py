@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import randomize_weights
+from conftest import kill_at_first_checkpoint_then_rerun, randomize_weights
 
 from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
 
@@ -101,6 +101,8 @@ def test_a_plain_pytorch_loop_trains_the_model(findings):
     assert found["is_torch_module"]
     losses = found["torch_loop_losses"]
     assert losses[-1] < losses[0]
+    losses = found["dataloader_lm_loss"]  # fit on a torch.utils.data.DataLoader
+    assert len(losses) == 3 and losses[-1] < losses[0]
 
 
 @pytest.mark.slow
@@ -156,3 +158,34 @@ def test_the_command_line_runs_on_each_backend(tmp_path, corpus):
                   str(tmp_path / "exported"))
     assert done.returncode == 2
     assert "export needs the TensorFlow backend (this run uses jax)" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_training_resumes_exactly_on_the_backend_that_wrote_it(tmp_path, corpus, backend):
+    """`kill -9` a torch / JAX run after its first checkpoint, rerun: the weights
+    of an uninterrupted run."""
+    from algpt2_tf.saving import load_model
+
+    config = ALGPT2Config(max_positions=64, hidden_size=32, num_layers=2, num_heads=2,
+                          intermediate_size=64, embedding_size=16, sop_head=True,
+                          embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
+    config.to_json_file(tmp_path / "config.json")
+    env = dict(os.environ, ALGPT2_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    env.pop("KERAS_BACKEND", None)
+
+    def command(out):
+        return ["algpt2", "--backend", backend, "train", "--config", str(tmp_path / "config.json"),
+                "--train-files", corpus, "--sop", "--steps", "6", "--seq-len", "32",
+                "--batch-size", "4", "--checkpoint-every", "2", "--log-every", "2",
+                "--learning-rate", "3e-3", "--warmup-steps", "2", "--verbose", "0",
+                "--out", str(tmp_path / out)]
+
+    done = subprocess.run(command("full"), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = kill_at_first_checkpoint_then_rerun(command("part"), tmp_path / "part",
+                                               "ckpt-00000002.npz", timeout=300, env=env)
+    assert "Resuming from step 2" in done.stdout
+    full, part = load_model(str(tmp_path / "full")), load_model(str(tmp_path / "part"))
+    for a, b in zip(full.get_weights(), part.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
