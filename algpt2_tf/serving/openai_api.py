@@ -1,0 +1,395 @@
+"""An OpenAI-compatible completions server for a Keras ALGPT2 model.
+
+Endpoints (the subset of https://platform.openai.com/docs/api-reference that
+a base language model can honestly serve, as vLLM's server does):
+
+    GET  /v1/models              the one served model
+    GET  /v1/models/{model}
+    POST /v1/completions         prompt (string, list of strings, token ids),
+                                 max_tokens, temperature, top_p, seed, stop,
+                                 n, stream, echo; usage counts tokens
+    POST /v1/chat/completions    400: a base LM has no chat format
+
+Streaming is Server-Sent Events, one chunk per token as it is made (text
+that could still become a stop sequence, or an incomplete UTF-8 character,
+waits for the next token), then `data: [DONE]`; with
+`stream_options.include_usage` a last chunk carries the usage. Requests
+share decode steps through `batching.BatchEngine`. Choice `j` of a request
+with `seed` s samples with seed `s + j`; without a seed, each choice draws a
+random one. `temperature=0` is greedy.
+
+Errors have OpenAI's shape, `{"error": {"message", "type", "param",
+"code"}}`: 400 bad parameters, 401 a missing or wrong API key (when one is
+set), 404 an unknown model or path, 413 a body over the limit, 429 a full
+queue, 504 past the per-request time limit.
+"""
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from algpt2_tf.generation import SamplingParams
+from algpt2_tf.serving.batching import QueueFull, Request
+
+MAX_N = 16
+MAX_STOPS = 4
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's JSON shape with an HTTP status."""
+
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = (status, message, param,
+                                                                       code, kind)
+
+    def response(self):
+        return JSONResponse({"error": {"message": self.message, "type": self.kind,
+                                       "param": self.param, "code": self.code}},
+                            status_code=self.status)
+
+
+# ------------------------------------------------------------------ parameters
+def _number(body, name, default, low, high, integer=False):
+    value = body.get(name, default)
+    if value is None:
+        value = default
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+        what = "an integer" if integer else "a number"
+        raise APIError(400, f"'{name}' must be {what} in [{low}, {high}], got {value!r}.", name)
+    return value
+
+
+def parse_completion(body, model_name, tokenizer, max_positions):
+    """Checks a /v1/completions body; returns a dict of what the handler needs."""
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    if body.get("model") != model_name:
+        raise APIError(404, f"The model '{body.get('model')}' does not exist; this server "
+                            f"serves '{model_name}'.", "model", "model_not_found")
+    for name in ("logprobs", "suffix"):
+        if body.get(name) is not None:
+            raise APIError(400, f"'{name}' is not supported by this server.", name)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise APIError(400, f"'{name}' is not supported by this server (only 0).", name)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [prompt]
+    elif (isinstance(prompt, list) and prompt
+          and all(isinstance(p, str) or (isinstance(p, list) and p
+                                         and all(isinstance(t, int) for t in p)) for p in prompt)):
+        prompts = prompt
+    else:
+        raise APIError(400, "'prompt' must be a string, a list of strings, a list of token "
+                            "ids or a list of such lists.", "prompt")
+    ids = []
+    for p in prompts:
+        if isinstance(p, str):
+            ids.append(tokenizer.encode(p) or [tokenizer.eos_id])
+        else:
+            if not all(0 <= t < tokenizer.vocab_size for t in p):
+                raise APIError(400, f"Token ids must be in [0, {tokenizer.vocab_size}).", "prompt")
+            ids.append(list(p))
+    max_tokens = _number(body, "max_tokens", 16, 1, 2 ** 31 - 1, integer=True)
+    longest = max(len(i) for i in ids)
+    if longest + max_tokens > max_positions:
+        raise APIError(400, f"The prompt ({longest} tokens) plus max_tokens ({max_tokens}) "
+                            f"exceeds the model's context of {max_positions} tokens.",
+                       "max_tokens", "context_length_exceeded")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p <= 0:
+        raise APIError(400, f"'top_p' must be in (0, 1], got {top_p!r}.", "top_p")
+    n = _number(body, "n", 1, 1, MAX_N, integer=True)
+    if body.get("best_of") not in (None, n):
+        raise APIError(400, "'best_of' is not supported by this server (only equal to n).",
+                       "best_of")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise APIError(400, f"'seed' must be an integer, got {seed!r}.", "seed")
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else (stop or [])
+    if (not isinstance(stops, list) or len(stops) > MAX_STOPS
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise APIError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} "
+                            "non-empty strings.", "stop")
+    stream_options = body.get("stream_options") or {}
+    return {"prompts": prompts, "ids": ids, "max_tokens": max_tokens, "n": n, "seed": seed,
+            "stops": stops, "echo": bool(body.get("echo", False)),
+            "stream": bool(body.get("stream", False)),
+            "include_usage": bool(stream_options.get("include_usage", False)),
+            "params": SamplingParams(temperature=float(temperature),
+                                     top_k=1 if temperature == 0 else 0, top_p=float(top_p))}
+
+
+# ------------------------------------------------------------------ text
+def held_back(text, stops):
+    """How many characters at the end of `text` must wait: the start of a
+    stop sequence, or an incomplete UTF-8 character (decoded as U+FFFD)."""
+    wait = 1 if text.endswith("\ufffd") else 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                wait = max(wait, k)
+                break
+    return wait
+
+
+class Choice:
+    """One choice's tokens, text and end, fed from the engine's thread into
+    an asyncio queue of events for the handler."""
+
+    def __init__(self, index, prompt, prompt_ids, echo, stops, tokenizer, loop):
+        self.index, self.stops, self.tokenizer, self.loop = index, stops, tokenizer, loop
+        self.prefix = (prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)) \
+            if echo else ""
+        self.prompt_tokens = len(prompt_ids)
+        self.tokens = []
+        self.sent = 0  # characters of `text` already given out
+        self.text = ""
+        self.finish_reason = None
+        self.events = asyncio.Queue()
+        self.request = None
+
+    # engine thread -> event loop
+    def on_token(self, token):
+        self.loop.call_soon_threadsafe(self.events.put_nowait, ("token", token))
+
+    def on_done(self, reason, error):
+        self.loop.call_soon_threadsafe(self.events.put_nowait, ("done", (reason, error)))
+
+    # event loop
+    def add(self, token):
+        """Takes a token; returns the text that can go out now ("" if none)."""
+        if token == self.tokenizer.eos_id:
+            return None
+        self.tokens.append(token)
+        self.text = self.tokenizer.decode(self.tokens)
+        for stop in self.stops:
+            at = self.text.find(stop)
+            if at >= 0:
+                self.text = self.text[:at]
+                self.finish_reason = "stop"
+                self.request.cancel()
+                break
+        ready = len(self.text) if self.finish_reason else len(self.text) - held_back(
+            self.text, self.stops)
+        out, self.sent = self.text[self.sent:max(ready, self.sent)], max(ready, self.sent)
+        return out
+
+    def rest(self):
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+    async def events_until_done(self, timeout_s):
+        """Yields text pieces until the choice ends (sets `finish_reason`)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(self.events.get(),
+                                                     max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                self.request.cancel()
+                raise APIError(504, f"The request took longer than {timeout_s:g} s.",
+                               code="timeout", kind="timeout_error")
+            if kind == "token":
+                if self.finish_reason:
+                    continue  # a stop sequence ended it; the engine has not seen the cancel yet
+                piece = self.add(value)
+                if piece is None:  # <|endoftext|>
+                    self.finish_reason = "stop"
+                elif piece:
+                    yield piece
+            else:
+                reason, error = value
+                if error is not None:
+                    raise APIError(500, f"Generation failed: {error}", kind="server_error")
+                if not self.finish_reason:
+                    self.finish_reason = "stop" if reason == "stop" else "length"
+                piece = self.rest()
+                if piece:
+                    yield piece
+                return
+
+
+# ------------------------------------------------------------------ the app
+def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 << 20,
+               timeout_s=60.0):
+    """The FastAPI app serving `engine`'s model as `model_name`."""
+    app = FastAPI(title="algpt2 OpenAI-compatible API")
+    created = int(time.time())
+    max_positions = engine.model.config.max_positions
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc):
+        return exc.response()
+
+    @app.exception_handler(404)
+    async def _not_found(request, exc):
+        return APIError(404, f"Unknown path {request.url.path}.", code="not_found").response()
+
+    @app.exception_handler(405)
+    async def _method(request, exc):
+        return APIError(405, f"Method {request.method} not allowed on {request.url.path}.")\
+            .response()
+
+    @app.middleware("http")
+    async def _authorize(request, call_next):
+        if api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return APIError(401, "Invalid or missing API key: send 'Authorization: Bearer "
+                                     "KEY'.", code="invalid_api_key").response()
+        return await call_next(request)
+
+    def model_card():
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "algpt2-tf",
+                "max_model_len": max_positions}
+
+    @app.get("/v1/models")
+    def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name}")
+    def get_model(name: str):
+        if name != model_name:
+            raise APIError(404, f"The model '{name}' does not exist.", "model", "model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        raise APIError(400, f"'{model_name}' is a base language model with no chat format; "
+                            "send a prompt to /v1/completions instead.", "messages",
+                       "chat_not_supported")
+
+    @app.post("/v1/completions")
+    async def completions(http: HTTPRequest):
+        raw = await http.body()
+        if len(raw) > max_request_bytes:
+            raise APIError(413, f"The request body is {len(raw)} bytes; the limit is "
+                                f"{max_request_bytes}.", code="request_too_large")
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise APIError(400, f"The request body is not valid JSON: {e}.")
+        spec = parse_completion(body, model_name, tokenizer, max_positions)
+        loop = asyncio.get_running_loop()
+        choices = []
+        try:
+            for p, (prompt, ids) in enumerate(zip(spec["prompts"], spec["ids"])):
+                for j in range(spec["n"]):
+                    seed = (spec["seed"] + j) if spec["seed"] is not None else \
+                        secrets.randbelow(2 ** 31 - 1)
+                    choice = Choice(p * spec["n"] + j, prompt, ids, spec["echo"], spec["stops"],
+                                    tokenizer, loop)
+                    choice.request = engine.submit(Request(
+                        ids, spec["max_tokens"], spec["params"], seed, (tokenizer.eos_id,),
+                        choice.on_token, choice.on_done))
+                    choices.append(choice)
+        except QueueFull as e:
+            for c in choices:
+                c.request.cancel()
+            raise APIError(429, str(e), code="queue_full", kind="rate_limit_error")
+        except ValueError as e:
+            for c in choices:
+                c.request.cancel()
+            raise APIError(400, str(e))
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                "created": int(time.time()), "model": model_name}
+
+        def usage():
+            prompt_tokens = sum(len(ids) for ids in spec["ids"])
+            completion = sum(len(c.tokens) for c in choices)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                    "total_tokens": prompt_tokens + completion}
+
+        if not spec["stream"]:
+            try:
+                for c in choices:
+                    async for _ in c.events_until_done(timeout_s):
+                        pass
+            finally:
+                for c in choices:
+                    c.request.cancel()  # a no-op for finished ones
+            return {**meta, "choices": [
+                {"text": c.prefix + c.text, "index": c.index, "logprobs": None,
+                 "finish_reason": c.finish_reason} for c in choices], "usage": usage()}
+
+        async def events():
+            def chunk(index, text, finish_reason=None):
+                return "data: " + json.dumps({**meta, "choices": [
+                    {"text": text, "index": index, "logprobs": None,
+                     "finish_reason": finish_reason}]}) + "\n\n"
+
+            queue = asyncio.Queue()
+
+            async def pump(c):  # one task per choice, all feeding one stream
+                try:
+                    if c.prefix:
+                        await queue.put(chunk(c.index, c.prefix))
+                    async for piece in c.events_until_done(timeout_s):
+                        await queue.put(chunk(c.index, piece))
+                    await queue.put(chunk(c.index, "", c.finish_reason))
+                except APIError as e:
+                    await queue.put("data: " + json.dumps({"error": {
+                        "message": e.message, "type": e.kind, "param": e.param,
+                        "code": e.code}}) + "\n\n")
+                finally:
+                    await queue.put(None)
+
+            tasks = [asyncio.create_task(pump(c)) for c in choices]
+            try:
+                ended = 0
+                while ended < len(tasks):
+                    item = await queue.get()
+                    if item is None:
+                        ended += 1
+                    else:
+                        yield item
+                if spec["include_usage"]:
+                    yield "data: " + json.dumps({**meta, "choices": [], "usage": usage()}) + "\n\n"
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away, or the stream ended: free the rows
+                for c in choices:
+                    c.request.cancel()
+                for t in tasks:
+                    t.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None, max_batch=16,
+          window_s=0.01, max_queue=256, batching=True, timeout_s=60.0,
+          max_request_bytes=1 << 20):
+    """Loads a model (run folder, .keras file, HF folder or preset name) and
+    serves it until interrupted."""
+    import os
+
+    import uvicorn
+
+    from algpt2_tf.saving import load_model, load_tokenizer_for
+    from algpt2_tf.serving.batching import BatchEngine
+
+    model = load_model(model_path)
+    tokenizer = load_tokenizer_for(model_path)
+    name = model_name or os.path.basename(os.path.normpath(model_path))
+    engine = BatchEngine(model, max_batch=max_batch, window_s=window_s, max_queue=max_queue,
+                         batching=batching)
+    app = create_app(engine, tokenizer, name, api_key, max_request_bytes, timeout_s)
+    print(f"Serving {name} on http://{host}:{port}/v1 (OpenAI completions API; "
+          f"batching {'up to ' + str(max_batch) if batching else 'off'})", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        engine.close()

@@ -1,0 +1,216 @@
+"""The OpenAI-compatible server, driven by the official `openai` client."""
+
+import socket
+import threading
+import time
+
+import httpx
+import keras
+import pytest
+
+from conftest import tiny_config
+
+from algpt2_tf import ALGPT2LMHeadModel
+from algpt2_tf.generation import Generator, SamplingParams
+from algpt2_tf.serving.batching import BatchEngine, Request
+from algpt2_tf.tokenizer import GPT2Tokenizer
+
+openai = pytest.importorskip("openai")
+
+NAME = "books-tiny"
+KEY = "test-key"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(3)
+    return ALGPT2LMHeadModel(tiny_config(vocab_size=50257, max_positions=64,
+                                         initializer_range=0.2))
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    import uvicorn
+
+    from algpt2_tf.serving.openai_api import create_app
+
+    engine = BatchEngine(model, max_batch=8, window_s=0.05, max_queue=8)
+    app = create_app(engine, GPT2Tokenizer(), NAME, api_key=KEY, max_request_bytes=4096)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}", engine
+    uv.should_exit = True
+    thread.join()
+    engine.close()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_models_and_a_greedy_completion_equal_the_library(client, model):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    out = client.completions.create(model=NAME, prompt="The old house", max_tokens=8,
+                                    temperature=0)
+    tokenizer = GPT2Tokenizer()
+    ids = tokenizer.encode("The old house")
+    expected = Generator(model).generate([ids], 8, SamplingParams(top_k=1), 0,
+                                         [tokenizer.eos_id]).new_ids[0]
+    expected = [t for t in expected if t != tokenizer.eos_id]
+    assert out.choices[0].text == tokenizer.decode(expected)
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.usage.completion_tokens == len(expected)
+    assert out.choices[0].finish_reason in ("length", "stop")
+
+
+def test_streaming_gives_the_same_text_token_by_token(client):
+    kwargs = dict(model=NAME, prompt=["It was", "Once"], max_tokens=10, temperature=0.9,
+                  top_p=0.95, seed=11, n=2)
+    whole = client.completions.create(**kwargs)
+    pieces, finished = {}, {}
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                            **kwargs))
+    for chunk in chunks:
+        for c in chunk.choices:
+            pieces.setdefault(c.index, []).append(c.text)
+            if c.finish_reason:
+                finished[c.index] = c.finish_reason
+    assert sorted(pieces) == [0, 1, 2, 3]
+    for c in whole.choices:
+        assert "".join(pieces[c.index]) == c.text
+        assert finished[c.index] == c.finish_reason
+    assert max(len(p) for p in pieces.values()) > 3  # it streamed, not one lump
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_seeds_reproduce_and_choices_differ(client):
+    kwargs = dict(model=NAME, prompt="She said", max_tokens=12, temperature=1.0, seed=5, n=2)
+    a, b = client.completions.create(**kwargs), client.completions.create(**kwargs)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert a.choices[0].text != a.choices[1].text  # seeds 5 and 6
+
+
+def test_stop_sequences_and_echo(client):
+    base = client.completions.create(model=NAME, prompt="A", max_tokens=16, temperature=0)
+    text = base.choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert stop
+    cut = client.completions.create(model=NAME, prompt="A", max_tokens=16, temperature=0,
+                                    stop=[stop], echo=True)
+    assert cut.choices[0].text == "A" + text[:text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=NAME, prompt="A", max_tokens=16, temperature=0, stop=stop, stream=True))
+    assert streamed == text[:text.find(stop)]
+
+
+def test_batched_requests_get_the_tokens_they_get_alone(model):
+    engine = BatchEngine(model, max_batch=8, window_s=0.5)
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [1, 2], [40, 41]]
+    settings = [SamplingParams(1.0, 0, 0.9), SamplingParams(0.7, 20, 1.0, 1.2),
+                SamplingParams(top_k=1), SamplingParams(1.5), SamplingParams(1.0, 0, 0.5)]
+    lengths = [12, 5, 9, 12, 7]
+    alone = [engine.generate(p, n, s, seed=i + 1)
+             for i, (p, n, s) in enumerate(zip(prompts, lengths, settings))]
+    together = [([], threading.Event(), {}) for _ in prompts]
+    before = engine.batches_run
+    for i, (tokens, done, end) in enumerate(together):  # all queued within the window
+        engine.submit(Request(prompts[i], lengths[i], settings[i], i + 1, (), tokens.append,
+                              lambda reason, error, done=done, end=end: (
+                                  end.update(reason=reason), done.set())))
+    for _, done, _ in together:
+        done.wait()
+    engine.close()
+    together = [(tokens, end["reason"]) for tokens, _, end in together]
+    assert together == alone
+    assert engine.batches_run - before == 1  # they did share one batch
+    assert [len(tokens) for tokens, _ in alone] == lengths
+
+
+def test_a_client_leaving_mid_stream_frees_its_row(server):
+    url, engine = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": NAME, "prompt": "Far away", "max_tokens": 60, "stream": True, "seed": 1}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+        # Closed after the first chunk: the engine stops the row well before 60 tokens.
+        deadline = time.time() + 30
+        while engine.active and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.active == 0
+
+
+def test_errors_have_openais_shape_and_status(server, client):
+    url, engine = server
+    cases = [
+        (dict(model="gpt-4", prompt="x"), openai.NotFoundError, "model_not_found"),
+        (dict(model=NAME, prompt="x", temperature=3), openai.BadRequestError, None),
+        (dict(model=NAME, prompt="x", max_tokens=100), openai.BadRequestError,
+         "context_length_exceeded"),
+        (dict(model=NAME, prompt="x", logprobs=2), openai.BadRequestError, None),
+        (dict(model=NAME, prompt=[[50257]]), openai.BadRequestError, None),
+    ]
+    for kwargs, error, code in cases:
+        with pytest.raises(error) as info:
+            client.completions.create(**kwargs)
+        assert info.value.body["message"] and info.value.body["type"]
+        if code:
+            assert info.value.code == code
+    with pytest.raises(openai.BadRequestError, match="base language model"):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    big = httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                     json={"model": NAME, "prompt": "x" * 5000})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_full_queue_answers_429(model):
+    from algpt2_tf.serving.batching import QueueFull
+
+    engine = BatchEngine(model, max_batch=1, window_s=0.0, max_queue=2)
+    started, release = threading.Event(), threading.Event()
+
+    def block(token):
+        started.set()
+        release.wait()
+
+    def noop(*_):
+        pass
+
+    requests = [Request([5], 3, SamplingParams(top_k=1), 0, (), block, noop)]
+    engine.submit(requests[0])
+    started.wait()  # the worker is busy with the first; two more fill the queue
+    for _ in range(2):
+        engine.submit(Request([5], 3, SamplingParams(top_k=1), 0, (), noop, noop))
+    with pytest.raises(QueueFull, match="limit is 2"):
+        engine.submit(Request([5], 3, SamplingParams(top_k=1), 0, (), noop, noop))
+    release.set()
+    engine.close()
+    assert engine.batches_run == 3  # the queued two ran after the first
+
+
+def test_the_server_answers_429_when_the_queue_is_full(model):
+    from fastapi.testclient import TestClient
+
+    from algpt2_tf.serving.openai_api import create_app
+
+    engine = BatchEngine(model, max_queue=0)  # every request finds the queue full
+    http = TestClient(create_app(engine, GPT2Tokenizer(), NAME))
+    answer = http.post("/v1/completions", json={"model": NAME, "prompt": "x"})
+    engine.close()
+    assert answer.status_code == 429
+    assert answer.json()["error"]["code"] == "queue_full"
