@@ -8,6 +8,7 @@ info` answer without it (see `algpt2_command.py`).
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -262,10 +263,28 @@ def _add_compress_command(sub):
 
 # --------------------------------------------------------------------- serve
 def _serve(args):
+    if (args.model is None) == (args.model_base_path is None):
+        raise UsageError("serve needs --model MODEL (the OpenAI-compatible API) or "
+                         "--model-base-path and --model-name (TF Serving's protocol), not both.")
+    if args.model is not None:
+        _needs_tensorflow("serve")
+        from algpt2_tf.serving.openai_api import serve
+
+        if args.max_batch < 1 or args.batch_window_ms < 0 or args.max_queue < 1:
+            raise UsageError("--max-batch and --max-queue must be >= 1 and --batch-window-ms "
+                             ">= 0.")
+        serve(args.model, host=args.host, port=args.port or 8000, model_name=args.model_name,
+              api_key=args.api_key or os.environ.get("ALGPT2_API_KEY"),
+              max_batch=args.max_batch, window_s=args.batch_window_ms / 1000,
+              max_queue=args.max_queue, batching=not args.no_batching, timeout_s=args.timeout,
+              max_request_bytes=args.max_request_bytes)
+        return
+    if args.model_name is None:
+        raise UsageError("--model-base-path needs --model-name.")
     _needs_tensorflow("serve (SavedModels)")
     from algpt2_tf.serving.server import serve
 
-    serve(args.model_base_path, args.model_name, host=args.host, port=args.port,
+    serve(args.model_base_path, args.model_name, host=args.host, port=args.port or 8501,
           max_request_bytes=args.max_request_bytes, timeout_seconds=args.timeout,
           poll_seconds=args.poll_seconds)
 
@@ -297,11 +316,23 @@ def _client(args):
 
 
 def _add_serving_commands(sub):
-    p = sub.add_parser("serve", help="serve SavedModels over TF Serving's REST protocol")
-    p.add_argument("--model-base-path", required=True, help="e.g. saved_models/algpt2")
-    p.add_argument("--model-name", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8501)
+    p = sub.add_parser("serve", help="serve a model over the OpenAI completions API (--model) "
+                                      "or SavedModels over TF Serving's REST protocol")
+    p.add_argument("--model", help="run folder, .keras file, HF folder or preset: the "
+                                   "OpenAI-compatible API at /v1 (default port 8000)")
+    p.add_argument("--model-base-path", help="SavedModel versions, e.g. saved_models/algpt2: "
+                                             "TF Serving's protocol (default port 8501)")
+    p.add_argument("--model-name", help="the served name (default for --model: its folder name)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="set --api-key before binding to anything but loopback")
+    p.add_argument("--port", type=int)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: "
+                                     "$ALGPT2_API_KEY; --model only)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests per batch (--model)")
+    p.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="how long a batch waits for more requests (--model)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--no-batching", action="store_true", help="run each request alone")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument("--poll-seconds", type=float, default=1.0, help="how often to look for new versions")

@@ -90,3 +90,12 @@ def kill_at_first_checkpoint_then_rerun(cmd, run_dir, checkpoint="ckpt-00000004.
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return done
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 now (for a test server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,6 +1,5 @@
 """The OpenAI-compatible server, driven by the official `openai` client."""
 
-import socket
 import threading
 import time
 
@@ -8,7 +7,7 @@ import httpx
 import keras
 import pytest
 
-from conftest import tiny_config
+from conftest import free_port, tiny_config
 
 from algpt2_tf import ALGPT2LMHeadModel
 from algpt2_tf.generation import Generator, SamplingParams
@@ -19,12 +18,6 @@ openai = pytest.importorskip("openai")
 
 NAME = "books-tiny"
 KEY = "test-key"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +207,38 @@ def test_the_server_answers_429_when_the_queue_is_full(model):
     engine.close()
     assert answer.status_code == 429
     assert answer.json()["error"]["code"] == "queue_full"
+
+
+def test_algpt2_serve_model_starts_the_api(tmp_path, model):
+    """`algpt2 serve --model M`: the command line's server answers the client."""
+    import os
+    import subprocess
+
+    from algpt2_tf.cli import main
+
+    assert main(["serve"]) == 2  # neither --model nor --model-base-path
+    assert main(["serve", "--model", "x", "--model-base-path", "y"]) == 2
+    model.save(str(tmp_path / "books.keras"))
+    port = free_port()
+    env = dict(os.environ, ALGPT2_API_KEY=KEY)
+    proc = subprocess.Popen(["algpt2", "serve", "--model", str(tmp_path / "books.keras"),
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "Serving books on" in proc.stdout.readline()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY,
+                               max_retries=0)
+        deadline = time.time() + 60
+        while True:
+            try:
+                assert [m.id for m in client.models.list().data] == ["books"]
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline and proc.poll() is None
+                time.sleep(0.2)
+        out = client.completions.create(model="books", prompt="Hello", max_tokens=3,
+                                        temperature=0)
+        assert out.usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -3,7 +3,6 @@ import concurrent.futures
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 
@@ -13,18 +12,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import free_port
+
 from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
 from algpt2_tf.cli import main
 from algpt2_tf.export import export_model
 from algpt2_tf.serving.client import ServingClient, ServingClientError
 
 GEN = {"max_new_tokens": 4, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "seed": 0}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerThread:

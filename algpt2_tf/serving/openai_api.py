@@ -383,7 +383,7 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
 
     model = load_model(model_path)
     tokenizer = load_tokenizer_for(model_path)
-    name = model_name or os.path.basename(os.path.normpath(model_path))
+    name = model_name or os.path.basename(os.path.normpath(model_path)).removesuffix(".keras")
     engine = BatchEngine(model, max_batch=max_batch, window_s=window_s, max_queue=max_queue,
                          batching=batching)
     app = create_app(engine, tokenizer, name, api_key, max_request_bytes, timeout_s)
