@@ -21,7 +21,12 @@ def test_benchmark_harness_quick(tmp_path):
     assert cases == {"train", "forward", "decode", "tflite_decode"}
     assert all(row["tokens_per_s"] > 0 for row in report["rows"])
     assert report["matmul_peak_flops"] > 0
-    assert "| train |" in (tmp_path / "quick.md").read_text()
+    backends = {(r["what"], r["backend"]) for r in report["backend_rows"]}
+    assert backends == {(w, b) for w in ("forward", "train", "decode")
+                        for b in ("tensorflow", "torch", "jax")}
+    assert all(r["tokens_per_s"] > 0 for r in report["backend_rows"])
+    table = (tmp_path / "quick.md").read_text()
+    assert "| train |" in table and "| algpt2-tiny | decode | jax |" in table
 
 
 @pytest.mark.slow

@@ -190,11 +190,12 @@ def test_new_version_is_picked_up_while_in_flight_requests_finish(exported, tmp_
 
 
 @pytest.mark.slow
-def test_load_16_clients_x_50_requests_each_signature(server):
+def test_16_concurrent_clients_get_no_errors(server):
+    # (Throughput and latency under load: benchmarks/serve_load.py.)
     def client(i):
         errors = 0
         with httpx.Client(timeout=60) as http:
-            for j in range(50):
+            for j in range(5):
                 a = http.post(server.url + "/v1/models/tiny:predict", json={
                     "inputs": {"input_ids": [[i, j, 7]], "attention_mask": [[1, 1, 1]]}})
                 b = http.post(server.url + "/v1/models/tiny:predict", json={
