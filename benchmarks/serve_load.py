@@ -7,6 +7,13 @@ Starts the server on a free loopback port over an exported SavedModel folder
 requests/s per signature (reported, not asserted).
 
     python benchmarks/serve_load.py [--model-base-path saved_models/NAME --model-name NAME]
+
+With `--openai`, it serves a Keras model over the OpenAI-compatible API
+instead (`algpt2 serve --model`), once with batching and once without
+(`--no-batching`), and every client streams its completions: requests/s,
+generated tokens/s, p50 / p99 latency and p50 / p99 time to first token.
+
+    python benchmarks/serve_load.py --openai [--preset algpt2-tiny] [--max-new-tokens 16]
 """
 
 import argparse
@@ -55,6 +62,104 @@ def post(url, body):
     return time.perf_counter() - start, ok
 
 
+def stream(url, body):
+    """One streamed completion: (seconds, seconds to the first chunk, tokens, ok)."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    first, tokens = None, 0
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            for line in response:
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None:
+                    first = time.perf_counter() - start
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        ok = tokens > 0
+    except OSError:
+        ok = False
+    return time.perf_counter() - start, first or 0.0, tokens, ok
+
+
+def run_openai(url, body, clients, requests):
+    def client(_):
+        return [stream(url, body) for _ in range(requests)]
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = [r for batch in pool.map(client, range(clients)) for r in batch]
+    elapsed = time.perf_counter() - start
+    latencies = sorted(r[0] for r in results)
+    firsts = sorted(r[1] for r in results)
+    pick = lambda values, q: 1000 * values[int(q * (len(values) - 1))]  # noqa: E731
+    return {"requests": len(results), "errors": sum(not r[3] for r in results),
+            "requests_per_s": len(results) / elapsed,
+            "tokens_per_s": sum(r[2] for r in results) / elapsed,
+            "p50_ms": pick(latencies, 0.5), "p99_ms": pick(latencies, 0.99),
+            "ttft_p50_ms": pick(firsts, 0.5), "ttft_p99_ms": pick(firsts, 0.99)}
+
+
+def start_server(args, port, ready_url):
+    server = subprocess.Popen([sys.executable, "-m", "algpt2_tf.cli", "serve", *args,
+                               "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(ready_url, timeout=2).read()
+            return server
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                raise SystemExit("the server did not start")
+            time.sleep(0.2)
+
+
+def main_openai(args):
+    from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
+
+    report = {"preset": args.preset, "clients": args.clients,
+              "requests_per_client": args.requests, "max_new_tokens": args.max_new_tokens}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.keras")
+        ALGPT2LMHeadModel(ALGPT2Config.from_preset(args.preset)).save(path)
+        body = {"model": "model", "prompt": "The quick brown fox", "stream": True,
+                "max_tokens": args.max_new_tokens, "temperature": 1.0, "seed": 0,
+                "stream_options": {"include_usage": True}}
+        for mode, extra in (("unbatched", ["--no-batching"]), ("batched", [])):
+            port = free_port()
+            server = start_server(["--model", path, *extra], port,
+                                  f"http://127.0.0.1:{port}/v1/models")
+            try:
+                url = f"http://127.0.0.1:{port}/v1/completions"
+                run_openai(url, body, args.clients, 1)  # compile every batch shape first
+                report[mode] = run_openai(url, body, args.clients, args.requests)
+            finally:
+                server.terminate()
+                server.wait(30)
+    report["batched_vs_unbatched_tokens_per_s"] = (report["batched"]["tokens_per_s"]
+                                                   / report["unbatched"]["tokens_per_s"])
+    report["batched_vs_unbatched_p99"] = report["batched"]["p99_ms"] / report["unbatched"]["p99_ms"]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"{args.preset}, {args.clients} clients x {args.requests} streamed completions of "
+          f"{args.max_new_tokens} tokens:\n")
+    print("| serving | requests/s | tokens/s | p50 ms | p99 ms | TTFT p50 ms | TTFT p99 ms | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for mode in ("unbatched", "batched"):
+        r = report[mode]
+        print(f"| {mode} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:.1f} | {r['p50_ms']:.0f} | "
+              f"{r['p99_ms']:.0f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
+              f"{r['errors']} |")
+    print(f"\nbatched / unbatched: {report['batched_vs_unbatched_tokens_per_s']:.2f}x tokens/s, "
+          f"p99 latency {report['batched_vs_unbatched_p99']:.2f}x")
+    return 0 if report["batched"]["errors"] == report["unbatched"]["errors"] == 0 else 1
+
+
 def run(url, body, clients, requests):
     def client(_):
         return [post(url, body) for _ in range(requests)]
@@ -77,8 +182,15 @@ def main():
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--max-new-tokens", type=int, default=4)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "serve_load.json"))
+    parser.add_argument("--openai", action="store_true",
+                        help="the OpenAI-compatible API, batching on and off")
+    parser.add_argument("--preset", default="algpt2-tiny", help="--openai: the served model")
+    parser.add_argument("--out")
     args = parser.parse_args()
+    if args.openai:
+        args.out = args.out or os.path.join(HERE, "results", f"serve_openai_{args.preset}.json")
+        return main_openai(args)
+    args.out = args.out or os.path.join(HERE, "results", "serve_load.json")
     with tempfile.TemporaryDirectory() as tmp:
         base, name = ((args.model_base_path, args.model_name) if args.model_base_path
                       else export_small_model(tmp))
