@@ -84,22 +84,30 @@ def stream(url, body):
     return time.perf_counter() - start, first or 0.0, tokens, ok
 
 
-def run_openai(url, body, clients, requests):
+def load(call, clients, requests):
+    """`clients` threads each making `requests` calls: (the calls' results, seconds)."""
     def client(_):
-        return [stream(url, body) for _ in range(requests)]
+        return [call() for _ in range(requests)]
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         results = [r for batch in pool.map(client, range(clients)) for r in batch]
-    elapsed = time.perf_counter() - start
-    latencies = sorted(r[0] for r in results)
-    firsts = sorted(r[1] for r in results)
-    pick = lambda values, q: 1000 * values[int(q * (len(values) - 1))]  # noqa: E731
+    return results, time.perf_counter() - start
+
+
+def percentile_ms(values, q):
+    values = sorted(values)
+    return 1000 * values[int(q * (len(values) - 1))]
+
+
+def run_openai(url, body, clients, requests):
+    results, elapsed = load(lambda: stream(url, body), clients, requests)
+    latencies, firsts = [r[0] for r in results], [r[1] for r in results]
     return {"requests": len(results), "errors": sum(not r[3] for r in results),
             "requests_per_s": len(results) / elapsed,
             "tokens_per_s": sum(r[2] for r in results) / elapsed,
-            "p50_ms": pick(latencies, 0.5), "p99_ms": pick(latencies, 0.99),
-            "ttft_p50_ms": pick(firsts, 0.5), "ttft_p99_ms": pick(firsts, 0.99)}
+            "p50_ms": percentile_ms(latencies, 0.5), "p99_ms": percentile_ms(latencies, 0.99),
+            "ttft_p50_ms": percentile_ms(firsts, 0.5), "ttft_p99_ms": percentile_ms(firsts, 0.99)}
 
 
 def start_server(args, port, ready_url):
@@ -161,17 +169,10 @@ def main_openai(args):
 
 
 def run(url, body, clients, requests):
-    def client(_):
-        return [post(url, body) for _ in range(requests)]
-
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = [r for batch in pool.map(client, range(clients)) for r in batch]
-    elapsed = time.perf_counter() - start
-    latencies = sorted(r[0] for r in results)
+    results, elapsed = load(lambda: post(url, body), clients, requests)
+    latencies = [r[0] for r in results]
     return {"requests": len(results), "errors": sum(not r[1] for r in results),
-            "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": percentile_ms(latencies, 0.99),
             "requests_per_s": len(results) / elapsed}
 
 
@@ -195,21 +196,9 @@ def main():
         base, name = ((args.model_base_path, args.model_name) if args.model_base_path
                       else export_small_model(tmp))
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "algpt2_tf.cli", "serve",
-                                   "--model-base-path", base, "--model-name", name,
-                                   "--port", str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}/v1/models/{name}"
+        server = start_server(["--model-base-path", base, "--model-name", name], port, url)
         try:
-            url = f"http://127.0.0.1:{port}/v1/models/{name}"
-            deadline = time.time() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(url, timeout=2).read()
-                    break
-                except OSError:
-                    if time.time() > deadline or server.poll() is not None:
-                        raise SystemExit("the server did not start")
-                    time.sleep(0.2)
             cases = {
                 "serving_default": {"inputs": {"input_ids": [[464, 2068]],
                                                "attention_mask": [[1, 1]]}},
