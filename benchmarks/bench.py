@@ -368,7 +368,7 @@ def plan(quick, gpu):
               if not quick or (q, r) in (("none", "interpreter"), ("int8", "compiled"))]
     backends = []
     for preset in ("algpt2-tiny",) if quick else ("algpt2-tiny", "algpt2"):
-        for what in ("forward", "train", "decode"):
+        for what in ("forward", "decode") if quick else ("forward", "train", "decode"):
             for name in ("tensorflow", "torch", "jax"):
                 case = dict(kind="backend", backend=name, preset=preset, what=what, batch=batch,
                             seq_len=seq, steps=steps, prompt=16, new_tokens=new)
