@@ -24,6 +24,7 @@ setup(
         "flatbuffers>=24.3",  # rewriting .tflite files (export/tflite.py)
         "fastapi>=0.110,<1",
         "uvicorn>=0.29,<1",
+        "orjson>=3.8",  # serving: JSON with NumPy arrays, fast (serving/server.py)
         "pyyaml>=6",  # experiment specs in YAML
         "matplotlib>=3.8",  # experiment plots
         "safetensors>=0.4",  # Hugging Face checkpoints (algpt2_tf/convert)

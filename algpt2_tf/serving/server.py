@@ -25,10 +25,11 @@ import os
 import threading
 
 import numpy as np
+import orjson
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  (ops used by the generate signature)
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 log = logging.getLogger("algpt2.serve")
 
@@ -255,11 +256,23 @@ def _rows_to_columns(instances, specs):
 
 
 def _jsonable(array):
+    """Strings as nested lists; numbers as contiguous NumPy arrays, which
+    `orjson` writes directly (`json_response`)."""
     array = np.asarray(array)
     if array.dtype == object or array.dtype.kind == "S":
         return np.vectorize(lambda b: b.decode("utf-8", "replace"), otypes=[object])(array).tolist() \
             if array.size else array.tolist()
-    return array.tolist()
+    if array.ndim == 0:
+        return array.item()
+    return np.ascontiguousarray(array)
+
+
+def json_response(content):
+    """`content` as JSON, NumPy arrays included, written by orjson: Python's `json` module
+    through `tolist()` was the bottleneck of `predict` (~50 k floats per token of logits);
+    see benchmarks/results/serve_load.json for the measured gain."""
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY),
+                    media_type="application/json")
 
 
 def format_response(outputs, row_format):
@@ -346,7 +359,7 @@ def create_app(manager, max_request_bytes=1 << 20, timeout_seconds=60.0):
             outputs = await asyncio.wait_for(asyncio.to_thread(run), timeout_seconds)
         except asyncio.TimeoutError:
             raise ServingError(504, f"Request took longer than {timeout_seconds} s.") from None
-        return format_response(outputs, row_format)
+        return json_response(format_response(outputs, row_format))
 
     @app.post("/v1/models/{name}:predict")
     async def model_predict(name: str, request: Request):
