@@ -30,10 +30,6 @@ from algpt2_tf.generation import (LENGTH_BUCKET, PROMPT_BUCKET, SamplingParams, 
                                   _mark_seen, _prefill, _round_up, first_argmax)
 from algpt2_tf.prompts import check_max_new_tokens, check_prompts, left_pad
 
-BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
-"""A batch is padded up to one of these (one compiled step per size)."""
-
-
 class QueueFull(Exception):
     """The engine's queue holds `max_queue` requests already."""
 
@@ -119,6 +115,8 @@ class BatchEngine:
         window_s: how long the first request of a batch waits for others.
         max_queue: the most requests waiting; `submit` raises `QueueFull` past it.
         batching: False runs every request alone (the unbatched baseline).
+        steps_per_call: decode steps per compiled call; a client sees its
+            tokens (and a cancel takes effect) in groups of this many.
 
     Example:
     >>> from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
@@ -128,8 +126,10 @@ class BatchEngine:
     >>> engine.close()
     """
 
-    def __init__(self, model, max_batch=16, window_s=0.01, max_queue=256, batching=True):
+    def __init__(self, model, max_batch=16, window_s=0.01, max_queue=256, batching=True,
+                 steps_per_call=4):
         self.model = model
+        self.steps_per_call = steps_per_call
         self.max_batch = max_batch if batching else 1
         self.window_s = window_s
         self.max_queue = max_queue
@@ -229,7 +229,9 @@ class BatchEngine:
 
     def _run(self, requests):
         n = len(requests)
-        size = next(b for b in BATCH_SIZES if b >= n) if n <= BATCH_SIZES[-1] else n
+        # Two batch shapes: one request alone, or a full batch (filler rows cost little next to
+        # the seconds each new shape spends compiling while every client waits).
+        size = 1 if n == 1 else self.max_batch
         limit = self.model.config.max_positions
         longest_new = max(r.max_new_tokens for r in requests)
         padded = min(_round_up(max(len(r.prompt_ids) for r in requests), PROMPT_BUCKET),
@@ -244,25 +246,28 @@ class BatchEngine:
                   rows([r.params.repetition_penalty for r in requests], np.float32),
                   rows([int(r.seed or 0) for r in requests], np.int32))
         state = self._prefill(max_length)(ids, mask)
-        step_fn = self._step(max_length)
+        steps_fn = self._steps_function(max_length)
         running = [True] * n
         counts = [0] * n
-        for i in range(longest_new):
-            tokens, state = step_fn(np.int32(i), np.int32(padded + i), params, state)
+        for first in range(0, longest_new, self.steps_per_call):
+            count = min(self.steps_per_call, longest_new - first)
+            tokens, state = steps_fn(np.int32(first), np.int32(count), np.int32(padded), params,
+                                     state)
             tokens = tokens.numpy()
-            for row, r in enumerate(requests):
-                if not running[row]:
-                    continue
-                if r.cancelled.is_set():
-                    running[row] = False
-                    r.on_done("cancelled", None)
-                    continue
-                token = int(tokens[row])
-                r.on_token(token)
-                counts[row] += 1
-                if token in r.stop_ids or counts[row] == r.max_new_tokens:
-                    running[row] = False
-                    r.on_done("stop" if token in r.stop_ids else "length", None)
+            for k in range(count):
+                for row, r in enumerate(requests):
+                    if not running[row]:
+                        continue
+                    if r.cancelled.is_set():
+                        running[row] = False
+                        r.on_done("cancelled", None)
+                        continue
+                    token = int(tokens[row, k])
+                    r.on_token(token)
+                    counts[row] += 1
+                    if token in r.stop_ids or counts[row] == r.max_new_tokens:
+                        running[row] = False
+                        r.on_done("stop" if token in r.stop_ids else "length", None)
             if not any(running):
                 return
 
@@ -273,17 +278,33 @@ class BatchEngine:
                 lambda ids, mask: _prefill(model, ids, mask, max_length), jit_compile=True)
         return self._prefills[max_length]
 
-    def _step(self, max_length):
+    def _steps_function(self, max_length):
+        """`(first, count, padded, params, state) -> (tokens [batch, steps_per_call], state)`:
+        decode steps `first .. first + count - 1` in one compiled call (a `tf.while_loop`), so
+        the caches cross into Python once per `steps_per_call` tokens instead of once per token."""
         if max_length not in self._steps:
-            model = self.model
+            model, width = self.model, self.steps_per_call
 
-            def step(i, slot, params, state):
-                logits, caches, key_mask, lengths, seen = state
+            def steps(first, count, padded, params, state):
                 temperature, top_k, top_p, penalty, seeds = params
-                tokens = per_row_tokens(logits, seen, temperature, top_k, top_p, penalty, seeds, i)
-                seen = _mark_seen(seen, tokens[:, None], tf.ones_like(tokens)[:, None])
-                logits, key_mask, caches = _advance(model, tokens, slot, lengths, key_mask, caches)
-                return tokens, (logits, caches, key_mask, lengths + 1, seen)
+                batch = tf.shape(state[0])[0]
 
-            self._steps[max_length] = tf.function(step, jit_compile=True)
+                def body(k, out, state):
+                    logits, caches, key_mask, lengths, seen = state
+                    i = first + k
+                    tokens = per_row_tokens(logits, seen, temperature, top_k, top_p, penalty,
+                                            seeds, i)
+                    seen = _mark_seen(seen, tokens[:, None], tf.ones_like(tokens)[:, None])
+                    logits, key_mask, caches = _advance(model, tokens, padded + i, lengths,
+                                                        key_mask, caches)
+                    out = tf.tensor_scatter_nd_update(
+                        out, tf.stack([tf.range(batch), tf.fill([batch], k)], axis=1), tokens)
+                    return k + 1, out, (logits, caches, key_mask, lengths + 1, seen)
+
+                _, out, state = tf.while_loop(lambda k, *_: k < count, body,
+                                              (tf.constant(0), tf.zeros([batch, width], tf.int32),
+                                               state))
+                return out, state
+
+            self._steps[max_length] = tf.function(steps, jit_compile=True)
         return self._steps[max_length]
