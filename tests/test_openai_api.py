@@ -131,6 +131,35 @@ def test_batched_requests_get_the_tokens_they_get_alone(model):
     assert [len(tokens) for tokens, _ in alone] == lengths
 
 
+def test_requests_join_a_running_batch_and_get_the_tokens_they_get_alone(model):
+    engine = BatchEngine(model, max_batch=4, window_s=0.0)
+    late = [([9, 10, 11], 12, SamplingParams(1.0, 0, 0.9), 4),
+            ([1] * 20, 6, SamplingParams(top_k=1), 0),  # 32 slots padded: joins once slot >= 32
+            ([40, 41], 9, SamplingParams(0.8, 10, 1.0, 1.3), 7)]
+    alone = [engine.generate(p, n, params, seed) for p, n, params, seed in late]
+    first_alone = engine.generate([5, 6, 7], 30, SamplingParams(1.0), 1)
+    results = [([], threading.Event(), {}) for _ in range(len(late) + 1)]
+
+    def request(i, prompt, n, params, seed, on_token=None):
+        tokens, done, end = results[i]
+        return Request(prompt, n, params, seed, (), on_token or tokens.append,
+                       lambda reason, error: (end.update(reason=reason), done.set()))
+
+    def first_token(token):  # the first request's 5th token brings the others
+        results[0][0].append(token)
+        if len(results[0][0]) == 5:
+            for i, args in enumerate(late):
+                engine.submit(request(i + 1, *args))
+
+    engine.submit(request(0, [5, 6, 7], 30, SamplingParams(1.0), 1, first_token))
+    for _, done, _ in results:
+        done.wait()
+    engine.close()
+    got = [(tokens, end["reason"]) for tokens, _, end in results]
+    assert got == [first_alone] + alone
+    assert engine.joined == 3 and engine.batches_run == len(late) + 2  # one batch for all four
+
+
 def test_a_client_leaving_mid_stream_frees_its_row(server):
     url, engine = server
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -184,16 +213,19 @@ def test_a_full_queue_answers_429(model):
     def noop(*_):
         pass
 
-    requests = [Request([5], 3, SamplingParams(top_k=1), 0, (), block, noop)]
-    engine.submit(requests[0])
+    engine.submit(Request([5], 3, SamplingParams(top_k=1), 0, (), block, noop))
     started.wait()  # the worker is busy with the first; two more fill the queue
-    for _ in range(2):
-        engine.submit(Request([5], 3, SamplingParams(top_k=1), 0, (), noop, noop))
+    ends = [threading.Event() for _ in range(2)]
+    for end in ends:
+        engine.submit(Request([5], 3, SamplingParams(top_k=1), 0, (), noop,
+                              lambda reason, error, end=end: end.set()))
     with pytest.raises(QueueFull, match="limit is 2"):
         engine.submit(Request([5], 3, SamplingParams(top_k=1), 0, (), noop, noop))
     release.set()
+    for end in ends:  # the queued two run once the first is done
+        assert end.wait(60)
     engine.close()
-    assert engine.batches_run == 3  # the queued two ran after the first
+    assert engine.batches_run == 3
 
 
 def test_the_server_answers_429_when_the_queue_is_full(model):

@@ -2,11 +2,20 @@
 
 `BatchEngine` owns one model and one worker thread. Requests queue up; the
 worker takes those that arrive within `window_s` of the first (at most
-`max_batch`), runs them as one batch — a prefill, then one compiled decode
-step per token for every row at once — and hands each request its tokens as
-they are made. A row stops at its own `max_new_tokens`, at one of its stop
-ids, or when its client cancels; the batch ends when every row has stopped,
-and the next batch starts with the requests that queued meanwhile.
+`max_batch`) and runs them as one batch: a prefill, then compiled calls of
+`steps_per_call` decode steps for every row at once, handing each request
+its tokens as they are made. A row stops at its own `max_new_tokens`, at one
+of its stop ids, or when its client cancels, and its row is free again.
+
+Continuous batching: between calls, waiting requests join the running batch
+in free rows. Every row writes its next token at the same cache slot, so a
+joining prompt is prefilled into its row at the slots just before the
+current one (the rest of the row masked out); positions count each row's
+own tokens, so from there the row computes what a batch of its own would.
+A request joins when its padded prompt fits before the current slot and its
+tokens after it (the cache grows, 64, 128, 256, ... slots, up to
+`max_positions`); otherwise it waits for the next batch, first come first
+served.
 
 Each request keeps its own sampling settings and seed: `per_row_tokens`
 picks a row's token from that row's logits, settings and a random stream
@@ -17,8 +26,8 @@ The queue is bounded (`QueueFull` when it is full: HTTP 429) and a request
 can be cancelled at any time (a closed stream frees its row at the next step).
 """
 
+import collections
 import dataclasses
-import queue
 import threading
 import time
 from typing import Callable, List, Optional, Tuple
@@ -26,8 +35,8 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from algpt2_tf.generation import (LENGTH_BUCKET, PROMPT_BUCKET, SamplingParams, _advance,
-                                  _mark_seen, _prefill, _round_up, first_argmax)
+from algpt2_tf.generation import (PROMPT_BUCKET, SamplingParams, _advance, _grow, _mark_seen,
+                                  _prefill, _round_up, cache_lengths, first_argmax)
 from algpt2_tf.prompts import check_max_new_tokens, check_prompts, left_pad
 
 class QueueFull(Exception):
@@ -35,7 +44,7 @@ class QueueFull(Exception):
 
 
 # ---------------------------------------------------------------- sampling
-def per_row_tokens(logits, seen, temperature, top_k, top_p, penalty, seeds, step):
+def per_row_tokens(logits, seen, temperature, top_k, top_p, penalty, seeds, steps):
     """One token per row, each from its own settings and random stream.
 
     Args:
@@ -44,11 +53,11 @@ def per_row_tokens(logits, seen, temperature, top_k, top_p, penalty, seeds, step
         temperature, top_p, penalty: float32 `[batch]`; top_k: int32
             `[batch]` (`top_k == 1` or `temperature <= 0` is greedy, `top_k
             == 0` and `top_p == 1` filter nothing), as in `SamplingParams`.
-        seeds: int32 `[batch]`; step: int32 scalar.
+        seeds: int32 `[batch]`; steps: int32 `[batch]`, each row's tokens so far.
     Returns:
         int32 `[batch]`. A sampled row draws by the Gumbel-max trick with
-        uniforms from `stateless_uniform(seed=(seeds[b], step))`: the same
-        row, seed and step give the same token in any batch.
+        uniforms from `stateless_uniform(seed=(seeds[b], steps[b]))`: the
+        same row, seed and step give the same token in any batch.
     """
     logits = tf.cast(logits, tf.float32)
     vocab = tf.shape(logits)[-1]
@@ -74,9 +83,8 @@ def per_row_tokens(logits, seen, temperature, top_k, top_p, penalty, seeds, step
         needs_filter = tf.reduce_any(tf.logical_or(top_k > 1, top_p < 1.0))
         scaled = tf.cond(needs_filter, filtered, lambda: scaled)
         uniforms = tf.map_fn(
-            lambda seed: tf.random.stateless_uniform([vocab], seed=tf.stack([seed, step]),
-                                                     minval=1e-20, maxval=1.0),
-            seeds, fn_output_signature=tf.float32)
+            lambda pair: tf.random.stateless_uniform([vocab], seed=pair, minval=1e-20, maxval=1.0),
+            tf.stack([seeds, steps], axis=1), fn_output_signature=tf.float32)
         return first_argmax(scaled - tf.math.log(-tf.math.log(uniforms)))
 
     picked = tf.cond(tf.reduce_all(greedy), lambda: tf.zeros([tf.shape(logits)[0]], tf.int32),
@@ -111,12 +119,12 @@ class BatchEngine:
 
     Args:
         model: an `ALGPT2LMHeadModel` (TensorFlow backend).
-        max_batch: the most requests in one batch.
-        window_s: how long the first request of a batch waits for others.
+        max_batch: the rows of a batch.
+        window_s: how long the first request of a new batch waits for others.
         max_queue: the most requests waiting; `submit` raises `QueueFull` past it.
         batching: False runs every request alone (the unbatched baseline).
         steps_per_call: decode steps per compiled call; a client sees its
-            tokens (and a cancel takes effect) in groups of this many.
+            tokens (and a cancel or a join takes effect) in groups of this many.
 
     Example:
     >>> from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
@@ -133,17 +141,21 @@ class BatchEngine:
         self.max_batch = max_batch if batching else 1
         self.window_s = window_s
         self.max_queue = max_queue
-        self._queue = queue.Queue()
-        self._lock = threading.Lock()
-        self.waiting = 0
+        self._pending = collections.deque()
+        self._wake = threading.Condition()
         self.active = 0
         self.batches_run = 0
-        self._prefills, self._steps = {}, {}
+        self.joined = 0  # requests that joined a running batch
+        self._functions = {}
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="algpt2-batch-engine", daemon=True)
         self._thread.start()
 
     # -------------------------------------------------------------- public
+    @property
+    def waiting(self):
+        return len(self._pending)
+
     def submit(self, request):
         """Queues `request` after checking it (`ValueError` names the problem)."""
         config = self.model.config
@@ -153,14 +165,14 @@ class BatchEngine:
             raise ValueError(f"The prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens "
                              f"({request.max_new_tokens}) exceeds max_positions "
                              f"({config.max_positions}).")
-        with self._lock:
+        with self._wake:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            if self.waiting >= self.max_queue:
-                raise QueueFull(f"{self.waiting} requests are waiting (the limit is "
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are waiting (the limit is "
                                 f"{self.max_queue}); retry later.")
-            self.waiting += 1
-        self._queue.put(request)
+            self._pending.append(request)
+            self._wake.notify()
         return request
 
     def generate(self, prompt_ids, max_new_tokens=16, params=None, seed=0, stop_ids=()):
@@ -180,131 +192,211 @@ class BatchEngine:
         return tokens, result["reason"]
 
     def close(self):
-        """Stops the worker after the batch it is running."""
-        with self._lock:
+        """Stops the worker after the batch it is running; requests still waiting end
+        "cancelled"."""
+        with self._wake:
             self._closed = True
-        self._queue.put(None)
+            self._wake.notify()
         self._thread.join()
 
     # -------------------------------------------------------------- worker
     def _take_batch(self):
-        first = self._queue.get()
-        if first is None:
-            return None
-        batch = [first]
-        deadline = time.monotonic() + self.window_s
-        while len(batch) < self.max_batch:
-            try:
-                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
-            except queue.Empty:
-                break
-            if item is None:
-                self._queue.put(None)  # close after this batch
-                break
-            batch.append(item)
-        with self._lock:
-            self.waiting -= len(batch)
-            self.active = len(batch)
+        """Waits for a request, then `window_s` for more; None once closed."""
+        with self._wake:
+            while not self._pending and not self._closed:
+                self._wake.wait()
+            if self._closed:
+                return None
+            deadline = time.monotonic() + self.window_s
+            while len(self._pending) < self.max_batch and time.monotonic() < deadline:
+                self._wake.wait(deadline - time.monotonic())
+            batch = [self._pending.popleft()
+                     for _ in range(min(self.max_batch, len(self._pending)))]
             self.batches_run += 1  # counted as it starts: a request may end before the batch does
         return batch
+
+    def _joiners(self, free, slot, length_limit):
+        """Waiting requests that fit the running batch now, first come first
+        served: a prompt (padded) must fit in the slots before `slot`, and its
+        tokens in those after."""
+        joiners = []
+        with self._wake:
+            while self._pending and len(joiners) < free and not self._closed:
+                r = self._pending[0]
+                if (_round_up(len(r.prompt_ids), PROMPT_BUCKET) > slot
+                        or slot + r.max_new_tokens > length_limit):
+                    break
+                joiners.append(self._pending.popleft())
+        return joiners
 
     def _work(self):
         while True:
             batch = self._take_batch()
             if batch is None:
-                return
-            live = [r for r in batch if not r.cancelled.is_set()]
-            for r in batch:
-                if r.cancelled.is_set():
-                    r.on_done("cancelled", None)
+                break
+            self._rows = []
             try:
-                if live:
-                    self._run(live)
-            except Exception as e:  # noqa: BLE001  (every request hears of it)
-                for r in live:
-                    r.on_done("error", e)
+                self._run(batch)
+            except Exception as e:  # noqa: BLE001  (every request in the batch hears of it)
+                for r in self._rows:
+                    if r is not None:
+                        r.on_done("error", e)
             finally:
-                with self._lock:
-                    self.active = 0
+                self.active = 0
+        with self._wake:
+            left, self._pending = list(self._pending), collections.deque()
+        for r in left:
+            r.on_done("cancelled", None)
 
     def _run(self, requests):
-        n = len(requests)
-        # Two batch shapes: one request alone, or a full batch (filler rows cost little next to
-        # the seconds each new shape spends compiling while every client waits).
-        size = 1 if n == 1 else self.max_batch
+        """One batch: prefill, then chunks of decode steps, admitting waiting
+        requests into free rows between chunks, until no row is running."""
         limit = self.model.config.max_positions
-        longest_new = max(r.max_new_tokens for r in requests)
+        size = self.max_batch
+        n = len(requests)
         padded = min(_round_up(max(len(r.prompt_ids) for r in requests), PROMPT_BUCKET),
-                     limit - longest_new)
-        max_length = min(_round_up(padded + longest_new, LENGTH_BUCKET), limit)
-        prompts = [r.prompt_ids for r in requests] + [[0]] * (size - n)  # filler rows
-        ids, mask = left_pad(prompts, padded, 0)
-        rows = lambda values, dtype: np.asarray(values + [values[0]] * (size - n), dtype)  # noqa: E731
-        params = (rows([r.params.temperature for r in requests], np.float32),
-                  rows([r.params.top_k for r in requests], np.int32),
-                  rows([r.params.top_p for r in requests], np.float32),
-                  rows([r.params.repetition_penalty for r in requests], np.float32),
-                  rows([int(r.seed or 0) for r in requests], np.int32))
-        state = self._prefill(max_length)(ids, mask)
-        steps_fn = self._steps_function(max_length)
-        running = [True] * n
-        counts = [0] * n
-        for first in range(0, longest_new, self.steps_per_call):
-            count = min(self.steps_per_call, longest_new - first)
-            tokens, state = steps_fn(np.int32(first), np.int32(count), np.int32(padded), params,
-                                     state)
+                     limit - max(r.max_new_tokens for r in requests))
+        length = cache_length(padded + max(r.max_new_tokens for r in requests), limit)
+        ids, mask = left_pad([r.prompt_ids for r in requests] + [[0]] * (size - n), padded, 0)
+        rows = self._rows = list(requests) + [None] * (size - n)
+        params = [np.full(size, 1.0, np.float32), np.ones(size, np.int32),  # fillers: greedy
+                  np.ones(size, np.float32), np.ones(size, np.float32), np.zeros(size, np.int32)]
+        for i, r in enumerate(requests):
+            self._set_params(params, i, r)
+        counts = np.zeros(size, np.int32)  # each row's tokens so far (its random stream's step)
+        state = self._function("prefill", length)(ids, mask)
+        slot = padded
+        for i, r in enumerate(requests):
+            if r.cancelled.is_set():
+                rows[i] = None
+                r.on_done("cancelled", None)
+        while any(r is not None for r in rows):
+            self.active = sum(r is not None for r in rows)
+            free = [i for i, r in enumerate(rows) if r is None]
+            for r in self._joiners(len(free), slot, limit) if size > 1 else []:
+                i = free.pop(0)
+                need = cache_length(slot + r.max_new_tokens, limit)
+                if need > length:
+                    state = self._function("grow", length, need)(state)
+                    length = need
+                prompt_len = _round_up(len(r.prompt_ids), PROMPT_BUCKET)
+                ids, mask = left_pad([r.prompt_ids], prompt_len, 0)
+                state = self._function("join", length, prompt_len)(
+                    state, np.int32(i), ids, mask, np.int32(slot))
+                rows[i], counts[i] = r, 0
+                self._set_params(params, i, r)
+                self.joined += 1
+            live = [i for i, r in enumerate(rows) if r is not None]
+            count = min(self.steps_per_call,
+                        max(rows[i].max_new_tokens - counts[i] for i in live))
+            tokens, state = self._function("steps", length)(
+                np.int32(count), np.int32(slot), counts.copy(), tuple(params), state)
             tokens = tokens.numpy()
+            slot += count
             for k in range(count):
-                for row, r in enumerate(requests):
-                    if not running[row]:
+                for i in live:
+                    r = rows[i]
+                    if r is None:
                         continue
                     if r.cancelled.is_set():
-                        running[row] = False
+                        rows[i] = None
                         r.on_done("cancelled", None)
                         continue
-                    token = int(tokens[row, k])
+                    token = int(tokens[i, k])
                     r.on_token(token)
-                    counts[row] += 1
-                    if token in r.stop_ids or counts[row] == r.max_new_tokens:
-                        running[row] = False
+                    if token in r.stop_ids or counts[i] + 1 == r.max_new_tokens:
+                        rows[i] = None
                         r.on_done("stop" if token in r.stop_ids else "length", None)
-            if not any(running):
-                return
+                    counts[i] += 1
 
-    def _prefill(self, max_length):
-        if max_length not in self._prefills:
-            model = self.model
-            self._prefills[max_length] = tf.function(
-                lambda ids, mask: _prefill(model, ids, mask, max_length), jit_compile=True)
-        return self._prefills[max_length]
+    @staticmethod
+    def _set_params(params, i, r):
+        p = r.params
+        for array, value in zip(params, (p.temperature, p.top_k, p.top_p, p.repetition_penalty,
+                                         int(r.seed or 0))):
+            array[i] = value
 
-    def _steps_function(self, max_length):
-        """`(first, count, padded, params, state) -> (tokens [batch, steps_per_call], state)`:
-        decode steps `first .. first + count - 1` in one compiled call (a `tf.while_loop`), so
+    def _function(self, kind, *shape):
+        """The compiled function `kind` for cache `shape` (built on first use)."""
+        key = (kind,) + shape
+        if key not in self._functions:
+            build = {"prefill": self._build_prefill, "grow": self._build_grow,
+                     "join": self._build_join, "steps": self._build_steps}[kind]
+            self._functions[key] = build(*shape)
+        return self._functions[key]
+
+    def _build_prefill(self, length):
+        model = self.model
+        return tf.function(lambda ids, mask: _prefill(model, ids, mask, length), jit_compile=True)
+
+    def _build_grow(self, length, new_length):
+        def grow(state):
+            logits, caches, key_mask, lengths, seen = state
+            caches, key_mask = _grow(caches, key_mask, new_length)
+            return logits, caches, key_mask, lengths, seen
+
+        return tf.function(grow, jit_compile=True)
+
+    def _build_join(self, length, prompt_len):
+        """`(state, row, ids [1, P], mask [1, P], slot) -> state` with the prompt
+        prefilled into `row`, at cache slots `slot - P .. slot - 1` (the row's
+        other slots masked out): from there its steps match a batch of its own."""
+        model = self.model
+
+        def join(state, row, ids, mask, slot):
+            logits, caches, key_mask, lengths, seen = state
+            new_logits, new_caches, new_mask, new_lengths, new_seen = _prefill(
+                model, ids, mask, prompt_len)
+            start = slot - prompt_len
+            heads = tf.shape(caches[0][0])[1]
+            head, offset = tf.meshgrid(tf.range(heads), tf.range(prompt_len), indexing="ij")
+            index = tf.reshape(tf.stack([tf.fill(tf.shape(head), row), head, start + offset],
+                                        axis=-1), [-1, 3])
+            written = []
+            for pair, new_pair in zip(caches, new_caches):
+                written.append(tuple(
+                    tf.tensor_scatter_nd_update(c, index, tf.reshape(n[0], [-1, tf.shape(n)[-1]]))
+                    for c, n in zip(pair, new_pair)))
+            row_mask = tf.concat([tf.zeros([start], tf.int32), new_mask[0],
+                                  tf.zeros([length - slot], tf.int32)], axis=0)
+            at = [[row]]
+            return (tf.tensor_scatter_nd_update(logits, at, new_logits),
+                    written,
+                    tf.tensor_scatter_nd_update(key_mask, at, row_mask[None]),
+                    tf.tensor_scatter_nd_update(lengths, at, new_lengths),
+                    tf.tensor_scatter_nd_update(seen, at, new_seen))
+
+        return tf.function(join, jit_compile=True)
+
+    def _build_steps(self, length):
+        """`(count, slot, counts, params, state) -> (tokens [batch, steps_per_call], state)`:
+        `count` decode steps from cache slot `slot` in one compiled call (a `tf.while_loop`), so
         the caches cross into Python once per `steps_per_call` tokens instead of once per token."""
-        if max_length not in self._steps:
-            model, width = self.model, self.steps_per_call
+        model, width = self.model, self.steps_per_call
 
-            def steps(first, count, padded, params, state):
-                temperature, top_k, top_p, penalty, seeds = params
-                batch = tf.shape(state[0])[0]
+        def steps(count, slot, counts, params, state):
+            temperature, top_k, top_p, penalty, seeds = params
+            batch = tf.shape(state[0])[0]
 
-                def body(k, out, state):
-                    logits, caches, key_mask, lengths, seen = state
-                    i = first + k
-                    tokens = per_row_tokens(logits, seen, temperature, top_k, top_p, penalty,
-                                            seeds, i)
-                    seen = _mark_seen(seen, tokens[:, None], tf.ones_like(tokens)[:, None])
-                    logits, key_mask, caches = _advance(model, tokens, padded + i, lengths,
-                                                        key_mask, caches)
-                    out = tf.tensor_scatter_nd_update(
-                        out, tf.stack([tf.range(batch), tf.fill([batch], k)], axis=1), tokens)
-                    return k + 1, out, (logits, caches, key_mask, lengths + 1, seen)
+            def body(k, out, state):
+                logits, caches, key_mask, lengths, seen = state
+                tokens = per_row_tokens(logits, seen, temperature, top_k, top_p, penalty, seeds,
+                                        counts + k)
+                seen = _mark_seen(seen, tokens[:, None], tf.ones_like(tokens)[:, None])
+                logits, key_mask, caches = _advance(model, tokens, slot + k, lengths, key_mask,
+                                                    caches)
+                out = tf.tensor_scatter_nd_update(
+                    out, tf.stack([tf.range(batch), tf.fill([batch], k)], axis=1), tokens)
+                return k + 1, out, (logits, caches, key_mask, lengths + 1, seen)
 
-                _, out, state = tf.while_loop(lambda k, *_: k < count, body,
-                                              (tf.constant(0), tf.zeros([batch, width], tf.int32),
-                                               state))
-                return out, state
+            _, out, state = tf.while_loop(lambda k, *_: k < count, body,
+                                          (tf.constant(0), tf.zeros([batch, width], tf.int32),
+                                           state))
+            return out, state
 
-            self._steps[max_length] = tf.function(steps, jit_compile=True)
-        return self._steps[max_length]
+        return tf.function(steps, jit_compile=True)
+
+
+def cache_length(needed, limit):
+    """The cache length for `needed` slots: 64, 128, 256, ... or `limit` (few compiled shapes)."""
+    return next(length for length in cache_lengths(limit) if length >= needed)
