@@ -92,6 +92,8 @@ def test_seeds_reproduce_and_choices_differ(client):
     a, b = client.completions.create(**kwargs), client.completions.create(**kwargs)
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
     assert a.choices[0].text != a.choices[1].text  # seeds 5 and 6
+    wide = client.completions.create(**dict(kwargs, seed=5 + 2 ** 31))  # any integer: mod 2**31
+    assert [c.text for c in wide.choices] == [c.text for c in a.choices]
 
 
 def test_stop_sequences_and_echo(client):
@@ -213,6 +215,8 @@ def test_a_full_queue_answers_429(model):
     def noop(*_):
         pass
 
+    with pytest.raises(ValueError, match="32 bits"):  # refused alone, not failing a batch
+        engine.submit(Request([5], 3, SamplingParams(top_k=1), 2 ** 40, (), noop, noop))
     engine.submit(Request([5], 3, SamplingParams(top_k=1), 0, (), block, noop))
     started.wait()  # the worker is busy with the first; two more fill the queue
     ends = [threading.Event() for _ in range(2)]

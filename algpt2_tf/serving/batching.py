@@ -161,6 +161,8 @@ class BatchEngine:
         config = self.model.config
         [request.prompt_ids] = check_prompts([request.prompt_ids], config.vocab_size)
         check_max_new_tokens(request.max_new_tokens)
+        if not -2 ** 31 <= int(request.seed or 0) < 2 ** 31:
+            raise ValueError(f"seed must fit in 32 bits, got {request.seed}.")
         if len(request.prompt_ids) + request.max_new_tokens > config.max_positions:
             raise ValueError(f"The prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens "
                              f"({request.max_new_tokens}) exceeds max_positions "

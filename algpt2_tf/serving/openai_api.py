@@ -15,8 +15,8 @@ that could still become a stop sequence, or an incomplete UTF-8 character,
 waits for the next token), then `data: [DONE]`; with
 `stream_options.include_usage` a last chunk carries the usage. Requests
 share decode steps through `batching.BatchEngine`. Choice `j` of a request
-with `seed` s samples with seed `s + j`; without a seed, each choice draws a
-random one. `temperature=0` is greedy.
+with `seed` s samples with seed `(s + j) mod 2**31`; without a seed, each
+choice draws a random one. `temperature=0` is greedy.
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param",
 "code"}}`: 400 bad parameters, 401 a missing or wrong API key (when one is
@@ -287,8 +287,8 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
         try:
             for p, (prompt, ids) in enumerate(zip(spec["prompts"], spec["ids"])):
                 for j in range(spec["n"]):
-                    seed = (spec["seed"] + j) if spec["seed"] is not None else \
-                        secrets.randbelow(2 ** 31 - 1)
+                    seed = (spec["seed"] + j) % 2 ** 31 if spec["seed"] is not None else \
+                        secrets.randbelow(2 ** 31)
                     choice = Choice(p * spec["n"] + j, prompt, ids, spec["echo"], spec["stops"],
                                     tokenizer, loop)
                     choice.request = engine.submit(Request(
