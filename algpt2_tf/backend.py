@@ -64,9 +64,14 @@ def compiled_inference(function, variables, torch_compile=False):
     Args:
         function: takes and returns arrays (or lists/tuples of them); it may
             call the model, whose weights are `variables`.
-        variables: the Keras variables `function` reads (`model.variables`).
+        variables: the Keras variables `function` reads (`model.variables`
+            of a built model: JAX reads their values at each call).
         torch_compile: on PyTorch, `torch.compile` the function.
     """
+    variables = list(variables)
+    if not variables:
+        raise ValueError("compiled_inference needs the model's variables: build the model "
+                         "(call it once) first.")
     if name() == "jax":
         import jax
 

@@ -32,7 +32,7 @@ import tensorflow as tf
 from algpt2_tf import backend
 from algpt2_tf.layers.linear import rows_kernel_copies
 from algpt2_tf.model import position_ids_from_mask
-from algpt2_tf.prompts import check_max_new_tokens, check_prompts, left_pad
+from algpt2_tf.prompts import check_fits, check_max_new_tokens, check_prompts, left_pad
 from algpt2_tf.xla_flags import prefer_wide_vectors
 
 SAMPLERS = ("greedy", "sample", "top_k", "top_p")
@@ -78,19 +78,20 @@ def sampling_params(sampler="greedy", temperature=1.0, top_k=None, top_p=None,
 
 # ---------------------------------------------------------------- sampling
 def apply_repetition_penalty(logits, seen, penalty):
-    """CTRL's penalty on the tokens marked in `seen` `[batch, vocab]`.
+    """CTRL's penalty on the tokens marked in `seen` `[batch, vocab]`; `penalty`
+    is one number, or one per row `[batch]` (the serving engine's batches).
 
     A penalty of 1 (the default) changes nothing, and skips the pass over the
     vocabulary (about 3% of a batch-1 decode step).
     """
     logits = tf.cast(logits, tf.float32)
-    penalty = tf.cast(penalty, tf.float32)
+    penalty = tf.reshape(tf.cast(penalty, tf.float32), [-1, 1])  # one row, or one per row
 
     def penalize():
         penalized = tf.where(logits > 0, logits / penalty, logits * penalty)
         return tf.where(seen > 0, penalized, logits)
 
-    return tf.cond(tf.equal(penalty, 1.0), lambda: logits, penalize)
+    return tf.cond(tf.reduce_all(tf.equal(penalty, 1.0)), lambda: logits, penalize)
 
 
 def filter_logits(logits, seen, temperature, top_k, top_p, repetition_penalty):
@@ -355,9 +356,7 @@ class Generator:
     def buckets(self, prompt_len, max_new_tokens):
         """`(padded prompt length, cache length)` for a request."""
         limit = self.model.config.max_positions
-        if prompt_len + max_new_tokens > limit:
-            raise ValueError(f"The prompt ({prompt_len} tokens) plus max_new_tokens "
-                             f"({max_new_tokens}) exceeds max_positions ({limit}).")
+        check_fits(prompt_len, max_new_tokens, limit)
         padded = min(_round_up(prompt_len, PROMPT_BUCKET), limit - max_new_tokens)
         max_length = min(_round_up(padded + max_new_tokens, LENGTH_BUCKET), limit)
         return padded, max_length

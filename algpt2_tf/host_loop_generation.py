@@ -23,7 +23,8 @@ import numpy as np
 from keras import ops
 
 from algpt2_tf import backend
-from algpt2_tf.prompts import check_max_new_tokens, check_prompts, left_pad
+from algpt2_tf.model import position_ids_from_mask
+from algpt2_tf.prompts import check_fits, check_max_new_tokens, check_prompts, left_pad
 
 
 def pick_tokens(logits, seen, params, rng):
@@ -99,9 +100,7 @@ class HostLoopGenerator:
         prompts = check_prompts(prompt_ids, config.vocab_size)
         check_max_new_tokens(max_new_tokens)
         longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > config.max_positions:
-            raise ValueError(f"The prompt ({longest} tokens) plus max_new_tokens "
-                             f"({max_new_tokens}) exceeds max_positions ({config.max_positions}).")
+        check_fits(longest, max_new_tokens, config.max_positions)
         params = params or SamplingParams(top_k=1)
         stop = set(int(t) for t in stop_ids)
         rng = np.random.default_rng(seed or 0)
@@ -109,7 +108,7 @@ class HostLoopGenerator:
         ids, mask = left_pad(prompts, longest, pad_id)
         key_mask = np.zeros((batch, total), "int32")
         key_mask[:, :longest] = mask
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype("int32")
+        positions = position_ids_from_mask(mask)
         seen = np.zeros((batch, config.vocab_size), bool)
         for row, prompt in enumerate(prompts):
             seen[row, prompt] = True

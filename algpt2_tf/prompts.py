@@ -21,6 +21,13 @@ def check_max_new_tokens(max_new_tokens):
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
 
 
+def check_fits(prompt_len, max_new_tokens, max_positions):
+    """An error naming the three numbers when the prompt and its new tokens exceed the context."""
+    if prompt_len + max_new_tokens > max_positions:
+        raise ValueError(f"The prompt ({prompt_len} tokens) plus max_new_tokens "
+                         f"({max_new_tokens}) exceeds max_positions ({max_positions}).")
+
+
 def left_pad(prompts, width=None, pad_id=0):
     """`(ids, mask)`, int32 `[batch, width]`: each prompt right-aligned, `mask` 1 on its tokens.
 

@@ -31,8 +31,8 @@ TINY = dict(vocab_size=50257, hidden=64, layers=2, heads=2, positions=128)
 
 # ------------------------------------------------------------------ workers
 def _our_model(preset, shape, quick):
+    """The preset with dropout off; with `quick`, resized to `shape`."""
     from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
-    # (shape is used only when quick)
 
     config = ALGPT2Config.from_preset(preset)
     overrides = dict(embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
@@ -190,6 +190,7 @@ def worker_backend(case):
 
     from algpt2_tf import backend
     from algpt2_tf.generation import generator_for
+    from algpt2_tf.host_loop_generation import HostLoopGenerator
 
     assert backend.name() == case["backend"], (backend.name(), case["backend"])
     model = _our_model(case["preset"], None, False)
@@ -197,11 +198,8 @@ def worker_backend(case):
     if case["what"] == "decode":
         prompt, new = case["prompt"], case["new_tokens"]
         ids = rng.integers(0, 50000, (1, prompt)).astype("int32").tolist()
-        if case.get("torch_compile"):
-            from algpt2_tf.host_loop_generation import HostLoopGenerator
-
-            model._algpt2_generator = HostLoopGenerator(model, torch_compile=True)
-        generator = generator_for(model)
+        generator = (HostLoopGenerator(model, torch_compile=True) if case.get("torch_compile")
+                     else generator_for(model))
         start = time.perf_counter()
         first = generator.generate(ids, max_new_tokens=new, stop_ids=()).new_ids
         first_call = time.perf_counter() - start
@@ -215,6 +213,7 @@ def worker_backend(case):
     ids = rng.integers(0, 50000, (batch, seq)).astype("int32")
     inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     if case["what"] == "forward":
+        model({"input_ids": ids[:, :1]})  # the weights exist before the compiled function reads them
         forward = backend.compiled_inference(lambda x: model(x)["logits"], model.variables)
         start = time.perf_counter()
         keras.ops.convert_to_numpy(forward(inputs))

@@ -9,9 +9,10 @@ from algpt2_tf.layers.adapter import add_delta
 from algpt2_tf.layers.linear import Linear
 
 
-def write_slots(cache, new, index):
-    """`cache` `[batch, heads, slots, head_size]` with `new` written at slots
-    `index .. index + T - 1`.
+def write_slots(cache, new, index, rows=None):
+    """`cache` `[batch, heads, slots, head_size]` with `new` `[R, heads, T,
+    head_size]` written at slots `index .. index + T - 1` of the cache rows
+    `rows` (int `[R]`; default: every row, R = batch).
 
     A scatter of `head_size` rows (`tensor_scatter_nd_update`): XLA updates
     the cache in place, touching only the new rows (a select over the whole
@@ -19,8 +20,9 @@ def write_slots(cache, new, index):
     TensorFlow (TF Serving) and as a TFLite builtin.
     """
     batch, heads, count = ops.shape(new)[0], ops.shape(new)[1], ops.shape(new)[2]
-    rows, head, slot = ops.meshgrid(ops.arange(batch), ops.arange(heads),
-                                    index + ops.arange(count), indexing="ij")
+    rows = ops.arange(batch) if rows is None else rows
+    rows, head, slot = ops.meshgrid(rows, ops.arange(heads), index + ops.arange(count),
+                                    indexing="ij")
     # One row of indices per written head_size vector: the form every
     # backend's scatter takes (PyTorch's needs 2-D indices).
     indices = ops.reshape(ops.stack([rows, head, slot], axis=-1), (-1, 3))

@@ -36,8 +36,11 @@ import numpy as np
 import tensorflow as tf
 
 from algpt2_tf.generation import (PROMPT_BUCKET, SamplingParams, _advance, _grow, _mark_seen,
-                                  _prefill, _round_up, cache_lengths, first_argmax)
-from algpt2_tf.prompts import check_max_new_tokens, check_prompts, left_pad
+                                  _prefill, _round_up, apply_repetition_penalty, cache_lengths,
+                                  first_argmax)
+from algpt2_tf.layers.attention import write_slots
+from algpt2_tf.prompts import check_fits, check_max_new_tokens, check_prompts, left_pad
+
 
 class QueueFull(Exception):
     """The engine's queue holds `max_queue` requests already."""
@@ -59,11 +62,8 @@ def per_row_tokens(logits, seen, temperature, top_k, top_p, penalty, seeds, step
         uniforms from `stateless_uniform(seed=(seeds[b], steps[b]))`: the
         same row, seed and step give the same token in any batch.
     """
-    logits = tf.cast(logits, tf.float32)
     vocab = tf.shape(logits)[-1]
-    penalized = tf.where(
-        seen > 0,
-        tf.where(logits > 0, logits / penalty[:, None], logits * penalty[:, None]), logits)
+    penalized = apply_repetition_penalty(logits, seen, penalty)
     greedy = tf.logical_or(tf.equal(top_k, 1), temperature <= 0.0)
 
     def sampled():
@@ -163,10 +163,7 @@ class BatchEngine:
         check_max_new_tokens(request.max_new_tokens)
         if not -2 ** 31 <= int(request.seed or 0) < 2 ** 31:
             raise ValueError(f"seed must fit in 32 bits, got {request.seed}.")
-        if len(request.prompt_ids) + request.max_new_tokens > config.max_positions:
-            raise ValueError(f"The prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens "
-                             f"({request.max_new_tokens}) exceeds max_positions "
-                             f"({config.max_positions}).")
+        check_fits(len(request.prompt_ids), request.max_new_tokens, config.max_positions)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -256,9 +253,10 @@ class BatchEngine:
         limit = self.model.config.max_positions
         size = self.max_batch
         n = len(requests)
+        longest_new = max(r.max_new_tokens for r in requests)
         padded = min(_round_up(max(len(r.prompt_ids) for r in requests), PROMPT_BUCKET),
-                     limit - max(r.max_new_tokens for r in requests))
-        length = cache_length(padded + max(r.max_new_tokens for r in requests), limit)
+                     limit - longest_new)
+        length = cache_length(padded + longest_new, limit)
         ids, mask = left_pad([r.prompt_ids for r in requests] + [[0]] * (size - n), padded, 0)
         rows = self._rows = list(requests) + [None] * (size - n)
         params = [np.full(size, 1.0, np.float32), np.ones(size, np.int32),  # fillers: greedy
@@ -350,15 +348,8 @@ class BatchEngine:
             new_logits, new_caches, new_mask, new_lengths, new_seen = _prefill(
                 model, ids, mask, prompt_len)
             start = slot - prompt_len
-            heads = tf.shape(caches[0][0])[1]
-            head, offset = tf.meshgrid(tf.range(heads), tf.range(prompt_len), indexing="ij")
-            index = tf.reshape(tf.stack([tf.fill(tf.shape(head), row), head, start + offset],
-                                        axis=-1), [-1, 3])
-            written = []
-            for pair, new_pair in zip(caches, new_caches):
-                written.append(tuple(
-                    tf.tensor_scatter_nd_update(c, index, tf.reshape(n[0], [-1, tf.shape(n)[-1]]))
-                    for c, n in zip(pair, new_pair)))
+            written = [tuple(write_slots(c, n, start, rows=row[None]) for c, n in zip(pair, new))
+                       for pair, new in zip(caches, new_caches)]
             row_mask = tf.concat([tf.zeros([start], tf.int32), new_mask[0],
                                   tf.zeros([length - slot], tf.int32)], axis=0)
             at = [[row]]

@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from algpt2_tf.generation import SamplingParams
 from algpt2_tf.serving.batching import QueueFull, Request
+from algpt2_tf.serving.request_body import BodyTooLarge, read_limited
 
 MAX_N = 16
 MAX_STOPS = 4
@@ -48,10 +49,17 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.kind = (status, message, param,
                                                                        code, kind)
 
+    def body(self):
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
     def response(self):
-        return JSONResponse({"error": {"message": self.message, "type": self.kind,
-                                       "param": self.param, "code": self.code}},
-                            status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def sse(event):
+    """One Server-Sent Events `data:` line for a JSON-able event."""
+    return "data: " + json.dumps(event) + "\n\n"
 
 
 # ------------------------------------------------------------------ parameters
@@ -152,7 +160,6 @@ class Choice:
         self.index, self.stops, self.tokenizer, self.loop = index, stops, tokenizer, loop
         self.prefix = (prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)) \
             if echo else ""
-        self.prompt_tokens = len(prompt_ids)
         self.tokens = []
         self.sent = 0  # characters of `text` already given out
         self.text = ""
@@ -273,10 +280,10 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
-        raw = await http.body()
-        if len(raw) > max_request_bytes:
-            raise APIError(413, f"The request body is {len(raw)} bytes; the limit is "
-                                f"{max_request_bytes}.", code="request_too_large")
+        try:
+            raw = await read_limited(http, max_request_bytes)
+        except BodyTooLarge as e:
+            raise APIError(413, f"The request body is {e}.", code="request_too_large") from None
         try:
             body = json.loads(raw)
         except ValueError as e:
@@ -295,13 +302,11 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
                         ids, spec["max_tokens"], spec["params"], seed, (tokenizer.eos_id,),
                         choice.on_token, choice.on_done))
                     choices.append(choice)
-        except QueueFull as e:
+        except (QueueFull, ValueError) as e:  # none of the request runs
             for c in choices:
                 c.request.cancel()
-            raise APIError(429, str(e), code="queue_full", kind="rate_limit_error")
-        except ValueError as e:
-            for c in choices:
-                c.request.cancel()
+            if isinstance(e, QueueFull):
+                raise APIError(429, str(e), code="queue_full", kind="rate_limit_error")
             raise APIError(400, str(e))
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
@@ -326,9 +331,8 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
 
         async def events():
             def chunk(index, text, finish_reason=None):
-                return "data: " + json.dumps({**meta, "choices": [
-                    {"text": text, "index": index, "logprobs": None,
-                     "finish_reason": finish_reason}]}) + "\n\n"
+                return sse({**meta, "choices": [{"text": text, "index": index, "logprobs": None,
+                                                 "finish_reason": finish_reason}]})
 
             queue = asyncio.Queue()
 
@@ -340,9 +344,7 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
                         await queue.put(chunk(c.index, piece))
                     await queue.put(chunk(c.index, "", c.finish_reason))
                 except APIError as e:
-                    await queue.put("data: " + json.dumps({"error": {
-                        "message": e.message, "type": e.kind, "param": e.param,
-                        "code": e.code}}) + "\n\n")
+                    await queue.put(sse(e.body()))
                 finally:
                     await queue.put(None)
 
@@ -356,7 +358,7 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
                     else:
                         yield item
                 if spec["include_usage"]:
-                    yield "data: " + json.dumps({**meta, "choices": [], "usage": usage()}) + "\n\n"
+                    yield sse({**meta, "choices": [], "usage": usage()})
                 yield "data: [DONE]\n\n"
             finally:  # the client went away, or the stream ended: free the rows
                 for c in choices:
