@@ -185,7 +185,9 @@ def _add_export_command(sub):
     p.add_argument("--format", required=True, help=", ".join(FORMATS))
     p.add_argument("--out", required=True, help="model folder, e.g. saved_models/algpt2")
     p.add_argument("--version", type=int, help="version number (default: the next one)")
-    p.add_argument("--quantize", default="none", help=f"{', '.join(QUANTIZATIONS)} (tflite)")
+    p.add_argument("--quantize", default="none",
+                   help=f"{', '.join(QUANTIZATIONS)}: fp16 for tflite only; int8 is TFLite's "
+                        "int8 for tflite, Keras' weight-only int8 for keras and savedmodel")
     p.add_argument("--max-length", type=int,
                    help="cache length for generate/decode (default: min(256, max_positions))")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")

@@ -9,6 +9,7 @@ from algpt2_tf.layers.adapter import LayerAdapter
 from algpt2_tf.layers.block import DecoderBlock
 from algpt2_tf.layers.embedding import FactorizedEmbedding
 from algpt2_tf.layers.heads import SOPHead, TiedLMHead
+from algpt2_tf.layers.linear import Linear
 
 NEG_INF = -1e9
 """Additive attention bias of a hidden key (finite, so fully hidden rows stay NaN-free)."""
@@ -175,9 +176,10 @@ class ALGPT2LMHeadModel(keras.Model):
 
     def logits_from_hidden(self, hidden, normalized=False):
         """The tied LM head applied to decoder output."""
-        kernel = self.embedding.projection.kernel if self.config.tie_projection else None
+        kernel = self.embedding.projection.float_kernel() if self.config.tie_projection else None
         return self.lm_head(hidden, self.embedding.token_embeddings,
-                            input_projection_kernel=kernel, normalized=normalized)
+                            input_projection_kernel=kernel, normalized=normalized,
+                            token_scale=self.embedding.token_scale)
 
     def forward_with_cache(self, input_ids, position_ids, key_mask, caches, cache_index,
                            last_logits_only=False):
@@ -297,6 +299,49 @@ class ALGPT2LMHeadModel(keras.Model):
             results.pop("distill_loss", None)
         return results
 
+    # ------------------------------------------------------------ quantization
+    quantization = None
+    """"int8" after `quantize("int8")` (saved with the model), else None."""
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Weight-only int8, through Keras' `Model.quantize` API.
+
+        Every `Linear` (the shared block's kernels, the E -> hidden
+        projection, the heads) gets an int8 kernel with one scale per output
+        unit, and the token table becomes one int8 table with one scale per
+        token that serves both the embedding lookup and the tied softmax.
+        LayerNorms, biases and the position table stay float; activations
+        are never quantized. The result saves to `.keras` and loads back
+        quantized; it is for inference (its int8 weights do not train).
+
+        Args:
+            mode: "int8" (the only mode).
+            config: an int8 `keras.quantizers.QuantizationConfig` is
+                accepted, but its quantizers are not used: ALGPT2's int8 is
+                always weight-only, abs-max, whole model.
+            filters: not supported.
+
+        Example:
+        >>> model = ALGPT2LMHeadModel(ALGPT2Config.from_preset("algpt2-tiny"))
+        >>> model.quantize("int8")
+        >>> str(model.embedding.token_embeddings.dtype), model.quantization
+        ('int8', 'int8')
+        """
+        mode = mode or getattr(config, "mode", None)
+        if mode != "int8" or filters is not None or kwargs:
+            raise ValueError(f"ALGPT2 models support quantize('int8') (weight-only, whole model) "
+                             f"only; got mode={mode!r}" + (" and filters." if filters else "."))
+        if self.quantization is not None:
+            raise ValueError(f"This model is already quantized ({self.quantization}).")
+        for layer in self._flatten_layers():
+            if isinstance(layer, Linear):
+                layer.quantize("int8")
+        self.embedding.quantize("int8")
+        self.quantization = "int8"
+        self.train_function = self.test_function = self.predict_function = None
+        self._algpt2_generator = None  # compiled for the float weights
+        self._post_quantize(mode)
+
     # ------------------------------------------------------------ serialization
     @classmethod
     def from_preset(cls, preset, load_weights=True):
@@ -342,17 +387,24 @@ class ALGPT2LMHeadModel(keras.Model):
         return model if load_weights else cls(model.config)
 
     def get_config(self):
-        return {
+        config = {
             "name": self.name,
             "trainable": self.trainable,
             "dtype": keras.saving.serialize_keras_object(self.dtype_policy),
             "config": self.config.to_dict(),
         }
+        if self.quantization is not None:
+            config["quantization"] = self.quantization
+        return config
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
         model_config = config.pop("config")
+        quantization = config.pop("quantization", None)
         if "dtype" in config and isinstance(config["dtype"], dict):
             config["dtype"] = keras.saving.deserialize_keras_object(config["dtype"])
-        return cls(ALGPT2Config.from_dict(model_config), **config)
+        model = cls(ALGPT2Config.from_dict(model_config), **config)
+        if quantization is not None:
+            model.quantize(quantization)  # the int8 weights load into the quantized layout
+        return model

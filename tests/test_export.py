@@ -176,7 +176,7 @@ def test_export_bad_input_exits_2_and_leaves_nothing(tmp_path, model_path, capsy
         (["--format", "keras", "--model", str(tmp_path / "none.keras")], "No model"),
         (["--format", "keras", "--version", "1"], "already exists"),
         (["--format", "tflite", "--max-length", "4096"], "max_positions"),
-        (["--format", "keras", "--quantize", "int8"], "tflite format only"),
+        (["--format", "keras", "--quantize", "fp16"], "tflite format only"),
     ]
     for extra, message in cases:
         args = ["export", "--model", model_path, "--out", out] + extra

@@ -173,6 +173,9 @@ def export_tensors(model):
     Raises:
         ValueError: a factorized head whose bias cannot fold (E > hidden).
     """
+    if model.quantization is not None:
+        raise ValueError(f"This model is quantized ({model.quantization}): convert or compress "
+                         f"its float32 model.")
     c = model.config
     embedding, head = model.embedding, model.lm_head
     tensors = {}

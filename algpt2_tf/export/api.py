@@ -20,7 +20,8 @@ from algpt2_tf.prompts import left_pad
 
 FORMATS = ("keras", "savedmodel", "tflite")
 QUANTIZATIONS = ("none", "fp16", "int8")
-"""TFLite weight formats (`tflite.convert`); the other formats keep float32."""
+"""Weight formats. TFLite: all three (`tflite.convert`). `.keras` and
+SavedModel: "int8" is Keras' own `model.quantize("int8")` (weight-only)."""
 PROBE_TEXT = ["The quick brown fox jumps over the lazy dog.", "Hello"]
 GREEDY_TOKENS = 32
 
@@ -70,7 +71,9 @@ def export_model(model_path, format, out, version=None, quantize="none", max_len
         format: "keras", "savedmodel" or "tflite".
         out: the model's folder, e.g. `saved_models/algpt2`.
         version: the version number (default: the next one).
-        quantize: "none", "fp16" or "int8" (TFLite only).
+        quantize: "none", "fp16" (TFLite only) or "int8" (TFLite's own int8;
+            for `.keras` and SavedModel, the Keras int8 of
+            `ALGPT2LMHeadModel.quantize`).
         max_length: the cache length of `generate` / TFLite decoding
             (default: min(256, max_positions)).
         overwrite: replace an existing version.
@@ -81,11 +84,15 @@ def export_model(model_path, format, out, version=None, quantize="none", max_len
         raise ValueError(f"Unknown format {format!r}; choose one of {', '.join(FORMATS)}.")
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}.")
-    if quantize != "none" and format != "tflite":
-        raise ValueError("--quantize applies to the tflite format only.")
+    if quantize == "fp16" and format != "tflite":
+        raise ValueError("--quantize fp16 applies to the tflite format only.")
     if version is not None and (not isinstance(version, int) or version < 1):
         raise ValueError(f"version must be a positive integer, got {version!r}.")
     model = load_model(model_path)
+    if model.quantization is not None and (format == "tflite" or quantize != "none"):
+        raise ValueError(f"{model_path} is already quantized ({model.quantization}); export it "
+                         f"as it is (keras or savedmodel), or export the float32 model to tflite "
+                         f"with --quantize int8.")
     tokenizer = load_tokenizer_for(model_path)
     limit = model.config.max_positions
     max_length = max_length or min(256, limit)
@@ -102,7 +109,18 @@ def export_model(model_path, format, out, version=None, quantize="none", max_len
     os.makedirs(out, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".export-{version}-", dir=out)
     try:
+        keras_int8 = quantize == "int8" and format != "tflite"
+        if keras_int8:
+            float_logits, float_tokens = _reference(model, tokenizer, max_length)
+            model.quantize("int8")
         report = _EXPORTERS[format](model, tokenizer, staging, quantize, max_length, log)
+        if keras_int8:
+            logits, tokens = _reference(model, tokenizer, max_length)
+            report.quantize = "int8"
+            report.greedy_agreement = float(np.mean(np.equal(tokens, float_tokens)))
+            report.notes = (f"Keras int8: max |logits - float32| = "
+                            f"{np.abs(logits - float_logits).max():.2e}, greedy agreement "
+                            f"is with the float32 model")
         report.version = version
         report.path = os.path.normpath(os.path.join(final, os.path.relpath(report.path, staging)))
         if os.path.exists(final):
@@ -126,6 +144,15 @@ class ExportVerificationError(ValueError):
 
 def _keras_logits(model, ids, mask):
     return model({"input_ids": ids, "attention_mask": mask})["logits"].numpy()
+
+
+def _reference(model, tokenizer, max_length):
+    """The probe batch's logits (real positions) and the first probe's greedy tokens."""
+    ids, mask = probe_batch(tokenizer)
+    prompt = tokenizer.encode(PROBE_TEXT[0])
+    steps = min(GREEDY_TOKENS, max_length - len(prompt))
+    tokens = model.generate([prompt], max_new_tokens=steps, stop_ids=[]).new_ids[0]
+    return _keras_logits(model, ids, mask)[mask.astype(bool)], tokens
 
 
 def _export_keras(model, tokenizer, staging, quantize, max_length, log):

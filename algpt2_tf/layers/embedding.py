@@ -1,6 +1,7 @@
 """The factorized token + position embedding (ALBERT idea #1)."""
 
 import keras
+import numpy as np
 from keras import ops
 
 from algpt2_tf.layers.linear import Linear
@@ -59,8 +60,36 @@ class FactorizedEmbedding(keras.layers.Layer):
             self.projection.build((None, None, table_width))
         self.built = True
 
+    token_scale = None
+    """`[vocab]` scales of an int8 token table (after `quantize`), else None."""
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Weight-only int8 for the token table: `round(row * 127 / max|row|)`
+        with one scale per token, so one int8 copy serves both the lookup here
+        and the tied softmax (`TiedLMHead` divides each token's logit by its
+        scale). The position table stays float; the projection is a `Linear`
+        and quantizes itself.
+        """
+        if mode != "int8":
+            raise NotImplementedError(f"FactorizedEmbedding supports int8 only, not {mode!r}.")
+        table = ops.convert_to_numpy(self.token_embeddings).astype("float32")
+        scale = 127.0 / np.maximum(np.abs(table).max(axis=1), 1e-12)
+        values = np.clip(np.round(table * scale[:, None]), -127, 127).astype("int8")
+        del self.token_embeddings
+        self.token_embeddings = self.add_weight(
+            name="token_embeddings", shape=values.shape, dtype="int8", trainable=False,
+            initializer="zeros")
+        self.token_scale = self.add_weight(
+            name="token_scale", shape=scale.shape, trainable=False, initializer="ones")
+        self.token_embeddings.assign(values)
+        self.token_scale.assign(scale.astype("float32"))
+        self._is_quantized = True
+
     def call(self, input_ids, position_ids, training=None):
         x = ops.take(self.token_embeddings, input_ids, axis=0)
+        if self.token_scale is not None:
+            x = ops.cast(x, self.compute_dtype)
+            x = x / ops.expand_dims(ops.take(self.token_scale, input_ids, axis=0), -1)
         x = x + ops.take(self.position_embeddings, position_ids, axis=0)
         if self.projection is not None:
             x = self.projection(x)

@@ -62,7 +62,8 @@ class TiedLMHead(keras.layers.Layer):
         """The final LayerNorm alone (the SOP head reads this too)."""
         return self.final_norm(hidden)
 
-    def call(self, hidden, token_embeddings, input_projection_kernel=None, normalized=False):
+    def call(self, hidden, token_embeddings, input_projection_kernel=None, normalized=False,
+             token_scale=None):
         """Maps hidden states `[..., hidden]` to float32 logits `[..., vocab]`.
 
         Args:
@@ -71,6 +72,9 @@ class TiedLMHead(keras.layers.Layer):
             input_projection_kernel: the embedding's `[E, hidden]` kernel;
                 required with `tie_projection`.
             normalized: `hidden` already went through `normalize`.
+            token_scale: `[vocab]` scales when `token_embeddings` is int8
+                (a quantized embedding); each token's logit is divided by
+                its scale.
         """
         x = hidden if normalized else self.final_norm(hidden)
         if self.projection is not None:
@@ -81,7 +85,10 @@ class TiedLMHead(keras.layers.Layer):
             kernel = ops.cast(input_projection_kernel, x.dtype)
             x = ops.matmul(x, ops.transpose(kernel)) + ops.cast(self.projection_bias, x.dtype)
         table = ops.cast(token_embeddings, x.dtype)
-        return ops.cast(ops.matmul(x, ops.transpose(table)), "float32")
+        logits = ops.matmul(x, ops.transpose(table))
+        if token_scale is not None:
+            logits = logits / ops.cast(token_scale, x.dtype)
+        return ops.cast(logits, "float32")
 
     def get_config(self):
         config = super().get_config()
