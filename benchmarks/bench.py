@@ -164,7 +164,11 @@ def worker_decode(case):
     else:
         from algpt2_tf.generation import Generator
 
-        generator = Generator(_our_model(case["model"], shape, case["quick"]))
+        preset = case["model"].removesuffix("-int8")
+        model = _our_model(preset, shape, case["quick"])
+        if case["model"].endswith("-int8"):
+            model.quantize("int8")  # Keras' own int8 (ALGPT2LMHeadModel.quantize)
+        generator = Generator(model)
 
         def run():
             generator.generate(prompts, max_new_tokens=new, stop_ids=())
@@ -360,7 +364,8 @@ def plan(quick, gpu):
                for m in ("algpt2", "gpt2", "peer") for x in (False, True)]
     new = 8 if quick else 128
     decode = [dict(kind="decode", model=m, batch=b, prompt=16, new_tokens=new, quick=quick)
-              for b in (1, 8) for m in ("algpt2", "gpt2", "peer")]
+              for b in (1, 8) for m in ("algpt2", "algpt2-int8", "gpt2", "peer")
+              if not (quick and m == "algpt2-int8" and b == 8)]
     tflite = [dict(kind="tflite_decode", model="algpt2", quantize=q, runtime=r, prompt=16,
                    new_tokens=new, quick=quick)
               for q in ("none", "int8") for r in ("interpreter", "compiled")

@@ -61,6 +61,26 @@ def source_texts(source):
     return article_share(wikitext_articles(source.path), source.wikitext_articles)
 
 
+def held_out_texts(spec):
+    """`{set name: documents}` of the spec's evaluation sets."""
+    return {name: [t for s in sources for t in source_texts(s)]
+            for name, sources in spec.eval_sets.items()}
+
+
+def held_out_metrics(spec, model, tokenizer, eval_texts):
+    """`{set: metrics}` of `model` on every evaluation set, with the spec's protocol."""
+    from algpt2_tf.evaluation import evaluate_texts
+
+    found = {}
+    for name, texts in eval_texts.items():
+        metrics = evaluate_texts(model, tokenizer, texts, seq_len=spec.eval_seq_len,
+                                 stride=spec.eval_stride, batch_size=spec.eval_batch_size,
+                                 verbose=0)
+        found[name] = {k: metrics[k] for k in (
+            "word_perplexity", "bits_per_byte", "token_perplexity", "tokens", "words")}
+    return found
+
+
 def materialize_train_files(spec, data_dir):
     """Paths `train` can read: globs as they are, article shares written as `.jsonl`."""
     paths = []
@@ -163,8 +183,7 @@ class Experiment:
         tokenizer_dir = self.tokenizer_dir()
         tokenizer = GPT2Tokenizer(tokenizer_dir)
         train_files = materialize_train_files(spec, os.path.join(self.out, "data"))
-        eval_texts = {name: [t for s in sources for t in source_texts(s)]
-                      for name, sources in spec.eval_sets.items()}
+        eval_texts = held_out_texts(spec)
         self.tokenizer, self.eval_texts = tokenizer, eval_texts
         self.chosen = chosen = {}  # arm -> its learning rate
         self.train_args = {}  # arm -> what _train needs besides the rate and seed
@@ -282,17 +301,7 @@ class Experiment:
         return init_dir, {**arm.compress, "init_eval": read_json(eval_path)}
 
     def _held_out_metrics(self, model, tokenizer, eval_texts):
-        """`{set: metrics}` of `model` on every evaluation set, with the spec's protocol."""
-        from algpt2_tf.evaluation import evaluate_texts
-
-        spec, found = self.spec, {}
-        for name, texts in eval_texts.items():
-            metrics = evaluate_texts(model, tokenizer, texts, seq_len=spec.eval_seq_len,
-                                     stride=spec.eval_stride, batch_size=spec.eval_batch_size,
-                                     verbose=0)
-            found[name] = {k: metrics[k] for k in (
-                "word_perplexity", "bits_per_byte", "token_perplexity", "tokens", "words")}
-        return found
+        return held_out_metrics(self.spec, model, tokenizer, eval_texts)
 
     def _evaluate(self, result, tokenizer, eval_texts, train_args):
         """Adds held-out metrics and generation statistics to a trained run's result."""
