@@ -10,7 +10,8 @@ setup(
     python_requires=">=3.10,<3.14",
     packages=find_packages(include=["algpt2_tf", "algpt2_tf.*"]),
     py_modules=["algpt2_command"],  # the console script (see its docstring)
-    package_data={"algpt2_tf": ["configs/*.json", "assets/*"]},
+    package_data={"algpt2_tf": ["configs/*.json", "assets/*", "pretrained_models/*/*",
+                               "pretrained_models/*/tokenizer/*"]},
     include_package_data=True,
     install_requires=[
         "tensorflow>=2.21,<2.22",

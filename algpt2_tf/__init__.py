@@ -14,9 +14,10 @@ from algpt2_tf import tf_startup  # noqa: F401  (reads the user's TF_CPP_MIN_LOG
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from algpt2_tf.config import ALGPT2Config, list_presets  # noqa: E402
+from algpt2_tf.pretrained import list_pretrained  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ALGPT2Config", "ALGPT2LMHeadModel", "list_presets", "__version__"]
+__all__ = ["ALGPT2Config", "ALGPT2LMHeadModel", "list_presets", "list_pretrained", "__version__"]
 
 if os.environ.get("ALGPT2_DEFER_TENSORFLOW") != "1":
     from algpt2_tf.model import ALGPT2LMHeadModel  # noqa: E402

@@ -32,6 +32,9 @@ def _info(args):
         rows.append(f"| {name} | {c.hidden_size} | {c.num_layers} | {c.num_heads} | "
                     f"{c.embedding_size or '-'} | {c.num_layer_groups} | {c.num_parameters():,} |")
     print("\n".join(rows))
+    from algpt2_tf.pretrained import list_pretrained
+
+    print(f"\nPretrained (--model NAME): {', '.join(list_pretrained()) or 'none'}")
 
 
 # ------------------------------------------------------------------ tokenizer

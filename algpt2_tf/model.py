@@ -348,13 +348,15 @@ class ALGPT2LMHeadModel(keras.Model):
         """Loads a model the keras-hub way, from a name or a local folder.
 
         Args:
-            preset: a run folder or `.keras` file of ours, a Hugging Face
-                GPT-2 folder (`config.json` + `model.safetensors`, converted
-                on the fly by `algpt2_tf.convert.from_hf`), or a preset name
-                (`algpt2_tf.list_presets()`).
+            preset: a shipped pretrained model's name
+                (`algpt2_tf.list_pretrained()`), a run folder or `.keras`
+                file of ours, a Hugging Face GPT-2 folder (`config.json` +
+                `model.safetensors`, converted on the fly by
+                `algpt2_tf.convert.from_hf`), or an architecture preset's
+                name (`algpt2_tf.list_presets()`).
             load_weights: `False` gives a freshly initialized model of the
-                preset's (or folder's) config. No weights ship with the
-                package, so a preset name needs `load_weights=False`.
+                preset's (or folder's) config. Architecture presets carry no
+                weights, so their names need `load_weights=False`.
 
         Example:
         >>> ALGPT2LMHeadModel.from_preset("algpt2-tiny", load_weights=False).config.hidden_size
@@ -363,12 +365,19 @@ class ALGPT2LMHeadModel(keras.Model):
         import os
 
         from algpt2_tf.config import list_presets
+        from algpt2_tf.pretrained import list_pretrained
 
+        if preset in list_pretrained() and not os.path.exists(preset):
+            from algpt2_tf.saving import load_model
+
+            model = load_model(preset)
+            return model if load_weights else cls(model.config)
         if preset in list_presets():
             if load_weights:
-                raise ValueError(f"No trained weights ship for preset {preset!r}: pass "
-                                 f"load_weights=False for a freshly initialized model, or a "
-                                 f"folder (a run of ours, or a Hugging Face GPT-2).")
+                raise ValueError(f"Preset {preset!r} is an architecture without weights: pass "
+                                 f"load_weights=False for a freshly initialized model, a "
+                                 f"pretrained model's name ({', '.join(list_pretrained())}), or "
+                                 f"a folder (a run of ours, or a Hugging Face GPT-2).")
             return cls(ALGPT2Config.from_preset(preset))
         from algpt2_tf import convert
         from algpt2_tf.saving import load_model

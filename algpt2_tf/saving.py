@@ -6,7 +6,12 @@ import keras
 
 
 def resolve_model_path(path):
-    """`path` itself if it is a `.keras` file; `path/model.keras` for a run directory."""
+    """`path` itself if it is a `.keras` file; `path/model.keras` for a run directory;
+    a shipped pretrained model's file for its name (`algpt2_tf.pretrained`)."""
+    from algpt2_tf.pretrained import list_pretrained, pretrained_dir
+
+    if not os.path.exists(path) and path in list_pretrained():
+        path = pretrained_dir(path)
     if os.path.isdir(path):
         path = os.path.join(path, "model.keras")
     if not os.path.isfile(path):

@@ -282,7 +282,7 @@ def test_existing_output_is_never_touched(tmp_path, capsys):
 def test_from_preset_names_and_folders(tmp_path):
     fresh = ALGPT2LMHeadModel.from_preset("gpt2-tiny", load_weights=False)
     assert fresh.config.embedding_size is None
-    with pytest.raises(ValueError, match="No trained weights ship for preset 'gpt2-tiny'"):
+    with pytest.raises(ValueError, match="Preset 'gpt2-tiny' is an architecture without weights"):
         ALGPT2LMHeadModel.from_preset("gpt2-tiny")
     with pytest.raises(ValueError, match="neither a preset"):
         ALGPT2LMHeadModel.from_preset(str(tmp_path / "missing"))

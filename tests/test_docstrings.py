@@ -15,7 +15,7 @@ MODULES = [
     "algpt2_tf.layers.adapter", "algpt2_tf.layers.attention", "algpt2_tf.layers.block",
     "algpt2_tf.layers.embedding", "algpt2_tf.layers.heads", "algpt2_tf.layers.linear",
     "algpt2_tf.export.litert", "algpt2_tf.convert", "algpt2_tf.distillation",
-    "algpt2_tf.host_loop_generation", "algpt2_tf.serving.batching",
+    "algpt2_tf.host_loop_generation", "algpt2_tf.serving.batching", "algpt2_tf.pretrained",
 ]
 
 

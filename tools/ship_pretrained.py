@@ -1,0 +1,220 @@
+"""Ships a trained experiment arm as a pretrained model of the package, with its model card.
+
+    python tools/ship_pretrained.py --spec experiments/books_pretrained.json \
+        --run experiments/runs/books_pretrained --arm algpt2_books --baseline gpt2_teacher \
+        --name algpt2-pd-books
+
+Copies the arm's `model.keras` and tokenizer into `algpt2_tf/pretrained_models/NAME/`,
+evaluates the model (and its Keras int8 form) on the experiment's held-out sets with the
+experiment's protocol, measures the small held-out slice that `tests/test_pretrained.py`
+re-measures, and writes `evaluation.json` and `MODEL_CARD.md` from those figures and the
+run's `result.json`. Rerunning it reproduces the card's numbers.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+SLICE_TOKENS = 4096
+"""Tokens of the held-out books that the CI check evaluates (`tests/test_pretrained.py`)."""
+SLICE_PROTOCOL = dict(seq_len=128, stride=64, batch_size=32)
+
+
+def best_run(arm_dir):
+    """The arm's run folder (`lr-..._seed-...`) with the lowest validation loss."""
+    runs = []
+    for name in sorted(os.listdir(arm_dir)):
+        path = os.path.join(arm_dir, name, "result.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                runs.append((json.load(f), os.path.join(arm_dir, name)))
+    if not runs:
+        raise SystemExit(f"{arm_dir} has no finished run (no result.json).")
+    return min(runs, key=lambda r: r[0]["valid_loss"])
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", required=True, help="the experiment's spec file")
+    parser.add_argument("--run", required=True, help="the experiment folder it ran in")
+    parser.add_argument("--arm", required=True, help="the arm to ship")
+    parser.add_argument("--baseline", help="an arm to compare with in the card")
+    parser.add_argument("--name", required=True, help="the pretrained model's name")
+    args = parser.parse_args()
+
+    import keras
+
+    from algpt2_tf.evaluation import evaluate_texts
+    from algpt2_tf.experiments.runner import held_out_metrics, held_out_texts
+    from algpt2_tf.experiments.spec import load_spec
+    from algpt2_tf.pretrained import PRETRAINED_DIR, held_out_slice
+    from algpt2_tf.saving import load_model, load_tokenizer_for
+
+    spec = load_spec(args.spec)
+    with open(os.path.join(args.run, "spec.json")) as f:
+        if json.load(f) != spec.source:
+            raise SystemExit(f"{args.run} ran another spec than {args.spec}.")
+    result, run_dir = best_run(os.path.join(args.run, "arms", args.arm))
+    baseline = best_run(os.path.join(args.run, "arms", args.baseline))[0] if args.baseline else None
+    texts = held_out_texts(spec)
+    tokenizer = load_tokenizer_for(run_dir)
+    model = load_model(run_dir)
+
+    figures = {"name": args.name, "arm": args.arm, "run": os.path.relpath(run_dir),
+               "parameters": int(model.count_params()), "config": model.config.to_dict(),
+               "training_tokens": result["training_tokens"], "steps": result["steps"],
+               "tokens_per_second": result["tokens_per_second"],
+               "train_seconds_estimate": result["training_tokens"] / result["tokens_per_second"],
+               "resumed_from_step": result.get("resumed_from_step", 0), "hardware": cpu_name(),
+               "eval": held_out_metrics(spec, model, tokenizer, texts),
+               "baseline": baseline and {"arm": args.baseline, "parameters": baseline["parameters"],
+                                         "eval": baseline["eval"]},
+               "compress": result.get("compress"), "samples": result.get("samples"),
+               "generation": spec.generation, "protocol": {
+                   "seq_len": spec.eval_seq_len, "stride": spec.eval_stride}}
+    first = next(iter(texts))
+    slice_text = held_out_slice(texts[first], tokenizer, SLICE_TOKENS)
+    ci = evaluate_texts(model, tokenizer, [slice_text], verbose=0, **SLICE_PROTOCOL)
+    figures["ci_slice"] = {"set": first, "max_tokens": SLICE_TOKENS, **SLICE_PROTOCOL,
+                           "token_perplexity": ci["token_perplexity"], "tokens": ci["tokens"]}
+    prompt = spec.generation["prompts"][0]
+    figures["greedy"] = {"prompt": prompt, "max_new_tokens": 24, "text": model.generate(
+        [prompt], max_new_tokens=24, sampler="greedy", tokenizer=tokenizer).text[0]}
+    model.quantize("int8")
+    figures["int8_eval"] = held_out_metrics(spec, model, tokenizer, texts)
+
+    final = os.path.join(PRETRAINED_DIR, args.name)
+    os.makedirs(PRETRAINED_DIR, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{args.name}-", dir=PRETRAINED_DIR)
+    shutil.copy(os.path.join(run_dir, "model.keras"), os.path.join(staging, "model.keras"))
+    tokenizer.save(os.path.join(staging, "tokenizer"))
+    figures["file_bytes"] = os.path.getsize(os.path.join(staging, "model.keras"))
+    with open(os.path.join(staging, "evaluation.json"), "w") as f:
+        json.dump(figures, f, indent=2)
+    with open(os.path.join(staging, "MODEL_CARD.md"), "w") as f:
+        f.write(model_card(figures, spec, args))
+    os.chmod(staging, 0o755)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    keras.backend.clear_session()
+    print(f"Shipped {args.name} -> {final}")
+    return 0
+
+
+def _row(label, params, ev):
+    return (f"| {label} | {params:,} | {ev['books']['word_perplexity']:.2f} | "
+            f"{ev['books']['bits_per_byte']:.4f} | {ev['wiki']['word_perplexity']:.2f} | "
+            f"{ev['wiki']['bits_per_byte']:.4f} |")
+
+
+def model_card(f, spec, args):
+    c = f["config"]
+    train_names = [os.path.basename(s.path) for s in spec.train_files]
+    eval_names = {name: [os.path.basename(s.path) + (f" (articles {s.wikitext_articles[0]:.0%}-"
+                                                     f"{s.wikitext_articles[1]:.0%})"
+                                                     if s.wikitext_articles else "")
+                         for s in sources] for name, sources in spec.eval_sets.items()}
+    rows = [_row(f"**{f['name']}** (float32)", f["parameters"], f["eval"]),
+            _row(f"{f['name']}, Keras int8", f["parameters"], f["int8_eval"])]
+    if f["baseline"]:
+        rows.append(_row(f"GPT-2 shape, same data and tokens (`{f['baseline']['arm']}`)",
+                         f["baseline"]["parameters"], f["baseline"]["eval"]))
+    samples = f.get("samples") or []
+    g = f["generation"]
+    sample_lines = [f"- *{s['prompt']}* → {' '.join(s['continuation'].split())}" for s in samples]
+    hours = f["train_seconds_estimate"] / 3600
+    init = (f"compressed (`{f['compress']['init']}`) from the GPT-2-shape model below, trained "
+            f"first on the same tokens; then trained as an ALGPT2" if f.get("compress")
+            else "random (trained from scratch)")
+    return f"""# {f['name']}
+
+A small ALGPT2 language model of 19th-century-style English prose, trained by this project's own
+code on public-domain books and part of WikiText-2. It is a books model: it is not GPT-2 and
+knows little beyond its {f['training_tokens']:,} training tokens.
+
+## Model details
+- Architecture: ALGPT2 (`algpt2_tf.ALGPT2LMHeadModel`): {c['num_layers']} virtual layers that
+  share {c['num_layer_groups']} decoder block(s) (ALBERT cross-layer sharing), hidden
+  {c['hidden_size']}, {c['num_heads']} heads, MLP {c['intermediate_size']}, factorized
+  embedding E={c['embedding_size']}, tied softmax, per-layer LayerNorms: {c['per_layer_norms']},
+  context {c['max_positions']} tokens. {f['parameters']:,} parameters; `model.keras` is
+  {f['file_bytes'] / 1e6:.1f} MB (float32).
+- Tokenizer: byte-level BPE with {c['vocab_size']:,} ids, trained on the training files
+  (`tokenizer/`).
+- Initialization: {init}.
+- Code license: MIT (this repository). Weights: trained on the data below; the WikiText-2 share
+  is CC BY-SA 3.0 text, so treat the weights as a derivative of it.
+- Load it: `ALGPT2LMHeadModel.from_preset("{f['name']}")`, or `--model {f['name']}` in any command.
+
+## Training data
+- Training: {len(train_names)} sources: the first 60% of the WikiText-2 validation articles
+  (CC BY-SA 3.0, Merity et al. 2016) and {len(train_names) - 1} Project Gutenberg books (public
+  domain in the US): {', '.join(n for n in train_names if n != 'wiki.valid.raw')}.
+- Held out (never trained on): {'; '.join(f"{k}: {', '.join(v)}" for k, v in eval_names.items())}.
+
+## Training procedure
+- Command (trains the GPT-2-shape model, compresses it, trains the ALGPT2; resumes when rerun):
+  `algpt2 experiment run {args.spec} --out {args.run}`,
+  then `python tools/ship_pretrained.py --spec {args.spec} --run {args.run} --arm {args.arm}
+  --baseline {args.baseline} --name {f['name']}` (this card).
+- {f['steps']:,} steps of {spec.batch_size} x {spec.seq_len} tokens = {f['training_tokens']:,}
+  tokens seen by the ALGPT2 (and as many by the GPT-2-shape model it was compressed from);
+  AdamW, cosine schedule, the spec's learning rate.
+- Hardware: {f['hardware']}, 2 CPU cores, no GPU, shared with other work. Training time:
+  about {hours:.1f} h for the ALGPT2 ({f['tokens_per_second']:,.0f} tokens/s
+  {'in its last resumed segment' if f['resumed_from_step'] else 'measured'}).
+
+## Evaluation
+Held-out sets, windows of {f['protocol']['seq_len']} tokens with stride {f['protocol']['stride']}
+(word perplexity is per whitespace-separated word, comparable across tokenizers):
+
+| model | parameters | books word ppl | books bits/byte | wiki word ppl | wiki bits/byte |
+|---|---:|---:|---:|---:|---:|
+{chr(10).join(rows)}
+
+CI check (`tests/test_pretrained.py`): token perplexity {f['ci_slice']['token_perplexity']:.4f} on
+the first {f['ci_slice']['tokens']:,} scored tokens of the held-out {f['ci_slice']['set']} set.
+
+## Samples
+Greedy, `{f['greedy']['prompt']}` ({f['greedy']['max_new_tokens']} tokens, as printed):
+
+```
+{f['greedy']['text']}
+```
+
+Sampled during evaluation (top-p {g.get('top_p')}, temperature {g.get('temperature')},
+seed {g.get('seed')}, {g.get('max_new_tokens')} tokens):
+
+{chr(10).join(sample_lines)}
+
+## Intended use and limitations
+- For trying the toolkit right after install (generation, serving, export, conversion), for
+  tests, and as a starting point for fine-tuning on similar prose.
+- Small and briefly trained: text drifts after a sentence or two, facts are unreliable, and it
+  writes in the register of its books (old spelling, archaic topics, their biases).
+- Not for any decision about people, not a chat model, not instruction-tuned.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
