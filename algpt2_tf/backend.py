@@ -23,6 +23,11 @@ here:
   compiles: `jax.jit` over Keras' stateless scope, `torch.compile` on
   request, an XLA `tf.function` on TensorFlow.
 
+- `replicas_in_sync`, `sum_over_replicas`: the replicas of a
+  `tf.distribute` strategy (`algpt2_tf/distribute.py`); 1 and the value
+  itself without one, and on PyTorch and JAX (whose data parallelism computes
+  one global loss).
+
 Generation's XLA loop, the tf.data pipelines and the exports are TensorFlow
 by nature and stay in their modules.
 """
@@ -38,6 +43,24 @@ def name():
 
 def is_tensorflow():
     return name() == "tensorflow"
+
+
+def replicas_in_sync():
+    """How many replicas compute this step's loss side by side (1 without a strategy)."""
+    if not is_tensorflow():
+        return 1
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def sum_over_replicas(value):
+    """`value` summed over the replicas of the current `tf.distribute` step."""
+    if replicas_in_sync() == 1:
+        return value
+    import tensorflow as tf
+
+    return tf.distribute.get_replica_context().all_reduce("SUM", value)
 
 
 def traced(function):

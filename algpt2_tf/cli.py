@@ -422,6 +422,10 @@ def _add_training_commands(sub):
     p.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept")
     p.add_argument("--log-every", type=int, help="steps between metrics.csv rows")
     p.add_argument("--verbose", type=int, help="Keras progress: 0 silent, 1 bar, 2 lines")
+    p.add_argument("--distribute", help="none, or mirrored: data parallel over this host's "
+                   "devices (--batch-size stays the global batch)")
+    p.add_argument("--replicas", type=int, help="mirrored: how many GPUs, or with no GPU how "
+                   "many logical devices to split the CPU into")
     # Every default comes from TrainOptions; --preset's applies only without --config (_train).
     p.set_defaults(**{k: v for k, v in default_values().items() if k != "preset"})
     p.set_defaults(func=_train)

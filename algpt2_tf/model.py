@@ -268,7 +268,8 @@ class ALGPT2LMHeadModel(keras.Model):
         lm_loss = ops.sum(nll) / ops.maximum(tokens, 1.0)
         self.lm_loss_tracker.update_state(lm_loss, sample_weight=tokens)
         self.perplexity_tracker.update_state(lm_loss, sample_weight=tokens)
-        total = lm_loss
+        per_token = lm_loss  # the terms averaged over tokens, then those averaged over sequences
+        per_sequence = 0.0
         if self._distillation is not None:
             teacher, distill_weight, temperature = self._distillation
             teacher_logits = ops.stop_gradient(teacher(
@@ -276,7 +277,7 @@ class ALGPT2LMHeadModel(keras.Model):
             distill = distillation.kl_to_teacher(y_pred["logits"], teacher_logits, weight,
                                                  temperature)
             self.distill_loss_tracker.update_state(distill, sample_weight=tokens)
-            total = total + distill_weight * distill
+            per_token = per_token + distill_weight * distill
         sop_labels = x.get("sop_labels") if isinstance(x, dict) else None
         if sop_labels is not None:
             if "sop_logits" not in y_pred:
@@ -285,7 +286,13 @@ class ALGPT2LMHeadModel(keras.Model):
                 sop_labels, y_pred["sop_logits"], from_logits=True))
             self.sop_loss_tracker.update_state(sop_loss)
             self.sop_accuracy_tracker.update_state(sop_labels, y_pred["sop_logits"])
-            total = total + self.config.sop_loss_weight * sop_loss
+            per_sequence = self.config.sop_loss_weight * sop_loss
+        replicas = backend.replicas_in_sync()
+        if replicas > 1:  # data parallel (distribute.py): this replica's share of the global loss
+            all_tokens = backend.sum_over_replicas(tokens)
+            per_token = per_token * tokens / ops.maximum(all_tokens, 1.0)
+            per_sequence = per_sequence / replicas
+        total = per_token + per_sequence
         return total + self._aggregate_additional_loss(self.losses) if self.losses else total
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):

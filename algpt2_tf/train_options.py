@@ -52,12 +52,17 @@ class TrainOptions:
     keep_checkpoints: int = 3
     log_every: int = 10
     verbose: int = 1
+    distribute: str = "none"
+    replicas: Optional[int] = None
 
     # Options that may change between a run and its resumption.
     RESUMABLE_CHANGES = ("steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every",
-                         "verbose", "cache_dir", "fuse_elementwise")
+                         "verbose", "cache_dir", "fuse_elementwise", "distribute", "replicas")
 
     def validate(self):
+        from algpt2_tf.distribute import check
+
+        check(self.distribute, self.replicas)
         positive = ("seq_len", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
                     "log_every")
         for name in positive:

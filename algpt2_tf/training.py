@@ -25,6 +25,7 @@ import re
 import keras
 import numpy as np
 
+from algpt2_tf import backend, distribute
 from algpt2_tf import data as data_lib
 from algpt2_tf.config import ALGPT2Config
 from algpt2_tf.files import atomic_path, atomic_write_json, atomic_write_text, cache_root
@@ -75,6 +76,37 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
                 "total_steps": self.total_steps, "kind": self.kind, "min_ratio": self.min_ratio}
 
 
+class _ClippedAfterReplicaSum:
+    """Makes `global_clipnorm` clip the gradient summed over `tf.distribute` replicas.
+
+    Keras 3.15's TensorFlow optimizer clips each replica's part of the
+    gradient (`_clip_gradients`) before summing the parts
+    (`_all_reduce_sum_gradients`), so with clipping active two replicas did
+    not train like one device (`tests/test_distributed.py`). Here the clip
+    moves after the sum; with one replica nothing changes.
+    """
+
+    @classmethod
+    def of(cls, optimizer_class):
+        return type(optimizer_class.__name__, (cls, optimizer_class), {})
+
+    def _clip_after_sum(self):
+        return bool(self.global_clipnorm) and backend.replicas_in_sync() > 1
+
+    def _clip_gradients(self, grads):
+        return grads if self._clip_after_sum() else super()._clip_gradients(grads)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        grads_and_vars = super()._all_reduce_sum_gradients(grads_and_vars)
+        if not self._clip_after_sum():
+            return grads_and_vars
+        present = [g for g, _ in grads_and_vars if g is not None]
+        norm = keras.ops.sqrt(sum(keras.ops.sum(keras.ops.square(g)) for g in present))
+        scale = self.global_clipnorm / keras.ops.maximum(norm, self.global_clipnorm)
+        return [(None if g is None else g * keras.ops.cast(scale, g.dtype), v)
+                for g, v in grads_and_vars]
+
+
 def make_optimizer(options, total_steps):
     """AdamW or LAMB with the warmup/decay schedule, global-norm clipping,
     gradient accumulation and weight decay off for LayerNorm, biases and embeddings."""
@@ -83,8 +115,9 @@ def make_optimizer(options, total_steps):
     kwargs = dict(learning_rate=schedule, weight_decay=options.weight_decay or None,
                   global_clipnorm=options.clip_norm,
                   gradient_accumulation_steps=options.grad_accum if options.grad_accum > 1 else None)
-    optimizer = (keras.optimizers.AdamW(**kwargs) if options.optimizer == "adamw"
-                 else keras.optimizers.Lamb(**kwargs))
+    optimizer = (_ClippedAfterReplicaSum.of(keras.optimizers.AdamW)(**kwargs)
+                 if options.optimizer == "adamw"
+                 else _ClippedAfterReplicaSum.of(keras.optimizers.Lamb)(**kwargs))
     if options.weight_decay:
         optimizer.exclude_from_weight_decay(var_names=NO_DECAY)
     return optimizer
@@ -269,6 +302,23 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+def _compiled_model(config, options, init_model, teacher, total_steps):
+    """The model to train and its built optimizer (inside the strategy's scope, if any)."""
+    from algpt2_tf.model import ALGPT2LMHeadModel
+
+    model = ALGPT2LMHeadModel(config)
+    if init_model is not None:
+        model.set_weights(init_model.get_weights())
+    if teacher is not None:
+        model.set_teacher(teacher, options.distill_weight, options.distill_temperature)
+    if model.sop_head is not None and not options.sop:
+        model.sop_head.trainable = False  # no SOP labels: nothing to learn there
+    optimizer = make_optimizer(options, total_steps)
+    model.compile(optimizer=optimizer, jit_compile=options.jit_compile)
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
 def train(options, log=print):
     """Runs (or resumes) a training run; returns a summary dict.
 
@@ -280,6 +330,8 @@ def train(options, log=print):
     from algpt2_tf.tokenizer import GPT2Tokenizer
 
     options.validate()
+    # First: splitting the CPU into replicas must happen before TensorFlow runs anything.
+    strategy = distribute.make_strategy(options.distribute, options.replicas)
     if options.fuse_elementwise:
         enable_elementwise_fusion()
     tokenizer = GPT2Tokenizer(options.tokenizer)
@@ -325,19 +377,11 @@ def train(options, log=print):
         keras.config.set_dtype_policy(
             "mixed_bfloat16" if options.mixed_precision == "bf16" else "mixed_float16")
     try:
-        model = ALGPT2LMHeadModel(config)
-        if init_model is not None:
-            model.set_weights(init_model.get_weights())
-        if teacher is not None:
-            model.set_teacher(teacher, options.distill_weight, options.distill_temperature)
-        if model.sop_head is not None and not options.sop:
-            model.sop_head.trainable = False  # no SOP labels: nothing to learn there
-        optimizer = make_optimizer(options, total_steps)
-        model.compile(optimizer=optimizer, jit_compile=options.jit_compile)
-        optimizer.build(model.trainable_variables)
-        if start_step:
-            manager.restore(start_step, model, optimizer)
-            log(f"Resuming from step {start_step} ({manager.path(start_step)})")
+        with distribute.scope(strategy):
+            model, optimizer = _compiled_model(config, options, init_model, teacher, total_steps)
+            if start_step:
+                manager.restore(start_step, model, optimizer)
+                log(f"Resuming from step {start_step} ({manager.path(start_step)})")
         truncate_metrics(os.path.join(options.out, "metrics.csv"), start_step)
 
         dataset = data.train_dataset(start_step * options.grad_accum,
