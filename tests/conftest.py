@@ -48,6 +48,17 @@ def rng():
 
 
 @pytest.fixture
+def small_config(tmp_path):
+    """A tiny ALGPT2 config (with an SOP head) as a JSON file, for `algpt2 train --config`."""
+    config = ALGPT2Config(max_positions=64, hidden_size=32, num_layers=2, num_heads=2,
+                          intermediate_size=64, embedding_size=16, sop_head=True,
+                          embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
+    path = tmp_path / "config.json"
+    config.to_json_file(path)
+    return str(path)
+
+
+@pytest.fixture
 def corpus(tmp_path):
     """A glob of twelve small text files (Python's own documentation topics)."""
     from pydoc_data import topics

@@ -7,11 +7,9 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from conftest import kill_at_first_checkpoint_then_rerun
 
-from algpt2_tf import ALGPT2Config
 from algpt2_tf.saving import load_model
 from algpt2_tf.training import TrainOptions, train
 
@@ -65,16 +63,6 @@ def test_one_step_on_two_replicas_is_the_global_batchs_step():
     assert out["relative"] < 1e-4
     for name in ("loss", "lm_loss", "sop_loss", "sop_accuracy", "perplexity"):
         np.testing.assert_allclose(out["mirrored"][name], out["single"][name], rtol=1e-4)
-
-
-@pytest.fixture
-def small_config(tmp_path):
-    config = ALGPT2Config(max_positions=64, hidden_size=32, num_layers=2, num_heads=2,
-                          intermediate_size=64, embedding_size=16, sop_head=True,
-                          embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
-    path = tmp_path / "config.json"
-    config.to_json_file(path)
-    return str(path)
 
 
 def test_mirrored_training_equals_one_device_and_resumes_exactly(tmp_path, small_config, corpus,

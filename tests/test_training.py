@@ -20,16 +20,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ALGPT2_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture
-def small_config(tmp_path):
-    config = ALGPT2Config(max_positions=64, hidden_size=32, num_layers=2, num_heads=2,
-                          intermediate_size=64, embedding_size=16, sop_head=True,
-                          embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
-    path = tmp_path / "config.json"
-    config.to_json_file(path)
-    return str(path)
-
-
 def options(tmp_path, config, corpus, out="run", **kw):
     values = dict(out=str(tmp_path / out), preset=None, config=config, train_files=[corpus],
                   seq_len=32, batch_size=4, steps=12, learning_rate=3e-3, warmup_steps=2,
