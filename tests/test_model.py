@@ -292,7 +292,7 @@ def test_package_exports():
     import sys
 
     assert sorted(algpt2_tf.__all__) == ["ALGPT2Config", "ALGPT2LMHeadModel", "__version__",
-                                         "list_presets"]
+                                         "list_presets", "list_pretrained"]
     assert all(hasattr(algpt2_tf, name) for name in algpt2_tf.__all__)
     # `import algpt2_tf` registers the classes with Keras (a .keras file then loads without
     # custom_objects); the command line's deferred import resolves the model on first use.
