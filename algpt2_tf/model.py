@@ -374,11 +374,6 @@ class ALGPT2LMHeadModel(keras.Model):
         from algpt2_tf.config import list_presets
         from algpt2_tf.pretrained import list_pretrained
 
-        if preset in list_pretrained() and not os.path.exists(preset):
-            from algpt2_tf.saving import load_model
-
-            model = load_model(preset)
-            return model if load_weights else cls(model.config)
         if preset in list_presets():
             if load_weights:
                 raise ValueError(f"Preset {preset!r} is an architecture without weights: pass "
@@ -396,7 +391,7 @@ class ALGPT2LMHeadModel(keras.Model):
 
                 return cls(config_from_hf(read_hf_config(preset)))
             return convert.from_hf(preset)[0]
-        if not os.path.exists(preset):
+        if not os.path.exists(preset) and preset not in list_pretrained():
             raise ValueError(f"{preset!r} is neither a preset ({', '.join(list_presets())}) nor "
                              f"an existing folder or .keras file.")
         model = load_model(preset)

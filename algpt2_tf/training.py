@@ -100,11 +100,8 @@ class _ClippedAfterReplicaSum:
         grads_and_vars = super()._all_reduce_sum_gradients(grads_and_vars)
         if not self._clip_after_sum():
             return grads_and_vars
-        present = [g for g, _ in grads_and_vars if g is not None]
-        norm = keras.ops.sqrt(sum(keras.ops.sum(keras.ops.square(g)) for g in present))
-        scale = self.global_clipnorm / keras.ops.maximum(norm, self.global_clipnorm)
-        return [(None if g is None else g * keras.ops.cast(scale, g.dtype), v)
-                for g, v in grads_and_vars]
+        grads = super()._clip_gradients([g for g, _ in grads_and_vars])  # Keras' own clip
+        return list(zip(grads, [v for _, v in grads_and_vars]))
 
 
 def make_optimizer(options, total_steps):
@@ -115,9 +112,8 @@ def make_optimizer(options, total_steps):
     kwargs = dict(learning_rate=schedule, weight_decay=options.weight_decay or None,
                   global_clipnorm=options.clip_norm,
                   gradient_accumulation_steps=options.grad_accum if options.grad_accum > 1 else None)
-    optimizer = (_ClippedAfterReplicaSum.of(keras.optimizers.AdamW)(**kwargs)
-                 if options.optimizer == "adamw"
-                 else _ClippedAfterReplicaSum.of(keras.optimizers.Lamb)(**kwargs))
+    base = keras.optimizers.AdamW if options.optimizer == "adamw" else keras.optimizers.Lamb
+    optimizer = _ClippedAfterReplicaSum.of(base)(**kwargs)
     if options.weight_decay:
         optimizer.exclude_from_weight_decay(var_names=NO_DECAY)
     return optimizer

@@ -28,17 +28,16 @@ SLICE_TOKENS = 4096
 SLICE_PROTOCOL = dict(seq_len=128, stride=64, batch_size=32)
 
 
-def best_run(arm_dir):
-    """The arm's run folder (`lr-..._seed-...`) with the lowest validation loss."""
-    runs = []
-    for name in sorted(os.listdir(arm_dir)):
-        path = os.path.join(arm_dir, name, "result.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                runs.append((json.load(f), os.path.join(arm_dir, name)))
-    if not runs:
-        raise SystemExit(f"{arm_dir} has no finished run (no result.json).")
-    return min(runs, key=lambda r: r[0]["valid_loss"])
+def best_run(run, arm):
+    """`(result, run folder)` of `arm`'s run with the lowest validation loss (the sweep's rule)."""
+    from algpt2_tf.experiments.report import best_by_valid_loss, load_results
+    from algpt2_tf.experiments.runner import run_dir_name
+
+    results = [r for r in load_results(run)[1] if r["arm"] == arm]
+    if not results:
+        raise SystemExit(f"{run} has no finished run of arm {arm!r} (no result.json).")
+    best = best_by_valid_loss(results)
+    return best, os.path.join(run, "arms", arm, run_dir_name(best["learning_rate"], best["seed"]))
 
 
 def cpu_name():
@@ -73,8 +72,8 @@ def main():
     with open(os.path.join(args.run, "spec.json")) as f:
         if json.load(f) != spec.source:
             raise SystemExit(f"{args.run} ran another spec than {args.spec}.")
-    result, run_dir = best_run(os.path.join(args.run, "arms", args.arm))
-    baseline = best_run(os.path.join(args.run, "arms", args.baseline))[0] if args.baseline else None
+    result, run_dir = best_run(args.run, args.arm)
+    baseline = best_run(args.run, args.baseline)[0] if args.baseline else None
     texts = held_out_texts(spec)
     tokenizer = load_tokenizer_for(run_dir)
     model = load_model(run_dir)

@@ -146,13 +146,19 @@ def _keras_logits(model, ids, mask):
     return model({"input_ids": ids, "attention_mask": mask})["logits"].numpy()
 
 
+def _greedy_probe(model, tokenizer, max_length):
+    """The first probe text's ids and the Keras model's greedy continuation of it
+    (`GREEDY_TOKENS`, or what `max_length` leaves)."""
+    prompt = tokenizer.encode(PROBE_TEXT[0])
+    steps = min(GREEDY_TOKENS, max_length - len(prompt))
+    return prompt, model.generate([prompt], max_new_tokens=steps, stop_ids=[]).new_ids[0]
+
+
 def _reference(model, tokenizer, max_length):
     """The probe batch's logits (real positions) and the first probe's greedy tokens."""
     ids, mask = probe_batch(tokenizer)
-    prompt = tokenizer.encode(PROBE_TEXT[0])
-    steps = min(GREEDY_TOKENS, max_length - len(prompt))
-    tokens = model.generate([prompt], max_new_tokens=steps, stop_ids=[]).new_ids[0]
-    return _keras_logits(model, ids, mask)[mask.astype(bool)], tokens
+    return (_keras_logits(model, ids, mask)[mask.astype(bool)],
+            _greedy_probe(model, tokenizer, max_length)[1])
 
 
 def _export_keras(model, tokenizer, staging, quantize, max_length, log):
@@ -226,14 +232,12 @@ def _export_tflite(model, tokenizer, staging, quantize, max_length, log):
         f.write(tflite.convert(model, max_length, quantize))
     tokenizer.save(os.path.join(staging, "tokenizer"))
     interpreter = Interpreter(model_path=path)
-    prompt = tokenizer.encode(PROBE_TEXT[0])
+    prompt, keras_tokens = _greedy_probe(model, tokenizer, max_length)
     ids = np.asarray([prompt], np.int32)
     lite = interpreter.get_signature_runner("logits")(
         input_ids=ids, attention_mask=np.ones_like(ids))["logits"]
     diff = float(np.abs(lite - _keras_logits(model, ids, np.ones_like(ids))).max())
-    steps = min(GREEDY_TOKENS, max_length - len(prompt))
-    lite_tokens = tflite_greedy(interpreter, prompt, steps)
-    keras_tokens = model.generate([prompt], max_new_tokens=steps, stop_ids=[]).new_ids[0]
+    lite_tokens = tflite_greedy(interpreter, prompt, len(keras_tokens))
     agreement = float(np.mean(np.equal(lite_tokens, keras_tokens)))
     if quantize == "none" and (diff > 1e-4 or agreement < 1.0):
         raise ExportVerificationError(

@@ -1,7 +1,6 @@
 """The factorized token + position embedding (ALBERT idea #1)."""
 
 import keras
-import numpy as np
 from keras import ops
 
 from algpt2_tf.layers.linear import Linear
@@ -64,17 +63,17 @@ class FactorizedEmbedding(keras.layers.Layer):
     """`[vocab]` scales of an int8 token table (after `quantize`), else None."""
 
     def quantize(self, mode=None, type_check=True, config=None):
-        """Weight-only int8 for the token table: `round(row * 127 / max|row|)`
-        with one scale per token, so one int8 copy serves both the lookup here
+        """Weight-only int8 for the token table: Keras' abs-max quantizer,
+        `round(row * 127 / max|row|)` with one scale per token, so one int8 copy serves both the lookup here
         and the tied softmax (`TiedLMHead` divides each token's logit by its
         scale). The position table stays float; the projection is a `Linear`
         and quantizes itself.
         """
         if mode != "int8":
             raise NotImplementedError(f"FactorizedEmbedding supports int8 only, not {mode!r}.")
-        table = ops.convert_to_numpy(self.token_embeddings).astype("float32")
-        scale = 127.0 / np.maximum(np.abs(table).max(axis=1), 1e-12)
-        values = np.clip(np.round(table * scale[:, None]), -127, 127).astype("int8")
+        values, scale = keras.quantizers.abs_max_quantize(  # Linear's quantizer, per row
+            self.token_embeddings, axis=-1, to_numpy=True)
+        values, scale = ops.convert_to_numpy(values), ops.convert_to_numpy(scale)[:, 0]
         del self.token_embeddings
         self.token_embeddings = self.add_weight(
             name="token_embeddings", shape=values.shape, dtype="int8", trainable=False,
