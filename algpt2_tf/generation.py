@@ -22,15 +22,13 @@ tokens already in the sequence (CTRL). Sampling is seeded and stateless: the
 same seed gives the same text.
 """
 
-import contextlib
 import dataclasses
 from typing import Any, List, NamedTuple, Optional
 
 import numpy as np
 import tensorflow as tf
 
-from algpt2_tf import backend
-from algpt2_tf.layers.linear import rows_kernel_copies
+from algpt2_tf import backend, decode_tricks
 from algpt2_tf.model import position_ids_from_mask
 from algpt2_tf.prompts import check_fits, check_max_new_tokens, check_prompts, left_pad
 from algpt2_tf.xla_flags import prefer_wide_vectors
@@ -142,7 +140,10 @@ def next_tokens(logits, seen, params, seed):
     greedy = tf.logical_or(tf.equal(top_k, 1), temperature <= 0.0)
 
     def pick_greedy():
-        return first_argmax(apply_repetition_penalty(logits, seen, penalty))
+        penalized = apply_repetition_penalty(logits, seen, penalty)
+        if decode_tricks.active().two_reduction_argmax:
+            return first_argmax(penalized)
+        return tf.argmax(penalized, axis=-1, output_type=tf.int32)
 
     def pick_sample():
         filtered = filter_logits(logits, seen, temperature, top_k, top_p, penalty)
@@ -191,8 +192,10 @@ def _prefill(model, prompt_ids, prompt_mask, cache_length):
     caches = model.empty_caches(batch, cache_length, model.embedding.compute_dtype)
     key_mask = tf.concat([mask, tf.zeros([batch, cache_length - prompt_len], tf.int32)], axis=1)
     positions = position_ids_from_mask(mask)
+    last_only = decode_tricks.active().last_position_head
     logits, caches = model.forward_with_cache(prompt_ids, positions, key_mask, caches, 0,
-                                              last_logits_only=True)
+                                              last_logits_only=last_only)
+    logits = logits[:, -1:]
     lengths = tf.reduce_sum(mask, axis=1)
     seen = _mark_seen(tf.zeros([batch, model.config.vocab_size]), prompt_ids, mask)
     return logits[:, 0], caches, key_mask, lengths, seen
@@ -240,7 +243,8 @@ def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_id
     steps = tf.minimum(tf.cast(max_new_tokens, tf.int32), capacity)
     # Every cache holds at least the prompt; each loop below runs the steps
     # whose slot fits in its cache, then the next one pads it.
-    cache_sizes = [tf.maximum(length, prompt_len) for length in cache_lengths(max_length)]
+    lengths = cache_lengths(max_length) if decode_tricks.active().growing_cache else [max_length]
+    cache_sizes = [tf.maximum(length, prompt_len) for length in lengths]
     logits, caches, key_mask, lengths, seen = _prefill(model, prompt_ids, prompt_mask,
                                                        cache_sizes[0])
     stop_ids = tf.cast(stop_ids, tf.int32)
@@ -310,9 +314,12 @@ class Generator:
 
     Args:
         model: an `ALGPT2LMHeadModel`.
-        jit_compile: compile the loop with XLA (default True). Also asks XLA
-            for 512-bit vector code on AVX-512 CPUs (`prefer_wide_vectors`),
-            which applies when no XLA compilation ran in this process before.
+        jit_compile: compile the loop with XLA (default True).
+        tricks: the decode speed tricks to use (`decode_tricks.DecodeTricks`;
+            default: this CPU's defaults with the switches of the
+            `ALGPT2_DECODE_TRICKS` environment variable). Its `wide_vectors`
+            asks XLA for 512-bit vector code on AVX-512 CPUs, which applies
+            when no XLA compilation ran in this process before.
 
     Example:
     >>> from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
@@ -322,9 +329,10 @@ class Generator:
     [8, 8]
     """
 
-    def __init__(self, model, jit_compile=True):
-        if jit_compile:
-            prefer_wide_vectors()  # faster matrix-vector products (see its docstring)
+    def __init__(self, model, jit_compile=True, tricks=None):
+        self.tricks = tricks or decode_tricks.DecodeTricks.from_environment()
+        if jit_compile and self.tricks.wide_vectors:
+            prefer_wide_vectors()  # process-wide: XLA reads its flags once
         self.model = model
         self.jit_compile = jit_compile
         self._functions = {}
@@ -337,9 +345,7 @@ class Generator:
             def run(prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, top_p,
                     repetition_penalty, seed, stop_ids):
                 self.trace_count += 1
-                # XLA: batch-1 steps multiply by row-major kernel copies (see rows_kernel_copies).
-                copies = rows_kernel_copies(model) if self.jit_compile else contextlib.nullcontext()
-                with copies:
+                with decode_tricks.tracing(model, self._tricks(copies=self.jit_compile)):
                     return decode(model, prompt_ids, prompt_mask, max_new_tokens,
                                   (temperature, top_k, top_p, repetition_penalty), seed,
                                   stop_ids, max_length)
@@ -352,6 +358,12 @@ class Generator:
             self._functions[max_length] = tf.function(
                 run, input_signature=signature, jit_compile=self.jit_compile)
         return self._functions[max_length]
+
+    def _tricks(self, copies):
+        """`self.tricks`, with the row-major copies only where asked for."""
+        if copies:
+            return self.tricks
+        return dataclasses.replace(self.tricks, row_major_copies=False)
 
     def buckets(self, prompt_len, max_new_tokens):
         """`(padded prompt length, cache length)` for a request."""
@@ -409,14 +421,18 @@ class Generator:
         if key not in self._functions:
             model = self.model
 
+            tricks = self._tricks(copies=False)  # a copy per step would cost more than it saves
+
             def prefill(ids, mask):
-                return _prefill(model, ids, mask, max_length)
+                with decode_tricks.tracing(model, tricks):
+                    return _prefill(model, ids, mask, max_length)
 
             def step(i, slot, seed, params, state):
                 logits, caches, key_mask, lengths, seen = state
-                tokens, seen, logits, key_mask, caches = _sample_and_advance(
-                    model, logits, seen, params, tf.stack([seed, i]), slot, lengths, key_mask,
-                    caches)
+                with decode_tricks.tracing(model, tricks):
+                    tokens, seen, logits, key_mask, caches = _sample_and_advance(
+                        model, logits, seen, params, tf.stack([seed, i]), slot, lengths, key_mask,
+                        caches)
                 return tokens, (logits, caches, key_mask, lengths + 1, seen)
 
             self._functions[key] = (tf.function(prefill, jit_compile=self.jit_compile),

@@ -9,6 +9,8 @@ changes nothing. The callers in this package (`algpt2 train
 """
 import os
 
+from algpt2_tf.cpu_info import has_avx512
+
 ELEMENTWISE_FUSION_FLAGS = ("--tf_xla_auto_jit=2", "--tf_xla_cpu_global_jit",
                             "--tf_xla_ops_to_cluster=PW,PWRED,MISC")
 """TF_XLA_FLAGS of `enable_elementwise_fusion`: CPU auto-clustering of XLA's point-wise ops
@@ -59,15 +61,6 @@ def enable_elementwise_fusion():
                          f"fusion needs {ELEMENTWISE_FUSION_FLAGS[-1]}.")
 
 
-def cpu_has_avx512(cpuinfo="/proc/cpuinfo"):
-    """Whether this (Linux, x86) CPU has AVX-512 (the `avx512f` flag)."""
-    try:
-        with open(cpuinfo) as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:
-        return False
-
-
 def prefer_wide_vectors():
     """Makes XLA:CPU generate 512-bit vector code on CPUs with AVX-512.
 
@@ -85,6 +78,6 @@ def prefer_wide_vectors():
     Returns:
         Whether `XLA_FLAGS` asks for 512-bit vectors now.
     """
-    if not cpu_has_avx512():
+    if not has_avx512():
         return False
     return _add_flags("XLA_FLAGS", (WIDE_VECTORS_FLAG,), "--xla_cpu_prefer_vector_width=")

@@ -8,7 +8,6 @@ import algpt2_tf
 from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
 from algpt2_tf.layers import (CausalSelfAttention, DecoderBlock, FactorizedEmbedding, Linear, SOPHead,
                               TiedLMHead)
-from algpt2_tf.layers.linear import rows_kernel_copies
 from conftest import gpt2_tiny_config, tiny_config
 
 
@@ -190,24 +189,6 @@ def test_linear_is_bit_identical_to_dense(rng, jit_compile):
     x = rng.standard_normal((2, 1, 16)).astype("float32")
     run = tf.function(lambda layer: layer(x), jit_compile=jit_compile)
     np.testing.assert_array_equal(run(linear).numpy(), run(dense).numpy())
-
-
-@pytest.mark.parametrize("rows", [1, 3])
-def test_rows_kernel_copies_give_the_same_products(rng, rows):
-    model = ALGPT2LMHeadModel(tiny_config())
-    model({"input_ids": np.zeros((1, 4), "int32")})
-    layer = model.blocks[0].mlp_in
-    x = rng.standard_normal((rows, 1, 32)).astype("float32")
-    expected = layer(x).numpy()
-
-    @tf.function(jit_compile=True)
-    def run(x):
-        with rows_kernel_copies(model):
-            assert layer.rows_kernel is not None
-            return layer(x)
-
-    np.testing.assert_allclose(run(x).numpy(), expected, rtol=1e-6, atol=1e-6)
-    assert layer.rows_kernel is None
 
 
 def test_mixed_bfloat16_policy_runs(rng):

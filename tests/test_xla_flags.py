@@ -22,17 +22,8 @@ def test_enable_elementwise_fusion_sets_tf_xla_flags(monkeypatch):
         enable_elementwise_fusion()
 
 
-def test_cpu_has_avx512_reads_cpuinfo_flags(tmp_path):
-    zen4, avx2 = tmp_path / "zen4", tmp_path / "avx2"
-    zen4.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
-    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
-    assert xla_flags.cpu_has_avx512(str(zen4))
-    assert not xla_flags.cpu_has_avx512(str(avx2))
-    assert not xla_flags.cpu_has_avx512(str(tmp_path / "missing"))
-
-
 def test_prefer_wide_vectors_sets_xla_flags(monkeypatch):
-    monkeypatch.setattr(xla_flags, "cpu_has_avx512", lambda: True)
+    monkeypatch.setattr(xla_flags, "has_avx512", lambda: True)
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
     assert prefer_wide_vectors() and prefer_wide_vectors()  # idempotent
     assert os.environ["XLA_FLAGS"].split() == ["--xla_cpu_enable_fast_math=false",
@@ -42,7 +33,7 @@ def test_prefer_wide_vectors_sets_xla_flags(monkeypatch):
     assert not prefer_wide_vectors()
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_prefer_vector_width=256"
     # No AVX-512: nothing to ask for.
-    monkeypatch.setattr(xla_flags, "cpu_has_avx512", lambda: False)
+    monkeypatch.setattr(xla_flags, "has_avx512", lambda: False)
     monkeypatch.delenv("XLA_FLAGS")
     assert not prefer_wide_vectors() and "XLA_FLAGS" not in os.environ
 
@@ -70,7 +61,7 @@ def compiled_vector_widths(tmp_path, xla_flags_value):
     return widths
 
 
-@pytest.mark.skipif(not xla_flags.cpu_has_avx512(), reason="needs a CPU with AVX-512")
+@pytest.mark.skipif(not xla_flags.has_avx512(), reason="needs a CPU with AVX-512")
 def test_generator_compiles_512_bit_vector_code(tmp_path):
     # Generator asks for wide vectors before its first compilation; the
     # user's own choice in XLA_FLAGS wins.

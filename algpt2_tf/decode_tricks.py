@@ -1,0 +1,181 @@
+"""The decode loop's speed tricks, each behind a switch, with its measured gain.
+
+Batch-1 decoding on a CPU is a chain of matrix-vector products that XLA
+generates itself, and it waits on memory; these tricks make that chain
+faster without changing a single output bit. Each one is a field of
+`DecodeTricks`:
+
+  row_major_copies      one-row products multiply by `[units, input_dim]`
+                        copies of the kernels, made once per call before the
+                        loop: XLA's dot-product GEMV is faster than its
+                        column form, while its matrix products (batch > 1)
+                        are faster with the kernels as stored.
+  bias_as_subtraction   `x @ W - (-b)` instead of `x @ W + b`: XLA:CPU fuses a
+                        product with the add that follows into one slower
+                        "output fusion"; a subtraction of the negated bias is
+                        not fused, and negation is exact.
+  growing_cache         the loop starts with a 64-slot cache and pads it as
+                        the text grows (`generation.cache_lengths`), so early
+                        steps do not attend over empty slots.
+  two_reduction_argmax  greedy picks with a max and a min reduction instead of
+                        XLA:CPU's scalar `ArgMax` loop over the vocabulary.
+  wide_vectors          XLA:CPU generates 512-bit vector code on AVX-512 CPUs
+                        (`xla_flags.prefer_wide_vectors`; process-wide, before
+                        the first compilation).
+  last_position_head    the prefill applies the LM head to the last position
+                        only (the only logits a decode needs).
+
+Tried and not kept (Intel Xeon with AVX512-BF16 and AMX, `algpt2` batch 1):
+bfloat16 copies of the kernels (half the bytes per step) decode at 89.3
+tokens/s against 90.2 for float32 inside XLA's loop (91.8 with bfloat16
+activations too), although a lone bfloat16 matrix-vector product outside a
+loop runs 2x faster (143 vs 283 us for 768 x 3072); int8 kernels held as
+bfloat16 integers, 88.0. AMX serves matrix products, not batch-1 steps.
+An int8 model's copies are dequantized once per call: XLA:CPU has no faster
+matrix-vector product for int8 weights either, so int8 models decode at
+float32 speed and keep their 4x smaller weights at rest.
+
+Measured gains of each switch, per CPU: `benchmarks/decode_tricks.py` and
+`benchmarks/results/decode_tricks_*.md`. Choose switches with `Generator(model,
+tricks=...)` or the environment, e.g. `ALGPT2_DECODE_TRICKS="wide_vectors=0,
+growing_cache=0"` (read when a `Generator` is made).
+
+Example:
+>>> DecodeTricks.from_environment({"ALGPT2_DECODE_TRICKS": "growing_cache=0"}).growing_cache
+False
+>>> DecodeTricks().off()
+DecodeTricks(row_major_copies=False, bias_as_subtraction=False, growing_cache=False, \
+two_reduction_argmax=False, wide_vectors=False, last_position_head=False)
+"""
+
+import contextlib
+import dataclasses
+import os
+import threading
+
+from keras import ops
+
+ENVIRONMENT_VARIABLE = "ALGPT2_DECODE_TRICKS"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTricks:
+    """The switches of the decode loop's speed tricks (see the module docstring)."""
+
+    row_major_copies: bool = True
+    bias_as_subtraction: bool = True
+    growing_cache: bool = True
+    two_reduction_argmax: bool = True
+    wide_vectors: bool = True
+    last_position_head: bool = True
+
+    @classmethod
+    def names(cls):
+        return tuple(field.name for field in dataclasses.fields(cls))
+
+    def off(self):
+        """Every switch off: the plain decode loop."""
+        return DecodeTricks(**{name: False for name in self.names()})
+
+    def with_switches(self, text):
+        """These switches changed by `text`: comma-separated `name=0|1` entries.
+
+        Raises:
+            ValueError: an unknown name or a value other than 0/1.
+        """
+        changes = {}
+        for entry in filter(None, (part.strip() for part in text.split(","))):
+            name, _, value = entry.partition("=")
+            name = name.strip()
+            if name not in self.names():
+                raise ValueError(f"unknown decode trick {name!r} (known: {', '.join(self.names())}).")
+            if value.strip() not in ("0", "1"):
+                raise ValueError(f"decode trick {name}: give 0 or 1, not {value.strip()!r}.")
+            changes[name] = value.strip() == "1"
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def for_cpu(cls, info=None):
+        """The defaults for this CPU, from the measurements in `benchmarks/results/decode_tricks_*`.
+
+        Every exact trick measured as a gain (or as no change) on the AMD EPYC
+        (Zen 4) and Intel Xeon (Sapphire Rapids class) machines this project
+        ran on, so the defaults are the same for both.
+        """
+        return cls()
+
+    @classmethod
+    def from_environment(cls, environ=None, base=None):
+        """`base` (default: `for_cpu()`) with the switches of `ALGPT2_DECODE_TRICKS`."""
+        environ = os.environ if environ is None else environ
+        base = base or cls.for_cpu()
+        return base.with_switches(environ.get(ENVIRONMENT_VARIABLE, ""))
+
+
+# ------------------------------------------------- what a traced decode sees
+_scope = threading.local()
+
+
+def active():
+    """The tricks in force while a decode function is traced (all exact ones on elsewhere)."""
+    return getattr(_scope, "tricks", DecodeTricks())
+
+
+class RowMajorCopy:
+    """A `[units, input_dim]` copy of a `Linear` kernel (in the compute dtype,
+    dequantized when int8) for one-row products."""
+
+    def __init__(self, layer):
+        import tensorflow as tf
+
+        self.values = tf.transpose(layer.float_kernel())
+
+    def matmul(self, inputs, kernel):
+        """`inputs @ kernel` (`kernel`: a function giving the stored-layout float kernel),
+        through the copy when there is one input row.
+
+        XLA compiles for static shapes, so it keeps one branch of the `cond`.
+        """
+        import tensorflow as tf
+
+        flat = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]])
+        product = tf.cond(
+            tf.shape(flat)[0] == 1,
+            lambda: tf.linalg.matmul(flat, tf.cast(self.values, flat.dtype), transpose_b=True),
+            lambda: tf.linalg.matmul(flat, tf.cast(kernel(), flat.dtype)))
+        return tf.reshape(product, tf.concat([tf.shape(inputs)[:-1], tf.shape(product)[-1:]], 0))
+
+
+def row_major_copy(layer):
+    """The `RowMajorCopy` of `layer` while a decode function is traced, else None."""
+    return getattr(_scope, "copies", {}).get(id(layer))
+
+
+def add_bias(x, bias):
+    """`x + bias`, as `x - (-bias)` when `bias_as_subtraction` is on (bit-identical)."""
+    if active().bias_as_subtraction:
+        return ops.subtract(x, ops.negative(bias))
+    return ops.add(x, bias)
+
+
+@contextlib.contextmanager
+def tracing(model, tricks):
+    """Traces a decode function of `model` with `tricks` (TensorFlow only).
+
+    With `row_major_copies`, every `Linear` of the model gets its copy here,
+    inside the traced function and before its loop, so the copies are made
+    once per call (28 MB for `algpt2`, 340 MB for `gpt2` in float32) and live
+    for that call only.
+    """
+    from algpt2_tf.layers.linear import Linear
+
+    saved = (active(), getattr(_scope, "copies", {}))
+    copies = {}
+    if tricks.row_major_copies:
+        copies = {id(layer): RowMajorCopy(layer)
+                  for layer in model._flatten_layers() if isinstance(layer, Linear)}
+    _scope.tricks, _scope.copies = tricks, copies
+    try:
+        yield
+    finally:
+        _scope.tricks, _scope.copies = saved

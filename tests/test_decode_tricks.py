@@ -1,0 +1,111 @@
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from algpt2_tf import ALGPT2LMHeadModel, decode_tricks
+from algpt2_tf.decode_tricks import DecodeTricks
+from algpt2_tf.generation import Generator
+from conftest import gpt2_tiny_config, tiny_config
+
+EXACT = DecodeTricks.names()
+
+
+@pytest.fixture(params=["algpt2", "gpt2"], scope="module")
+def model(request):
+    keras.utils.set_random_seed(3)
+    config = (tiny_config(max_positions=128, initializer_range=0.2) if request.param == "algpt2"
+              else gpt2_tiny_config(max_positions=128, initializer_range=0.2))
+    return ALGPT2LMHeadModel(config)
+
+
+def test_switches_from_text_and_environment():
+    tricks = DecodeTricks().with_switches(" growing_cache=0, wide_vectors=0,last_position_head=1 ")
+    assert not tricks.growing_cache and not tricks.wide_vectors and tricks.last_position_head
+    env = {decode_tricks.ENVIRONMENT_VARIABLE: "wide_vectors=0"}
+    assert DecodeTricks.from_environment(env) == dataclasses.replace(DecodeTricks.for_cpu(),
+                                                                    wide_vectors=False)
+    assert DecodeTricks.from_environment({}) == DecodeTricks.for_cpu()
+    assert not any(dataclasses.astuple(DecodeTricks().off()))
+    with pytest.raises(ValueError, match="unknown decode trick 'fast'"):
+        DecodeTricks().with_switches("fast=1")
+    with pytest.raises(ValueError, match="give 0 or 1, not 'yes'"):
+        DecodeTricks().with_switches("growing_cache=yes")
+
+
+def test_generator_reads_the_environment(monkeypatch, model):
+    monkeypatch.setenv(decode_tricks.ENVIRONMENT_VARIABLE, "two_reduction_argmax=0")
+    assert not Generator(model).tricks.two_reduction_argmax
+    assert Generator(model, tricks=DecodeTricks()).tricks == DecodeTricks()
+
+
+@pytest.mark.parametrize("prompts", [[[5, 17, 42]], [[5, 17, 42], [9, 1, 2, 3, 4, 5, 6, 7, 8]]])
+def test_every_exact_trick_on_or_off_gives_the_same_tokens(model, prompts, monkeypatch):
+    # A 4-slot first cache so the growing cache grows while decoding.
+    from algpt2_tf import generation
+
+    monkeypatch.setattr(generation, "CACHE_SEGMENT", 4)
+    expected = Generator(model, tricks=DecodeTricks().off()).generate(prompts, 40).new_ids
+    variants = [DecodeTricks()] + [dataclasses.replace(DecodeTricks(), **{name: False})
+                                   for name in EXACT]
+    for tricks in variants:
+        assert Generator(model, tricks=tricks).generate(prompts, 40).new_ids == expected, tricks
+
+
+def op_types(generator, batch):
+    function = generator._function(128)  # cache lengths 64, 128
+    concrete = function.get_concrete_function(
+        tf.zeros([batch, 16], tf.int32), tf.ones([batch, 16], tf.int32), tf.constant(4),
+        tf.constant(1.0), tf.constant(1), tf.constant(1.0), tf.constant(1.0), tf.constant(0),
+        tf.zeros([0], tf.int32))
+    types = []
+    graphs = [concrete.graph] + list(concrete.graph._functions.values())
+    for graph in graphs:
+        graph = getattr(graph, "graph", graph)
+        types += [op.type for op in graph.get_operations()]
+    return types
+
+
+def test_switches_change_the_traced_graph(model):
+    def without(name):
+        return op_types(Generator(model, tricks=dataclasses.replace(DecodeTricks(), **{name: False})), 1)
+
+    def conds(types):
+        return types.count("If") + types.count("StatelessIf")
+
+    on = op_types(Generator(model, tricks=DecodeTricks()), 1)
+    assert "ArgMax" not in on and "ArgMax" in without("two_reduction_argmax")
+    assert on.count("Neg") > without("bias_as_subtraction").count("Neg")
+    assert conds(on) > conds(without("row_major_copies"))  # one-row or not, per product
+    assert on.count("While") > without("growing_cache").count("While")  # a loop per length
+
+
+def test_row_major_copies_serve_one_row_products_only(rng, monkeypatch):
+    model = ALGPT2LMHeadModel(tiny_config())
+    model({"input_ids": np.zeros((1, 4), "int32")})
+    layer = model.blocks[0].mlp_in
+    used = []
+    matmul = decode_tricks.RowMajorCopy.matmul
+    monkeypatch.setattr(decode_tricks.RowMajorCopy, "matmul",
+                        lambda self, *a: used.append(self) or matmul(self, *a))
+    for rows in (1, 3):
+        x = rng.standard_normal((rows, 1, 32)).astype("float32")
+
+        @tf.function(jit_compile=True)
+        def run(x):
+            with decode_tricks.tracing(model, DecodeTricks()):
+                return layer(x)
+
+        np.testing.assert_allclose(run(x).numpy(), layer(x).numpy(), rtol=1e-6, atol=1e-6)
+    assert len(used) == 2 and decode_tricks.row_major_copy(layer) is None
+
+
+def test_int8_models_decode_the_same_with_and_without_tricks():
+    model = ALGPT2LMHeadModel(tiny_config(initializer_range=0.2))
+    model({"input_ids": np.zeros((1, 4), "int32")})
+    model.quantize("int8")
+    prompts = [[5, 17, 42]]
+    assert (Generator(model).generate(prompts, 20).new_ids
+            == Generator(model, tricks=DecodeTricks().off()).generate(prompts, 20).new_ids)
