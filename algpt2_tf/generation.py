@@ -338,26 +338,31 @@ class Generator:
         self._functions = {}
         self.trace_count = 0
 
-    def _function(self, max_length):
-        if max_length not in self._functions:
+    def _function(self, max_length, one_row):
+        """The traced loop for a `max_length` bucket; `one_row`: for batch 1 only,
+        where the row-major copies pay (made for larger batches, they cost up to 12%
+        at batch 8 and serve no product: `benchmarks/results/decode_tricks_*.md`)."""
+        key = (max_length, one_row)
+        if key not in self._functions:
             model = self.model
 
             def run(prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, top_p,
                     repetition_penalty, seed, stop_ids):
                 self.trace_count += 1
-                with decode_tricks.tracing(model, self._tricks(copies=self.jit_compile)):
+                with decode_tricks.tracing(model, self._tricks(copies=self.jit_compile and one_row)):
                     return decode(model, prompt_ids, prompt_mask, max_new_tokens,
                                   (temperature, top_k, top_p, repetition_penalty), seed,
                                   stop_ids, max_length)
 
-            signature = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, None], tf.int32),
+            batch = 1 if one_row else None
+            signature = [tf.TensorSpec([batch, None], tf.int32), tf.TensorSpec([batch, None], tf.int32),
                          tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float32),
                          tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float32),
                          tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.int32),
                          tf.TensorSpec([None], tf.int32)]
-            self._functions[max_length] = tf.function(
+            self._functions[key] = tf.function(
                 run, input_signature=signature, jit_compile=self.jit_compile)
-        return self._functions[max_length]
+        return self._functions[key]
 
     def _tricks(self, copies):
         """`self.tricks`, with the row-major copies only where asked for."""
@@ -381,7 +386,7 @@ class Generator:
         params = params or SamplingParams(top_k=1)
         padded, max_length = self.buckets(max(len(p) for p in prompts), max_new_tokens)
         ids, mask = left_pad(prompts, padded, pad_id)
-        new, counts = self._function(max_length)(
+        new, counts = self._function(max_length, one_row=len(prompts) == 1)(
             ids, mask, np.int32(max_new_tokens), np.float32(params.temperature),
             np.int32(params.top_k), np.float32(params.top_p),
             np.float32(params.repetition_penalty), np.int32(seed or 0),

@@ -168,7 +168,12 @@ def worker_decode(case):
         model = _our_model(preset, shape, case["quick"])
         if case["model"].endswith("-int8"):
             model.quantize("int8")  # Keras' own int8 (ALGPT2LMHeadModel.quantize)
-        generator = Generator(model)
+        tricks = None
+        if "tricks" in case:  # benchmarks/decode_tricks.py: switches as "name=0,..."
+            from algpt2_tf.decode_tricks import DecodeTricks
+
+            tricks = DecodeTricks().with_switches(case["tricks"])
+        generator = Generator(model, tricks=tricks)
 
         def run():
             generator.generate(prompts, max_new_tokens=new, stop_ids=())
@@ -525,13 +530,17 @@ def main():
                                     r.get("first_call_s", 0.0) for r in runs[i])})
     rows = summarize(results, peak, args.quick)
     by_backend = backend_rows(results)
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick, "gpu": args.gpu,
+    from algpt2_tf.cpu_info import cpu_info, cpu_summary
+
+    info = cpu_info()
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": info, "quick": args.quick,
+              "gpu": args.gpu,
               "repeats": repeats, "cpu_count": os.cpu_count(), "matmul_peak_flops": peak,
               "rows": rows, "backend_rows": by_backend, "raw": results}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=2)
-    table = markdown(rows, peak or 0) if rows else ""
+    table = f"CPU: {cpu_summary(info)}\n\n" + (markdown(rows, peak or 0) if rows else "")
     if by_backend:
         table += "\nKeras backends (algpt2 presets; batch-1 decode):\n\n" + backend_markdown(by_backend)
     with open(args.out + ".md", "w") as f:

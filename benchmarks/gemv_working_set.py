@@ -19,6 +19,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from algpt2_tf.cpu_info import cpu_info, cpu_summary  # noqa: E402
+
 ROWS, COLS = 3072, 768
 CASES = [dict(matrices=n, threads=0) for n in (1, 2, 3, 4, 6)] + [dict(matrices=1, threads=1)]
 QUICK_CASES = [dict(matrices=1, threads=0), dict(matrices=1, threads=1)]  # checks the harness
@@ -77,8 +79,8 @@ def main():
         rows.append(result)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
-    lines = ["| matrices | working set MB | intra-op threads | us per product | GB/s |",
+        json.dump({"cpu": cpu_info(), "rows": rows}, f, indent=1)
+    lines = [f"CPU: {cpu_summary(cpu_info())}", "","| matrices | working set MB | intra-op threads | us per product | GB/s |",
              "|---:|---:|---|---:|---:|"]
     lines += [f"| {r['matrices']} | {r['working_set_mb']:.1f} | {r['threads'] or 'default'} | "
               f"{r['us_per_product']:.1f} | {r['gb_per_s']:.1f} |" for r in rows]

@@ -31,6 +31,8 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from algpt2_tf.cpu_info import cpu_info  # noqa: E402
+
 
 def free_port():
     with socket.socket() as s:
@@ -151,6 +153,7 @@ def main_openai(args):
     report["batched_vs_unbatched_tokens_per_s"] = (report["batched"]["tokens_per_s"]
                                                    / report["unbatched"]["tokens_per_s"])
     report["batched_vs_unbatched_p99"] = report["batched"]["p99_ms"] / report["unbatched"]["p99_ms"]
+    report["cpu"] = cpu_info()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
@@ -212,6 +215,7 @@ def main():
             server.terminate()
             server.wait(30)
     report["clients"], report["requests_per_client"] = args.clients, args.requests
+    report["cpu"] = cpu_info()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

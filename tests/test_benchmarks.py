@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from algpt2_tf.cpu_info import cpu_info, cpu_summary
+
 
 @pytest.mark.slow
 def test_benchmark_harness_quick(tmp_path):
@@ -27,6 +29,8 @@ def test_benchmark_harness_quick(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in report["backend_rows"])
     table = (tmp_path / "quick.md").read_text()
     assert "| train |" in table and "| algpt2-tiny | decode | jax |" in table
+    assert report["cpu"]["vendor"] == cpu_info()["vendor"]  # every results file names its CPU
+    assert table.startswith(f"CPU: {cpu_summary(cpu_info())}")
 
 
 @pytest.mark.slow
@@ -37,7 +41,9 @@ def test_gemv_working_set_quick(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "gemv_working_set.py"),
                            "--quick", "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads((tmp_path / "gemv.json").read_text())
+    report = json.loads((tmp_path / "gemv.json").read_text())
+    rows = report["rows"]
+    assert report["cpu"] == cpu_info()
     assert [(r["matrices"], r["threads"]) for r in rows] == [(1, 0), (1, 1)]
     assert all(r["gb_per_s"] > 0 and r["us_per_product"] > 0 for r in rows)
     assert "| 1 | 9.4 | 1 |" in (tmp_path / "gemv.md").read_text()
@@ -60,3 +66,24 @@ def test_benchmark_gpu_variant_plan_and_guard():
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2
         assert "sees no GPU" in done.stderr
+
+
+@pytest.mark.slow
+def test_decode_tricks_quick(tmp_path):
+    """`benchmarks/decode_tricks.py --quick`: every switch off in turn, plus keras-hub, once."""
+    from algpt2_tf.decode_tricks import DecodeTricks
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "tricks"
+    done = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "decode_tricks.py"),
+                           "--quick", "--models", "algpt2", "--batches", "1", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "tricks.json").read_text())
+    variants = [row["variant"] for row in report["rows"]]
+    assert variants == (["keras-hub", "all on"] + [f"no {n}" for n in DecodeTricks.names()]
+                        + ["all off"])
+    assert all(row["tokens_per_s"] > 0 for row in report["rows"])
+    assert all(row["gain"] > 0 for row in report["rows"][2:])
+    assert report["cpu"] == cpu_info()
+    assert (tmp_path / "tricks.md").read_text().startswith(f"CPU: {cpu_summary(cpu_info())}")

@@ -55,7 +55,7 @@ def test_every_exact_trick_on_or_off_gives_the_same_tokens(model, prompts, monke
 
 
 def op_types(generator, batch):
-    function = generator._function(128)  # cache lengths 64, 128
+    function = generator._function(128, one_row=batch == 1)  # cache lengths 64, 128
     concrete = function.get_concrete_function(
         tf.zeros([batch, 16], tf.int32), tf.ones([batch, 16], tf.int32), tf.constant(4),
         tf.constant(1.0), tf.constant(1), tf.constant(1.0), tf.constant(1.0), tf.constant(0),
@@ -79,6 +79,8 @@ def test_switches_change_the_traced_graph(model):
     assert "ArgMax" not in on and "ArgMax" in without("two_reduction_argmax")
     assert on.count("Neg") > without("bias_as_subtraction").count("Neg")
     assert conds(on) > conds(without("row_major_copies"))  # one-row or not, per product
+    assert conds(op_types(Generator(model, tricks=DecodeTricks()), 2)) == conds(
+        without("row_major_copies"))  # larger batches: no copies
     assert on.count("While") > without("growing_cache").count("While")  # a loop per length
 
 

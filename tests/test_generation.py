@@ -119,8 +119,11 @@ def test_compiled_once_per_bucket(model):
     generator = Generator(model)
     generator.generate([[1, 2, 3]], max_new_tokens=8)
     generator.generate([[4, 5, 6, 7, 8]], max_new_tokens=10, params=sampling_params("top_k", 0.7, top_k=5), seed=3)
-    generator.generate([[4, 5], [6, 7, 8, 9]], max_new_tokens=8, params=sampling_params("top_p", 1.2, top_p=0.5))
     assert generator.trace_count == 1
+    # Batches of more than one row get their own trace (no row-major copies), once.
+    generator.generate([[4, 5], [6, 7, 8, 9]], max_new_tokens=8, params=sampling_params("top_p", 1.2, top_p=0.5))
+    generator.generate([[4], [6, 7], [1]], max_new_tokens=8)
+    assert generator.trace_count == 2
 
 
 def test_seeded_sampling_is_reproducible(model):
