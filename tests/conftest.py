@@ -26,6 +26,16 @@ def gpt2_tiny_config(**overrides):
     return tiny_config(embedding_size=None, num_layer_groups=3, sop_head=False, **overrides)
 
 
+def decode_test_model(kind, max_positions=64):
+    """A tiny `algpt2`- or `gpt2`-shaped model with large initial weights (decoding
+    tests: distinct tokens, not one repeated id), seeded."""
+    from algpt2_tf import ALGPT2LMHeadModel
+
+    keras.utils.set_random_seed(3)
+    make = tiny_config if kind == "algpt2" else gpt2_tiny_config
+    return ALGPT2LMHeadModel(make(max_positions=max_positions, initializer_range=0.2))
+
+
 def randomize_weights(model, rng, scale=0.2):
     """Random values in every weight of `model` (LayerNorm gains around 1, biases and
     low-rank deltas included), so no weight mapping passes by accident; returns `model`."""

@@ -1,6 +1,5 @@
 import dataclasses
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -8,17 +7,14 @@ import tensorflow as tf
 from algpt2_tf import ALGPT2LMHeadModel, decode_tricks
 from algpt2_tf.decode_tricks import DecodeTricks
 from algpt2_tf.generation import Generator
-from conftest import gpt2_tiny_config, tiny_config
+from conftest import decode_test_model, tiny_config
 
 EXACT = DecodeTricks.names()
 
 
 @pytest.fixture(params=["algpt2", "gpt2"], scope="module")
 def model(request):
-    keras.utils.set_random_seed(3)
-    config = (tiny_config(max_positions=128, initializer_range=0.2) if request.param == "algpt2"
-              else gpt2_tiny_config(max_positions=128, initializer_range=0.2))
-    return ALGPT2LMHeadModel(config)
+    return decode_test_model(request.param, max_positions=128)
 
 
 def test_switches_from_text_and_environment():

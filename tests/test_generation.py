@@ -7,16 +7,12 @@ from algpt2_tf import generation
 from algpt2_tf.generation import (Generator, SamplingParams, apply_repetition_penalty,
                                   cache_lengths, filter_logits, first_argmax, next_tokens,
                                   sampling_params)
-from conftest import gpt2_tiny_config, tiny_config
+from conftest import decode_test_model, tiny_config
 
 
 @pytest.fixture(params=["algpt2", "gpt2"], scope="module")
 def model(request):
-    import keras
-    keras.utils.set_random_seed(3)
-    config = (tiny_config(max_positions=64, initializer_range=0.2) if request.param == "algpt2"
-              else gpt2_tiny_config(max_positions=64, initializer_range=0.2))
-    return ALGPT2LMHeadModel(config)
+    return decode_test_model(request.param)
 
 
 def full_logits(model, ids, mask=None):
