@@ -1,7 +1,9 @@
 """What CPU this is: the facts that decide which speed tricks pay off on it.
 
-Benchmarks record `cpu_info()` in every results file, and the decode loop
-picks its per-CPU defaults from it (`decode_tricks.DecodeTricks.for_cpu`).
+Benchmarks record `cpu_info()` in every results file (and name per-CPU
+results after `cpu_family`); `xla_flags.prefer_wide_vectors` asks it for
+AVX-512. The decode tricks' defaults measured the same on the CPU families
+tried so far (`decode_tricks.DecodeTricks.for_cpu`).
 Linux only (`/proc/cpuinfo` and `/sys`); elsewhere the fields are empty.
 
 Example:
@@ -81,7 +83,7 @@ def cpu_summary(info):
 
 
 def cpu_family(info):
-    """`"intel"`, `"amd"` or `"other"`: the key of per-CPU defaults and README rows."""
+    """`"intel"`, `"amd"` or `"other"`: the key of per-CPU results files and README rows."""
     vendor = info.get("vendor", "")
     return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, "other")
 

@@ -85,17 +85,16 @@ class DecodeTricks:
         """
         changes = {}
         for entry in filter(None, (part.strip() for part in text.split(","))):
-            name, _, value = entry.partition("=")
-            name = name.strip()
+            name, _, value = (part.strip() for part in entry.partition("="))
             if name not in self.names():
                 raise ValueError(f"unknown decode trick {name!r} (known: {', '.join(self.names())}).")
-            if value.strip() not in ("0", "1"):
-                raise ValueError(f"decode trick {name}: give 0 or 1, not {value.strip()!r}.")
-            changes[name] = value.strip() == "1"
+            if value not in ("0", "1"):
+                raise ValueError(f"decode trick {name}: give 0 or 1, not {value!r}.")
+            changes[name] = value == "1"
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def for_cpu(cls, info=None):
+    def for_cpu(cls):
         """The defaults for this CPU, from the measurements in `benchmarks/results/decode_tricks_*`.
 
         Every exact trick measured as a gain (or as no change) on the AMD EPYC
@@ -105,11 +104,10 @@ class DecodeTricks:
         return cls()
 
     @classmethod
-    def from_environment(cls, environ=None, base=None):
-        """`base` (default: `for_cpu()`) with the switches of `ALGPT2_DECODE_TRICKS`."""
+    def from_environment(cls, environ=None):
+        """`for_cpu()` with the switches of `ALGPT2_DECODE_TRICKS` (in `environ`, default `os.environ`)."""
         environ = os.environ if environ is None else environ
-        base = base or cls.for_cpu()
-        return base.with_switches(environ.get(ENVIRONMENT_VARIABLE, ""))
+        return cls.for_cpu().with_switches(environ.get(ENVIRONMENT_VARIABLE, ""))
 
 
 # ------------------------------------------------- what a traced decode sees

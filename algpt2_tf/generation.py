@@ -195,10 +195,9 @@ def _prefill(model, prompt_ids, prompt_mask, cache_length):
     last_only = decode_tricks.active().last_position_head
     logits, caches = model.forward_with_cache(prompt_ids, positions, key_mask, caches, 0,
                                               last_logits_only=last_only)
-    logits = logits[:, -1:]
     lengths = tf.reduce_sum(mask, axis=1)
     seen = _mark_seen(tf.zeros([batch, model.config.vocab_size]), prompt_ids, mask)
-    return logits[:, 0], caches, key_mask, lengths, seen
+    return logits[:, -1], caches, key_mask, lengths, seen
 
 
 def _advance(model, tokens, slot, lengths, key_mask, caches):
@@ -243,8 +242,8 @@ def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_id
     steps = tf.minimum(tf.cast(max_new_tokens, tf.int32), capacity)
     # Every cache holds at least the prompt; each loop below runs the steps
     # whose slot fits in its cache, then the next one pads it.
-    lengths = cache_lengths(max_length) if decode_tricks.active().growing_cache else [max_length]
-    cache_sizes = [tf.maximum(length, prompt_len) for length in lengths]
+    sizes = cache_lengths(max_length) if decode_tricks.active().growing_cache else [max_length]
+    cache_sizes = [tf.maximum(size, prompt_len) for size in sizes]
     logits, caches, key_mask, lengths, seen = _prefill(model, prompt_ids, prompt_mask,
                                                        cache_sizes[0])
     stop_ids = tf.cast(stop_ids, tf.int32)
