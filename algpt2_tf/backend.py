@@ -130,6 +130,13 @@ def _being_traced(tensor):
     return False  # PyTorch runs eagerly
 
 
+def _process_local(array):
+    """`array` as numpy; of a JAX array spread over several processes, this process's rows."""
+    if not getattr(array, "is_fully_addressable", True):
+        return np.concatenate([np.asarray(shard.data) for shard in array.addressable_shards])
+    return keras.ops.convert_to_numpy(array)
+
+
 def checked_inputs(input_ids, attention_mask, vocab_size, max_positions):
     """`(input_ids, attention_mask)`, after checking the ids are in `[0, vocab_size)`
     and the sequence is at most `max_positions` long (an error naming the limit)."""
@@ -150,7 +157,7 @@ def checked_inputs(input_ids, attention_mask, vocab_size, max_positions):
         # mask that skipped them could reach the position lookup first.
         with tf.control_dependencies(checks):
             return tf.identity(input_ids), tf.identity(attention_mask)
-    ids = keras.ops.convert_to_numpy(input_ids)  # eager: check the values themselves
+    ids = _process_local(input_ids)  # eager: check the values themselves
     if ids.size:
         if ids.shape[1] > max_positions:
             raise ValueError(f"sequence length exceeds max_positions ({max_positions})")

@@ -422,10 +422,20 @@ def _add_training_commands(sub):
     p.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept")
     p.add_argument("--log-every", type=int, help="steps between metrics.csv rows")
     p.add_argument("--verbose", type=int, help="Keras progress: 0 silent, 1 bar, 2 lines")
-    p.add_argument("--distribute", help="none, or mirrored: data parallel over this host's "
-                   "devices (--batch-size stays the global batch)")
+    p.add_argument("--distribute", help="none; mirrored: data parallel over this host's "
+                   "devices (TensorFlow); jax-data-parallel: over the devices of every process "
+                   "(--backend jax; see `algpt2 launch`). --batch-size stays the global batch")
     p.add_argument("--replicas", type=int, help="mirrored: how many GPUs, or with no GPU how "
                    "many logical devices to split the CPU into")
+    p.add_argument("--coordinator", help="jax-data-parallel: HOST:PORT of process 0, where the "
+                   "processes meet (default: $ALGPT2_COORDINATOR)")
+    p.add_argument("--num-processes", type=int,
+                   help="jax-data-parallel: how many processes (default: $ALGPT2_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int,
+                   help="jax-data-parallel: this process, 0 (the chief) to N-1 "
+                   "(default: $ALGPT2_PROCESS_ID)")
+    p.add_argument("--connect-timeout", type=float, help="jax-data-parallel: seconds to wait "
+                   "for the other processes before failing (default 300)")
     # Every default comes from TrainOptions; --preset's applies only without --config (_train).
     p.set_defaults(**{k: v for k, v in default_values().items() if k != "preset"})
     p.set_defaults(func=_train)
@@ -471,6 +481,41 @@ def _add_experiment_commands(sub):
     r.set_defaults(func=_experiment_report)
 
 
+# ---------------------------------------------------------------------- launch
+def _launch(args):
+    from algpt2_tf.launch import launch_local
+
+    command = args.algpt2_args[1:] if args.algpt2_args[:1] == ["--"] else args.algpt2_args
+    if not command:
+        raise UsageError("Give the command after --, e.g. `algpt2 launch --nproc 2 -- train "
+                         "--distribute jax-data-parallel ...`.")
+    try:
+        inner = build_parser().parse_args(command)
+    except SystemExit:
+        raise UsageError(f"The command after -- is not a valid algpt2 command: "
+                         f"{' '.join(command)}") from None
+    if inner.command != "train" or inner.distribute != "jax-data-parallel":
+        raise UsageError("algpt2 launch runs `train --distribute jax-data-parallel` (each process "
+                         "trains its part of one run); other commands would run N times alone.")
+    if inner.backend not in (None, "jax"):
+        raise UsageError(f"--distribute jax-data-parallel needs --backend jax, got "
+                         f"--backend {inner.backend}.")
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be a positive integer, got {args.nproc}.")
+    return launch_local(command, args.nproc, port=args.port)
+
+
+def _add_launch_command(sub):
+    p = sub.add_parser("launch", help="run one data-parallel training as N local processes "
+                       "(JAX): algpt2 launch --nproc 2 -- train --distribute jax-data-parallel ...")
+    p.add_argument("--nproc", type=int, required=True, help="how many processes")
+    p.add_argument("--port", type=int, help="the coordinator's port on localhost "
+                   "(default: a free one)")
+    p.add_argument("algpt2_args", nargs=argparse.REMAINDER,
+                   help="-- then the algpt2 command every process runs")
+    p.set_defaults(func=_launch)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="algpt2", description="ALGPT2: an ALBERT-style GPT-2 for TensorFlow / Keras 3.")
@@ -491,7 +536,7 @@ def build_parser():
 
 _EXTRA_COMMANDS = [_add_training_commands, _add_experiment_commands, _add_generation_commands,
                    _add_export_command, _add_convert_command, _add_compress_command,
-                   _add_serving_commands]
+                   _add_serving_commands, _add_launch_command]
 
 
 BACKENDS = ("tensorflow", "torch", "jax")
@@ -518,7 +563,7 @@ def main(argv=None):
         except UsageError as e:
             print(f"algpt2: error: {e}", file=sys.stderr)
             return 2
-    if args.command != "info":  # `info` reads the presets alone
+    if args.command not in ("info", "launch"):  # `info` reads the presets alone
         from algpt2_tf.tf_startup import import_tensorflow_quietly
 
         import_tensorflow_quietly()

@@ -54,10 +54,15 @@ class TrainOptions:
     verbose: int = 1
     distribute: str = "none"
     replicas: Optional[int] = None
+    coordinator: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    connect_timeout: Optional[float] = None
 
     # Options that may change between a run and its resumption.
     RESUMABLE_CHANGES = ("steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every",
-                         "verbose", "cache_dir", "fuse_elementwise", "distribute", "replicas")
+                         "verbose", "cache_dir", "fuse_elementwise", "distribute", "replicas",
+                         "coordinator", "num_processes", "process_id", "connect_timeout")
 
     def validate(self):
         from algpt2_tf.distribute import check

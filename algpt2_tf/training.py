@@ -121,18 +121,31 @@ def make_optimizer(options, total_steps):
 
 # ---------------------------------------------------------------- checkpoints
 class CheckpointManager:
-    """`ckpt-STEP.npz` files holding model and optimizer variables; the newest K are kept."""
+    """`ckpt-STEP.npz` files holding model and optimizer variables; the newest K are kept.
+
+    Args:
+        directory: where the checkpoints live.
+        keep: how many of the newest to keep.
+        write: False for the processes of a distributed run other than the
+            chief: they read checkpoints and check their values, never write.
+        to_numpy: how to read a variable (`Distributed.to_numpy`).
+    """
 
     PATTERN = re.compile(r"ckpt-(\d+)\.npz$")
 
-    def __init__(self, directory, keep=3):
+    def __init__(self, directory, keep=3, write=True, to_numpy=keras.ops.convert_to_numpy):
         self.directory = directory
         self.keep = keep
-        os.makedirs(directory, exist_ok=True)
-        for stale in glob.glob(os.path.join(directory, "*.tmp*")):
-            os.remove(stale)  # a save cut off by a kill
+        self.write = write
+        self.to_numpy = to_numpy
+        if write:
+            os.makedirs(directory, exist_ok=True)
+            for stale in glob.glob(os.path.join(directory, "*.tmp*")):
+                os.remove(stale)  # a save cut off by a kill
 
     def steps(self):
+        if not os.path.isdir(self.directory):
+            return []
         found = [int(m.group(1)) for m in map(self.PATTERN.search, os.listdir(self.directory)) if m]
         return sorted(found)
 
@@ -140,13 +153,19 @@ class CheckpointManager:
         return os.path.join(self.directory, f"ckpt-{step:08d}.npz")
 
     def save(self, step, model, optimizer):
-        """Writes checkpoint `step`; returns False (writing nothing) if a weight is NaN/inf."""
+        """Writes checkpoint `step`; returns False (writing nothing) if a weight is NaN/inf.
+
+        Every process of a distributed run checks the values (they agree), so
+        all stop together; only the writer writes.
+        """
         arrays = {}
         for prefix, variables in (("model", model.variables), ("optimizer", optimizer.variables)):
             for i, v in enumerate(variables):
-                arrays[f"{prefix}/{i:05d}"] = keras.ops.convert_to_numpy(v)
+                arrays[f"{prefix}/{i:05d}"] = self.to_numpy(v)
         if not all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f"):
             return False
+        if not self.write:
+            return True
         with atomic_path(self.path(step), ".npz") as tmp:
             np.savez(tmp, **arrays)
         for old in self.steps()[:-self.keep]:
@@ -172,7 +191,7 @@ class TrainingCallback(keras.callbacks.Callback):
                  log_every, grad_accum):
         super().__init__()
         self.manager = manager
-        self.metrics_path = metrics_path
+        self.metrics_path = metrics_path  # None: another process writes them
         self.step = start_step  # optimizer steps done
         self.micro = start_step * grad_accum
         self.total_steps = total_steps
@@ -185,11 +204,14 @@ class TrainingCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         names = [m.name for m in self.model.metrics]
         self.fields = ["step", "learning_rate"] + names + [f"val_{n}" for n in names]
-        if os.path.exists(self.metrics_path):
+        self.last_logs = {}
+        if self.metrics_path and os.path.exists(self.metrics_path):
             with open(self.metrics_path, newline="") as f:
                 self.fields = next(csv.reader(f), None) or self.fields
 
     def _write(self, row):
+        if self.metrics_path is None:
+            return
         exists = os.path.exists(self.metrics_path) and os.path.getsize(self.metrics_path) > 0
         with open(self.metrics_path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
@@ -204,14 +226,14 @@ class TrainingCallback(keras.callbacks.Callback):
             return
         self.step += 1
         loss = float(logs.get("loss", 0.0))
+        self.last_logs = {k: float(v) for k, v in logs.items()}
         if not math.isfinite(loss):
             self.diverged_at = self.step
             self.model.stop_training = True
             return
         if self.step % self.log_every == 0 or self.step == self.total_steps:
             row = {"step": self.step, **{k: float(v) for k, v in logs.items()}}
-            row["learning_rate"] = float(keras.ops.convert_to_numpy(
-                self.model.optimizer.learning_rate))
+            row["learning_rate"] = float(self.manager.to_numpy(self.model.optimizer.learning_rate))
             self._write(row)
         if self.step % self.checkpoint_every == 0 or self.step == self.total_steps:
             if not self.manager.save(self.step, self.model, self.model.optimizer):
@@ -298,6 +320,10 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+def _quiet(*_):
+    """The log of a process that is not the chief (the chief reports for all)."""
+
+
 def _compiled_model(config, options, init_model, teacher, total_steps):
     """The model to train and its built optimizer (inside the strategy's scope, if any)."""
     from algpt2_tf.model import ALGPT2LMHeadModel
@@ -326,8 +352,13 @@ def train(options, log=print):
     from algpt2_tf.tokenizer import GPT2Tokenizer
 
     options.validate()
-    # First: splitting the CPU into replicas must happen before TensorFlow runs anything.
-    strategy = distribute.make_strategy(options.distribute, options.replicas)
+    # First: splitting the CPU into replicas must happen before TensorFlow runs anything, and
+    # joining other JAX processes before JAX computes anything.
+    dist = distribute.start(options.distribute, options.replicas, distribute.Cluster.resolve(
+        options.coordinator, options.num_processes, options.process_id, options.connect_timeout),
+        batch_size=options.batch_size)
+    if not dist.is_chief:
+        log = _quiet
     if options.fuse_elementwise:
         enable_elementwise_fusion()
     tokenizer = GPT2Tokenizer(options.tokenizer)
@@ -346,7 +377,7 @@ def train(options, log=print):
     # Check the data before touching DIR.
     data = data_lib.training_data(options, tokenizer, default_files=default_corpus_files(
         os.path.join(cache_root(), "default_corpus")) if not options.train_files else None)
-    valid_ds = data.valid_dataset()
+    valid_ds = dist.local_batches(data.valid_dataset(), options.batch_size)
     batches_per_epoch = data.batches_per_epoch
     if options.steps:
         micro_total = options.steps * options.grad_accum
@@ -357,39 +388,54 @@ def train(options, log=print):
     total_steps = max(1, micro_total // options.grad_accum)
     micro_total = total_steps * options.grad_accum
 
-    resuming = _check_run_dir(options)
-    if options.tokenizer:
-        tokenizer.save(os.path.join(options.out, "tokenizer"))
     final_path = os.path.join(options.out, "model.keras")
-    manager = CheckpointManager(os.path.join(options.out, "checkpoints"), options.keep_checkpoints)
-    done = manager.steps()
-    start_step = done[-1] if done else 0
-    if resuming and start_step >= total_steps and os.path.exists(final_path):
+    checkpoints = os.path.join(options.out, "checkpoints")
+
+    def claim_run_dir():  # the chief's part: DIR is checked (and made) once
+        resuming = _check_run_dir(options)
+        if options.tokenizer:
+            tokenizer.save(os.path.join(options.out, "tokenizer"))
+        done = CheckpointManager(checkpoints, options.keep_checkpoints).steps()
+        start = done[-1] if done else 0
+        return 2 * start + int(resuming and start >= total_steps and os.path.exists(final_path))
+
+    start_step, complete = divmod(dist.from_chief(claim_run_dir), 2)
+    if complete:
         log(f"Run already complete ({total_steps} steps): {final_path}")
+        dist.finish()
         return {"model": final_path, "steps": total_steps, "resumed_from": start_step}
+    manager = CheckpointManager(checkpoints, options.keep_checkpoints, write=dist.is_chief,
+                                to_numpy=dist.to_numpy)
+    if start_step and not os.path.exists(manager.path(start_step)):
+        raise ValueError(f"Process {dist.process_id} cannot read {manager.path(start_step)}, "
+                         "which the chief resumes from: every process needs the run directory "
+                         "on a shared filesystem.")
 
     keras.utils.set_random_seed(options.seed)
     if options.mixed_precision:
         keras.config.set_dtype_policy(
             "mixed_bfloat16" if options.mixed_precision == "bf16" else "mixed_float16")
     try:
-        with distribute.scope(strategy):
+        with dist.scope():
             model, optimizer = _compiled_model(config, options, init_model, teacher, total_steps)
             if start_step:
                 manager.restore(start_step, model, optimizer)
                 log(f"Resuming from step {start_step} ({manager.path(start_step)})")
         truncate_metrics(os.path.join(options.out, "metrics.csv"), start_step)
 
-        dataset = data.train_dataset(start_step * options.grad_accum,
-                                     micro_total - start_step * options.grad_accum)
+        dataset = dist.local_batches(data.train_dataset(
+            start_step * options.grad_accum, micro_total - start_step * options.grad_accum),
+            options.batch_size)
 
         micro_per_epoch = options.checkpoint_every * options.grad_accum
-        callback = TrainingCallback(manager, os.path.join(options.out, "metrics.csv"), start_step,
-                                    total_steps, options.checkpoint_every, options.log_every,
-                                    options.grad_accum)
-        callbacks = [callback,
-                     keras.callbacks.TensorBoard(os.path.join(options.out, "logs"),
-                                                 update_freq=options.log_every)]
+        callback = TrainingCallback(
+            manager, os.path.join(options.out, "metrics.csv") if dist.is_chief else None,
+            start_step, total_steps, options.checkpoint_every, options.log_every,
+            options.grad_accum)
+        callbacks = [callback]
+        if dist.is_chief:
+            callbacks.append(keras.callbacks.TensorBoard(os.path.join(options.out, "logs"),
+                                                         update_freq=options.log_every))
         log(f"Training {options.preset or options.config or options.init_model} "
             f"({config.num_parameters():,} parameters"
             f"{', distilling ' + options.teacher if teacher is not None else ''}) "
@@ -398,7 +444,7 @@ def train(options, log=print):
         model.fit(dataset, epochs=math.ceil(micro_total / micro_per_epoch),
                   initial_epoch=(start_step * options.grad_accum) // micro_per_epoch,
                   steps_per_epoch=micro_per_epoch, validation_data=valid_ds,
-                  callbacks=callbacks, verbose=options.verbose,
+                  callbacks=callbacks, verbose=options.verbose if dist.is_chief else 0,
                   shuffle=False)  # batches are already shuffled, as a function of (seed, step)
         if callback.diverged_at is not None:
             good = manager.steps()
@@ -406,11 +452,18 @@ def train(options, log=print):
                 f"The loss or the weights became NaN/inf at step {callback.diverged_at}; training stopped. "
                 f"The last good checkpoint is kept: "
                 f"{manager.path(good[-1]) if good else 'none (diverged before the first)'}.")
+        weights = [dist.to_numpy(v) for v in model.weights]
     finally:
         keras.config.set_dtype_policy("float32")
+        dist.finish()
+    if dist.num_processes > 1:  # every process says what it computed (they agree)
+        print(f"Process {dist.process_id} of {dist.num_processes}: step {callback.step}, "
+              f"{json.dumps(callback.last_logs, sort_keys=True)}", flush=True)
+    if not dist.is_chief:
+        return {"model": final_path, "steps": total_steps, "resumed_from": start_step}
     # The final model is a clean float32 copy: no optimizer state, loads anywhere.
     final = ALGPT2LMHeadModel(config)
-    final.set_weights(model.get_weights())
+    final.set_weights(weights)
     with atomic_path(final_path, ".keras") as tmp:
         final.save(tmp)
     log(f"Model written to {final_path}")

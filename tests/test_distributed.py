@@ -1,14 +1,20 @@
-"""Data-parallel training (`algpt2_tf/distribute.py`): 2 logical CPU devices under `mirrored`
-give the single-device run's gradients, weights and metrics, and resume exactly."""
+"""Data-parallel training (`algpt2_tf/distribute.py`): 2 logical CPU devices under `mirrored`,
+and 2 local JAX processes under `jax-data-parallel` (`algpt2 launch`), give the single-device
+run's gradients, weights and metrics, write once, and resume exactly."""
 
+import glob
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 
-from conftest import kill_at_first_checkpoint_then_rerun
+from conftest import free_port, kill_at_first_checkpoint_then_rerun
 
 from algpt2_tf.saving import load_model
 from algpt2_tf.training import TrainOptions, train
@@ -92,9 +98,135 @@ def test_mirrored_training_equals_one_device_and_resumes_exactly(tmp_path, small
 def test_bad_distribute_options_exit_2(tmp_path, capsys):
     from algpt2_tf.cli import main
 
-    for extra, message in [(["--distribute", "ring"], "--distribute must be one of"),
-                           (["--replicas", "2"], "--replicas needs --distribute mirrored"),
-                           (["--distribute", "mirrored", "--replicas", "0"], "positive integer")]:
+    for extra, message in [
+            (["--distribute", "ring"], "--distribute must be one of"),
+            (["--replicas", "2"], "--replicas needs --distribute mirrored"),
+            (["--distribute", "mirrored", "--replicas", "0"], "positive integer"),
+            (["--distribute", "multi-worker"], "Invalid reduction dimension 0"),
+            (["--distribute", "jax-data-parallel"], "needs the JAX backend"),
+            (["--coordinator", "localhost:1", "--num-processes", "2"],
+             "need --distribute jax-data-parallel"),
+            (["--num-processes", "2", "--process-id", "0"], "need a coordinator"),
+            (["--num-processes", "2", "--process-id", "2", "--coordinator", "h:1"],
+             "outside 0...1")]:
         assert main(["train", "--out", str(tmp_path / "x")] + extra) == 2
         assert message in capsys.readouterr().err
+    for command, message in [([], "Give the command after --"),
+                             (["--", "generate", "--model", "m", "--prompt", "x"], "runs `train --distribute"),
+                             (["--", "train", "--stepz", "1"], "not a valid algpt2 command"),
+                             (["--", "train", "--out", "x"], "runs `train --distribute"),
+                             (["--", "--backend", "torch", "train", "--out", "x", "--distribute",
+                               "jax-data-parallel"], "needs --backend jax")]:
+        assert main(["launch", "--nproc", "2"] + command) == 2
+        assert message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
+
+
+# ------------------------------------------------------------ JAX processes
+def jax_train_args(config, corpus, out, steps):
+    return ["train", "--config", config, "--train-files", corpus, "--valid-fraction", "0.2",
+            "--out", str(out), "--seq-len", "32", "--batch-size", "4", "--steps", str(steps),
+            "--learning-rate", "3e-3", "--warmup-steps", "2", "--sop", "--checkpoint-every", "4",
+            "--log-every", "2", "--verbose", "0", "--seed", "7"]
+
+
+class Launch:
+    """`algpt2 launch --nproc 2 -- ARGS` in the background, its output collected."""
+
+    def __init__(self, args, env):
+        self.lines = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "algpt2_command", "launch", "--nproc", "2", "--", *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout),
+                                       daemon=True)
+        self.reader.start()
+
+    def pid(self, index, timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for line in list(self.lines):
+                found = re.match(rf"algpt2 launch: process {index} of 2: pid (\d+)", line)
+                if found:
+                    return int(found.group(1))
+            time.sleep(0.01)
+        raise AssertionError("launch printed no pids:\n" + "".join(self.lines))
+
+    def wait(self, timeout=600):
+        self.proc.wait(timeout)
+        self.reader.join(10)
+        return self.proc.returncode, "".join(self.lines)
+
+
+def final_lines(output):
+    """Each process's closing `Process I of 2: step N, {metrics}` line, by process."""
+    return {int(m.group(1)): m.group(2)
+            for m in re.finditer(r"^\[\d\] Process (\d) of 2: (.*)$", output, re.M)}
+
+
+def test_two_jax_processes_train_like_one_write_once_and_resume_after_a_kill(
+        tmp_path, small_config, corpus):
+    """`algpt2 launch --nproc 2 -- train --distribute jax-data-parallel`: kill -9 process 1
+    after the first checkpoint, the launch stops process 0 too; the same command resumes; the
+    weights equal one process's run over the same global batches (1e-4), both processes
+    report the same metrics, and only the chief wrote (one metrics row per step, TensorBoard
+    files from the chiefs alone)."""
+    env = dict(ENV, ALGPT2_CACHE=str(tmp_path / "cache"))
+    steps = 24
+    single_dir, run_dir = tmp_path / "single", tmp_path / "two"
+    done = subprocess.run([sys.executable, "-m", "algpt2_command", "--backend", "jax",
+                           *jax_train_args(small_config, corpus, single_dir, steps)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    args = jax_train_args(small_config, corpus, run_dir, steps) + [
+        "--distribute", "jax-data-parallel"]
+    first = Launch(args, env)
+    chiefs = [first.pid(0)]
+    worker = first.pid(1)
+    checkpoint = run_dir / "checkpoints" / "ckpt-00000004.npz"
+    deadline = time.time() + 300
+    while not checkpoint.exists():
+        assert first.proc.poll() is None and time.time() < deadline, "".join(first.lines)
+        time.sleep(0.005)
+    os.kill(worker, signal.SIGKILL)
+    status, output = first.wait()
+    assert status == 128 + signal.SIGKILL, output
+    assert "process 1 failed with status 137; stopped the others" in output
+    assert not (run_dir / "model.keras").exists(), "the run finished before the kill"
+
+    second = Launch(args, env)
+    chiefs.append(second.pid(0))
+    status, output = second.wait()
+    assert status == 0, output
+    assert "Resuming from step" in output
+    closing = final_lines(output)
+    assert closing[0] == closing[1] and closing[0].startswith(f"step {steps},")
+
+    for a, b in zip(load_model(str(single_dir)).get_weights(), load_model(str(run_dir)).get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    # One writer: each training row once (a kill right after a checkpoint can cost that
+    # step's validation row, so those are not counted).
+    train_rows = {name: [row.split(",")[0] for row in open(tmp_path / name / "metrics.csv")
+                         if row.split(",")[1]] for name in ("single", "two")}
+    assert train_rows["two"] == train_rows["single"]
+    events = glob.glob(str(run_dir / "logs" / "*" / "events.out.tfevents.*"))
+    assert events and {int(e.split(".")[-3]) for e in events} <= set(chiefs)
+
+
+def test_a_process_that_meets_nobody_fails_clearly_within_its_timeout(tmp_path, small_config,
+                                                                      corpus):
+    env = dict(ENV, ALGPT2_CACHE=str(tmp_path / "cache"))
+    port = free_port()
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "algpt2_command", "--backend", "jax",
+         *jax_train_args(small_config, corpus, tmp_path / "run", 8),
+         "--distribute", "jax-data-parallel", "--coordinator", f"localhost:{port}",
+         "--num-processes", "2", "--process-id", "1", "--connect-timeout", "5"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert (f"process 1 of 2 could not meet the others at the coordinator localhost:{port} "
+            "within 5 s") in done.stderr
+    assert time.time() - started < 120
+    assert not (tmp_path / "run").exists()
