@@ -53,6 +53,7 @@ def worker(args):
     if args.quick:
         config = ALGPT2Config.from_dict({**config.to_dict(), "hidden_size": 64, "num_heads": 2,
                                          "intermediate_size": 128, "num_layers": 2,
+                                         "num_layer_groups": min(2, config.num_layer_groups),
                                          "vocab_size": 512})
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq_len))
     batch = {"input_ids": ids.astype("int32"), "attention_mask": np.ones_like(ids, "int32")}
