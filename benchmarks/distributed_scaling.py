@@ -109,17 +109,22 @@ def measure(preset, processes, args):
     return results[0]
 
 
-def table(rows, info):
+def markdown(report):
+    """The results table: a CPU line, one row per preset, then how it was measured."""
     from algpt2_tf.cpu_info import cpu_summary
 
-    lines = [f"CPU: {cpu_summary(info)}", "",
+    lines = [f"CPU: {cpu_summary(report['cpu'])}", "",
              "| preset | trainable params | gradient MB / step | 1 process tok/s | "
              "2 processes tok/s | efficiency (2 / 1) |",
              "|---|---:|---:|---:|---:|---:|"]
-    for row in rows:
+    for row in report["rows"]:
         lines.append(f"| {row['preset']} | {row['trainable_parameters']:,} | "
                      f"{row['gradient_mb_per_step']:.1f} | {row['one']:.1f} | {row['two']:.1f} | "
                      f"{row['efficiency']:.2f} |")
+    lines += ["", f"Training tokens/s of 1 vs 2 local JAX processes (`jax-data-parallel`) at the "
+              f"same global batch {report['batch']} x {report['seq_len']}, float32 AdamW, median "
+              f"step of {report['steps']} after {report['warmup']} warm-up steps, median of "
+              f"{report['repeats']} run(s) each: `python benchmarks/distributed_scaling.py`."]
     return "\n".join(lines) + "\n"
 
 
@@ -157,20 +162,17 @@ def main():
         rows.append({"preset": preset, "trainable_parameters": last["trainable_parameters"],
                      "gradient_mb_per_step": last["gradient_mb_per_step"], "one": one,
                      "two": two, "efficiency": two / one, "runs": times})
-    text = table(rows, info)
+    report = {"cpu": info, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
+              "warmup": args.warmup, "repeats": args.repeats, "rows": rows}
+    text = markdown(report)
     print(text)
     stem = args.out or (None if args.quick else os.path.join(
         HERE, "results", f"distributed_scaling_{cpu_family(info)}"))
     if stem:
-        report = {"cpu": info, "batch": args.batch, "seq_len": args.seq_len,
-                  "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-                  "rows": rows}
         with open(stem + ".json", "w") as f:
             json.dump(report, f, indent=2)
         with open(stem + ".md", "w") as f:
-            f.write(f"Training tokens/s, 1 vs 2 local JAX processes, global batch {args.batch} x "
-                    f"{args.seq_len}, float32 AdamW (`python benchmarks/distributed_scaling.py"
-                    f"`, median of {args.repeats}).\n\n" + text)
+            f.write(text)
     return rows
 
 

@@ -87,3 +87,42 @@ def test_decode_tricks_quick(tmp_path):
     assert all(row["gain"] > 0 for row in report["rows"][2:])
     assert report["cpu"] == cpu_info()
     assert (tmp_path / "tricks.md").read_text().startswith(f"CPU: {cpu_summary(cpu_info())}")
+
+
+def test_distributed_scaling_quick(tmp_path):
+    """`benchmarks/distributed_scaling.py --quick`: 1 and 2 JAX processes of each preset, once."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(repo, "benchmarks",
+                                                        "distributed_scaling.py"),
+                           "--quick", "--presets", "algpt2", "--out", str(tmp_path / "scaling")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "scaling.json").read_text())
+    (row,) = report["rows"]
+    assert row["preset"] == "algpt2" and row["one"] > 0 and row["two"] > 0
+    assert row["efficiency"] == row["two"] / row["one"]
+    assert row["gradient_mb_per_step"] == row["trainable_parameters"] * 4 / 2**20
+    assert report["cpu"] == cpu_info()
+    assert (tmp_path / "scaling.md").read_text().startswith(f"CPU: {cpu_summary(cpu_info())}")
+
+
+def test_xl_estimate_follows_from_the_configs(tmp_path):
+    """`benchmarks/xl_estimate.py`: exact parameter counts, gradient bytes = params x 4, ring
+    all-reduce volume, and GPT-2 xl's 41x larger all-reduce than ALGPT2-xl's."""
+    from algpt2_tf.config import ALGPT2Config
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "xl_estimate.py"),
+                           "--out", str(tmp_path / "xl")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {(r["preset"], r["devices"]): r
+            for r in json.loads((tmp_path / "xl.json").read_text())["rows"]}
+    for (preset, devices), row in rows.items():
+        params = ALGPT2Config.from_preset(preset).num_parameters()
+        assert row["parameters"] == params
+        assert row["gradient_gb"] == params * 4 / 1e9
+        assert abs(row["all_reduce_sent_gb"] - 2 * (devices - 1) / devices * params * 4 / 1e9) < 1e-9
+        assert row["weights_and_adam_gb"] == params * 16 / 1e9
+    ratio = rows[("gpt2-xl", 64)]["gradient_gb"] / rows[("algpt2-xl", 64)]["gradient_gb"]
+    assert 40 < ratio < 42
+    assert rows[("algpt2-xl", 64)]["comm_share"] < rows[("gpt2-xl", 64)]["comm_share"]
