@@ -500,8 +500,6 @@ def _launch(args):
     if inner.backend not in (None, "jax"):
         raise UsageError(f"--distribute jax-data-parallel needs --backend jax, got "
                          f"--backend {inner.backend}.")
-    if args.nproc < 1:
-        raise UsageError(f"--nproc must be a positive integer, got {args.nproc}.")
     return launch_local(command, args.nproc, port=args.port)
 
 

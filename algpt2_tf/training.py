@@ -232,7 +232,7 @@ class TrainingCallback(keras.callbacks.Callback):
             self.model.stop_training = True
             return
         if self.step % self.log_every == 0 or self.step == self.total_steps:
-            row = {"step": self.step, **{k: float(v) for k, v in logs.items()}}
+            row = {"step": self.step, **self.last_logs}
             row["learning_rate"] = float(self.manager.to_numpy(self.model.optimizer.learning_rate))
             self._write(row)
         if self.step % self.checkpoint_every == 0 or self.step == self.total_steps:
@@ -297,7 +297,7 @@ def load_model_config(options, tokenizer, init_model=None):
 
 
 def _check_run_dir(options):
-    """Creates DIR or checks that it holds this same run; returns True when resuming."""
+    """Creates DIR or checks that it holds this same run."""
     run_path = os.path.join(options.out, "run.json")
     if os.path.exists(run_path):
         with open(run_path, encoding="utf-8") as f:
@@ -308,12 +308,11 @@ def _check_run_dir(options):
             details = "; ".join(f"{k}: {previous.get(k)!r} there, {mine.get(k)!r} now" for k in diff)
             raise ValueError(f"{options.out} holds a different run ({details}). "
                              "Use another --out, or the same options to resume.")
-        return True
+        return
     if os.path.isdir(options.out) and os.listdir(options.out):
         raise ValueError(f"{options.out} is not empty and holds no algpt2 run (no run.json).")
     os.makedirs(options.out, exist_ok=True)
     atomic_write_json(run_path, options.identity())
-    return False
 
 
 class TrainingDiverged(RuntimeError):
@@ -391,16 +390,15 @@ def train(options, log=print):
     final_path = os.path.join(options.out, "model.keras")
     checkpoints = os.path.join(options.out, "checkpoints")
 
-    def claim_run_dir():  # the chief's part: DIR is checked (and made) once
-        resuming = _check_run_dir(options)
+    def claim_run_dir():  # the chief's part: DIR is checked (and made) once; the step to resume
+        _check_run_dir(options)
         if options.tokenizer:
             tokenizer.save(os.path.join(options.out, "tokenizer"))
         done = CheckpointManager(checkpoints, options.keep_checkpoints).steps()
-        start = done[-1] if done else 0
-        return 2 * start + int(resuming and start >= total_steps and os.path.exists(final_path))
+        return done[-1] if done else 0
 
-    start_step, complete = divmod(dist.from_chief(claim_run_dir), 2)
-    if complete:
+    start_step = dist.from_chief(claim_run_dir)
+    if start_step >= total_steps and os.path.exists(final_path):
         log(f"Run already complete ({total_steps} steps): {final_path}")
         dist.finish()
         return {"model": final_path, "steps": total_steps, "resumed_from": start_step}

@@ -26,7 +26,6 @@ import io
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -93,15 +92,10 @@ def measure(preset, processes, args):
             "--seq-len", str(args.seq_len), "--steps", str(args.steps),
             "--warmup", str(args.warmup)] + (["--quick"] if args.quick else [])
     program = [sys.executable, os.path.abspath(__file__)]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    if processes == 1:
-        done = subprocess.run(program + argv, capture_output=True, text=True,
-                              env=dict(env, KERAS_BACKEND="jax"))
-        output, status = done.stdout + done.stderr, done.returncode
-    else:
-        log = io.StringIO()
-        status = launch_local(argv, processes, environ=env, out=log, program=program)
-        output = log.getvalue()
+    log = io.StringIO()
+    status = launch_local(argv, processes, environ=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+                          out=log, program=program)
+    output = log.getvalue()
     results = [json.loads(line.split("RESULT ", 1)[1]) for line in output.splitlines()
                if "RESULT " in line]
     if status or not results:

@@ -7,6 +7,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from algpt2_tf import ALGPT2Config  # noqa: E402
+from algpt2_tf.launch import free_port  # noqa: E402,F401  (tests import it from here)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
@@ -111,12 +112,3 @@ def kill_at_first_checkpoint_then_rerun(cmd, run_dir, checkpoint="ckpt-00000004.
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return done
-
-
-def free_port():
-    """A TCP port free on 127.0.0.1 now (for a test server)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
