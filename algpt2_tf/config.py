@@ -17,6 +17,9 @@ ACTIVATIONS = ("gelu", "gelu_exact", "relu")
 GROUP_ORDERS = ("sequence", "cycle", "cycle_rev")
 """How `num_layer_groups` blocks are assigned to the layers (see `ALGPT2Config.block_of_layer`)."""
 
+PROJECTION_INITS = ("normal", "fan_in")
+"""How the factorization projections start (see `layers.embedding.projection_initializer`)."""
+
 
 @dataclasses.dataclass
 class ALGPT2Config:
@@ -43,6 +46,12 @@ class ALGPT2Config:
         layer_norm_epsilon: LayerNorm epsilon.
         activation: MLP activation, one of `ACTIVATIONS`.
         initializer_range: standard deviation of the normal initializer.
+        projection_init: how the factorization's two projections (E -> hidden
+            in, hidden -> E out) start: `normal` (stddev `initializer_range`,
+            as every other kernel) or `fan_in` (stddev `1 / sqrt(fan_in)`:
+            they keep the scale, so hidden states start at the tables' scale
+            and the softmax sees unit-scale features, as in GPT-2). See
+            `layers/embedding.py`.
         sop_head: add the sentence-order-prediction head.
         sop_loss_weight: weight of the SOP loss in the training loss.
         group_order: which block each layer runs when there are several:
@@ -78,6 +87,7 @@ class ALGPT2Config:
     layer_norm_epsilon: float = 1e-5
     activation: str = "gelu"
     initializer_range: float = 0.02
+    projection_init: str = "normal"
     sop_head: bool = False
     sop_loss_weight: float = 1.0
     group_order: str = "sequence"
@@ -131,6 +141,9 @@ class ALGPT2Config:
             raise ValueError(
                 f"sop_loss_weight must be a non-negative number, got {self.sop_loss_weight!r}.")
 
+        if self.projection_init not in PROJECTION_INITS:
+            raise ValueError(f"projection_init must be one of {PROJECTION_INITS}, "
+                             f"got {self.projection_init!r}.")
         if self.group_order not in GROUP_ORDERS:
             raise ValueError(
                 f"group_order must be one of {GROUP_ORDERS}, got {self.group_order!r}.")

@@ -80,7 +80,7 @@ class ALGPT2LMHeadModel(keras.Model):
         self.embedding = FactorizedEmbedding(
             c.vocab_size, c.max_positions, c.hidden_size, c.embedding_size,
             dropout=c.embedding_dropout, initializer_range=c.initializer_range,
-            name="embedding", dtype=policy)
+            projection_init=c.projection_init, name="embedding", dtype=policy)
         # ALBERT idea #2: one block object per group, reused by every layer of the group.
         self.blocks = [
             DecoderBlock(
@@ -94,7 +94,7 @@ class ALGPT2LMHeadModel(keras.Model):
         self.lm_head = TiedLMHead(
             c.hidden_size, c.embedding_size, tie_projection=c.tie_projection,
             layer_norm_epsilon=c.layer_norm_epsilon, initializer_range=c.initializer_range,
-            name="lm_head", dtype=policy)
+            projection_init=c.projection_init, name="lm_head", dtype=policy)
         self.sop_head = SOPHead(c.hidden_size, c.initializer_range, name="sop_head",
                                 dtype=policy) if c.sop_head else None
         # Relaxed sharing: what each virtual layer owns around its block (none by default).

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from algpt2_tf.layers.embedding import projection_initializer
 from algpt2_tf.layers.linear import Linear
 
 
@@ -22,6 +23,8 @@ class TiedLMHead(keras.layers.Layer):
             (passed to `call`) instead of owning a hidden -> E kernel.
         layer_norm_epsilon: epsilon of the final LayerNorm.
         initializer_range: stddev of the normal initializer.
+        projection_init: `normal` or `fan_in`: the hidden -> E projection's
+            initializer (see `layers.embedding.projection_initializer`).
 
     Example:
     >>> head = TiedLMHead(hidden_size=32, embedding_size=8)
@@ -31,7 +34,8 @@ class TiedLMHead(keras.layers.Layer):
     """
 
     def __init__(self, hidden_size, embedding_size=None, tie_projection=False,
-                 layer_norm_epsilon=1e-5, initializer_range=0.02, **kwargs):
+                 layer_norm_epsilon=1e-5, initializer_range=0.02, projection_init="normal",
+                 **kwargs):
         super().__init__(**kwargs)
         if tie_projection and embedding_size is None:
             raise ValueError("tie_projection=True needs an embedding_size.")
@@ -40,13 +44,15 @@ class TiedLMHead(keras.layers.Layer):
         self.tie_projection = tie_projection
         self.layer_norm_epsilon = layer_norm_epsilon
         self.initializer_range = initializer_range
+        self.projection_init = projection_init
         self.final_norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, name="final_norm", dtype=self.dtype_policy)
         self.projection = None
         if embedding_size is not None and not tie_projection:
             self.projection = Linear(
                 embedding_size, name="projection", dtype=self.dtype_policy,
-                kernel_initializer=keras.initializers.TruncatedNormal(stddev=initializer_range))
+                kernel_initializer=projection_initializer(
+                    projection_init, hidden_size, initializer_range))
 
     def build(self, input_shape=None):
         self.final_norm.build((None, None, self.hidden_size))
@@ -98,6 +104,7 @@ class TiedLMHead(keras.layers.Layer):
             tie_projection=self.tie_projection,
             layer_norm_epsilon=self.layer_norm_epsilon,
             initializer_range=self.initializer_range,
+            projection_init=self.projection_init,
         )
         return config
 
