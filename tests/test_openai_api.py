@@ -5,6 +5,7 @@ import time
 
 import httpx
 import keras
+import numpy as np
 import pytest
 
 from conftest import free_port, tiny_config
@@ -110,6 +111,53 @@ def test_stop_sequences_and_echo(client):
     assert streamed == text[:text.find(stop)]
 
 
+def full_logprobs(model, ids):
+    """log-softmax of the model's logits over `ids` (a full recompute, no cache)."""
+    logits = model(np.array([ids]))["logits"].numpy()[0].astype("float64")
+    top = logits.max(axis=-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+
+
+def test_logprobs_equal_a_full_recompute(client, model):
+    tokenizer = GPT2Tokenizer()
+    prompt = "The old house"
+    kwargs = dict(model=NAME, prompt=prompt, max_tokens=10, temperature=0.9, seed=4, logprobs=3,
+                  echo=True)
+    out = client.completions.create(**kwargs).choices[0]
+    ids = tokenizer.encode(prompt)
+    engine = BatchEngine(model)
+    new, _ = engine.generate(ids, 10, SamplingParams(0.9, 0, 1.0), seed=4)
+    engine.close()
+    new = [t for t in new if t != tokenizer.eos_id]
+    everything = ids + new
+    expected = full_logprobs(model, everything)
+    lp = out.logprobs
+    assert lp.tokens == [tokenizer.decode([t]) for t in everything]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(everything)):
+        row = expected[i - 1]
+        np.testing.assert_allclose(lp.token_logprobs[i], row[everything[i]], atol=2e-4)
+        best = np.sort(row)[::-1][:3]
+        alternatives = lp.top_logprobs[i]
+        assert 3 <= len(alternatives) <= 4  # the three likeliest, and the chosen token
+        assert lp.tokens[i] in alternatives
+        np.testing.assert_allclose(sorted(alternatives.values(), reverse=True)[:3], best,
+                                   atol=2e-4)
+    assert lp.text_offset[:len(ids)] == [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[len(ids)] == len(prompt)
+    # Streamed, the chunks carry the same entries, each with the text it starts in.
+    streamed = list(client.completions.create(stream=True, **kwargs))
+    tokens = [t for c in streamed for ch in c.choices if ch.logprobs for t in ch.logprobs.tokens]
+    values = [v for c in streamed for ch in c.choices if ch.logprobs
+              for v in ch.logprobs.token_logprobs]
+    assert tokens == lp.tokens and values == lp.token_logprobs
+    # Without echo, greedy: every chosen token is its step's likeliest.
+    greedy = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0,
+                                       logprobs=0).choices[0].logprobs
+    assert all(list(top) == [token] for top, token in zip(greedy.top_logprobs, greedy.tokens))
+    assert greedy.text_offset[0] == 0
+
+
 def test_batched_requests_get_the_tokens_they_get_alone(model):
     engine = BatchEngine(model, max_batch=8, window_s=0.5)
     prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [1, 2], [40, 41]]
@@ -184,7 +232,7 @@ def test_errors_have_openais_shape_and_status(server, client):
         (dict(model=NAME, prompt="x", temperature=3), openai.BadRequestError, None),
         (dict(model=NAME, prompt="x", max_tokens=100), openai.BadRequestError,
          "context_length_exceeded"),
-        (dict(model=NAME, prompt="x", logprobs=2), openai.BadRequestError, None),
+        (dict(model=NAME, prompt="x", logprobs=6), openai.BadRequestError, None),
         (dict(model=NAME, prompt=[[50257]]), openai.BadRequestError, None),
     ]
     for kwargs, error, code in cases:

@@ -22,6 +22,14 @@ picks a row's token from that row's logits, settings and a random stream
 seeded by `(seed, step)` alone, so a request gets the tokens it would get
 alone with the same seed (tested), whatever else shares its batch.
 
+A request may ask for log-probabilities (`Request.logprobs = k`, at most
+`MAX_LOGPROBS`): each token then comes with its log-probability under the
+model's own distribution (the log-softmax of the raw logits, before the
+repetition penalty, temperature or top-k/top-p filtering, as vLLM's default)
+and the `k` most likely tokens with theirs. The compiled steps compute them
+only while a row in the batch asks; they never change which token is picked.
+`prompt_logprobs` scores a prompt's own tokens the same way (for `echo`).
+
 The queue is bounded (`QueueFull` when it is full: HTTP 429) and a request
 can be cancelled at any time (a closed stream frees its row at the next step).
 """
@@ -30,7 +38,7 @@ import collections
 import dataclasses
 import threading
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -42,8 +50,27 @@ from algpt2_tf.layers.attention import write_slots
 from algpt2_tf.prompts import check_fits, check_max_new_tokens, check_prompts, left_pad
 
 
+MAX_LOGPROBS = 5
+"""The most alternatives a token's log-probabilities list (OpenAI's completions limit)."""
+
+
 class QueueFull(Exception):
     """The engine's queue holds `max_queue` requests already."""
+
+
+class TokenLogprob(NamedTuple):
+    """A token's log-probability and the `k` most likely tokens' (`[(id, logprob)]`, best first)."""
+
+    logprob: float
+    top: List[Tuple[int, float]]
+
+
+def top_logprobs(logits, k):
+    """`(log_softmax(logits), top k ids, their log-probabilities)` of float `[..., vocab]`
+    logits: the model's own distribution, nothing filtered."""
+    logprobs = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
+    values, ids = tf.math.top_k(logprobs, k=k)
+    return logprobs, ids, values
 
 
 # ---------------------------------------------------------------- sampling
@@ -96,9 +123,10 @@ def per_row_tokens(logits, seen, temperature, top_k, top_p, penalty, seeds, step
 @dataclasses.dataclass
 class Request:
     """One generation request. `on_token(token_id)` is called from the
-    engine's thread for each new token, then `on_done(reason, error)` once:
-    reason "stop" (a stop id), "length" (max_new_tokens), "cancelled", or
-    "error" (with the exception)."""
+    engine's thread for each new token (`on_token(token_id, TokenLogprob)`
+    when `logprobs` is set: how many alternatives, 0 to `MAX_LOGPROBS`), then
+    `on_done(reason, error)` once: reason "stop" (a stop id), "length"
+    (max_new_tokens), "cancelled", or "error" (with the exception)."""
 
     prompt_ids: List[int]
     max_new_tokens: int
@@ -107,6 +135,7 @@ class Request:
     stop_ids: Tuple[int, ...]
     on_token: Callable[[int], None]
     on_done: Callable[[str, Optional[BaseException]], None]
+    logprobs: Optional[int] = None
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def cancel(self):
@@ -164,6 +193,7 @@ class BatchEngine:
         if not -2 ** 31 <= int(request.seed or 0) < 2 ** 31:
             raise ValueError(f"seed must fit in 32 bits, got {request.seed}.")
         check_fits(len(request.prompt_ids), request.max_new_tokens, config.max_positions)
+        check_logprobs(request.logprobs)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -189,6 +219,23 @@ class BatchEngine:
         if result["error"] is not None:
             raise result["error"]
         return tokens, result["reason"]
+
+    def prompt_logprobs(self, prompt_ids, k=0):
+        """`TokenLogprob`s of a prompt's tokens after the first (each given the
+        ones before it), by one compiled forward pass; safe to call from any
+        thread. Raises `ValueError` naming a bad prompt or `k`."""
+        config = self.model.config
+        [prompt_ids] = check_prompts([prompt_ids], config.vocab_size)
+        check_logprobs(k)
+        check_fits(len(prompt_ids), 0, config.max_positions)
+        n = len(prompt_ids)
+        length = min(_round_up(n, PROMPT_BUCKET), config.max_positions)
+        ids = np.zeros((1, length), np.int32)
+        ids[0, :n] = prompt_ids  # right-padded: a causal model's earlier positions ignore it
+        chosen, top_ids, top_values = (t.numpy()[0] for t in self._function("score", length)(ids))
+        return [TokenLogprob(float(chosen[i]), list(zip(top_ids[i, :k].tolist(),
+                                                        top_values[i, :k].tolist())))
+                for i in range(n - 1)]
 
     def close(self):
         """Stops the worker after the batch it is running; requests still waiting end
@@ -289,9 +336,12 @@ class BatchEngine:
             live = [i for i, r in enumerate(rows) if r is not None]
             count = min(self.steps_per_call,
                         max(rows[i].max_new_tokens - counts[i] for i in live))
-            tokens, state = self._function("steps", length)(
+            with_logprobs = any(rows[i].logprobs is not None for i in live)
+            tokens, scores, state = self._function("steps", length, with_logprobs)(
                 np.int32(count), np.int32(slot), counts.copy(), tuple(params), state)
             tokens = tokens.numpy()
+            chosen, top_ids, top_values = (t.numpy() for t in scores) if with_logprobs else \
+                (None,) * 3
             slot += count
             for k in range(count):
                 for i in live:
@@ -303,7 +353,12 @@ class BatchEngine:
                         r.on_done("cancelled", None)
                         continue
                     token = int(tokens[i, k])
-                    r.on_token(token)
+                    if r.logprobs is None:
+                        r.on_token(token)
+                    else:
+                        r.on_token(token, TokenLogprob(float(chosen[i, k]), list(zip(
+                            top_ids[i, k, :r.logprobs].tolist(),
+                            top_values[i, k, :r.logprobs].tolist()))))
                     if token in r.stop_ids or counts[i] + 1 == r.max_new_tokens:
                         rows[i] = None
                         r.on_done("stop" if token in r.stop_ids else "length", None)
@@ -321,13 +376,27 @@ class BatchEngine:
         key = (kind,) + shape
         if key not in self._functions:
             build = {"prefill": self._build_prefill, "grow": self._build_grow,
-                     "join": self._build_join, "steps": self._build_steps}[kind]
+                     "join": self._build_join, "steps": self._build_steps,
+                     "score": self._build_score}[kind]
             self._functions[key] = build(*shape)
         return self._functions[key]
 
     def _build_prefill(self, length):
         model = self.model
         return tf.function(lambda ids, mask: _prefill(model, ids, mask, length), jit_compile=True)
+
+    def _build_score(self, length):
+        """`ids [1, length] -> (logprob [1, length - 1], top ids, top logprobs)`: each
+        position's next token scored by the model's own distribution."""
+        model = self.model
+
+        def score(ids):
+            logits = model({"input_ids": ids})["logits"][:, :-1]
+            logprobs, top_ids, top_values = top_logprobs(logits, MAX_LOGPROBS)
+            chosen = tf.gather(logprobs, ids[:, 1:], batch_dims=2)
+            return chosen, top_ids, top_values
+
+        return tf.function(score, jit_compile=True)
 
     def _build_grow(self, length, new_length):
         def grow(state):
@@ -361,33 +430,52 @@ class BatchEngine:
 
         return tf.function(join, jit_compile=True)
 
-    def _build_steps(self, length):
-        """`(count, slot, counts, params, state) -> (tokens [batch, steps_per_call], state)`:
-        `count` decode steps from cache slot `slot` in one compiled call (a `tf.while_loop`), so
-        the caches cross into Python once per `steps_per_call` tokens instead of once per token."""
+    def _build_steps(self, length, with_logprobs=False):
+        """`(count, slot, counts, params, state) -> (tokens [batch, steps_per_call], logprobs,
+        state)`: `count` decode steps from cache slot `slot` in one compiled call (a
+        `tf.while_loop`), so the caches cross into Python once per `steps_per_call` tokens
+        instead of once per token. `logprobs` is `()`, or with `with_logprobs` each token's
+        log-probability `[batch, steps]` and the top `MAX_LOGPROBS` ids and log-probabilities
+        `[batch, steps, MAX_LOGPROBS]`."""
         model, width = self.model, self.steps_per_call
 
         def steps(count, slot, counts, params, state):
             temperature, top_k, top_p, penalty, seeds = params
             batch = tf.shape(state[0])[0]
+            at = lambda k: tf.stack([tf.range(batch), tf.fill([batch], k)], axis=1)  # noqa: E731
 
-            def body(k, out, state):
+            def body(k, out, scores, state):
                 logits, caches, key_mask, lengths, seen = state
                 tokens = per_row_tokens(logits, seen, temperature, top_k, top_p, penalty, seeds,
                                         counts + k)
+                if with_logprobs:
+                    chosen, top_ids, top_values = scores
+                    logprobs, ids, values = top_logprobs(logits, MAX_LOGPROBS)
+                    scores = (tf.tensor_scatter_nd_update(
+                                  chosen, at(k), tf.gather(logprobs, tokens, batch_dims=1)),
+                              tf.tensor_scatter_nd_update(top_ids, at(k), ids),
+                              tf.tensor_scatter_nd_update(top_values, at(k), values))
                 seen = _mark_seen(seen, tokens[:, None], tf.ones_like(tokens)[:, None])
                 logits, key_mask, caches = _advance(model, tokens, slot + k, lengths, key_mask,
                                                     caches)
-                out = tf.tensor_scatter_nd_update(
-                    out, tf.stack([tf.range(batch), tf.fill([batch], k)], axis=1), tokens)
-                return k + 1, out, (logits, caches, key_mask, lengths + 1, seen)
+                out = tf.tensor_scatter_nd_update(out, at(k), tokens)
+                return k + 1, out, scores, (logits, caches, key_mask, lengths + 1, seen)
 
-            _, out, state = tf.while_loop(lambda k, *_: k < count, body,
-                                          (tf.constant(0), tf.zeros([batch, width], tf.int32),
-                                           state))
-            return out, state
+            scores = (tf.zeros([batch, width]), tf.zeros([batch, width, MAX_LOGPROBS], tf.int32),
+                      tf.zeros([batch, width, MAX_LOGPROBS])) if with_logprobs else ()
+            _, out, scores, state = tf.while_loop(
+                lambda k, *_: k < count, body,
+                (tf.constant(0), tf.zeros([batch, width], tf.int32), scores, state))
+            return out, scores, state
 
         return tf.function(steps, jit_compile=True)
+
+
+def check_logprobs(k):
+    """`k` alternatives per token: None (no log-probabilities) or 0..MAX_LOGPROBS."""
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int)
+                          or not 0 <= k <= MAX_LOGPROBS):
+        raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {k!r}.")
 
 
 def cache_length(needed, limit):

@@ -7,7 +7,8 @@ a base language model can honestly serve, as vLLM's server does):
     GET  /v1/models/{model}
     POST /v1/completions         prompt (string, list of strings, token ids),
                                  max_tokens, temperature, top_p, seed, stop,
-                                 n, stream, echo; usage counts tokens
+                                 n, stream, echo, logprobs (0..5); usage
+                                 counts tokens
     POST /v1/chat/completions    400: a base LM has no chat format
 
 Streaming is Server-Sent Events, one chunk per token as it is made (text
@@ -17,6 +18,15 @@ waits for the next token), then `data: [DONE]`; with
 share decode steps through `batching.BatchEngine`. Choice `j` of a request
 with `seed` s samples with seed `(s + j) mod 2**31`; without a seed, each
 choice draws a random one. `temperature=0` is greedy.
+
+`logprobs: k` gives, per token, its log-probability under the model's own
+distribution (raw logits, before temperature and top-p, as vLLM reports
+them) and the `k` likeliest tokens' (the chosen one is always listed), in the
+legacy shape `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`;
+with `echo`, the prompt's tokens too (the first has none). Tokens are named
+by their own decoded text (a byte that is half of a UTF-8 character decodes
+as U+FFFD). A streamed chunk carries the tokens whose text starts in it; a
+token wholly cut off by a stop sequence is not listed.
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param",
 "code"}}`: 400 bad parameters, 401 a missing or wrong API key (when one is
@@ -34,7 +44,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from algpt2_tf.generation import SamplingParams
-from algpt2_tf.serving.batching import QueueFull, Request
+from algpt2_tf.serving.batching import MAX_LOGPROBS, QueueFull, Request
 from algpt2_tf.serving.request_body import BodyTooLarge, read_limited
 
 MAX_N = 16
@@ -81,9 +91,11 @@ def parse_completion(body, model_name, tokenizer, max_positions):
     if body.get("model") != model_name:
         raise APIError(404, f"The model '{body.get('model')}' does not exist; this server "
                             f"serves '{model_name}'.", "model", "model_not_found")
-    for name in ("logprobs", "suffix"):
-        if body.get(name) is not None:
-            raise APIError(400, f"'{name}' is not supported by this server.", name)
+    if body.get("suffix") is not None:
+        raise APIError(400, "'suffix' is not supported by this server.", "suffix")
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        logprobs = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise APIError(400, f"'{name}' is not supported by this server (only 0).", name)
@@ -132,7 +144,7 @@ def parse_completion(body, model_name, tokenizer, max_positions):
                             "non-empty strings.", "stop")
     stream_options = body.get("stream_options") or {}
     return {"prompts": prompts, "ids": ids, "max_tokens": max_tokens, "n": n, "seed": seed,
-            "stops": stops, "echo": bool(body.get("echo", False)),
+            "stops": stops, "echo": bool(body.get("echo", False)), "logprobs": logprobs,
             "stream": bool(body.get("stream", False)),
             "include_usage": bool(stream_options.get("include_usage", False)),
             "params": SamplingParams(temperature=float(temperature),
@@ -164,28 +176,36 @@ class Choice:
         self.sent = 0  # characters of `text` already given out
         self.text = ""
         self.finish_reason = None
+        self.cut = False  # a stop sequence cut `text`
         self.events = asyncio.Queue()
         self.request = None
+        self.echoed = []  # the echoed prompt's log-probability entries (set by the handler)
+        self.scores = []  # the `TokenLogprob` of each token
+        self.offsets = []  # where each token's text starts in `text` (before a cut)
+        self.reported = 0  # tokens whose log-probabilities went out
 
     # engine thread -> event loop
-    def on_token(self, token):
-        self.loop.call_soon_threadsafe(self.events.put_nowait, ("token", token))
+    def on_token(self, token, logprob=None):
+        self.loop.call_soon_threadsafe(self.events.put_nowait, ("token", (token, logprob)))
 
     def on_done(self, reason, error):
         self.loop.call_soon_threadsafe(self.events.put_nowait, ("done", (reason, error)))
 
     # event loop
-    def add(self, token):
+    def add(self, token, logprob=None):
         """Takes a token; returns the text that can go out now ("" if none)."""
         if token == self.tokenizer.eos_id:
             return None
+        self.offsets.append(len(self.text))
         self.tokens.append(token)
+        self.scores.append(logprob)
         self.text = self.tokenizer.decode(self.tokens)
         for stop in self.stops:
             at = self.text.find(stop)
             if at >= 0:
                 self.text = self.text[:at]
                 self.finish_reason = "stop"
+                self.cut = True
                 self.request.cancel()
                 break
         ready = len(self.text) if self.finish_reason else len(self.text) - held_back(
@@ -197,8 +217,23 @@ class Choice:
         out, self.sent = self.text[self.sent:], len(self.text)
         return out
 
+    def new_entries(self, ended=False):
+        """Log-probability entries `(token text, logprob, {text: logprob}, offset)` of the
+        tokens not reported yet whose text starts in what went out (all of them once the
+        choice `ended`, but for those a stop sequence cut off)."""
+        upto = len(self.text) if self.cut or not ended else None
+        entries = []
+        while self.reported < len(self.tokens) and (upto is None
+                                                    or self.offsets[self.reported] < upto):
+            i = self.reported
+            entries.append(logprob_entry(self.tokenizer, self.tokens[i], self.scores[i],
+                                         len(self.prefix) + self.offsets[i]))
+            self.reported += 1
+        return entries
+
     async def events_until_done(self, timeout_s):
-        """Yields text pieces until the choice ends (sets `finish_reason`)."""
+        """Yields `(text piece, log-probability entries)` until the choice ends (sets
+        `finish_reason`)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -211,21 +246,45 @@ class Choice:
             if kind == "token":
                 if self.finish_reason:
                     continue  # a stop sequence ended it; the engine has not seen the cancel yet
-                piece = self.add(value)
+                piece = self.add(*value)
                 if piece is None:  # <|endoftext|>
                     self.finish_reason = "stop"
                 elif piece:
-                    yield piece
+                    yield piece, self.new_entries()
             else:
                 reason, error = value
                 if error is not None:
                     raise APIError(500, f"Generation failed: {error}", kind="server_error")
                 if not self.finish_reason:
                     self.finish_reason = "stop" if reason == "stop" else "length"
-                piece = self.rest()
-                if piece:
-                    yield piece
+                piece, entries = self.rest(), self.new_entries(ended=True)
+                if piece or entries:
+                    yield piece, entries
                 return
+
+
+def logprob_entry(tokenizer, token, score, offset):
+    """One token's `(text, logprob, {text: logprob} of the alternatives and itself, offset)`;
+    `score` None (a prompt's first token) gives no log-probabilities."""
+    text = tokenizer.decode([token])
+    if score is None:
+        return text, None, None, offset
+    top = {tokenizer.decode([t]): value for t, value in score.top}
+    top.setdefault(text, score.logprob)
+    return text, score.logprob, top, offset
+
+
+def prompt_entries(engine, tokenizer, ids, k):
+    """The echoed prompt's log-probability entries (its first token has none)."""
+    scores = [None] + engine.prompt_logprobs(ids, k)
+    return [logprob_entry(tokenizer, t, score, len(tokenizer.decode(ids[:i])))
+            for i, (t, score) in enumerate(zip(ids, scores))]
+
+
+def logprobs_json(entries):
+    """OpenAI's legacy completions `logprobs` object."""
+    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+            "top_logprobs": [e[2] for e in entries], "text_offset": [e[3] for e in entries]}
 
 
 # ------------------------------------------------------------------ the app
@@ -290,6 +349,15 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
             raise APIError(400, f"The request body is not valid JSON: {e}.")
         spec = parse_completion(body, model_name, tokenizer, max_positions)
         loop = asyncio.get_running_loop()
+        k = spec["logprobs"]
+        echoed = {}  # prompt number -> the echoed prompt's log-probability entries
+        if spec["echo"] and k is not None:
+            try:
+                for p, ids in enumerate(spec["ids"]):
+                    echoed[p] = await loop.run_in_executor(None, prompt_entries, engine,
+                                                           tokenizer, ids, k)
+            except ValueError as e:
+                raise APIError(400, str(e))
         choices = []
         try:
             for p, (prompt, ids) in enumerate(zip(spec["prompts"], spec["ids"])):
@@ -298,9 +366,10 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
                         secrets.randbelow(2 ** 31)
                     choice = Choice(p * spec["n"] + j, prompt, ids, spec["echo"], spec["stops"],
                                     tokenizer, loop)
+                    choice.echoed = echoed.get(p, [])
                     choice.request = engine.submit(Request(
                         ids, spec["max_tokens"], spec["params"], seed, (tokenizer.eos_id,),
-                        choice.on_token, choice.on_done))
+                        choice.on_token, choice.on_done, logprobs=k))
                     choices.append(choice)
         except (QueueFull, ValueError) as e:  # none of the request runs
             for c in choices:
@@ -317,21 +386,27 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
             return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                     "total_tokens": prompt_tokens + completion}
 
+        def logprobs(entries):
+            return None if k is None else logprobs_json(entries)
+
         if not spec["stream"]:
+            entries = {c.index: list(c.echoed) for c in choices}
             try:
                 for c in choices:
-                    async for _ in c.events_until_done(timeout_s):
-                        pass
+                    async for _, new in c.events_until_done(timeout_s):
+                        entries[c.index] += new
             finally:
                 for c in choices:
                     c.request.cancel()  # a no-op for finished ones
             return {**meta, "choices": [
-                {"text": c.prefix + c.text, "index": c.index, "logprobs": None,
-                 "finish_reason": c.finish_reason} for c in choices], "usage": usage()}
+                {"text": c.prefix + c.text, "index": c.index,
+                 "logprobs": logprobs(entries[c.index]), "finish_reason": c.finish_reason}
+                for c in choices], "usage": usage()}
 
         async def events():
-            def chunk(index, text, finish_reason=None):
-                return sse({**meta, "choices": [{"text": text, "index": index, "logprobs": None,
+            def chunk(index, text, finish_reason=None, entries=()):
+                return sse({**meta, "choices": [{"text": text, "index": index,
+                                                 "logprobs": logprobs(entries),
                                                  "finish_reason": finish_reason}]})
 
             queue = asyncio.Queue()
@@ -339,9 +414,9 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
             async def pump(c):  # one task per choice, all feeding one stream
                 try:
                     if c.prefix:
-                        await queue.put(chunk(c.index, c.prefix))
-                    async for piece in c.events_until_done(timeout_s):
-                        await queue.put(chunk(c.index, piece))
+                        await queue.put(chunk(c.index, c.prefix, entries=c.echoed))
+                    async for piece, entries in c.events_until_done(timeout_s):
+                        await queue.put(chunk(c.index, piece, entries=entries))
                     await queue.put(chunk(c.index, "", c.finish_reason))
                 except APIError as e:
                     await queue.put(sse(e.body()))
