@@ -133,7 +133,7 @@ class Request:
     params: SamplingParams
     seed: int
     stop_ids: Tuple[int, ...]
-    on_token: Callable[[int], None]
+    on_token: Callable[..., None]  # (token_id) or (token_id, TokenLogprob)
     on_done: Callable[[str, Optional[BaseException]], None]
     logprobs: Optional[int] = None
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
