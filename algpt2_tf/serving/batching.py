@@ -442,7 +442,9 @@ class BatchEngine:
         def steps(count, slot, counts, params, state):
             temperature, top_k, top_p, penalty, seeds = params
             batch = tf.shape(state[0])[0]
-            at = lambda k: tf.stack([tf.range(batch), tf.fill([batch], k)], axis=1)  # noqa: E731
+
+            def at(k):  # the indices of column k of a [batch, steps, ...] output
+                return tf.stack([tf.range(batch), tf.fill([batch], k)], axis=1)
 
             def body(k, out, scores, state):
                 logits, caches, key_mask, lengths, seen = state

@@ -168,8 +168,9 @@ class Choice:
     """One choice's tokens, text and end, fed from the engine's thread into
     an asyncio queue of events for the handler."""
 
-    def __init__(self, index, prompt, prompt_ids, echo, stops, tokenizer, loop):
+    def __init__(self, index, prompt, prompt_ids, echo, stops, tokenizer, loop, logprobs=False):
         self.index, self.stops, self.tokenizer, self.loop = index, stops, tokenizer, loop
+        self.logprobs = logprobs  # the request asked for log-probabilities
         self.prefix = (prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)) \
             if echo else ""
         self.tokens = []
@@ -220,7 +221,9 @@ class Choice:
     def new_entries(self, ended=False):
         """Log-probability entries `(token text, logprob, {text: logprob}, offset)` of the
         tokens not reported yet whose text starts in what went out (all of them once the
-        choice `ended`, but for those a stop sequence cut off)."""
+        choice `ended`, but for those a stop sequence cut off); none unless asked for."""
+        if not self.logprobs:
+            return []
         upto = len(self.text) if self.cut or not ended else None
         entries = []
         while self.reported < len(self.tokens) and (upto is None
@@ -365,7 +368,7 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
                     seed = (spec["seed"] + j) % 2 ** 31 if spec["seed"] is not None else \
                         secrets.randbelow(2 ** 31)
                     choice = Choice(p * spec["n"] + j, prompt, ids, spec["echo"], spec["stops"],
-                                    tokenizer, loop)
+                                    tokenizer, loop, logprobs=k is not None)
                     choice.echoed = echoed.get(p, [])
                     choice.request = engine.submit(Request(
                         ids, spec["max_tokens"], spec["params"], seed, (tokenizer.eos_id,),
