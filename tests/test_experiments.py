@@ -207,6 +207,35 @@ def test_parse_spec_resolves_paths_against_the_spec_folder(tmp_path):
         parse_spec(tiny_spec(), str(tmp_path / "elsewhere"))
 
 
+def test_appending_arms_extends_a_folder_and_any_other_change_is_refused(tmp_path):
+    from algpt2_tf.experiments.runner import Experiment
+
+    write_corpus(tmp_path / "data")
+    out = str(tmp_path / "out")
+    logged = []
+    Experiment(parse_spec(tiny_spec(), str(tmp_path)), out, log=logged.append).check_folder()
+    stored = json.loads((tmp_path / "out" / "spec.json").read_text())
+    longer = tiny_spec()
+    longer["arms"].append({"name": "shared", "config": {"embedding_size": None},
+                           "learning_rate_from": "gpt2"})
+    Experiment(parse_spec(longer, str(tmp_path)), out, log=logged.append).check_folder()
+    assert json.loads((tmp_path / "out" / "spec.json").read_text()) == longer != stored
+    assert logged[-1].endswith("1 new arm(s): shared")
+    for change in ("an edited arm", "a dropped arm", "another budget"):
+        other = copy.deepcopy(longer)
+        if change == "an edited arm":
+            other["arms"][0]["sweep"]["learning_rate"] = [0.001, 0.003]
+            other["arms"].append({"name": "more", "config": {"lora_rank": 4}})
+        elif change == "a dropped arm":
+            other["arms"] = other["arms"][:1]
+        else:
+            other["budget"]["tokens"] = 2048
+            other["arms"].append({"name": "more", "config": {"lora_rank": 4}})
+        with pytest.raises(SpecError, match="holds a different experiment"):
+            Experiment(parse_spec(other, str(tmp_path)), out).check_folder()
+        assert json.loads((tmp_path / "out" / "spec.json").read_text()) == longer, change
+
+
 # ----------------------------------------------------------------- a run
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):

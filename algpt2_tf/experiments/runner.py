@@ -113,6 +113,13 @@ def default_learning_rate(spec, arm):
                                  spec.options.get("learning_rate", TrainOptions.learning_rate)))
 
 
+def appends_arms(stored, source):
+    """Whether spec `source` is spec `stored` with arms added at the end, nothing else changed."""
+    old, new = stored.get("arms", []), source.get("arms", [])
+    same_rest = {**stored, "arms": None} == {**source, "arms": None}
+    return same_rest and len(new) > len(old) and new[:len(old)] == old
+
+
 class Experiment:
     """One experiment folder: the spec, its tokenizer and data, and its runs.
 
@@ -131,12 +138,23 @@ class Experiment:
 
     # ---------------------------------------------------------------- setup
     def check_folder(self):
-        """Creates OUT with spec.json, or checks that OUT holds this same spec."""
+        """Creates OUT with spec.json, or checks that OUT holds this same spec.
+
+        A spec that only appends arms to the stored one extends the experiment:
+        spec.json is updated and the finished runs are kept. Any other change is
+        refused, since the finished runs would no longer match their spec.
+        """
         path = os.path.join(self.out, "spec.json")
         if os.path.exists(path):
-            if read_json(path) != self.spec.source:
-                raise SpecError(f"{self.out} holds a different experiment (spec.json differs). "
-                                "Use another --out, or the same spec to resume.")
+            stored = read_json(path)
+            if stored == self.spec.source:
+                return
+            if not appends_arms(stored, self.spec.source):
+                raise SpecError(f"{self.out} holds a different experiment (spec.json differs in more "
+                                "than appended arms). Use another --out, or the same spec to resume.")
+            added = [arm["name"] for arm in self.spec.source["arms"][len(stored["arms"]):]]
+            self.log(f"Extending {self.out} with {len(added)} new arm(s): {', '.join(added)}")
+            atomic_write_json(path, self.spec.source)
             return
         if os.path.isdir(self.out) and os.listdir(self.out):
             raise SpecError(f"{self.out} is not empty and holds no experiment (no spec.json).")
