@@ -220,17 +220,24 @@ def test_appending_arms_extends_a_folder_and_any_other_change_is_refused(tmp_pat
                            "learning_rate_from": "gpt2"})
     Experiment(parse_spec(longer, str(tmp_path)), out, log=logged.append).check_folder()
     assert json.loads((tmp_path / "out" / "spec.json").read_text()) == longer != stored
-    assert logged[-1].endswith("1 new arm(s): shared")
-    for change in ("an edited arm", "a dropped arm", "another budget"):
+    assert logged[-1].endswith("arms or seeds were added to its spec")
+    more_seeds = copy.deepcopy(longer)
+    more_seeds["arms"][0]["seeds"] = [0, 1]  # the spec's default [0], then one more
+    Experiment(parse_spec(more_seeds, str(tmp_path)), out).check_folder()
+    assert json.loads((tmp_path / "out" / "spec.json").read_text()) == more_seeds
+    longer = more_seeds
+    for change in ("an edited arm", "a dropped arm", "another budget", "a dropped seed"):
         other = copy.deepcopy(longer)
         if change == "an edited arm":
             other["arms"][0]["sweep"]["learning_rate"] = [0.001, 0.003]
             other["arms"].append({"name": "more", "config": {"lora_rank": 4}})
         elif change == "a dropped arm":
             other["arms"] = other["arms"][:1]
-        else:
+        elif change == "another budget":
             other["budget"]["tokens"] = 2048
             other["arms"].append({"name": "more", "config": {"lora_rank": 4}})
+        else:
+            other["arms"][0]["seeds"] = [1]
         with pytest.raises(SpecError, match="holds a different experiment"):
             Experiment(parse_spec(other, str(tmp_path)), out).check_folder()
         assert json.loads((tmp_path / "out" / "spec.json").read_text()) == longer, change

@@ -113,11 +113,20 @@ def default_learning_rate(spec, arm):
                                  spec.options.get("learning_rate", TrainOptions.learning_rate)))
 
 
-def appends_arms(stored, source):
-    """Whether spec `source` is spec `stored` with arms added at the end, nothing else changed."""
-    old, new = stored.get("arms", []), source.get("arms", [])
-    same_rest = {**stored, "arms": None} == {**source, "arms": None}
-    return same_rest and len(new) > len(old) and new[:len(old)] == old
+def extends(stored, source):
+    """Whether spec `source` only adds to spec `stored`: arms appended at the end,
+    seeds appended to an arm's `seeds`; nothing else changed, so every finished
+    run still belongs to its arm."""
+    old_arms, new_arms = stored.get("arms", []), source.get("arms", [])
+    if {**stored, "arms": None} != {**source, "arms": None} or len(new_arms) < len(old_arms):
+        return False
+    default = stored.get("seeds", [0])
+    for old, new in zip(old_arms, new_arms):
+        old_seeds, new_seeds = old.get("seeds", default), new.get("seeds", default)
+        if ({**old, "seeds": None} != {**new, "seeds": None}
+                or new_seeds[:len(old_seeds)] != old_seeds):
+            return False
+    return True
 
 
 class Experiment:
@@ -140,20 +149,21 @@ class Experiment:
     def check_folder(self):
         """Creates OUT with spec.json, or checks that OUT holds this same spec.
 
-        A spec that only appends arms to the stored one extends the experiment:
-        spec.json is updated and the finished runs are kept. Any other change is
-        refused, since the finished runs would no longer match their spec.
+        A spec that only appends arms or seeds to the stored one extends the
+        experiment (`extends`): spec.json is updated and the finished runs are
+        kept. Any other change is refused: finished runs would no longer match
+        their spec.
         """
         path = os.path.join(self.out, "spec.json")
         if os.path.exists(path):
             stored = read_json(path)
             if stored == self.spec.source:
                 return
-            if not appends_arms(stored, self.spec.source):
+            if not extends(stored, self.spec.source):
                 raise SpecError(f"{self.out} holds a different experiment (spec.json differs in more "
-                                "than appended arms). Use another --out, or the same spec to resume.")
-            added = [arm["name"] for arm in self.spec.source["arms"][len(stored["arms"]):]]
-            self.log(f"Extending {self.out} with {len(added)} new arm(s): {', '.join(added)}")
+                                "than appended arms or seeds). Use another --out, or the same spec "
+                                "to resume.")
+            self.log(f"Extending {self.out}: arms or seeds were added to its spec")
             atomic_write_json(path, self.spec.source)
             return
         if os.path.isdir(self.out) and os.listdir(self.out):
