@@ -290,15 +290,16 @@ def _plots(out, rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    styles = ("-", "--", ":", "-.")  # the colour cycle has 10 colours: past 10 arms, a new dash
+    for i, r in enumerate(rows):
         if r["curve"]:
             tokens, loss = zip(*r["curve"])
-            ax.plot(tokens, loss, label=r["arm"])
+            ax.plot(tokens, loss, styles[i // 10 % len(styles)], label=r["arm"])
     ax.set_xlabel("training tokens")
     ax.set_ylabel("training loss (nats/token, mean of each logging interval)")
     ax.set_title("Training loss")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, os.path.join(out, "loss.png"))
