@@ -15,6 +15,7 @@ import math
 import os
 import statistics
 
+from algpt2_tf.experiments.spec import arm_seeds
 from algpt2_tf.files import atomic_path, atomic_write_json, atomic_write_text, read_json
 
 GENERATION_COLUMNS = ("distinct_1", "distinct_2", "distinct_3", "repeated_4gram_fraction",
@@ -86,7 +87,7 @@ def summarize(spec, results):
         runs = [r for r in results if r["arm"] == arm["name"]]
         if not runs:
             continue
-        first_seed = arm.get("seeds", spec.get("seeds", [0]))[0]
+        first_seed = arm_seeds(spec, arm)[0]
         candidates = [r for r in runs if r["seed"] == first_seed] or runs
         best = best_by_valid_loss(candidates)
         chosen = [r for r in runs if r["learning_rate"] == best["learning_rate"] and "eval" in r]

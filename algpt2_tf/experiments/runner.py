@@ -22,7 +22,7 @@ import time
 import keras
 
 from algpt2_tf.experiments.report import best_by_valid_loss
-from algpt2_tf.experiments.spec import SpecError
+from algpt2_tf.experiments.spec import SpecError, arm_seeds
 from algpt2_tf.experiments.text_metrics import text_metrics
 from algpt2_tf.files import atomic_path, atomic_write_json, atomic_write_text, read_json
 
@@ -120,9 +120,8 @@ def extends(stored, source):
     old_arms, new_arms = stored.get("arms", []), source.get("arms", [])
     if {**stored, "arms": None} != {**source, "arms": None} or len(new_arms) < len(old_arms):
         return False
-    default = stored.get("seeds", [0])
     for old, new in zip(old_arms, new_arms):
-        old_seeds, new_seeds = old.get("seeds", default), new.get("seeds", default)
+        old_seeds, new_seeds = arm_seeds(stored, old), arm_seeds(source, new)
         if ({**old, "seeds": None} != {**new, "seeds": None}
                 or new_seeds[:len(old_seeds)] != old_seeds):
             return False

@@ -50,6 +50,15 @@ ARM_OPTIONS = ("learning_rate", "warmup_steps", "schedule", "min_lr_ratio", "wei
 """Training options an arm may set (`options`); data and budget are the same for every arm."""
 SPEC_OPTIONS = ARM_OPTIONS + ("checkpoint_every", "keep_checkpoints", "log_every")
 """Training options the spec's `options` may set for every arm."""
+DEFAULT_SEEDS = (0,)
+"""The seeds of a spec, and of its arms, that name none."""
+
+
+def arm_seeds(raw_spec, raw_arm):
+    """The seeds an arm of a spec as written (a dict, as in spec.json) trains with."""
+    return list(raw_arm.get("seeds", raw_spec.get("seeds", DEFAULT_SEEDS)))
+
+
 TOP_LEVEL = ("name", "description", "base", "tokenizer", "train", "budget", "options",
              "evaluation", "generation", "seeds", "baseline", "arms", "gap")
 
@@ -295,7 +304,7 @@ def parse_spec(raw, base_dir="."):
         raise SpecError("generation.prompts must be a list of non-empty strings.")
     _positive_int(generation["max_new_tokens"], "generation.max_new_tokens")
 
-    seeds = _seeds(raw.get("seeds", [0]), "seeds")
+    seeds = _seeds(raw.get("seeds", list(DEFAULT_SEEDS)), "seeds")
     arms = _arms(raw["arms"], base_config, seeds)
     if any(a.sweep for a in arms) and not valid_fraction:
         raise SpecError("A learning-rate sweep is judged on held-out training text: set "
