@@ -1,4 +1,8 @@
 PYTHON ?= python3
+# Test files run in TEST_WORKERS processes (pytest-xdist), each file whole in one
+# process so its module fixtures are built once; 0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST = $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 .PHONY: install test test-fast bench bench-quick clean
 
@@ -6,10 +10,10 @@ install:
 	$(PYTHON) -m pip install -e ".[dev,torch,jax]"
 
 test:
-	$(PYTHON) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast:
-	$(PYTHON) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 clean:
 	rm -rf build *.egg-info .pytest_cache
