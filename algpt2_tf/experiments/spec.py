@@ -52,15 +52,13 @@ SPEC_OPTIONS = ARM_OPTIONS + ("checkpoint_every", "keep_checkpoints", "log_every
 """Training options the spec's `options` may set for every arm."""
 DEFAULT_SEEDS = (0,)
 """The seeds of a spec, and of its arms, that name none."""
+TOP_LEVEL = ("name", "description", "base", "tokenizer", "train", "budget", "options",
+             "evaluation", "generation", "seeds", "baseline", "arms", "gap")
 
 
 def arm_seeds(raw_spec, raw_arm):
     """The seeds an arm of a spec as written (a dict, as in spec.json) trains with."""
     return list(raw_arm.get("seeds", raw_spec.get("seeds", DEFAULT_SEEDS)))
-
-
-TOP_LEVEL = ("name", "description", "base", "tokenizer", "train", "budget", "options",
-             "evaluation", "generation", "seeds", "baseline", "arms", "gap")
 
 
 class SpecError(ValueError):
