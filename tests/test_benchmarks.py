@@ -49,6 +49,21 @@ def test_gemv_working_set_quick(tmp_path):
     assert "| 1 | 9.4 | 1 |" in (tmp_path / "gemv.md").read_text()
 
 
+@pytest.mark.slow
+def test_int8_gemv_quick(tmp_path):
+    """`benchmarks/int8_gemv.py --quick` times float32 and int8 x int8 block steps, writes JSON and a table."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "int8"
+    done = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "int8_gemv.py"),
+                           "--quick", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "int8.json").read_text())
+    assert report["cpu"] == cpu_info()
+    assert [r["name"] for r in report["rows"]] == ["float32", "int8 x int8 m=1"]
+    assert all(r["us_per_step"] > 0 for r in report["rows"])
+    assert report["rows"][0]["speed_vs_float32"] == 1.0
+    assert "| int8 x int8 m=1 |" in (tmp_path / "int8.md").read_text()
+
 def test_benchmark_gpu_variant_plan_and_guard():
     """`bench.py --gpu` plans only bf16 training, GPU-sized, and refuses to start without a GPU."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
