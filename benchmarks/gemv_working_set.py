@@ -10,16 +10,15 @@ one intra-op thread (XLA splits each product over the intra-op threads).
     python benchmarks/gemv_working_set.py [--quick] [--out benchmarks/results/gemv_working_set]
 """
 
-import argparse
 import json
 import os
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from algpt2_tf.cpu_info import cpu_info, cpu_summary  # noqa: E402
+from case_process import parse_args, run_in_process  # noqa: E402
 
 ROWS, COLS = 3072, 768
 CASES = [dict(matrices=n, threads=0) for n in (1, 2, 3, 4, 6)] + [dict(matrices=1, threads=1)]
@@ -60,21 +59,15 @@ def run_case(matrices, threads, steps):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "gemv_working_set"))
-    parser.add_argument("--quick", action="store_true", help="two short cases (a harness check)")
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, as JSON
-    args = parser.parse_args()
+    args = parse_args(__doc__, "gemv_working_set")
     if args.case:
         print(json.dumps(run_case(**json.loads(args.case))))
         return
     rows = []
     for case in QUICK_CASES if args.quick else CASES:
         case = dict(case, steps=10 if args.quick else 300)
-        out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
-                             check=True, capture_output=True, text=True).stdout
         result = dict(case, working_set_mb=case["matrices"] * ROWS * COLS * 4 / 1e6,
-                      **json.loads(out.strip().splitlines()[-1]))
+                      **run_in_process(__file__, case))
         print(result, flush=True)
         rows.append(result)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -25,16 +25,15 @@ int8), each output feeding the next:
     python benchmarks/int8_gemv.py [--quick] [--out benchmarks/results/int8_gemv]
 """
 
-import argparse
 import json
 import os
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from algpt2_tf.cpu_info import cpu_info, cpu_summary  # noqa: E402
+from case_process import parse_args, run_in_process  # noqa: E402
 
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # an algpt2 block's kernels
 YNN_DOTS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
@@ -98,22 +97,14 @@ def run_case(name, steps, xla_flags=""):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "int8_gemv"))
-    parser.add_argument("--quick", action="store_true", help="two short cases (a harness check)")
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, as JSON
-    args = parser.parse_args()
+    args = parse_args(__doc__, "int8_gemv")
     if args.case:
         print(json.dumps(run_case(**json.loads(args.case))))
         return
     rows = []
     for case in QUICK_CASES if args.quick else CASES:
         case = dict(case, steps=5 if args.quick else 200)
-        env = dict(os.environ, XLA_FLAGS=" ".join(
-            f for f in (os.environ.get("XLA_FLAGS", ""), case.get("xla_flags", "")) if f))
-        out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], env=env,
-                             check=True, capture_output=True, text=True).stdout
-        rows.append(dict(case, **json.loads(out.strip().splitlines()[-1])))
+        rows.append(dict(case, **run_in_process(__file__, case, case.get("xla_flags", ""))))
         print(rows[-1], flush=True)
     float_us = rows[0]["us_per_step"]
     for row in rows:

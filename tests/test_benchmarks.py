@@ -33,36 +33,37 @@ def test_benchmark_harness_quick(tmp_path):
     assert table.startswith(f"CPU: {cpu_summary(cpu_info())}")
 
 
+def run_quick(script, tmp_path):
+    """Runs `benchmarks/<script> --quick`; returns its JSON report and markdown table."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", script), "--quick",
+                           "--out", str(tmp_path / "quick")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "quick.json").read_text())
+    assert report["cpu"] == cpu_info()
+    return report, (tmp_path / "quick.md").read_text()
+
+
 @pytest.mark.slow
 def test_gemv_working_set_quick(tmp_path):
     """`benchmarks/gemv_working_set.py --quick` times its two cases and writes JSON and a table."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / "gemv"
-    done = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "gemv_working_set.py"),
-                           "--quick", "--out", str(out)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "gemv.json").read_text())
+    report, table = run_quick("gemv_working_set.py", tmp_path)
     rows = report["rows"]
-    assert report["cpu"] == cpu_info()
     assert [(r["matrices"], r["threads"]) for r in rows] == [(1, 0), (1, 1)]
     assert all(r["gb_per_s"] > 0 and r["us_per_product"] > 0 for r in rows)
-    assert "| 1 | 9.4 | 1 |" in (tmp_path / "gemv.md").read_text()
+    assert "| 1 | 9.4 | 1 |" in table
 
 
 @pytest.mark.slow
 def test_int8_gemv_quick(tmp_path):
     """`benchmarks/int8_gemv.py --quick` times float32 and int8 x int8 block steps, writes JSON and a table."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / "int8"
-    done = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "int8_gemv.py"),
-                           "--quick", "--out", str(out)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "int8.json").read_text())
-    assert report["cpu"] == cpu_info()
-    assert [r["name"] for r in report["rows"]] == ["float32", "int8 x int8 m=1"]
-    assert all(r["us_per_step"] > 0 for r in report["rows"])
-    assert report["rows"][0]["speed_vs_float32"] == 1.0
-    assert "| int8 x int8 m=1 |" in (tmp_path / "int8.md").read_text()
+    report, table = run_quick("int8_gemv.py", tmp_path)
+    rows = report["rows"]
+    assert [r["name"] for r in rows] == ["float32", "int8 x int8 m=1"]
+    assert all(r["us_per_step"] > 0 for r in rows)
+    assert rows[0]["speed_vs_float32"] == 1.0
+    assert "| int8 x int8 m=1 |" in table
+
 
 def test_benchmark_gpu_variant_plan_and_guard():
     """`bench.py --gpu` plans only bf16 training, GPU-sized, and refuses to start without a GPU."""
