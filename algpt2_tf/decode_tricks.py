@@ -32,8 +32,10 @@ activations too), although a lone bfloat16 matrix-vector product outside a
 loop runs 2x faster (143 vs 283 us for 768 x 3072); int8 kernels held as
 bfloat16 integers, 88.0. AMX serves matrix products, not batch-1 steps.
 An int8 model's copies are dequantized once per call: XLA:CPU has no faster
-matrix-vector product for int8 weights either, so int8 models decode at
-float32 speed and keep their 4x smaller weights at rest.
+matrix-vector product for int8 weights either (int8 x int8 products, fused
+in-loop conversions and YNNPACK's dots all run 0.4-0.8x float32 on AMD Zen 3:
+`benchmarks/int8_gemv.py`), so int8 models decode at float32 speed and keep
+their 4x smaller weights at rest.
 
 Measured gains of each switch, per CPU: `benchmarks/decode_tricks.py` and
 `benchmarks/results/decode_tricks_*.md`. Choose switches with `Generator(model,
