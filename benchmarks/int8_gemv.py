@@ -12,8 +12,8 @@ int8), each output feeding the next:
 
   float32             `x @ W`, the float model's product.
   int8 dequantized    `x @ (float(W_int8) * scale)`, what Keras' weight-only
-                      int8 computes; XLA converts the loop-invariant kernel
-                      once, before the loop, and the loop reads float32.
+                      int8 computes; the conversion is loop-invariant, so XLA
+                      may hoist it out of the loop (not checked here).
   int8 in-loop reduce the conversion kept inside the loop (made to depend on
                       the step) as one fused multiply-and-sum over int8 bytes.
   int8 x int8 m=1     the row quantized to int8 too (one scale per row), an
@@ -43,7 +43,10 @@ QUICK_CASES = [CASES[0], CASES[3]]  # checks the harness
 
 
 def run_case(name, steps, xla_flags=""):
-    """Times `steps` decode-like steps of `name`; returns microseconds per step."""
+    """Times `steps` decode-like steps of `name`; returns microseconds per step.
+
+    `xla_flags` is part of the case only for the parent, which set them in this process's environment.
+    """
     import time
 
     import numpy as np
