@@ -85,9 +85,10 @@ def per_row_tokens(logits, seen, temperature, top_k, top_p, penalty, seeds, step
             == 0` and `top_p == 1` filter nothing), as in `SamplingParams`.
         seeds: int32 `[batch]`; steps: int32 `[batch]`, each row's tokens so far.
     Returns:
-        int32 `[batch]`. A sampled row draws by the Gumbel-max trick with
-        uniforms from `stateless_uniform(seed=(seeds[b], steps[b]))`: the
-        same row, seed and step give the same token in any batch.
+        int32 `[batch]`. A sampled row draws one uniform from
+        `stateless_uniform(seed=(seeds[b], steps[b]))` and picks its token by
+        `inverse_cdf_sample`: the same row, seed and step give the same token
+        in any batch.
     """
     vocab = tf.shape(logits)[-1]
     penalized = apply_repetition_penalty(logits, seen, penalty)
@@ -109,14 +110,57 @@ def per_row_tokens(logits, seen, temperature, top_k, top_p, penalty, seeds, step
 
         needs_filter = tf.reduce_any(tf.logical_or(top_k > 1, top_p < 1.0))
         scaled = tf.cond(needs_filter, filtered, lambda: scaled)
-        uniforms = tf.map_fn(
-            lambda pair: tf.random.stateless_uniform([vocab], seed=pair, minval=1e-20, maxval=1.0),
-            tf.stack([seeds, steps], axis=1), fn_output_signature=tf.float32)
-        return first_argmax(scaled - tf.math.log(-tf.math.log(uniforms)))
+        uniforms = tf.map_fn(lambda pair: tf.random.stateless_uniform([], seed=pair),
+                             tf.stack([seeds, steps], axis=1), fn_output_signature=tf.float32)
+        return inverse_cdf_sample(scaled, uniforms)
 
     picked = tf.cond(tf.reduce_all(greedy), lambda: tf.zeros([tf.shape(logits)[0]], tf.int32),
                      sampled)
     return tf.where(greedy, first_argmax(penalized), picked)
+
+
+SAMPLE_BLOCK = 256
+"""The block width of `inverse_cdf_sample`'s two-level cumulative sum."""
+
+
+def inverse_cdf_sample(logits, uniforms):
+    """One index per row drawn from `softmax(logits)`: the first index whose
+    cumulative probability exceeds the row's uniform in [0, 1).
+
+    Args:
+        logits: float `[batch, vocab]` (`-inf` for tokens that may not be drawn).
+        uniforms: float `[batch]` in [0, 1).
+    Returns:
+        int32 `[batch]`.
+
+    One uniform per row instead of one per token (the Gumbel-max trick this
+    replaced): drawing 16 rows over a 50257-word vocabulary took 69 ms by
+    Gumbel-max and 10.8 ms by a plain inverse CDF, most of it `tf.cumsum` over
+    the vocabulary, which XLA:CPU runs slowly (4.9 ms for 16 rows). So the
+    sum runs in two levels: the running total of the blocks of `SAMPLE_BLOCK`
+    tokens picks the block, a running total inside that block the token (same
+    draw as one long cumulative sum, up to float rounding).
+
+    Example:
+    >>> int(inverse_cdf_sample(tf.math.log([[0.25, 0.0, 0.75]]), tf.constant([0.3]))[0])
+    2
+    """
+    batch, vocab = tf.shape(logits)[0], tf.shape(logits)[1]
+    weights = tf.exp(logits - tf.reduce_max(logits, axis=-1, keepdims=True))
+    weights = tf.pad(weights, [[0, 0], [0, (-vocab) % SAMPLE_BLOCK]])  # padding: weight 0
+    blocks = tf.reshape(weights, [batch, -1, SAMPLE_BLOCK])
+    block_ends = tf.cumsum(tf.reduce_sum(blocks, axis=-1), axis=-1)  # [batch, blocks]
+    target = uniforms * block_ends[:, -1]
+    # The first block whose running total passes the target (never an empty one).
+    block = tf.minimum(tf.reduce_sum(tf.cast(block_ends <= target[:, None], tf.int32), -1),
+                       tf.shape(blocks)[1] - 1)
+    inside = tf.gather(blocks, block, batch_dims=1)  # [batch, SAMPLE_BLOCK]
+    before = tf.gather(block_ends, block, batch_dims=1) - tf.reduce_sum(inside, axis=-1)
+    ends = tf.cumsum(inside, axis=-1)
+    index = tf.reduce_sum(tf.cast(ends <= (target - before)[:, None], tf.int32), -1)
+    # Rounding can put the target past the block's own total: take its last drawable token.
+    last = SAMPLE_BLOCK - 1 - first_argmax(tf.cast(tf.reverse(inside, [1]) > 0, tf.float32))
+    return block * SAMPLE_BLOCK + tf.minimum(index, last)
 
 
 # ---------------------------------------------------------------- requests
