@@ -282,7 +282,7 @@ def _serve(args):
               api_key=args.api_key or os.environ.get("ALGPT2_API_KEY"),
               max_batch=args.max_batch, window_s=args.batch_window_ms / 1000,
               max_queue=args.max_queue, batching=not args.no_batching, timeout_s=args.timeout,
-              max_request_bytes=args.max_request_bytes)
+              max_request_bytes=args.max_request_bytes, warm_up=not args.no_warm_up)
         return
     if args.model_name is None:
         raise UsageError("--model-base-path needs --model-name.")
@@ -338,6 +338,9 @@ def _add_serving_commands(sub):
                    help="how long a batch waits for more requests (--model)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--no-batching", action="store_true", help="run each request alone")
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="start without compiling the first batch shapes (--model; the first "
+                        "requests then wait for the compiles)")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument("--poll-seconds", type=float, default=1.0, help="how often to look for new versions")

@@ -326,3 +326,26 @@ def test_algpt2_serve_model_starts_the_api(tmp_path, model):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_warm_up_compiles_what_a_batch_with_a_join_runs(model):
+    """After `warm_up`, a batch that a request joins builds no new compiled function."""
+    engine = BatchEngine(model, max_batch=4, window_s=0.0)
+    assert engine.warm_up() > 0
+    compiled = set(engine._functions)
+    assert {key[0] for key in compiled} == {"prefill", "steps", "join"}
+    done = [threading.Event() for _ in range(2)]
+    first_tokens = []
+
+    def first_token(token):  # the first request's 2nd token brings the second
+        first_tokens.append(token)
+        if len(first_tokens) == 2:
+            engine.submit(Request([9, 10, 11], 4, SamplingParams(1.0), 2, (), lambda t: None,
+                                  lambda reason, error: done[1].set()))
+
+    engine.submit(Request([5, 6, 7], 12, SamplingParams(1.0), 1, (), first_token,
+                          lambda reason, error: done[0].set()))
+    for event in done:
+        assert event.wait(60)
+    engine.close()
+    assert engine.joined == 1 and set(engine._functions) == compiled

@@ -281,6 +281,30 @@ class BatchEngine:
                                                         top_values[i, :k].tolist())))
                 for i in range(n - 1)]
 
+    def warm_up(self, prompt_tokens=PROMPT_BUCKET):
+        """Compiles what a batch in the first cache segment runs, so no client
+        waits on a compile: the prefill, the decode steps (without
+        log-probabilities) and a join of a prompt of up to `prompt_tokens`
+        tokens. Call it before serving (`algpt2 serve` does unless
+        `--no-warm-up`); returns the seconds it took.
+
+        Why: a first join inside a served batch compiled for 3.5 s on
+        algpt2-tiny, stalling every row of that batch (benchmarks/serve_load.py).
+        """
+        start = time.perf_counter()
+        size, length = self.max_batch, cache_lengths(self.model.config.max_positions)[0]
+        prompt_len = min(_round_up(prompt_tokens, PROMPT_BUCKET), length - 1)
+        ids, mask = np.zeros((size, prompt_len), np.int32), np.ones((size, prompt_len), np.int32)
+        state = self._function("prefill", length)(ids, mask)
+        params = (np.ones(size, np.float32), np.zeros(size, np.int32), np.ones(size, np.float32),
+                  np.ones(size, np.float32), np.zeros(size, np.int32))
+        _, _, state = self._function("steps", length, False)(
+            np.int32(1), np.int32(prompt_len), np.zeros(size, np.int32), params, state)
+        if size > 1:
+            self._function("join", length, prompt_len)(
+                state, np.int32(0), ids[:1], mask[:1], np.int32(prompt_len + 1))
+        return time.perf_counter() - start
+
     def close(self):
         """Stops the worker after the batch it is running; requests still waiting end
         "cancelled"."""

@@ -451,9 +451,10 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
 
 def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None, max_batch=16,
           window_s=0.01, max_queue=256, batching=True, timeout_s=60.0,
-          max_request_bytes=1 << 20):
+          max_request_bytes=1 << 20, warm_up=True):
     """Loads a model (run folder, .keras file, HF folder or preset name) and
-    serves it until interrupted."""
+    serves it until interrupted; with `warm_up`, compiles the common batch
+    shapes first (`BatchEngine.warm_up`)."""
     import os
 
     import uvicorn
@@ -466,9 +467,10 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
     name = model_name or os.path.basename(os.path.normpath(model_path)).removesuffix(".keras")
     engine = BatchEngine(model, max_batch=max_batch, window_s=window_s, max_queue=max_queue,
                          batching=batching)
+    warmed = f"; compiled the first batch shapes in {engine.warm_up():.1f} s" if warm_up else ""
     app = create_app(engine, tokenizer, name, api_key, max_request_bytes, timeout_s)
     print(f"Serving {name} on http://{host}:{port}/v1 (OpenAI completions API; "
-          f"batching {'up to ' + str(max_batch) if batching else 'off'})", flush=True)
+          f"batching {'up to ' + str(max_batch) if batching else 'off'}{warmed})", flush=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
