@@ -410,6 +410,12 @@ def train(options, log=print):
                          "on a shared filesystem.")
 
     keras.utils.set_random_seed(options.seed)
+    if options.mixed_precision == "bf16" and not keras.distribution.list_devices("gpu"):
+        from algpt2_tf.cpu_info import bf16_training_warning
+
+        warning = bf16_training_warning()
+        if warning:
+            log(warning)
     if options.mixed_precision:
         keras.config.set_dtype_policy(
             "mixed_bfloat16" if options.mixed_precision == "bf16" else "mixed_float16")

@@ -1,7 +1,8 @@
 import json
 
 from algpt2_tf import cpu_info
-from algpt2_tf.cpu_info import cpu_family, cpu_info as read_cpu_info, cpu_summary, has_avx512
+from algpt2_tf.cpu_info import (bf16_training_warning, cpu_family, cpu_info as read_cpu_info,
+                                cpu_summary, has_avx512, has_bf16_units)
 
 XEON = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -53,3 +54,16 @@ def test_this_machine_is_described():
     assert set(info) == {"vendor", "model_name", "family", "model", "features", "cache_kb",
                          "logical_cpus"}
     assert set(info["features"]) <= set(cpu_info.FEATURES)
+
+
+def test_bf16_training_warning_only_on_x86_cpus_without_bf16_units(tmp_path):
+    (tmp_path / "xeon").write_text(XEON)
+    xeon = read_cpu_info(str(tmp_path / "xeon"), str(tmp_path / "none"))
+    zen3 = dict(xeon, vendor="AuthenticAMD", model_name="AMD EPYC", family=25, model=1,
+                features=["avx2", "fma"])
+    assert has_bf16_units(xeon) and bf16_training_warning(xeon) is None
+    assert not has_bf16_units(zen3)
+    assert "AMD EPYC" in bf16_training_warning(zen3) and "no bfloat16 units" in \
+        bf16_training_warning(zen3)
+    unknown = read_cpu_info(str(tmp_path / "missing"), str(tmp_path / "none"))
+    assert bf16_training_warning(unknown) is None  # not x86 as far as we know: no claim

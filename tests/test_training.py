@@ -83,11 +83,16 @@ def test_sop_training_and_grad_accum(tmp_path, small_config, corpus):
 
 
 def test_mixed_precision_training(tmp_path, small_config, corpus):
+    from algpt2_tf.cpu_info import bf16_training_warning
+
+    lines = []
     result = train(options(tmp_path, small_config, corpus, mixed_precision="bf16", steps=4),
-                   log=lambda *_: None)
+                   log=lines.append)
     model = load_model(result["model"])
     assert model.embedding.token_embeddings.dtype == "float32"
     assert keras.config.dtype_policy().name == "float32"
+    # Warned exactly when this CPU lacks bfloat16 units.
+    assert (bf16_training_warning() in lines) == (bf16_training_warning() is not None)
 
 
 def test_bf16_loss_curve_tracks_float32(tmp_path, small_config, corpus):
