@@ -8,6 +8,7 @@ runs. Ratios compare against the peer measured in the same run.
     python benchmarks/bench.py              # full suite (CPU; tens of minutes on 2 cores)
     python benchmarks/bench.py --quick      # CI smoke: tiny shapes, one run each
     python benchmarks/bench.py --gpu        # the training case on a GPU, bf16, larger batch
+    python benchmarks/bench.py --only train --match "fp32 .* xla|fused"  # some variants
 
 Writes benchmarks/results/latest.json and latest.md (or --out PREFIX).
 """
@@ -15,6 +16,7 @@ Writes benchmarks/results/latest.json and latest.md (or --out PREFIX).
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -388,6 +390,13 @@ def plan(quick, gpu):
             "backend": backends, "matmul_peak": [dict(kind="matmul_peak", quick=quick)]}
 
 
+def select(cases, pattern):
+    """The cases of `plan` whose `label` matches `pattern` (re.search); kinds left empty go."""
+    chosen = {kind: [c for c in variants if re.search(pattern, label(c))]
+              for kind, variants in cases.items()}
+    return {kind: variants for kind, variants in chosen.items() if variants}
+
+
 def label(case):
     if case["kind"] == "backend":
         compiled = " torch.compile" if case.get("torch_compile") else ""
@@ -494,6 +503,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="+", help="case kinds to run (train forward decode "
                         "tflite_decode backend matmul_peak)")
+    parser.add_argument("--match", help="only the cases whose label (as printed, e.g. "
+                        "'algpt2 precision=fp32 batch=4 xla') matches this regular expression")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "latest"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -508,6 +519,8 @@ def main():
     cases = plan(args.quick, args.gpu)
     if args.only:
         cases = {k: v for k, v in cases.items() if k in args.only}
+    if args.match:
+        cases = select(cases, args.match)
     results = []
     peak = None
     for kind, variants in cases.items():

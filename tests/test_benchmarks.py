@@ -77,6 +77,11 @@ def test_benchmark_gpu_variant_plan_and_guard():
     assert list(cases) == ["train"]
     assert {(c["precision"], c["batch"], c["seq_len"]) for c in cases["train"]} == {("bf16", 32, 512)}
     assert {c["model"] for c in cases["train"]} == {"algpt2", "gpt2", "peer"}
+    picked = bench.select(bench.plan(quick=False, gpu=False), "fp32 .* xla|fused")
+    assert [bench.label(c) for c in picked["train"]] == [
+        f"{m} precision={p} batch=4 {v}" for p, v in (("fp32", "xla"), ("bf16", "fused"))
+        for m in ("algpt2", "gpt2", "peer")]
+    assert list(picked) == ["train", "forward"]  # forward's xla variants match too
     if not bench.gpu_visible():  # CI has no GPU: a clear error, exit code 2
         done = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "bench.py"), "--gpu"],
                               capture_output=True, text=True, timeout=120)
