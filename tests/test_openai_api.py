@@ -333,7 +333,7 @@ def test_warm_up_compiles_what_a_batch_with_a_join_runs(model):
     engine = BatchEngine(model, max_batch=4, window_s=0.0)
     assert engine.warm_up() > 0
     compiled = set(engine._functions)
-    assert {key[0] for key in compiled} == {"prefill", "steps", "join"}
+    assert {key[0] for key in compiled} == {"prefill", "steps", "join", "shift"}
     done = [threading.Event() for _ in range(2)]
     first_tokens = []
 
@@ -349,3 +349,41 @@ def test_warm_up_compiles_what_a_batch_with_a_join_runs(model):
         assert event.wait(60)
     engine.close()
     assert engine.joined == 1 and set(engine._functions) == compiled
+
+
+def test_a_batch_compacts_its_cache_so_a_late_request_joins(model):
+    """A request whose tokens would not fit after the current slot joins once the batch
+    drops the slots its running rows no longer use, and gets the tokens it gets alone."""
+    engine = BatchEngine(model, max_batch=4, window_s=0.0)  # the model has 64 positions
+    late = [([9, 10, 11], 40, SamplingParams(1.0, 0, 0.9), 4),  # joins at slot 20
+            ([40, 41], 40, SamplingParams(0.8, 10, 1.0, 1.3), 7)]  # arrives at slot 36
+    alone = [engine.generate(p, n, params, seed) for p, n, params, seed in late]
+    first_alone = engine.generate([5, 6, 7], 20, SamplingParams(1.0), 1)
+    results = [([], threading.Event(), {}) for _ in range(3)]
+
+    def request(i, prompt, n, params, seed, on_token=None, on_done=None):
+        tokens, done, end = results[i]
+
+        def finished(reason, error):
+            end.update(reason=reason)
+            if on_done:
+                on_done()
+            done.set()
+
+        return Request(prompt, n, params, seed, (), on_token or tokens.append, finished)
+
+    def first_token(token):  # the first request's 4th token (slot 20) brings the second
+        results[0][0].append(token)
+        if len(results[0][0]) == 4:
+            engine.submit(request(1, *late[0]))
+
+    # The third comes when the first ends at slot 36: 36 + 40 > 64 slots, but the second
+    # row starts at slot 17, so dropping 17 slots lets it in at slot 19.
+    engine.submit(request(0, [5, 6, 7], 20, SamplingParams(1.0), 1, first_token,
+                          lambda: engine.submit(request(2, *late[1]))))
+    for _, done, _ in results:
+        assert done.wait(60)
+    engine.close()
+    got = [(tokens, end["reason"]) for tokens, _, end in results]
+    assert got == [first_alone] + alone
+    assert engine.joined == 2 and engine.batches_run == len(late) + 2  # one batch for all three

@@ -15,7 +15,9 @@ own tokens, so from there the row computes what a batch of its own would.
 A request joins when its padded prompt fits before the current slot and its
 tokens after it (the cache grows, 64, 128, 256, ... slots, up to
 `max_positions`); otherwise it waits for the next batch, first come first
-served.
+served. Before it would grow the cache (or wait), the batch drops the
+leading slots that no running row uses any more and shifts the rest left
+(compaction), so a busy batch keeps a short cache.
 
 Each request keeps its own sampling settings and seed: `per_row_tokens`
 picks a row's token from that row's logits, settings and a random stream
@@ -284,8 +286,8 @@ class BatchEngine:
     def warm_up(self, prompt_tokens=PROMPT_BUCKET):
         """Compiles what a batch in the first cache segment runs, so no client
         waits on a compile: the prefill, the decode steps (without
-        log-probabilities) and a join of a prompt of up to `prompt_tokens`
-        tokens. Call it before serving (`algpt2 serve` does unless
+        log-probabilities), a join of a prompt of up to `prompt_tokens`
+        tokens and the compaction's shift. Call it before serving (`algpt2 serve` does unless
         `--no-warm-up`); returns the seconds it took.
 
         Why: a first join inside a served batch compiled for 3.5 s on
@@ -301,8 +303,9 @@ class BatchEngine:
         _, _, state = self._function("steps", length, False)(
             np.int32(1), np.int32(prompt_len), np.zeros(size, np.int32), params, state)
         if size > 1:
-            self._function("join", length, prompt_len)(
+            state = self._function("join", length, prompt_len)(
                 state, np.int32(0), ids[:1], mask[:1], np.int32(prompt_len + 1))
+            self._function("shift", length)(state, np.int32(1))
         return time.perf_counter() - start
 
     def close(self):
@@ -379,6 +382,9 @@ class BatchEngine:
         for i, r in enumerate(requests):
             self._set_params(params, i, r)
         counts = np.zeros(size, np.int32)  # each row's tokens so far (its random stream's step)
+        starts = np.zeros(size, np.int64)  # each row's first cache slot in use
+        for i, r in enumerate(requests):
+            starts[i] = padded - len(r.prompt_ids)
         state = self._function("prefill", length)(ids, mask)
         slot = padded
         for i, r in enumerate(requests):
@@ -388,6 +394,11 @@ class BatchEngine:
         while any(r is not None for r in rows):
             self.active = sum(r is not None for r in rows)
             free = [i for i, r in enumerate(rows) if r is None]
+            drop = self._slots_to_drop(free, rows, starts, slot, length)
+            if drop:
+                state = self._function("shift", length)(state, np.int32(drop))
+                slot -= drop
+                starts -= drop
             for r in self._joiners(len(free), slot, limit) if size > 1 else []:
                 i = free.pop(0)
                 need = cache_length(slot + r.max_new_tokens, limit)
@@ -398,7 +409,7 @@ class BatchEngine:
                 ids, mask = left_pad([r.prompt_ids], prompt_len, 0)
                 state = self._function("join", length, prompt_len)(
                     state, np.int32(i), ids, mask, np.int32(slot))
-                rows[i], counts[i] = r, 0
+                rows[i], counts[i], starts[i] = r, 0, slot - len(r.prompt_ids)
                 self._set_params(params, i, r)
                 self.joined += 1
             live = [i for i, r in enumerate(rows) if r is not None]
@@ -432,6 +443,21 @@ class BatchEngine:
                         r.on_done("stop" if token in r.stop_ids else "length", None)
                     counts[i] += 1
 
+    def _slots_to_drop(self, free, rows, starts, slot, length):
+        """Compaction: how many leading cache slots to drop before admitting
+        waiting requests (0: none). The running rows' slots shift left by the
+        slots no running row uses any more, when the first waiting request's
+        tokens would not fit in the cache otherwise (it would grow it, or wait
+        for the next batch). Attention reads keys by mask, not by slot, so a
+        shifted row computes the same; without this a busy batch's cache
+        only grew (to 512 slots on algpt2-tiny, each step attending over all).
+        """
+        with self._wake:
+            head = self._pending[0] if self._pending and free and self.max_batch > 1 else None
+        if head is None or slot + head.max_new_tokens <= length:
+            return 0
+        return int(min(starts[i] for i, r in enumerate(rows) if r is not None))
+
     @staticmethod
     def _set_params(params, i, r):
         p = r.params
@@ -444,6 +470,7 @@ class BatchEngine:
         key = (kind,) + shape
         if key not in self._functions:
             build = {"prefill": self._build_prefill, "grow": self._build_grow,
+                     "shift": self._build_shift,
                      "join": self._build_join, "steps": self._build_steps,
                      "score": self._build_score}[kind]
             self._functions[key] = build(*shape)
@@ -465,6 +492,17 @@ class BatchEngine:
             return chosen, top_ids, top_values
 
         return tf.function(score, jit_compile=True)
+
+    def _build_shift(self, length):
+        """`(state, drop) -> state` with every row's cache slots moved `drop` to the left
+        (the first `drop` slots are let go; the freed end is masked out)."""
+        def shift(state, drop):
+            logits, caches, key_mask, lengths, seen = state
+            caches = [tuple(tf.roll(c, -drop, axis=2) for c in pair) for pair in caches]
+            kept = tf.cast(tf.range(length) < length - drop, tf.int32)
+            return logits, caches, tf.roll(key_mask, -drop, axis=1) * kept[None], lengths, seen
+
+        return tf.function(shift, jit_compile=True)
 
     def _build_grow(self, length, new_length):
         def grow(state):

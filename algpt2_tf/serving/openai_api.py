@@ -430,11 +430,14 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
             try:
                 ended = 0
                 while ended < len(tasks):
-                    item = await queue.get()
-                    if item is None:
-                        ended += 1
-                    else:
-                        yield item
+                    # The engine hands over a row's tokens `steps_per_call` at a time: what
+                    # is queued goes out in one write (still one SSE event per token).
+                    items = [await queue.get()]
+                    while not queue.empty():
+                        items.append(queue.get_nowait())
+                    ended += items.count(None)
+                    if any(item is not None for item in items):
+                        yield "".join(item for item in items if item is not None)
                 if spec["include_usage"]:
                     yield sse({**meta, "choices": [], "usage": usage()})
                 yield "data: [DONE]\n\n"
