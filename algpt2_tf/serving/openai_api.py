@@ -240,8 +240,11 @@ class Choice:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                kind, value = await asyncio.wait_for(self.events.get(),
-                                                     max(deadline - time.monotonic(), 0.001))
+                if not self.events.empty():  # tokens come `steps_per_call` at a time: no wait
+                    kind, value = self.events.get_nowait()
+                else:
+                    kind, value = await asyncio.wait_for(self.events.get(),
+                                                         max(deadline - time.monotonic(), 0.001))
             except asyncio.TimeoutError:
                 self.request.cancel()
                 raise APIError(504, f"The request took longer than {timeout_s:g} s.",
@@ -291,6 +294,26 @@ def logprobs_json(entries):
 
 
 # ------------------------------------------------------------------ the app
+class RequireAPIKey:
+    """ASGI middleware: 401 in OpenAI's shape unless `Authorization: Bearer <api_key>`.
+
+    Plain ASGI rather than `@app.middleware("http")`, whose wrapper passes every
+    streamed chunk through an extra in-memory stream."""
+
+    def __init__(self, app, api_key):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = APIError(401, "Invalid or missing API key: send 'Authorization: "
+                                         "Bearer KEY'.", code="invalid_api_key").response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 << 20,
                timeout_s=60.0):
     """The FastAPI app serving `engine`'s model as `model_name`."""
@@ -311,14 +334,8 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
         return APIError(405, f"Method {request.method} not allowed on {request.url.path}.")\
             .response()
 
-    @app.middleware("http")
-    async def _authorize(request, call_next):
-        if api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return APIError(401, "Invalid or missing API key: send 'Authorization: Bearer "
-                                     "KEY'.", code="invalid_api_key").response()
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(RequireAPIKey, api_key=api_key)
 
     def model_card():
         return {"id": model_name, "object": "model", "created": created, "owned_by": "algpt2-tf",
