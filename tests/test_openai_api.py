@@ -387,3 +387,25 @@ def test_a_batch_compacts_its_cache_so_a_late_request_joins(model):
     got = [(tokens, end["reason"]) for tokens, _, end in results]
     assert got == [first_alone] + alone
     assert engine.joined == 2 and engine.batches_run == len(late) + 2  # one batch for all three
+
+
+def test_joins_shifts_and_steps_compile_once_for_every_slot(model):
+    """The slot a row joins at, the slots a shift drops and the slot the steps start at are
+    run-time values: the compiled program is the same for any of them (a shape that
+    depended on one made XLA compile each join anew, 2 s a time, inside served batches)."""
+    engine = BatchEngine(model, max_batch=2, window_s=0.0)
+    ids, mask = np.zeros((2, 16), np.int32), np.ones((2, 16), np.int32)
+    state = engine._function("prefill", 64)(ids, mask)
+    params = (np.ones(2, np.float32), np.zeros(2, np.int32), np.ones(2, np.float32),
+              np.ones(2, np.float32), np.zeros(2, np.int32))
+    calls = {"join": (engine._function("join", 64, 16),
+                      lambda v: (state, np.int32(0), ids[:1], mask[:1], np.int32(v))),
+             "shift": (engine._function("shift", 64), lambda v: (state, np.int32(v - 16))),
+             "steps": (engine._function("steps", 64, False),
+                       lambda v: (np.int32(4), np.int32(v), np.zeros(2, np.int32), params,
+                                  state))}
+    for name, (function, args) in calls.items():
+        programs = {function.experimental_get_compiler_ir(*args(v))(stage="hlo")
+                    for v in (20, 36)}
+        assert len(programs) == 1, name
+    engine.close()
