@@ -287,8 +287,8 @@ class BatchEngine:
         """Compiles what a batch in the first cache segment runs, so no client
         waits on a compile: the prefill, the decode steps (without
         log-probabilities), a join of a prompt of up to `prompt_tokens`
-        tokens and the compaction's shift. Call it before serving (`algpt2 serve` does unless
-        `--no-warm-up`); returns the seconds it took.
+        tokens and the compaction's shift. Call it before serving (`algpt2
+        serve` does unless `--no-warm-up`); returns the seconds it took.
 
         Why: a first join inside a served batch compiled for 3.5 s on
         algpt2-tiny, stalling every row of that batch (benchmarks/serve_load.py).
@@ -456,7 +456,7 @@ class BatchEngine:
             head = self._pending[0] if self._pending and free and self.max_batch > 1 else None
         if head is None or slot + head.max_new_tokens <= length:
             return 0
-        return int(min(starts[i] for i, r in enumerate(rows) if r is not None))
+        return max(0, int(min(starts[i] for i, r in enumerate(rows) if r is not None)))
 
     @staticmethod
     def _set_params(params, i, r):
