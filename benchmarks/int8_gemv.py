@@ -45,7 +45,8 @@ QUICK_CASES = [CASES[0], CASES[3]]  # checks the harness
 def run_case(name, steps, xla_flags=""):
     """Times `steps` decode-like steps of `name`; returns microseconds per step.
 
-    `xla_flags` is part of the case only for the parent, which set them in this process's environment.
+    `xla_flags` is part of the case only for the parent, which set them in this
+    process's environment.
     """
     import time
 

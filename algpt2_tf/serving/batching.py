@@ -298,10 +298,9 @@ class BatchEngine:
         prompt_len = min(_round_up(prompt_tokens, PROMPT_BUCKET), length - 1)
         ids, mask = np.zeros((size, prompt_len), np.int32), np.ones((size, prompt_len), np.int32)
         state = self._function("prefill", length)(ids, mask)
-        params = (np.ones(size, np.float32), np.zeros(size, np.int32), np.ones(size, np.float32),
-                  np.ones(size, np.float32), np.zeros(size, np.int32))
         _, _, state = self._function("steps", length, False)(
-            np.int32(1), np.int32(prompt_len), np.zeros(size, np.int32), params, state)
+            np.int32(1), np.int32(prompt_len), np.zeros(size, np.int32),
+            tuple(self._filler_params(size)), state)
         if size > 1:
             state = self._function("join", length, prompt_len)(
                 state, np.int32(0), ids[:1], mask[:1], np.int32(prompt_len + 1))
@@ -377,13 +376,11 @@ class BatchEngine:
         length = cache_length(padded + longest_new, limit)
         ids, mask = left_pad([r.prompt_ids for r in requests] + [[0]] * (size - n), padded, 0)
         rows = self._rows = list(requests) + [None] * (size - n)
-        params = [np.full(size, 1.0, np.float32), np.ones(size, np.int32),  # fillers: greedy
-                  np.ones(size, np.float32), np.ones(size, np.float32), np.zeros(size, np.int32)]
-        for i, r in enumerate(requests):
-            self._set_params(params, i, r)
+        params = self._filler_params(size)
         counts = np.zeros(size, np.int32)  # each row's tokens so far (its random stream's step)
         starts = np.zeros(size, np.int64)  # each row's first cache slot in use
         for i, r in enumerate(requests):
+            self._set_params(params, i, r)
             starts[i] = padded - len(r.prompt_ids)
         state = self._function("prefill", length)(ids, mask)
         slot = padded
@@ -457,6 +454,13 @@ class BatchEngine:
         if head is None or slot + head.max_new_tokens <= length:
             return 0
         return max(0, int(min(starts[i] for i, r in enumerate(rows) if r is not None)))
+
+    @staticmethod
+    def _filler_params(size):
+        """The per-row sampling settings of `size` empty rows (greedy), as `steps` takes
+        them: temperature, top_k, top_p, repetition penalty, seed."""
+        return [np.full(size, 1.0, np.float32), np.ones(size, np.int32),
+                np.ones(size, np.float32), np.ones(size, np.float32), np.zeros(size, np.int32)]
 
     @staticmethod
     def _set_params(params, i, r):
