@@ -210,6 +210,37 @@ def test_requests_join_a_running_batch_and_get_the_tokens_they_get_alone(model):
     assert engine.joined == 3 and engine.batches_run == len(late) + 2  # one batch for all four
 
 
+def test_requests_waiting_together_join_in_one_call(model):
+    """Three requests queued during a call join at the next one in a single prefill of four
+    rows (the fourth repeats the first joiner), and each gets the tokens it gets alone."""
+    engine = BatchEngine(model, max_batch=8, window_s=0.0)
+    late = [([9, 10, 11], 12, SamplingParams(1.0, 0, 0.9), 4),
+            ([40, 41], 9, SamplingParams(0.8, 10, 1.0, 1.3), 7),
+            ([7] * 14, 6, SamplingParams(top_k=1), 0)]
+    alone = [engine.generate(p, n, params, seed) for p, n, params, seed in late]
+    first_alone = engine.generate([5, 6, 7], 30, SamplingParams(1.0), 1)
+    results = [([], threading.Event(), {}) for _ in range(len(late) + 1)]
+
+    def request(i, prompt, n, params, seed, on_token=None):
+        tokens, done, end = results[i]
+        return Request(prompt, n, params, seed, (), on_token or tokens.append,
+                       lambda reason, error: (end.update(reason=reason), done.set()))
+
+    def first_token(token):  # the first request's 5th token brings the others, all at once
+        results[0][0].append(token)
+        if len(results[0][0]) == 5:
+            for i, args in enumerate(late):
+                engine.submit(request(i + 1, *args))
+
+    engine.submit(request(0, [5, 6, 7], 30, SamplingParams(1.0), 1, first_token))
+    for _, done, _ in results:
+        done.wait()
+    engine.close()
+    assert [(tokens, end["reason"]) for tokens, _, end in results] == [first_alone] + alone
+    assert engine.joined == 3
+    assert [key[1:] for key in engine._functions if key[0] == "join"] == [(64, 16, 4)]
+
+
 def test_a_client_leaving_mid_stream_frees_its_row(server):
     url, engine = server
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -398,8 +429,8 @@ def test_joins_shifts_and_steps_compile_once_for_every_slot(model):
     state = engine._function("prefill", 64)(ids, mask)
     params = (np.ones(2, np.float32), np.zeros(2, np.int32), np.ones(2, np.float32),
               np.ones(2, np.float32), np.zeros(2, np.int32))
-    calls = {"join": (engine._function("join", 64, 16),
-                      lambda v: (state, np.int32(0), ids[:1], mask[:1], np.int32(v))),
+    calls = {"join": (engine._function("join", 64, 16, 2),
+                      lambda v: (state, np.int32([1, 0]), ids, mask, np.int32(v))),
              "shift": (engine._function("shift", 64), lambda v: (state, np.int32(v - 16))),
              "steps": (engine._function("steps", 64, False),
                        lambda v: (np.int32(4), np.int32(v), np.zeros(2, np.int32), params,

@@ -8,16 +8,16 @@ its tokens as they are made. A row stops at its own `max_new_tokens`, at one
 of its stop ids, or when its client cancels, and its row is free again.
 
 Continuous batching: between calls, waiting requests join the running batch
-in free rows. Every row writes its next token at the same cache slot, so a
-joining prompt is prefilled into its row at the slots just before the
-current one (the rest of the row masked out); positions count each row's
-own tokens, so from there the row computes what a batch of its own would.
-A request joins when its padded prompt fits before the current slot and its
-tokens after it (the cache grows, 64, 128, 256, ... slots, up to
-`max_positions`); otherwise it waits for the next batch, first come first
-served. Before it would grow the cache (or wait), the batch drops the
-leading slots that no running row uses any more and shifts the rest left
-(compaction), so a busy batch keeps a short cache.
+in free rows (all of them in one prefill call). Every row writes its next
+token at the same cache slot, so a joining prompt is prefilled into its row
+at the slots just before the current one (the rest of the row masked out);
+positions count each row's own tokens, so from there the row computes what
+a batch of its own would. A request joins when its padded prompt fits
+before the current slot and its tokens after it (the cache grows, 64, 128,
+256, ... slots, up to `max_positions`); otherwise it waits for the next
+batch, first come first served. Before it would grow the cache (or wait),
+the batch drops the leading slots that no running row uses any more and
+shifts the rest left (compaction), so a busy batch keeps a short cache.
 
 Each request keeps its own sampling settings and seed: `per_row_tokens`
 picks a row's token from that row's logits, settings and a random stream
@@ -286,9 +286,10 @@ class BatchEngine:
     def warm_up(self, prompt_tokens=PROMPT_BUCKET):
         """Compiles what a batch in the first cache segment runs, so no client
         waits on a compile: the prefill, the decode steps (without
-        log-probabilities), a join of a prompt of up to `prompt_tokens`
-        tokens and the compaction's shift. Call it before serving (`algpt2
-        serve` does unless `--no-warm-up`); returns the seconds it took.
+        log-probabilities), the joins of prompts of up to `prompt_tokens`
+        tokens (at every row count of `join_widths`) and the compaction's
+        shift. Call it before serving (`algpt2 serve` does unless
+        `--no-warm-up`); returns the seconds it took.
 
         Why: a first join inside a served batch compiled for 3.5 s on
         algpt2-tiny, stalling every row of that batch (benchmarks/serve_load.py).
@@ -302,8 +303,10 @@ class BatchEngine:
             np.int32(1), np.int32(prompt_len), np.zeros(size, np.int32),
             tuple(self._filler_params(size)), state)
         if size > 1:
-            state = self._function("join", length, prompt_len)(
-                state, np.int32(0), ids[:1], mask[:1], np.int32(prompt_len + 1))
+            for width in join_widths(size):
+                state = self._function("join", length, prompt_len, width)(
+                    state, np.zeros(width, np.int32), ids[:width], mask[:width],
+                    np.int32(prompt_len + 1))
             self._function("shift", length)(state, np.int32(1))
         return time.perf_counter() - start
 
@@ -396,19 +399,17 @@ class BatchEngine:
                 state = self._function("shift", length)(state, np.int32(drop))
                 slot -= drop
                 starts -= drop
-            for r in self._joiners(len(free), slot, limit) if size > 1 else []:
-                i = free.pop(0)
-                need = cache_length(slot + r.max_new_tokens, limit)
+            joiners = self._joiners(len(free), slot, limit) if size > 1 else []
+            if joiners:
+                need = cache_length(slot + max(r.max_new_tokens for r in joiners), limit)
                 if need > length:
                     state = self._function("grow", length, need)(state)
                     length = need
-                prompt_len = _round_up(len(r.prompt_ids), PROMPT_BUCKET)
-                ids, mask = left_pad([r.prompt_ids], prompt_len, 0)
-                state = self._function("join", length, prompt_len)(
-                    state, np.int32(i), ids, mask, np.int32(slot))
-                rows[i], counts[i], starts[i] = r, 0, slot - len(r.prompt_ids)
-                self._set_params(params, i, r)
-                self.joined += 1
+                state = self._join(state, joiners, free, slot, length)
+                for i, r in zip(free, joiners):
+                    rows[i], counts[i], starts[i] = r, 0, slot - len(r.prompt_ids)
+                    self._set_params(params, i, r)
+                self.joined += len(joiners)
             live = [i for i, r in enumerate(rows) if r is not None]
             count = min(self.steps_per_call,
                         max(rows[i].max_new_tokens - counts[i] for i in live))
@@ -439,6 +440,26 @@ class BatchEngine:
                         rows[i] = None
                         r.on_done("stop" if token in r.stop_ids else "length", None)
                     counts[i] += 1
+
+    def _join(self, state, joiners, free, slot, length):
+        """Prefills the `joiners`' prompts into rows `free[:len(joiners)]` in one call,
+        their prompts ending at cache slot `slot - 1`.
+
+        One prefill for all who join between two calls: joining one at a
+        time cost a prefill call each (61 ms per request for `algpt2` on
+        Zen 3; four at once take about the time of two). The call's row count is a
+        power of two (see `join_widths`), so few shapes compile; the extra
+        rows repeat the first joiner's row, prompt and all (the same values
+        written twice to the same places)."""
+        prompt_len = max(_round_up(len(r.prompt_ids), PROMPT_BUCKET) for r in joiners)
+        width = next(w for w in join_widths(self.max_batch) if w >= len(joiners))
+        prompts = [r.prompt_ids for r in joiners]
+        rows = free[:len(joiners)]
+        prompts += prompts[:1] * (width - len(joiners))
+        rows += rows[:1] * (width - len(joiners))
+        ids, mask = left_pad(prompts, prompt_len, 0)
+        return self._function("join", length, prompt_len, width)(
+            state, np.asarray(rows, np.int32), ids, mask, np.int32(slot))
 
     def _slots_to_drop(self, free, rows, starts, slot, length):
         """Compaction: how many leading cache slots to drop before admitting
@@ -516,27 +537,29 @@ class BatchEngine:
 
         return tf.function(grow, jit_compile=True)
 
-    def _build_join(self, length, prompt_len):
-        """`(state, row, ids [1, P], mask [1, P], slot) -> state` with the prompt
-        prefilled into `row`, at cache slots `slot - P .. slot - 1` (the row's
-        other slots masked out): from there its steps match a batch of its own."""
+    def _build_join(self, length, prompt_len, width):
+        """`(state, rows [W], ids [W, P], mask [W, P], slot) -> state` with the
+        prompts prefilled into `rows`, at cache slots `slot - P .. slot - 1`
+        (the rows' other slots masked out): from there each row's steps match
+        a batch of its own. `rows` may repeat a row with the same prompt."""
         model = self.model
 
-        def join(state, row, ids, mask, slot):
+        def join(state, rows, ids, mask, slot):
             logits, caches, key_mask, lengths, seen = state
             new_logits, new_caches, new_mask, new_lengths, new_seen = _prefill(
                 model, ids, mask, prompt_len)
             start = slot - prompt_len
-            written = [tuple(write_slots(c, n, start, rows=row[None]) for c, n in zip(pair, new))
+            written = [tuple(write_slots(c, n, start, rows=rows) for c, n in zip(pair, new))
                        for pair, new in zip(caches, new_caches)]
-            # The prompt's mask at slots start .. slot - 1, zeros elsewhere. Built by a roll,
+            # The prompts' masks at slots start .. slot - 1, zeros elsewhere. Built by a roll,
             # not by concatenating zeros of sizes that depend on `slot`: a shape that depends on
             # an argument makes XLA compile anew for each of its values (2 s per join here).
-            row_mask = tf.roll(tf.pad(new_mask[0], [[0, length - prompt_len]]), start, axis=0)
-            at = [[row]]
+            rows_mask = tf.roll(tf.pad(new_mask, [[0, 0], [0, length - prompt_len]]), start,
+                                axis=1)
+            at = rows[:, None]
             return (tf.tensor_scatter_nd_update(logits, at, new_logits),
                     written,
-                    tf.tensor_scatter_nd_update(key_mask, at, row_mask[None]),
+                    tf.tensor_scatter_nd_update(key_mask, at, rows_mask),
                     tf.tensor_scatter_nd_update(lengths, at, new_lengths),
                     tf.tensor_scatter_nd_update(seen, at, new_seen))
 
@@ -595,3 +618,13 @@ def check_logprobs(k):
 def cache_length(needed, limit):
     """The cache length for `needed` slots: 64, 128, 256, ... or `limit` (few compiled shapes)."""
     return next(length for length in cache_lengths(limit) if length >= needed)
+
+
+def join_widths(max_batch):
+    """The row counts a join call compiles for: 1, 2, 4, ... below `max_batch`, then
+    `max_batch` (a join of k requests runs at the first that holds k)."""
+    widths, width = [], 1
+    while width < max_batch:
+        widths.append(width)
+        width *= 2
+    return widths + [max_batch]
