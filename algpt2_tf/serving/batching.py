@@ -445,12 +445,12 @@ class BatchEngine:
         """Prefills the `joiners`' prompts into rows `free[:len(joiners)]` in one call,
         their prompts ending at cache slot `slot - 1`.
 
-        One prefill for all who join between two calls: joining one at a
-        time cost a prefill call each (61 ms per request for `algpt2` on
-        Zen 3; four at once take about the time of two). The call's row count is a
-        power of two (see `join_widths`), so few shapes compile; the extra
-        rows repeat the first joiner's row, prompt and all (the same values
-        written twice to the same places)."""
+        One prefill for all who join between two calls: a prefill call has a
+        large fixed cost (`algpt2`, 16-token prompts, Zen 3: one row 91 ms,
+        two 135, four 129, eight 236, sixteen 423), which joining one at a
+        time paid per request. The call's row count is one of `join_widths`,
+        so few shapes compile; the extra rows repeat the first joiner's row,
+        prompt and all (the same values written twice to the same places)."""
         prompt_len = max(_round_up(len(r.prompt_ids), PROMPT_BUCKET) for r in joiners)
         width = next(w for w in join_widths(self.max_batch) if w >= len(joiners))
         prompts = [r.prompt_ids for r in joiners]
@@ -621,10 +621,12 @@ def cache_length(needed, limit):
 
 
 def join_widths(max_batch):
-    """The row counts a join call compiles for: 1, 2, 4, ... below `max_batch`, then
-    `max_batch` (a join of k requests runs at the first that holds k)."""
+    """The row counts a join call compiles for: 1, 4, 16, ... below `max_batch`, then
+    `max_batch` (a join of k requests runs at the first that holds k). Powers of four,
+    not two: a 2-row join cost as much as a 4-row one (`BatchEngine._join`), and each
+    width is one more compile in `warm_up` (about 6 s for `algpt2`)."""
     widths, width = [], 1
     while width < max_batch:
         widths.append(width)
-        width *= 2
+        width *= 4
     return widths + [max_batch]
