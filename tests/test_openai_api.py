@@ -238,7 +238,9 @@ def test_requests_waiting_together_join_in_one_call(model):
     engine.close()
     assert [(tokens, end["reason"]) for tokens, _, end in results] == [first_alone] + alone
     assert engine.joined == 3
-    assert [key[1:] for key in engine._functions if key[0] == "join"] == [(64, 16, 4)]
+    # Every batch starts by a 1-row join (one request each); the late three joined in 4 rows.
+    assert {key[1:] for key in engine._functions if key[0] == "join"} == {(64, 16, 1),
+                                                                          (64, 16, 4)}
 
 
 def test_a_client_leaving_mid_stream_frees_its_row(server):
@@ -364,7 +366,7 @@ def test_warm_up_compiles_what_a_batch_with_a_join_runs(model):
     engine = BatchEngine(model, max_batch=4, window_s=0.0)
     assert engine.warm_up() > 0
     compiled = set(engine._functions)
-    assert {key[0] for key in compiled} == {"prefill", "steps", "join", "shift"}
+    assert {key[0] for key in compiled} == {"steps", "join", "shift"}
     done = [threading.Event() for _ in range(2)]
     first_tokens = []
 
@@ -426,7 +428,8 @@ def test_joins_shifts_and_steps_compile_once_for_every_slot(model):
     depended on one made XLA compile each join anew, 2 s a time, inside served batches)."""
     engine = BatchEngine(model, max_batch=2, window_s=0.0)
     ids, mask = np.zeros((2, 16), np.int32), np.ones((2, 16), np.int32)
-    state = engine._function("prefill", 64)(ids, mask)
+    state = engine._function("join", 64, 16, 2)(engine._empty_state(64), np.int32([0, 1]), ids,
+                                                 mask, np.int32(16))
     params = (np.ones(2, np.float32), np.zeros(2, np.int32), np.ones(2, np.float32),
               np.ones(2, np.float32), np.zeros(2, np.int32))
     calls = {"join": (engine._function("join", 64, 16, 2),

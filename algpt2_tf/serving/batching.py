@@ -285,10 +285,10 @@ class BatchEngine:
 
     def warm_up(self, prompt_tokens=PROMPT_BUCKET):
         """Compiles what a batch in the first cache segment runs, so no client
-        waits on a compile: the prefill, the decode steps (without
-        log-probabilities), the joins of prompts of up to `prompt_tokens`
-        tokens (at every row count of `join_widths`) and the compaction's
-        shift. Call it before serving (`algpt2 serve` does unless
+        waits on a compile: the joins of prompts of up to `prompt_tokens`
+        tokens (at every row count of `join_widths`; a batch starts with
+        one), the decode steps (without log-probabilities) and the
+        compaction's shift. Call it before serving (`algpt2 serve` does unless
         `--no-warm-up`); returns the seconds it took.
 
         Why: a first join inside a served batch compiled for 3.5 s on
@@ -298,15 +298,14 @@ class BatchEngine:
         size, length = self.max_batch, cache_lengths(self.model.config.max_positions)[0]
         prompt_len = min(_round_up(prompt_tokens, PROMPT_BUCKET), length - 1)
         ids, mask = np.zeros((size, prompt_len), np.int32), np.ones((size, prompt_len), np.int32)
-        state = self._function("prefill", length)(ids, mask)
-        _, _, state = self._function("steps", length, False)(
+        state = self._empty_state(length)
+        for width in join_widths(size):
+            state = self._function("join", length, prompt_len, width)(
+                state, np.zeros(width, np.int32), ids[:width], mask[:width], np.int32(prompt_len))
+        self._function("steps", length, False)(
             np.int32(1), np.int32(prompt_len), np.zeros(size, np.int32),
             tuple(self._filler_params(size)), state)
         if size > 1:
-            for width in join_widths(size):
-                state = self._function("join", length, prompt_len, width)(
-                    state, np.zeros(width, np.int32), ids[:width], mask[:width],
-                    np.int32(prompt_len + 1))
             self._function("shift", length)(state, np.int32(1))
         return time.perf_counter() - start
 
@@ -377,7 +376,6 @@ class BatchEngine:
         padded = min(_round_up(max(len(r.prompt_ids) for r in requests), PROMPT_BUCKET),
                      limit - longest_new)
         length = cache_length(padded + longest_new, limit)
-        ids, mask = left_pad([r.prompt_ids for r in requests] + [[0]] * (size - n), padded, 0)
         rows = self._rows = list(requests) + [None] * (size - n)
         params = self._filler_params(size)
         counts = np.zeros(size, np.int32)  # each row's tokens so far (its random stream's step)
@@ -385,7 +383,10 @@ class BatchEngine:
         for i, r in enumerate(requests):
             self._set_params(params, i, r)
             starts[i] = padded - len(r.prompt_ids)
-        state = self._function("prefill", length)(ids, mask)
+        # The batch starts empty and its first requests join it: a prefill of as many rows as
+        # they need (see `_join`), not of the whole batch.
+        state = self._join(self._empty_state(length), requests, list(range(n)), padded, length,
+                           prompt_len=padded)
         slot = padded
         for i, r in enumerate(requests):
             if r.cancelled.is_set():
@@ -441,17 +442,31 @@ class BatchEngine:
                         r.on_done("stop" if token in r.stop_ids else "length", None)
                     counts[i] += 1
 
-    def _join(self, state, joiners, free, slot, length):
-        """Prefills the `joiners`' prompts into rows `free[:len(joiners)]` in one call,
-        their prompts ending at cache slot `slot - 1`.
+    def _empty_state(self, length):
+        """A batch's state with no row in use: `(logits, caches, key_mask, lengths, seen)`."""
+        model, size = self.model, self.max_batch
+        vocab = model.config.vocab_size
+        return (tf.zeros([size, vocab], model.embedding.compute_dtype),
+                model.empty_caches(size, length, model.embedding.compute_dtype),
+                tf.zeros([size, length], tf.int32), tf.zeros([size], tf.int32),
+                tf.zeros([size, vocab]))
 
-        One prefill for all who join between two calls: a prefill call has a
-        large fixed cost (`algpt2`, 16-token prompts, Zen 3: one row 91 ms,
-        two 135, four 129, eight 236, sixteen 423), which joining one at a
-        time paid per request. The call's row count is one of `join_widths`,
-        so few shapes compile; the extra rows repeat the first joiner's row,
-        prompt and all (the same values written twice to the same places)."""
-        prompt_len = max(_round_up(len(r.prompt_ids), PROMPT_BUCKET) for r in joiners)
+    def _join(self, state, joiners, free, slot, length, prompt_len=None):
+        """Prefills the `joiners`' prompts into rows `free[:len(joiners)]` in one call,
+        their prompts ending at cache slot `slot - 1` (padded to `prompt_len`, by
+        default the longest prompt's `PROMPT_BUCKET` multiple).
+
+        One prefill call for all who join between two calls, and for the
+        requests a batch starts with: a call costs far more than its rows
+        (`algpt2`, 16-token prompts, Zen 3, two runs: one row 91-92 ms, two
+        121-135, four 129-136, eight 236-249, sixteen 423-441), so joining
+        one at a time paid that per request, and starting with a prefill of
+        all 16 rows cost 383 ms however few requests a batch had. The call's
+        row count is one of `join_widths`, so few shapes compile; the extra
+        rows repeat the first joiner's row, prompt and all (the same values
+        written twice to the same places)."""
+        prompt_len = prompt_len or max(_round_up(len(r.prompt_ids), PROMPT_BUCKET)
+                                       for r in joiners)
         width = next(w for w in join_widths(self.max_batch) if w >= len(joiners))
         prompts = [r.prompt_ids for r in joiners]
         rows = free[:len(joiners)]
@@ -494,16 +509,12 @@ class BatchEngine:
         """The compiled function `kind` for cache `shape` (built on first use)."""
         key = (kind,) + shape
         if key not in self._functions:
-            build = {"prefill": self._build_prefill, "grow": self._build_grow,
+            build = {"grow": self._build_grow,
                      "shift": self._build_shift,
                      "join": self._build_join, "steps": self._build_steps,
                      "score": self._build_score}[kind]
             self._functions[key] = build(*shape)
         return self._functions[key]
-
-    def _build_prefill(self, length):
-        model = self.model
-        return tf.function(lambda ids, mask: _prefill(model, ids, mask, length), jit_compile=True)
 
     def _build_score(self, length):
         """`ids [1, length] -> (logprob [1, length - 1], top ids, top logprobs)`: each
@@ -621,12 +632,11 @@ def cache_length(needed, limit):
 
 
 def join_widths(max_batch):
-    """The row counts a join call compiles for: 1, 4, 16, ... below `max_batch`, then
-    `max_batch` (a join of k requests runs at the first that holds k). Powers of four,
-    not two: a 2-row join cost as much as a 4-row one (`BatchEngine._join`), and each
-    width is one more compile in `warm_up` (about 6 s for `algpt2`)."""
+    """The row counts a join call compiles for: 1, 2, 4, ... below `max_batch`, then
+    `max_batch` (a join of k requests runs at the first that holds k; each width is one
+    more compile in `warm_up`, about 6 s for `algpt2`)."""
     widths, width = [], 1
     while width < max_batch:
         widths.append(width)
-        width *= 4
+        width *= 2
     return widths + [max_batch]
