@@ -181,11 +181,10 @@ def test_batched_requests_get_the_tokens_they_get_alone(model):
     assert [len(tokens) for tokens, _ in alone] == lengths
 
 
-def test_requests_join_a_running_batch_and_get_the_tokens_they_get_alone(model):
-    engine = BatchEngine(model, max_batch=4, window_s=0.0)
-    late = [([9, 10, 11], 12, SamplingParams(1.0, 0, 0.9), 4),
-            ([1] * 20, 6, SamplingParams(top_k=1), 0),  # 32 slots padded: joins once slot >= 32
-            ([40, 41], 9, SamplingParams(0.8, 10, 1.0, 1.3), 7)]
+def late_requests_and_alone(engine, late):
+    """Runs `late` (prompt, max_new_tokens, params, seed) requests, all submitted at once when
+    a first request ([5, 6, 7], 30 tokens) has made 5 tokens; returns `(tokens, reason)` of
+    each (the first's first) and what each gets when run alone."""
     alone = [engine.generate(p, n, params, seed) for p, n, params, seed in late]
     first_alone = engine.generate([5, 6, 7], 30, SamplingParams(1.0), 1)
     results = [([], threading.Event(), {}) for _ in range(len(late) + 1)]
@@ -205,38 +204,28 @@ def test_requests_join_a_running_batch_and_get_the_tokens_they_get_alone(model):
     for _, done, _ in results:
         done.wait()
     engine.close()
-    got = [(tokens, end["reason"]) for tokens, _, end in results]
-    assert got == [first_alone] + alone
-    assert engine.joined == 3 and engine.batches_run == len(late) + 2  # one batch for all four
+    return [(tokens, end["reason"]) for tokens, _, end in results], [first_alone] + alone
+
+
+def test_requests_join_a_running_batch_and_get_the_tokens_they_get_alone(model):
+    engine = BatchEngine(model, max_batch=4, window_s=0.0)
+    got, alone = late_requests_and_alone(engine, [
+        ([9, 10, 11], 12, SamplingParams(1.0, 0, 0.9), 4),
+        ([1] * 20, 6, SamplingParams(top_k=1), 0),  # 32 slots padded: joins once slot >= 32
+        ([40, 41], 9, SamplingParams(0.8, 10, 1.0, 1.3), 7)])
+    assert got == alone
+    assert engine.joined == 3 and engine.batches_run == 3 + 2  # one batch for all four
 
 
 def test_requests_waiting_together_join_in_one_call(model):
     """Three requests queued during a call join at the next one in a single prefill of four
     rows (the fourth repeats the first joiner), and each gets the tokens it gets alone."""
     engine = BatchEngine(model, max_batch=8, window_s=0.0)
-    late = [([9, 10, 11], 12, SamplingParams(1.0, 0, 0.9), 4),
-            ([40, 41], 9, SamplingParams(0.8, 10, 1.0, 1.3), 7),
-            ([7] * 14, 6, SamplingParams(top_k=1), 0)]
-    alone = [engine.generate(p, n, params, seed) for p, n, params, seed in late]
-    first_alone = engine.generate([5, 6, 7], 30, SamplingParams(1.0), 1)
-    results = [([], threading.Event(), {}) for _ in range(len(late) + 1)]
-
-    def request(i, prompt, n, params, seed, on_token=None):
-        tokens, done, end = results[i]
-        return Request(prompt, n, params, seed, (), on_token or tokens.append,
-                       lambda reason, error: (end.update(reason=reason), done.set()))
-
-    def first_token(token):  # the first request's 5th token brings the others, all at once
-        results[0][0].append(token)
-        if len(results[0][0]) == 5:
-            for i, args in enumerate(late):
-                engine.submit(request(i + 1, *args))
-
-    engine.submit(request(0, [5, 6, 7], 30, SamplingParams(1.0), 1, first_token))
-    for _, done, _ in results:
-        done.wait()
-    engine.close()
-    assert [(tokens, end["reason"]) for tokens, _, end in results] == [first_alone] + alone
+    got, alone = late_requests_and_alone(engine, [
+        ([9, 10, 11], 12, SamplingParams(1.0, 0, 0.9), 4),
+        ([40, 41], 9, SamplingParams(0.8, 10, 1.0, 1.3), 7),
+        ([7] * 14, 6, SamplingParams(top_k=1), 0)])
+    assert got == alone
     assert engine.joined == 3
     # Every batch starts by a 1-row join (one request each); the late three joined in 4 rows.
     assert {key[1:] for key in engine._functions if key[0] == "join"} == {(64, 16, 1),
