@@ -232,6 +232,27 @@ def test_requests_waiting_together_join_in_one_call(model):
                                                                           (64, 16, 4)}
 
 
+def test_requests_that_do_not_fit_one_cache_together_run_in_turn(model):
+    """A long prompt and a long generation queued together do not share a batch (50 + 40 slots
+    > the model's 64 positions): each runs in its own and gets its alone tokens, where a
+    shared batch had failed both."""
+    engine = BatchEngine(model, max_batch=4, window_s=0.5)
+    asks = [(list(range(1, 51)), 4, SamplingParams(top_k=1), 0),
+            ([5, 6, 7], 40, SamplingParams(1.0), 3)]
+    alone = [engine.generate(p, n, params, seed) for p, n, params, seed in asks]
+    results = [([], threading.Event(), {}) for _ in asks]
+    before = engine.batches_run
+    for (prompt, n, params, seed), (tokens, done, end) in zip(asks, results):
+        engine.submit(Request(prompt, n, params, seed, (), tokens.append,
+                              lambda reason, error, done=done, end=end: (
+                                  end.update(reason=reason, error=error), done.set())))
+    for _, done, _ in results:
+        assert done.wait(60)
+    engine.close()
+    assert [(tokens, end["reason"]) for tokens, _, end in results] == alone
+    assert engine.batches_run - before == 2
+
+
 def test_a_client_leaving_mid_stream_frees_its_row(server):
     url, engine = server
     headers = {"Authorization": f"Bearer {KEY}"}

@@ -319,7 +319,8 @@ class BatchEngine:
 
     # -------------------------------------------------------------- worker
     def _take_batch(self):
-        """Waits for a request, then `window_s` for more; None once closed."""
+        """Waits for a request, then `window_s` for more; None once closed. A batch
+        takes the requests whose prompts and new tokens fit in one cache together."""
         with self._wake:
             while not self._pending and not self._closed:
                 self._wake.wait()
@@ -328,8 +329,17 @@ class BatchEngine:
             deadline = time.monotonic() + self.window_s
             while len(self._pending) < self.max_batch and time.monotonic() < deadline:
                 self._wake.wait(deadline - time.monotonic())
-            batch = [self._pending.popleft()
-                     for _ in range(min(self.max_batch, len(self._pending)))]
+            # The first request, and those after it that fit in one cache with it (the longest
+            # prompt and the most new tokens within max_positions); the others keep their place.
+            limit = self.model.config.max_positions
+            batch, left = [self._pending.popleft()], collections.deque()
+            while self._pending:
+                r = self._pending.popleft()
+                together = batch + [r]
+                fits = (max(len(q.prompt_ids) for q in together)
+                        + max(q.max_new_tokens for q in together) <= limit)
+                (batch if fits and len(batch) < self.max_batch else left).append(r)
+            self._pending = left
             self.batches_run += 1  # counted as it starts: a request may end before the batch does
         return batch
 
