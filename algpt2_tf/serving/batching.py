@@ -386,18 +386,24 @@ class BatchEngine:
         padded = min(_round_up(max(len(r.prompt_ids) for r in requests), PROMPT_BUCKET),
                      limit - longest_new)
         length = cache_length(padded + longest_new, limit)
-        rows = self._rows = list(requests) + [None] * (size - n)
+        rows = self._rows = list(requests) + [None] * (size - n)  # (set early: errors reach them)
         params = self._filler_params(size)
         counts = np.zeros(size, np.int32)  # each row's tokens so far (its random stream's step)
         starts = np.zeros(size, np.int64)  # each row's first cache slot in use
-        for i, r in enumerate(requests):
-            self._set_params(params, i, r)
-            starts[i] = padded - len(r.prompt_ids)
+
+        def admit(state, joiners, free, slot, length, prompt_len=None):
+            """`_join`s `joiners` into rows `free` and records them there."""
+            state = self._join(state, joiners, free, slot, length, prompt_len)
+            for i, r in zip(free, joiners):
+                rows[i], counts[i], starts[i] = r, 0, slot - len(r.prompt_ids)
+                self._set_params(params, i, r)
+            return state
+
         # The batch starts empty and its first requests join it: a prefill of as many rows as
         # they need (see `_join`), not of the whole batch.
-        state = self._join(self._empty_state(length), requests, list(range(n)), padded, length,
-                           prompt_len=padded)
         slot = padded
+        state = admit(self._empty_state(length), requests, list(range(n)), slot, length,
+                      prompt_len=padded)
         for i, r in enumerate(requests):
             if r.cancelled.is_set():
                 rows[i] = None
@@ -416,10 +422,7 @@ class BatchEngine:
                 if need > length:
                     state = self._function("grow", length, need)(state)
                     length = need
-                state = self._join(state, joiners, free, slot, length)
-                for i, r in zip(free, joiners):
-                    rows[i], counts[i], starts[i] = r, 0, slot - len(r.prompt_ids)
-                    self._set_params(params, i, r)
+                state = admit(state, joiners, free, slot, length)
                 self.joined += len(joiners)
             live = [i for i, r in enumerate(rows) if r is not None]
             count = min(self.steps_per_call,
