@@ -5,6 +5,11 @@ Every measurement runs in its own subprocess (so peak RSS is per case), the
 variants of a case alternate, and each figure is the median of `--repeats`
 runs. Ratios compare against the peer measured in the same run.
 
+`--quick` is a smoke test of every case's code, not a measurement: tiny shapes,
+one run each, and the cases that need the same process settings (Keras
+backend, float32 or bf16) share one process, so that its figures and peak RSS
+are not per case.
+
     python benchmarks/bench.py              # full suite (CPU; tens of minutes on 2 cores)
     python benchmarks/bench.py --quick      # CI smoke: tiny shapes, one run each
     python benchmarks/bench.py --gpu        # the training case on a GPU, bf16, larger batch
@@ -338,14 +343,43 @@ def run_worker(case):
 
 # ------------------------------------------------------------------ parent
 def measure(case):
+    """Runs `case` in a fresh process; returns its result."""
+    return measure_together([case])[0]
+
+
+def measure_together(cases):
+    """Runs `cases` one after another in one fresh process (they must share its
+    settings: see `process_settings`); returns their results in order."""
+    (settings,) = {process_settings(c) for c in cases}
     env = dict(os.environ)
-    if "backend" in case:  # a Keras backend is chosen before Keras is imported
-        env.update(KERAS_BACKEND=case["backend"], JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)],
+    if settings[0] != "tensorflow":  # a Keras backend is chosen before Keras is imported
+        env.update(KERAS_BACKEND=settings[0], JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cases)],
                           capture_output=True, text=True, env=env)
     if done.returncode:
-        raise RuntimeError(f"case {case} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"cases {cases} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def process_settings(case):
+    """What a case sets for its whole process: the Keras backend, and bf16 (the
+    dtype policy and the XLA fusion flags are global and set once)."""
+    bf16 = case.get("precision") == "bf16" or bool(case.get("fuse"))
+    return case.get("backend", "tensorflow"), bf16
+
+
+def measure_quick(cases):
+    """`--quick`: every case of `cases` (kind -> variants) run once, the cases with
+    the same `process_settings` in one process (a smoke test: start-up is most of a
+    tiny case's time); returns a function from a case to its result."""
+    groups = {}
+    for case in (c for variants in cases.values() for c in variants):
+        groups.setdefault(process_settings(case), []).append(case)
+    results = {}
+    for group in groups.values():
+        for case, out in zip(group, measure_together(group)):
+            results[json.dumps(case, sort_keys=True)] = out
+    return lambda case: results[json.dumps(case, sort_keys=True)]
 
 
 def plan(quick, gpu):
@@ -509,7 +543,7 @@ def main():
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_worker(json.loads(args.worker))))
+        print(json.dumps([run_worker(case) for case in json.loads(args.worker)]))
         return 0
     if args.gpu and not gpu_visible():
         print("--gpu: TensorFlow sees no GPU here (tf.config.list_physical_devices('GPU') is "
@@ -523,11 +557,12 @@ def main():
         cases = select(cases, args.match)
     results = []
     peak = None
+    run = measure_quick(cases) if args.quick else measure
     for kind, variants in cases.items():
         runs = {i: [] for i in range(len(variants))}
         for rep in range(repeats):  # alternate the variants, repeat
             for i, case in enumerate(variants):
-                out = measure(case)
+                out = run(case)
                 runs[i].append(out)
                 print(f"[{kind} {rep + 1}/{repeats}] {label(case)}: "
                       f"{out.get('tokens_per_s', out.get('flops_per_s', 0)):.1f}", flush=True)

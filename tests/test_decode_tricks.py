@@ -39,10 +39,11 @@ def test_generator_reads_the_environment(monkeypatch, model):
 
 @pytest.mark.parametrize("prompts", [[[5, 17, 42]], [[5, 17, 42], [9, 1, 2, 3, 4, 5, 6, 7, 8]]])
 def test_every_exact_trick_on_or_off_gives_the_same_tokens(model, prompts, monkeypatch):
-    # A 4-slot first cache so the growing cache grows while decoding.
+    # A 16-slot first cache: the 16-token padded prompts decode through 32- and
+    # 64-slot caches, so the growing cache grows while decoding.
     from algpt2_tf import generation
 
-    monkeypatch.setattr(generation, "CACHE_SEGMENT", 4)
+    monkeypatch.setattr(generation, "CACHE_SEGMENT", 16)
     expected = Generator(model, tricks=DecodeTricks().off()).generate(prompts, 40).new_ids
     variants = [DecodeTricks()] + [dataclasses.replace(DecodeTricks(), **{name: False})
                                    for name in EXACT]
