@@ -362,10 +362,16 @@ def measure_together(cases):
 
 
 def process_settings(case):
-    """What a case sets for its whole process: the Keras backend, and bf16 (the
-    dtype policy and the XLA fusion flags are global and set once)."""
+    """What a case sets for its whole process: the Keras backend, bf16 (the dtype
+    policy and the XLA fusion flags are global and set once) and, for decoding,
+    the `wide_vectors` trick (an XLA flag, read at the first compile)."""
     bf16 = case.get("precision") == "bf16" or bool(case.get("fuse"))
-    return case.get("backend", "tensorflow"), bf16
+    wide = True
+    if "tricks" in case:
+        from algpt2_tf.decode_tricks import DecodeTricks
+
+        wide = DecodeTricks().with_switches(case["tricks"]).wide_vectors
+    return case.get("backend", "tensorflow"), bf16, wide
 
 
 def measure_quick(cases):

@@ -11,7 +11,7 @@ process-wide), the variants alternate, and figures are medians of
 tokens/s with that one off.
 
     python benchmarks/decode_tricks.py              # writes results/decode_tricks_<cpu family>.*
-    python benchmarks/decode_tricks.py --quick      # tiny shapes, one run (CI smoke)
+    python benchmarks/decode_tricks.py --quick      # tiny shapes, one run, shared processes (CI smoke)
 """
 
 import argparse
@@ -103,9 +103,11 @@ def main():
     repeats = 1 if args.quick else args.repeats
     cases = plan(args.quick, args.models, args.batches)
     runs = [[] for _ in cases]
+    # --quick checks the code of every case: those that can share a process do.
+    measure = bench.measure_quick({"decode": cases}) if args.quick else bench.measure
     for rep in range(repeats):  # alternate the variants, repeat
         for i, case in enumerate(cases):
-            runs[i].append(bench.measure(case)["tokens_per_s"])
+            runs[i].append(measure(case)["tokens_per_s"])
             print(f"[{rep + 1}/{repeats}] {case['model']} batch={case['batch']} "
                   f"{case.get('variant', '')}: {runs[i][-1]:.1f}", flush=True)
     results = [{"case": case, "tokens_per_s": statistics.median(r), "runs": r}
