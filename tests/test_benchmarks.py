@@ -110,6 +110,30 @@ def test_decode_tricks_quick(tmp_path):
     assert (tmp_path / "tricks.md").read_text().startswith(f"CPU: {cpu_summary(cpu_info())}")
 
 
+@pytest.mark.slow
+def test_decode_profile_quick(tmp_path):
+    """`benchmarks/decode_profile.py --quick`: a tiny model's greedy decode, by kind of work;
+    the weight bytes its linear products read per token are the model's own."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "decode_profile.py"),
+                           "--quick", "--new-tokens", "32", "--out", str(tmp_path / "profile")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "profile.json").read_text())
+    rows = {r["kind"]: r for r in report["rows"]}
+    assert list(rows) == ["linear products", "attention products", "softmax head", "reductions",
+                          "other", "outside thunks"]
+    assert all(rows[k]["ms_per_token"] > 0 for k in ("linear products", "attention products",
+                                                     "softmax head", "reductions"))
+    assert abs(sum(r["share"] for r in rows.values()) - 1) < 1e-9
+    # 2 layers of the shared block (12 h^2 weights each, h = 64), the embedding's
+    # projections in and out (2 x 128 x 64), float32; the prompt's pass adds a little.
+    expected_mb = (2 * 12 * 64 * 64 + 2 * 128 * 64) * 4 / 1e6
+    assert expected_mb <= report["linear_weight_mb_per_token"] <= 1.1 * expected_mb
+    assert report["cpu"] == cpu_info()
+    assert "| softmax head |" in (tmp_path / "profile.md").read_text()
+
+
 def test_distributed_scaling_quick(tmp_path):
     """`benchmarks/distributed_scaling.py --quick`: 1 and 2 JAX processes of each preset, once."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Where batch-1 decoding spends its time: one greedy generation's XLA:CPU work, by kind.
+
+Runs `Generator.generate` (greedy, 16-token prompt) for a preset with random
+weights under TensorFlow's profiler, then sums the compiled function's thunk
+times (read from the profile's XLA:CPU thread events) by what each thunk
+computes, found in the profile's own copy of the optimized HLO:
+
+  linear products     matrix-vector products with a weight matrix (the
+                      block's four kernels, the embedding projection);
+                      their weight bytes per token and the rate they were
+                      read at are reported too
+  attention products  the products with the key/value caches (batch dims)
+  softmax head        products (or fused products) with a vocabulary-sized
+                      output: the tied softmax over the embedding table
+  reductions          reduce and reduce-window thunks (argmax, softmax, norms)
+  other               element-wise fusions, copies, cache updates, loops
+
+Shares are of the profiled call's wall time; what no thunk covers is
+"outside thunks" (scheduling between thunks, the loop's control, the call).
+
+    python benchmarks/decode_profile.py [--preset algpt2] [--new-tokens 128] [--quick]
+                                        [--out benchmarks/results/decode_profile_<cpu family>]
+"""
+
+import argparse
+import collections
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+KINDS = ("linear products", "attention products", "softmax head", "reductions", "other")
+SKIPPED = ("ThunkExecutor::Execute", "SlinkyThreadPool::Await", "end: ")  # envelopes, not work
+BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 2, 8: 4, 9: 8, 10: 2, 11: 4, 16: 2}  # xla.PrimitiveType
+
+
+def classify(module, vocab_size):
+    """`{instruction name: (kind, weight bytes read)}` for the instructions of an HloModuleProto."""
+    by_id = {i.id: i for c in module.computations for i in c.instructions}
+    computations = {c.id: c for c in module.computations}
+
+    def dot_kind(dot):
+        if vocab_size in dot.shape.dimensions:
+            return "softmax head", 0
+        if dot.dot_dimension_numbers.lhs_batch_dimensions:
+            return "attention products", 0
+        weights = [by_id[o] for o in dot.operand_ids if len(by_id[o].shape.dimensions) == 2]
+        size = max((_bytes(w.shape) for w in weights), default=0)
+        return "linear products", size
+
+    kinds = {}
+    for computation in module.computations:
+        for instruction in computation.instructions:
+            if instruction.opcode == "dot":
+                kinds[instruction.name] = dot_kind(instruction)
+            elif instruction.opcode == "fusion":
+                inner = [i for c in instruction.called_computation_ids
+                         for i in computations[c].instructions]
+                dots = [i for i in inner if i.opcode == "dot"]
+                if dots:
+                    kinds[instruction.name] = dot_kind(dots[0])
+                elif any(i.opcode in ("reduce", "reduce-window") for i in inner):
+                    kinds[instruction.name] = ("reductions", 0)
+            elif instruction.opcode in ("reduce", "reduce-window"):
+                kinds[instruction.name] = ("reductions", 0)
+    return kinds
+
+
+def _bytes(shape):
+    count = 1
+    for d in shape.dimensions:
+        count *= d
+    return count * BYTES.get(shape.element_type, 4)
+
+
+def read_profile(folder, vocab_size):
+    """Per-kind thunk seconds and linear-product weight bytes from a profiler folder."""
+    from tensorflow.compiler.xla.service import hlo_pb2
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    (path,) = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
+    space = xplane_pb2.XSpace()
+    with open(path, "rb") as f:
+        space.ParseFromString(f.read())
+    kinds = {}
+    for plane in space.planes:
+        if plane.name == "/host:metadata":
+            for meta in plane.event_metadata.values():
+                for stat in meta.stats:
+                    proto = hlo_pb2.HloProto()
+                    proto.ParseFromString(stat.bytes_value)
+                    kinds.update(classify(proto.hlo_module, vocab_size))
+    seconds, weight_bytes = collections.Counter(), 0
+    for plane in space.planes:
+        names = {k: v.name for k, v in plane.event_metadata.items()}
+        for line in plane.lines:
+            if "Eigen" not in line.name:  # XLA:CPU runs its thunks on the intra-op threads
+                continue
+            for event in line.events:
+                name = names.get(event.metadata_id, "")
+                if not name or name.startswith(SKIPPED) or name == "while":
+                    continue
+                kind, size = kinds.get(name, ("other", 0))
+                seconds[kind] += event.duration_ps / 1e12
+                weight_bytes += size
+    return seconds, weight_bytes
+
+
+def run(preset, new_tokens, quick):
+    import numpy as np
+    import tensorflow as tf
+
+    from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
+    from algpt2_tf.generation import Generator
+
+    config = ALGPT2Config.from_preset(preset)
+    if quick:  # the harness on a tiny shape
+        values = dict(config.to_dict(), hidden_size=64, intermediate_size=256, num_heads=2,
+                      num_layers=2, max_positions=128)
+        config = ALGPT2Config.from_dict(values)
+    model = ALGPT2LMHeadModel(config)
+    prompt = [np.random.default_rng(0).integers(0, config.vocab_size, 16).tolist()]
+    generator = Generator(model)
+    generator.generate(prompt, new_tokens, stop_ids=())  # compile
+    start = time.perf_counter()
+    generator.generate(prompt, new_tokens, stop_ids=())
+    plain = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as folder:
+        tf.profiler.experimental.start(folder)
+        start = time.perf_counter()
+        generator.generate(prompt, new_tokens, stop_ids=())
+        wall = time.perf_counter() - start
+        tf.profiler.experimental.stop()
+        seconds, weight_bytes = read_profile(folder, config.vocab_size)
+    rows = [{"kind": kind, "ms_per_token": seconds[kind] * 1e3 / new_tokens,
+             "share": seconds[kind] / wall} for kind in KINDS]
+    rows.append({"kind": "outside thunks", "ms_per_token": (wall - sum(seconds.values())) * 1e3
+                 / new_tokens, "share": 1 - sum(seconds.values()) / wall})
+    linear = seconds["linear products"]
+    return {"preset": preset, "new_tokens": new_tokens, "quick": quick,
+            "tokens_per_s": new_tokens / plain, "profiled_tokens_per_s": new_tokens / wall,
+            "linear_weight_mb_per_token": weight_bytes / new_tokens / 1e6,
+            "linear_gb_per_s": weight_bytes / linear / 1e9 if linear else 0.0, "rows": rows}
+
+
+def markdown(report, summary):
+    lines = [f"CPU: {summary}", "",
+             f"`{report['preset']}`, greedy, batch 1, 16-token prompt, {report['new_tokens']} new "
+             f"tokens: {report['tokens_per_s']:.1f} tokens/s ({report['profiled_tokens_per_s']:.1f} "
+             "under the profiler). Linear products read "
+             f"{report['linear_weight_mb_per_token']:.1f} MB of weights per token at "
+             f"{report['linear_gb_per_s']:.1f} GB/s.", "",
+             "| kind | ms per token | share of the call |", "|---|---:|---:|"]
+    lines += [f"| {r['kind']} | {r['ms_per_token']:.2f} | {100 * r['share']:.1f}% |"
+              for r in report["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    from algpt2_tf.cpu_info import cpu_family, cpu_info, cpu_summary
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="algpt2")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="a tiny shape (a harness check)")
+    parser.add_argument("--out", help="output prefix (default: results/decode_profile_<cpu family>)")
+    args = parser.parse_args()
+    info = cpu_info()
+    out = args.out or os.path.join(HERE, "results", f"decode_profile_{cpu_family(info)}")
+    report = dict(run(args.preset, args.new_tokens, args.quick), cpu=info,
+                  date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    text = markdown(report, cpu_summary(info))
+    with open(out + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
