@@ -34,3 +34,13 @@ def run_in_process(script, case, xla_flags=""):
     out = subprocess.run([sys.executable, script, "--case", json.dumps(case)], env=env,
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def write_results(out, report, table):
+    """Writes `report` to `out`.json and the markdown `table` to `out`.md, and prints the table."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    with open(out + ".md", "w") as f:
+        f.write(table)
+    print(table)

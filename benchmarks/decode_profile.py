@@ -26,7 +26,6 @@ Shares are of the profiled call's wall time; what no thunk covers is
 import argparse
 import collections
 import glob
-import json
 import os
 import sys
 import tempfile
@@ -35,6 +34,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from case_process import write_results  # noqa: E402
 
 KINDS = ("linear products", "attention products", "softmax head", "reductions", "other")
 SKIPPED = ("ThunkExecutor::Execute", "SlinkyThreadPool::Await", "end: ")  # envelopes, not work
@@ -176,13 +177,7 @@ def main():
     out = args.out or os.path.join(HERE, "results", f"decode_profile_{cpu_family(info)}")
     report = dict(run(args.preset, args.new_tokens, args.quick), cpu=info,
                   date=time.strftime("%Y-%m-%d %H:%M:%S"))
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    text = markdown(report, cpu_summary(info))
-    with open(out + ".md", "w") as f:
-        f.write(text)
-    print(text)
+    write_results(out, report, markdown(report, cpu_summary(info)))
     return 0
 
 

@@ -15,7 +15,6 @@ tokens/s with that one off.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import bench  # noqa: E402  (the worker protocol and keras-hub's model)
+from case_process import write_results  # noqa: E402
 
 from algpt2_tf.cpu_info import cpu_family, cpu_info, cpu_summary  # noqa: E402
 from algpt2_tf.decode_tricks import DecodeTricks  # noqa: E402
@@ -115,13 +115,7 @@ def main():
     rows = table(results)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": info, "quick": args.quick,
               "repeats": repeats, "rows": rows}
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    text = markdown(rows, info, repeats, cases[0]["new_tokens"])
-    with open(out + ".md", "w") as f:
-        f.write(text)
-    print(text)
+    write_results(out, report, markdown(rows, info, repeats, cases[0]["new_tokens"]))
     return 0
 
 
