@@ -38,12 +38,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from case_process import write_results  # noqa: E402
 
 KINDS = ("linear products", "attention products", "softmax head", "reductions", "other")
-SKIPPED = ("ThunkExecutor::Execute", "SlinkyThreadPool::Await", "end: ")  # envelopes, not work
 BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 2, 8: 4, 9: 8, 10: 2, 11: 4, 16: 2}  # xla.PrimitiveType
 
 
 def classify(module, vocab_size):
-    """`{instruction name: (kind, weight bytes read)}` for the instructions of an HloModuleProto."""
+    """`{instruction name: (kind, weight bytes read) or None}` for every instruction of an
+    HloModuleProto; None for loops, conditionals and calls (their thunks hold others)."""
     by_id = {i.id: i for c in module.computations for i in c.instructions}
     computations = {c.id: c for c in module.computations}
 
@@ -56,22 +56,23 @@ def classify(module, vocab_size):
         size = max((_bytes(w.shape) for w in weights), default=0)
         return "linear products", size
 
-    kinds = {}
-    for computation in module.computations:
-        for instruction in computation.instructions:
-            if instruction.opcode == "dot":
-                kinds[instruction.name] = dot_kind(instruction)
-            elif instruction.opcode == "fusion":
-                inner = [i for c in instruction.called_computation_ids
-                         for i in computations[c].instructions]
-                dots = [i for i in inner if i.opcode == "dot"]
-                if dots:
-                    kinds[instruction.name] = dot_kind(dots[0])
-                elif any(i.opcode in ("reduce", "reduce-window") for i in inner):
-                    kinds[instruction.name] = ("reductions", 0)
-            elif instruction.opcode in ("reduce", "reduce-window"):
-                kinds[instruction.name] = ("reductions", 0)
-    return kinds
+    def kind(instruction):
+        if instruction.opcode in ("while", "conditional", "call"):
+            return None
+        if instruction.opcode == "dot":
+            return dot_kind(instruction)
+        inner = [instruction]
+        if instruction.opcode == "fusion":
+            inner = [i for c in instruction.called_computation_ids
+                     for i in computations[c].instructions]
+        dots = [i for i in inner if i.opcode == "dot"]
+        if dots:
+            return dot_kind(dots[0])
+        if any(i.opcode in ("reduce", "reduce-window") for i in inner):
+            return "reductions", 0
+        return "other", 0
+
+    return {i.name: kind(i) for c in module.computations for i in c.instructions}
 
 
 def _bytes(shape):
@@ -98,19 +99,21 @@ def read_profile(folder, vocab_size):
                     proto = hlo_pb2.HloProto()
                     proto.ParseFromString(stat.bytes_value)
                     kinds.update(classify(proto.hlo_module, vocab_size))
+    if not kinds:
+        raise RuntimeError(f"{path} holds no XLA module: nothing compiled ran while profiling")
     seconds, weight_bytes = collections.Counter(), 0
     for plane in space.planes:
+        if plane.name != "/host:CPU":
+            continue
         names = {k: v.name for k, v in plane.event_metadata.items()}
+        # Thunks run on the intra-op threads, and some on the calling thread: every
+        # thread's events named after an instruction count.
         for line in plane.lines:
-            if "Eigen" not in line.name:  # XLA:CPU runs its thunks on the intra-op threads
-                continue
             for event in line.events:
-                name = names.get(event.metadata_id, "")
-                if not name or name.startswith(SKIPPED) or name == "while":
-                    continue
-                kind, size = kinds.get(name, ("other", 0))
-                seconds[kind] += event.duration_ps / 1e12
-                weight_bytes += size
+                found = kinds.get(names.get(event.metadata_id, ""))
+                if found:
+                    seconds[found[0]] += event.duration_ps / 1e12
+                    weight_bytes += found[1]
     return seconds, weight_bytes
 
 

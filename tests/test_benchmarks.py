@@ -124,7 +124,7 @@ def test_decode_profile_quick(tmp_path):
     assert list(rows) == ["linear products", "attention products", "softmax head", "reductions",
                           "other", "outside thunks"]
     assert all(rows[k]["ms_per_token"] > 0 for k in ("linear products", "attention products",
-                                                     "softmax head", "reductions"))
+                                                     "softmax head", "reductions")), report
     assert abs(sum(r["share"] for r in rows.values()) - 1) < 1e-9
     # 2 layers of the shared block (12 h^2 weights each, h = 64), the embedding's
     # projections in and out (2 x 128 x 64), float32; the prompt's pass adds a little.
