@@ -3,8 +3,8 @@
 
 Runs `Generator.generate` (greedy, 16-token prompt) for a preset with random
 weights under TensorFlow's profiler, then sums the compiled function's thunk
-times (read from the profile's XLA:CPU thread events) by what each thunk
-computes, found in the profile's own copy of the optimized HLO:
+times (the profile's events named after an HLO instruction, on any thread) by
+what each thunk computes, found in the profile's own copy of the optimized HLO:
 
   linear products     matrix-vector products with a weight matrix (the
                       block's four kernels, the embedding projection);
@@ -38,7 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from case_process import write_results  # noqa: E402
 
 KINDS = ("linear products", "attention products", "softmax head", "reductions", "other")
-BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 2, 8: 4, 9: 8, 10: 2, 11: 4, 16: 2}  # xla.PrimitiveType
+BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 2, 8: 4, 9: 8, 10: 2, 11: 4, 12: 8, 16: 2}  # xla.PrimitiveType
 
 
 def classify(module, vocab_size):
