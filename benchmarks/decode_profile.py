@@ -35,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import bench  # noqa: E402  (its models: the preset, or resized to its tiny shape)
 from case_process import write_results  # noqa: E402
 
 KINDS = ("linear products", "attention products", "softmax head", "reductions", "other")
@@ -121,15 +122,10 @@ def run(preset, new_tokens, quick):
     import numpy as np
     import tensorflow as tf
 
-    from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
     from algpt2_tf.generation import Generator
 
-    config = ALGPT2Config.from_preset(preset)
-    if quick:  # the harness on a tiny shape
-        values = dict(config.to_dict(), hidden_size=64, intermediate_size=256, num_heads=2,
-                      num_layers=2, max_positions=128)
-        config = ALGPT2Config.from_dict(values)
-    model = ALGPT2LMHeadModel(config)
+    model = bench._our_model(preset, bench.TINY, quick)  # quick: the harness on a tiny shape
+    config = model.config
     prompt = [np.random.default_rng(0).integers(0, config.vocab_size, 16).tolist()]
     generator = Generator(model)
     generator.generate(prompt, new_tokens, stop_ids=())  # compile
