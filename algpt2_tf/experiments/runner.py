@@ -51,11 +51,29 @@ def article_share(articles, share):
     return articles[start:end]
 
 
+def separated_documents(path, separator):
+    """The documents of a file whose documents are separated by lines equal to `separator`
+    (surrounding spaces ignored), each stripped of the blank lines around it."""
+    from algpt2_tf.data import read_documents
+
+    documents, current = [], []
+    for line in next(read_documents([path])).split("\n"):
+        if line.strip() == separator.strip():
+            documents.append("\n".join(current).strip("\n"))
+            current = []
+        else:
+            current.append(line)
+    documents.append("\n".join(current).strip("\n"))
+    return [d for d in documents if d.strip()]
+
+
 def source_texts(source):
     """The documents of one `FileSource`."""
     from algpt2_tf.data import read_documents
     from algpt2_tf.files import expand_files
 
+    if source.separator is not None:
+        return separated_documents(source.path, source.separator)
     if source.wikitext_articles is None:
         return list(read_documents(expand_files(source.path)))
     return article_share(wikitext_articles(source.path), source.wikitext_articles)
@@ -85,11 +103,14 @@ def materialize_train_files(spec, data_dir):
     """Paths `train` can read: globs as they are, article shares written as `.jsonl`."""
     paths = []
     for source in spec.train_files:
-        if source.wikitext_articles is None:
+        if source.wikitext_articles is None and source.separator is None:
             paths.append(source.path)
             continue
-        start, end = source.wikitext_articles
-        name = f"{os.path.basename(source.path)}.articles-{start:g}-{end:g}.jsonl"
+        if source.separator is not None:
+            name = f"{os.path.basename(source.path)}.documents.jsonl"
+        else:
+            start, end = source.wikitext_articles
+            name = f"{os.path.basename(source.path)}.articles-{start:g}-{end:g}.jsonl"
         path = os.path.join(data_dir, name)
         if not os.path.exists(path):
             import json
@@ -250,6 +271,7 @@ class Experiment:
         from algpt2_tf.training import TrainOptions, train
 
         spec = self.spec
+        steps = spec.arm_steps(arm)
         run_dir = os.path.join(self.out, "arms", arm.name, run_dir_name(learning_rate, seed))
         result_path = os.path.join(run_dir, "result.json")
         if os.path.exists(result_path):
@@ -269,19 +291,19 @@ class Experiment:
             out=run_dir, preset=None, config=config_path, train_files=train_files,
             valid_fraction=spec.valid_fraction, tokenizer=tokenizer_dir,
             cache_dir=os.path.join(self.out, "cache"), seq_len=spec.seq_len,
-            batch_size=spec.batch_size, steps=spec.steps, seed=seed, verbose=self.verbose,
+            batch_size=spec.batch_size, steps=steps, seed=seed, verbose=self.verbose,
             **values)
-        self.log(f"  {arm.name} lr {learning_rate:g} seed {seed}: training {spec.steps} steps")
+        self.log(f"  {arm.name} lr {learning_rate:g} seed {seed}: training {steps} steps")
         keras.backend.clear_session()
         started = time.time()
         summary = train(options, log=lambda line: self.log("  " + line))
         seconds = time.time() - started
-        trained_tokens = (spec.steps - summary["resumed_from"]) * spec.seq_len * spec.batch_size
+        trained_tokens = (steps - summary["resumed_from"]) * spec.seq_len * spec.batch_size
         result = {
             "arm": arm.name, "learning_rate": learning_rate, "seed": seed,
             "parameters": config.num_parameters(),
             "non_embedding_parameters": non_embedding_parameters(config),
-            "training_tokens": spec.steps * spec.seq_len * spec.batch_size, "steps": spec.steps,
+            "training_tokens": steps * spec.seq_len * spec.batch_size, "steps": steps,
             "resumed_from_step": summary["resumed_from"],
             "train_seconds": seconds,
             "tokens_per_second": trained_tokens / seconds if trained_tokens else None,

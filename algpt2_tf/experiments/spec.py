@@ -23,6 +23,7 @@ A spec is a JSON or YAML file (paths in it are relative to the file):
       - {name: algpt2_lora8, config: {lora_rank: 8}, learning_rate_from: algpt2}
       - {name: compressed, compress: {from: gpt2, init: average},
          distill: {from: gpt2, weight: 1.0, temperature: 1.0}, learning_rate_from: algpt2}
+      - {name: gpt2_4x, config: {embedding_size: null}, tokens: 3276800}  # its own budget
     gap: {teacher: gpt2, scratch: algpt2}   # report the share of this gap each arm closes
 
 An arm overrides config fields (`config`) and training options (`options`);
@@ -33,7 +34,13 @@ arm's trained model (`compression.compress`: shared blocks from its layers,
 SVD embedding, low-rank deltas from the SVD of the residuals when the arm
 has `lora_rank`); `distill` trains it against that model too
 (`distillation.py`). Both use the earlier arm's run at its chosen learning
-rate and first seed.
+rate and first seed. `tokens` gives an arm a budget of its own (a scaling
+experiment: the same arm at several budgets, each its own run with its own
+schedule); every other arm trains on `budget.tokens`.
+
+A file may hold several documents separated by a line of its own
+(`{path: stories.txt, separator: "<|endoftext|>"}`): each document is then
+evaluated, or trained on, as a separate text.
 """
 
 import dataclasses
@@ -72,8 +79,11 @@ class FileSource:
 
     path: str
     wikitext_articles: Optional[List[float]] = None
+    separator: Optional[str] = None  # a line that separates the file's documents
 
     def describe(self):
+        if self.separator is not None:
+            return f"{self.path} (documents separated by {self.separator!r})"
         if self.wikitext_articles is None:
             return self.path
         start, end = self.wikitext_articles
@@ -90,6 +100,7 @@ class Arm:
     learning_rate_from: Optional[str] = None
     compress: Optional[Dict[str, Any]] = None  # {"from": arm, "init": "average"|"stepwise"}
     distill: Optional[Dict[str, Any]] = None  # {"from": arm, "weight": A, "temperature": T}
+    tokens: Optional[int] = None  # the arm's own training budget (None: the spec's)
 
 
 @dataclasses.dataclass
@@ -117,6 +128,10 @@ class ExperimentSpec:
     @property
     def steps(self):
         return self.tokens // (self.seq_len * self.batch_size)
+
+    def arm_steps(self, arm):
+        """Optimizer steps of `arm`: its own `tokens` budget, or the spec's."""
+        return (arm.tokens or self.tokens) // (self.seq_len * self.batch_size)
 
     def arm(self, name):
         return next(a for a in self.arms if a.name == name)
@@ -180,9 +195,16 @@ def _files(value, base_dir, where):
             if not glob.glob(source.path):
                 raise SpecError(f"{here}: no file matches {source.path}.")
         else:
-            _mapping(item, here, ("path", "wikitext_articles"))
+            _mapping(item, here, ("path", "wikitext_articles", "separator"))
             if "path" not in item:
                 raise SpecError(f"{here} needs a 'path'.")
+            separator = item.get("separator")
+            if separator is not None and (not isinstance(separator, str) or not separator.strip()
+                                          or "\n" in separator):
+                raise SpecError(f"{here}.separator must be one non-empty line of text, "
+                                f"got {separator!r}.")
+            if separator is not None and item.get("wikitext_articles") is not None:
+                raise SpecError(f"{here}: give wikitext_articles or separator, not both.")
             share = item.get("wikitext_articles")
             if share is not None and not (
                     isinstance(share, list) and len(share) == 2
@@ -191,7 +213,8 @@ def _files(value, base_dir, where):
                 raise SpecError(f"{here}.wikitext_articles must be [start, end] with "
                                 f"0 <= start < end <= 1, got {share!r}.")
             source = FileSource(os.path.join(base_dir, os.path.expanduser(item["path"])),
-                                [float(x) for x in share] if share is not None else None)
+                                [float(x) for x in share] if share is not None else None,
+                                separator)
             if not os.path.isfile(source.path):
                 raise SpecError(f"{here}: file not found: {source.path}.")
         sources.append(source)
@@ -303,7 +326,7 @@ def parse_spec(raw, base_dir="."):
     _positive_int(generation["max_new_tokens"], "generation.max_new_tokens")
 
     seeds = _seeds(raw.get("seeds", list(DEFAULT_SEEDS)), "seeds")
-    arms = _arms(raw["arms"], base_config, seeds)
+    arms = _arms(raw["arms"], base_config, seeds, budget)
     if any(a.sweep for a in arms) and not valid_fraction:
         raise SpecError("A learning-rate sweep is judged on held-out training text: set "
                         "train.valid_fraction > 0.")
@@ -326,14 +349,14 @@ def parse_spec(raw, base_dir="."):
         generation=generation, baseline=baseline, arms=arms, gap=gap, source=source)
 
 
-def _arms(value, base_config, default_seeds):
+def _arms(value, base_config, default_seeds, budget):
     if not isinstance(value, list) or not value:
         raise SpecError("arms must be a non-empty list.")
     arms = []
     for i, item in enumerate(value):
         where = f"arms[{i}]"
         _mapping(item, where, ("name", "config", "options", "seeds", "sweep", "learning_rate_from",
-                               "compress", "distill"))
+                               "compress", "distill", "tokens"))
         name = item.get("name")
         if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
             raise SpecError(f"{where}.name must be a non-empty string of letters, digits, "
@@ -362,10 +385,16 @@ def _arms(value, base_config, default_seeds):
                             "options.learning_rate.")
         compress, distill = _compress(item, arms, base_config, where), _distill(item, arms, where)
         if (not config and not options and sweep is None and source is None and not compress
-                and not distill):
+                and not distill and item.get("tokens") is None):
             raise SpecError(f"{where} overrides nothing: it would repeat the base model.")
         seeds = _seeds(item.get("seeds", default_seeds), f"{where}.seeds")
-        arms.append(Arm(name, dict(config), options, seeds, sweep, source, compress, distill))
+        tokens = item.get("tokens")
+        if tokens is not None:
+            _positive_int(tokens, f"{where}.tokens")
+            if tokens < budget["seq_len"] * budget["batch_size"]:
+                raise SpecError(f"{where}.tokens is less than one batch (seq_len x batch_size).")
+        arms.append(Arm(name, dict(config), options, seeds, sweep, source, compress, distill,
+                        tokens))
     return arms
 
 
