@@ -111,6 +111,14 @@ def test_wikitext_articles_split_at_top_level_headings(tmp_path):
     assert article_share(articles, [0.67, 1.0]) == articles[2:]
 
 
+def test_separated_documents_split_at_the_separator_line(tmp_path):
+    from algpt2_tf.experiments.runner import separated_documents
+
+    path = tmp_path / "stories.txt"
+    path.write_text("One story.\n\n<|endoftext|>\n\nTwo\nlines.\n <|endoftext|> \n\n\n")
+    assert separated_documents(str(path), "<|endoftext|>") == ["One story.", "Two\nlines."]
+
+
 # -------------------------------------------------------------- validation
 def _mutations():
     def arm(spec, i):
@@ -145,6 +153,15 @@ def _mutations():
             distill={"from": "gpt2", "weight": -1}), "distill.weight"),
         "gap names no arm": (lambda s: s.update(gap={"teacher": "gpt2", "scratch": "x"}),
                              "gap.scratch"),
+        "arm budget below one batch": (lambda s: arm(s, 1).update(tokens=32), "arm 'algpt2_lora'"
+                                       ".tokens is less than one batch"),
+        "arm budget not an integer": (lambda s: arm(s, 1).update(tokens=1e6),
+                                      "tokens must be a positive integer"),
+        "separator of two lines": (lambda s: s["train"]["files"].append(
+            {"path": "data/held_out.txt", "separator": "a\nb"}), "separator must be one"),
+        "separator and articles": (lambda s: s["train"]["files"].append(
+            {"path": "data/wiki.raw", "separator": "x", "wikitext_articles": [0, 1]}),
+            "not both"),
     }
 
 
@@ -241,6 +258,31 @@ def test_appending_arms_extends_a_folder_and_any_other_change_is_refused(tmp_pat
         with pytest.raises(SpecError, match="holds a different experiment"):
             Experiment(parse_spec(other, str(tmp_path)), out).check_folder()
         assert json.loads((tmp_path / "out" / "spec.json").read_text()) == longer, change
+
+
+def test_arms_with_their_own_budgets_and_a_separated_evaluation_set(tmp_path):
+    """`tokens` gives an arm its own steps (and cosine schedule); a `separator` file is
+    evaluated as separate documents. One tiny run of two arms."""
+    write_corpus(tmp_path / "data")
+    (tmp_path / "data" / "stories.txt").write_text(
+        (tmp_path / "data" / "held_out.txt").read_text().replace("\n\n", "\n<|endoftext|>\n", 3))
+    spec = tiny_spec()
+    spec["budget"]["tokens"] = 256  # 4 steps of 4 x 16
+    spec["evaluation"]["sets"] = [{"name": "stories", "files": [
+        {"path": "data/stories.txt", "separator": "<|endoftext|>"}]}]
+    spec["arms"] = [{"name": "small_1x", "options": {"learning_rate": 0.01}},
+                    {"name": "small_2x", "options": {"learning_rate": 0.01}, "tokens": 512}]
+    spec["baseline"] = "small_1x"
+    spec["generation"]["prompts"] = ["The"]
+    out = tmp_path / "out"
+    assert main(["experiment", "run", write_spec(tmp_path, spec), "--out", str(out),
+                 "--verbose", "0"]) == 0
+    runs = {r["arm"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert (runs["small_1x"]["steps"], runs["small_2x"]["steps"]) == (4, 8)
+    assert (runs["small_1x"]["training_tokens"], runs["small_2x"]["training_tokens"]) == (256, 512)
+    # The separator lines are not text of the set: fewer words than the file has.
+    words = len((tmp_path / "data" / "stories.txt").read_text().split())
+    assert runs["small_1x"]["eval"]["stories"]["words"] == words - 3
 
 
 # ----------------------------------------------------------------- a run
