@@ -91,10 +91,31 @@ def _texts(patterns, empty_message):
     return texts
 
 
+def _positive(args, *names):
+    """Usage errors for options that must be positive integers when given."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+
+
+def _writable_file(path, flag):
+    """Checks, before any work, that `path` can be written as a file."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder; give a file path.")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: the folder {parent} does not exist.")
+
+
 def _evaluate(args):
     from algpt2_tf.evaluation import evaluate_texts
     from algpt2_tf.saving import load_model, load_tokenizer_for
 
+    _positive(args, "seq_len", "stride", "batch_size")
+    _writable_file(args.json, "--json")
     model = load_model(args.model)
     tokenizer = load_tokenizer_for(args.model)
     texts = _texts(args.files, "The files hold no text to evaluate.")
@@ -112,7 +133,10 @@ def _generate(args):
     from algpt2_tf.generation import generator_for, sampling_params
     from algpt2_tf.saving import load_model, load_tokenizer_for
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    _positive(args, "max_new_tokens")
+    if not 0 <= args.seed < 2 ** 31:
+        raise UsageError(f"--seed must be in [0, 2**31), got {args.seed}.")
+    prompt = _prompt_text(args.prompt)
     params = sampling_params(args.sampler, args.temperature, args.top_k, args.top_p,
                              args.repetition_penalty)
     model = load_model(args.model)
@@ -144,6 +168,22 @@ def _generate(args):
             sys.stdout.flush()
             shown = text
     sys.stdout.write(tokenizer.decode(new)[len(shown):] + "\n")
+
+
+def _prompt_text(prompt):
+    """`--prompt` as text: `-` reads stdin; either must be valid UTF-8."""
+    if prompt == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"The prompt on stdin is not valid UTF-8 (byte {e.start}: "
+                             f"{data[e.start:e.start + 4]!r}).") from None
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as surrogates
+        raise UsageError(f"--prompt is not valid UTF-8 (character {e.start}).") from None
+    return prompt
 
 
 def _add_generation_commands(sub):
@@ -271,27 +311,36 @@ def _serve(args):
     if (args.model is None) == (args.model_base_path is None):
         raise UsageError("serve needs --model MODEL (the OpenAI-compatible API) or "
                          "--model-base-path and --model-name (TF Serving's protocol), not both.")
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}.")
+    for flag, value in (("--timeout", args.timeout), ("--poll-seconds", args.poll_seconds),
+                        ("--max-request-bytes", args.max_request_bytes),
+                        ("--max-response-bytes", args.max_response_bytes)):
+        if not value > 0:  # NaN too
+            raise UsageError(f"{flag} must be > 0, got {value}.")
+    limits = dict(host=args.host, api_key=args.api_key or os.environ.get("ALGPT2_API_KEY"),
+                  max_request_bytes=args.max_request_bytes,
+                  max_response_bytes=args.max_response_bytes,
+                  insecure_no_auth=args.insecure_no_auth)
     if args.model is not None:
         _needs_tensorflow("serve")
         from algpt2_tf.serving.openai_api import serve
 
-        if args.max_batch < 1 or args.batch_window_ms < 0 or args.max_queue < 1:
+        if args.max_batch < 1 or not args.batch_window_ms >= 0 or args.max_queue < 1:
             raise UsageError("--max-batch and --max-queue must be >= 1 and --batch-window-ms "
                              ">= 0.")
-        serve(args.model, host=args.host, port=args.port or 8000, model_name=args.model_name,
-              api_key=args.api_key or os.environ.get("ALGPT2_API_KEY"),
+        serve(args.model, port=args.port or 8000, model_name=args.model_name,
               max_batch=args.max_batch, window_s=args.batch_window_ms / 1000,
               max_queue=args.max_queue, batching=not args.no_batching, timeout_s=args.timeout,
-              max_request_bytes=args.max_request_bytes, warm_up=not args.no_warm_up)
+              warm_up=not args.no_warm_up, **limits)
         return
     if args.model_name is None:
         raise UsageError("--model-base-path needs --model-name.")
     _needs_tensorflow("serve (SavedModels)")
     from algpt2_tf.serving.server import serve
 
-    serve(args.model_base_path, args.model_name, host=args.host, port=args.port or 8501,
-          max_request_bytes=args.max_request_bytes, timeout_seconds=args.timeout,
-          poll_seconds=args.poll_seconds)
+    serve(args.model_base_path, args.model_name, port=args.port or 8501,
+          timeout_seconds=args.timeout, poll_seconds=args.poll_seconds, **limits)
 
 
 def _client(args):
@@ -329,10 +378,12 @@ def _add_serving_commands(sub):
                                              "TF Serving's protocol (default port 8501)")
     p.add_argument("--model-name", help="the served name (default for --model: its folder name)")
     p.add_argument("--host", default="127.0.0.1",
-                   help="set --api-key before binding to anything but loopback")
+                   help="anything but loopback needs --api-key (or --insecure-no-auth)")
     p.add_argument("--port", type=int)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: "
-                                     "$ALGPT2_API_KEY; --model only)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request "
+                                     "(default: $ALGPT2_API_KEY)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow a --host beyond loopback without a key (logged as a warning)")
     p.add_argument("--max-batch", type=int, default=16, help="requests per batch (--model)")
     p.add_argument("--batch-window-ms", type=float, default=10.0,
                    help="how long a batch waits for more requests (--model)")
@@ -342,7 +393,10 @@ def _add_serving_commands(sub):
                    help="start without compiling the first batch shapes (--model; the first "
                         "requests then wait for the compiles)")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20)
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--max-response-bytes", type=int, default=32 << 20,
+                   help="the largest answer a request may ask for, checked before computing")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds per request, reading its body included")
     p.add_argument("--poll-seconds", type=float, default=1.0, help="how often to look for new versions")
     p.set_defaults(func=_serve)
 

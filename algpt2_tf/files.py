@@ -66,6 +66,20 @@ def require_new_directory(path):
         raise FileExistsError(f"{path} already exists; choose a new folder or remove it first.")
 
 
+def staging_directory(prefix, parent):
+    """A new uniquely named folder in `parent` with the permissions of any folder made
+    under the current umask: `tempfile.mkdtemp` makes it private (0700), and a folder
+    renamed into place from it would stay unreadable to other users (TF Serving running
+    as another user, say)."""
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 @contextlib.contextmanager
 def new_directory(path):
     """Yields a temporary folder beside `path`, renamed to `path` when the
@@ -81,11 +95,8 @@ def new_directory(path):
     require_new_directory(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-", dir=parent)
+    tmp = staging_directory(f".{os.path.basename(os.path.abspath(path))}.tmp-", parent)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is a normal folder
         yield tmp
         if os.path.isdir(path):
             os.rmdir(path)

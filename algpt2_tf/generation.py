@@ -55,10 +55,12 @@ def sampling_params(sampler="greedy", temperature=1.0, top_k=None, top_p=None,
     """Validates a named sampler and its options; returns `SamplingParams`."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
-    if temperature is None or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}.")
-    if repetition_penalty is None or repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}.")
+    if temperature is None or not 0 <= temperature < float("inf"):  # NaN fails too
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), "
+                         f"got {temperature!r}.")
+    if repetition_penalty is None or not 0 < repetition_penalty < float("inf"):
+        raise ValueError(f"repetition_penalty must be a finite number > 0, "
+                         f"got {repetition_penalty!r}.")
     if top_k is not None and (int(top_k) != top_k or top_k < 0):
         raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}.")
     if top_p is not None and not 0.0 < top_p <= 1.0:

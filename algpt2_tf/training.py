@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import zipfile
 
 import keras
 import numpy as np
@@ -151,6 +152,28 @@ class CheckpointManager:
 
     def path(self, step):
         return os.path.join(self.directory, f"ckpt-{step:08d}.npz")
+
+    def newest_readable(self, log=print):
+        """The step of the newest checkpoint whose file reads back whole (0: none).
+
+        A checkpoint that does not (a truncated or damaged file: a full disk, a
+        copy cut short) is set aside as `ckpt-STEP.npz.unreadable`, kept for a
+        look but never resumed from, and the one before it is tried.
+        """
+        for step in reversed(self.steps()):
+            path = self.path(step)
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    damaged = archive.testzip()  # reads every member and checks its CRC
+                if damaged is not None:
+                    raise zipfile.BadZipFile(f"member {damaged} is damaged")
+                return step
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                if self.write:
+                    os.replace(path, path + ".unreadable")
+                log(f"Checkpoint {path} is unreadable ({e}); set aside as "
+                    f"{os.path.basename(path)}.unreadable, trying the one before it.")
+        return 0
 
     def save(self, step, model, optimizer):
         """Writes checkpoint `step`; returns False (writing nothing) if a weight is NaN/inf.
@@ -394,8 +417,7 @@ def train(options, log=print):
         _check_run_dir(options)
         if options.tokenizer:
             tokenizer.save(os.path.join(options.out, "tokenizer"))
-        done = CheckpointManager(checkpoints, options.keep_checkpoints).steps()
-        return done[-1] if done else 0
+        return CheckpointManager(checkpoints, options.keep_checkpoints).newest_readable(log)
 
     start_step = dist.from_chief(claim_run_dir)
     if start_step >= total_steps and os.path.exists(final_path):

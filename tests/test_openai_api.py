@@ -326,14 +326,23 @@ def test_a_full_queue_answers_429(model):
 def test_the_server_answers_429_when_the_queue_is_full(model):
     from fastapi.testclient import TestClient
 
+    from algpt2_tf.serving.batching import QueueFull
     from algpt2_tf.serving.openai_api import create_app
 
-    engine = BatchEngine(model, max_queue=0)  # every request finds the queue full
+    engine = BatchEngine(model, max_queue=4)
+
+    def full(request):
+        raise QueueFull("The queue is full (its limit is 4); retry later.")
+
+    engine.submit = full  # as if four requests were waiting
     http = TestClient(create_app(engine, GPT2Tokenizer(), NAME))
     answer = http.post("/v1/completions", json={"model": NAME, "prompt": "x"})
+    # A request that could never fit the queue is a 400 that says why, not "retry later".
+    never = http.post("/v1/completions", json={"model": NAME, "prompt": "x", "n": 5})
     engine.close()
     assert answer.status_code == 429
     assert answer.json()["error"]["code"] == "queue_full"
+    assert never.status_code == 400 and "could never run" in never.json()["error"]["message"]
 
 
 def test_algpt2_serve_model_starts_the_api(tmp_path, model):

@@ -134,6 +134,15 @@ def test_generate_row_columnar_and_b64(server, exported):
     ("/v1/models/tiny:predict", {"signature_name": "generate", "inputs": dict(GEN, prompts=["x"], max_new_tokens=500)}, None, 400, "max_length"),
     ("/v1/models/tiny:predict", {"inputs": {"input_ids": [[99999999]], "attention_mask": [[1]]}}, None, 400, "vocab_size"),
     ("/v1/models/tiny:predict", {}, None, 400, "Missing 'instances' or 'inputs'"),
+    ("/v1/models/tiny/versions/%C2%B2:predict", {"inputs": {}}, None, 404, "Specific(tiny, \u00b2)"),
+    ("/v1/models/tiny:predict", None, b'{"signature_name": "generate", "inputs": {"prompts": ["a\\ud800b"], '
+     b'"max_new_tokens": 2, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "seed": 0}}', 400, "not valid Unicode"),
+    ("/v1/models/tiny:predict", None, b'{"signature_name": "generate", "inputs": {"prompts": ["a"], '
+     b'"max_new_tokens": 2, "temperature": NaN, "top_k": 0, "top_p": 1.0, "seed": 0}}', 400, "temperature must be"),
+    ("/v1/models/tiny:predict", {"signature_name": "generate", "inputs": dict(GEN, prompts=["x"], temperature=-1.0)}, None, 400, "temperature must be"),
+    ("/v1/models/tiny:predict", {"signature_name": "generate", "inputs": dict(GEN, prompts=["x"], top_p=1.5)}, None, 400, "top_p must be"),
+    ("/v1/models/tiny:predict", {"signature_name": "generate", "inputs": dict(GEN, prompts=["x"], top_p=0.0)}, None, 400, "top_p must be"),
+    ("/v1/models/tiny:predict", {"signature_name": "generate", "inputs": dict(GEN, prompts=["x"], top_k=-1)}, None, 400, "top_k must be"),
 ])
 def test_errors(server, path, body, raw, status, message):
     r = post(server.url, body, path=path, raw=raw)
@@ -156,6 +165,94 @@ def test_request_size_limit_and_timeout(exported):
         assert slow.status_code == 504
     finally:
         small.stop()
+
+
+def test_response_limit_is_checked_before_computing(exported):
+    """[1, 40] ids ask for 40 x 50,257 logits: about 26 MB of JSON, refused before the
+    model runs; the same server answers what fits."""
+    root, _ = exported
+    small = ServerThread(str(root / "base"), max_response_bytes=10 << 20)
+    try:
+        big = post(small.url, {"inputs": {"input_ids": [[1] * 40], "attention_mask": [[1] * 40]}})
+        assert big.status_code == 413 and "would be about" in big.json()["error"]
+        assert "10,485,760" in big.json()["error"]
+        ok = post(small.url, {"inputs": {"input_ids": [[1] * 4], "attention_mask": [[1] * 4]}})
+        assert ok.status_code == 200 and len(ok.content) < 10 << 20
+    finally:
+        small.stop()
+
+
+def test_response_estimate_bounds_the_real_logits_answer(server):
+    from algpt2_tf.serving.server import response_bytes_estimate
+
+    import tensorflow as tf
+
+    servable = server.manager.current
+    signature = servable.signature(None)
+    ids = [[3, 1, 4, 1, 5, 9]]
+    r = post(server.url, {"inputs": {"input_ids": ids, "attention_mask": [[1] * 6]}})
+    estimate = response_bytes_estimate(signature, {"input_ids": tf.constant(ids),
+                                                   "attention_mask": tf.constant(ids)})
+    assert len(r.content) <= estimate <= 2 * len(r.content)
+
+
+def test_api_key_guards_every_path(exported):
+    root, _ = exported
+    keyed = ServerThread(str(root / "base"), api_key="secret")
+    try:
+        for path in ("/v1/models/tiny", "/docs", "/openapi.json"):
+            assert httpx.get(keyed.url + path).status_code == 401, path
+        assert post(keyed.url, {"inputs": {"input_ids": [[1]], "attention_mask": [[1]]}}).status_code == 401
+        ok = httpx.get(keyed.url + "/v1/models/tiny", headers={"Authorization": "Bearer secret"})
+        assert ok.status_code == 200
+    finally:
+        keyed.stop()
+
+
+def test_a_body_that_never_arrives_gets_408(exported):
+    import socket
+
+    root, _ = exported
+    srv = ServerThread(str(root / "base"), timeout_seconds=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+            s.sendall(b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"inputs\":")
+            assert b" 408 " in s.recv(200).split(b"\r\n")[0]
+    finally:
+        srv.stop()
+
+
+def test_a_timed_out_computation_is_cancelled(exported):
+    """Past --timeout the signature's decode loop stops (CancelledError), not just the answer."""
+    import tensorflow as tf
+
+    from algpt2_tf.serving.server import _cancellation_manager, run_cancelable
+
+    root, _ = exported
+    loaded = tf.saved_model.load(str(root / "base" / "1"))
+    signature = loaded.signatures["generate"]
+    inputs = {"prompts": tf.constant(["a"] * 64), "max_new_tokens": tf.constant(46),
+              "temperature": tf.constant(1.0), "top_k": tf.constant(0),
+              "top_p": tf.constant(1.0), "seed": tf.constant(0)}
+    run_cancelable(signature, inputs, None)  # traced and warm
+    started = time.monotonic()
+    run_cancelable(signature, inputs, None)
+    full = time.monotonic() - started
+    cancel = _cancellation_manager()
+    threading.Timer(full / 5, cancel.start_cancel).start()
+    started = time.monotonic()
+    with pytest.raises(tf.errors.CancelledError):
+        run_cancelable(signature, inputs, cancel)
+    assert time.monotonic() - started < full
+
+
+def test_start_up_with_only_an_unloadable_version_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "saved_model.pb").write_bytes(b"not a SavedModel")
+    assert main(["serve", "--model-base-path", str(tmp_path), "--model-name", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "could be loaded: version 1" in err and "Traceback" not in err
 
 
 def test_new_version_is_picked_up_while_in_flight_requests_finish(exported, tmp_path):

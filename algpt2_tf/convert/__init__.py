@@ -80,6 +80,7 @@ def _load_checked(path):
     from algpt2_tf.model import ALGPT2LMHeadModel
 
     config, tensors, values = _read_checkpoint(path)
+    gpt2_weights.check_gpt2_tensors(config, tensors, source=path)  # before allocating anything
     model = ALGPT2LMHeadModel(config)
     gpt2_weights.load_gpt2_tensors(model, tensors, source=path)
     return model, values, _check_against_reference(model, tensors, values, path)

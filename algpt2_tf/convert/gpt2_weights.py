@@ -102,18 +102,14 @@ def normalize_names(tensors, source="the checkpoint"):
     return out
 
 
-def load_gpt2_tensors(model, tensors, source="the checkpoint"):
-    """Assigns GPT-2 tensors (names as `normalize_names` leaves them) to our
-    GPT-2-mode `model`, after checking every name and shape.
+def check_gpt2_tensors(config, tensors, source="the checkpoint"):
+    """Checks that `tensors` are exactly a GPT-2 of `config`'s sizes (every name, every
+    shape) before anything is built from the config; returns `gpt2_shapes(config)`.
 
     Raises:
         ValueError: a missing, unexpected or wrongly shaped tensor (named).
     """
-    c = model.config
-    if c.factorized or c.num_layer_groups != c.num_layers or c.has_layer_adapters:
-        raise ValueError("load_gpt2_tensors needs a GPT-2-mode model (no factorization, sharing "
-                         "or adapters).")
-    expected = gpt2_shapes(c)
+    expected = gpt2_shapes(config)
     missing = [n for n in expected if n not in tensors]
     if missing:
         raise ValueError(f"{source} is missing tensor {missing[0]!r}"
@@ -126,6 +122,21 @@ def load_gpt2_tensors(model, tensors, source="the checkpoint"):
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                              f"expected {shape} from config.json.")
+    return expected
+
+
+def load_gpt2_tensors(model, tensors, source="the checkpoint"):
+    """Assigns GPT-2 tensors (names as `normalize_names` leaves them) to our
+    GPT-2-mode `model`, after checking every name and shape.
+
+    Raises:
+        ValueError: a missing, unexpected or wrongly shaped tensor (named).
+    """
+    c = model.config
+    if c.factorized or c.num_layer_groups != c.num_layers or c.has_layer_adapters:
+        raise ValueError("load_gpt2_tensors needs a GPT-2-mode model (no factorization, sharing "
+                         "or adapters).")
+    check_gpt2_tensors(c, tensors, source)
     targets = {"wte.weight": model.embedding.token_embeddings,
                "wpe.weight": model.embedding.position_embeddings,
                "ln_f.weight": model.lm_head.final_norm.gamma,

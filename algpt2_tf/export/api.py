@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 
+from algpt2_tf.files import staging_directory
 from algpt2_tf.export.greedy import greedy_continuation
 from algpt2_tf.prompts import left_pad
 
@@ -107,7 +108,7 @@ def export_model(model_path, format, out, version=None, quantize="none", max_len
                               "or choose another --version.")
     created_out = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".export-{version}-", dir=out)
+    staging = staging_directory(f".export-{version}-", out)
     try:
         keras_int8 = quantize == "int8" and format != "tflite"
         if keras_int8:

@@ -70,6 +70,13 @@ class ServingModule(tf.Module):
                 prompt_len + max_new_tokens, self.max_length,
                 message=f"prompt tokens + max_new_tokens exceed the exported max_length "
                         f"({self.max_length})"),
+            # Comparisons with NaN are false: a NaN fails these too.
+            tf.debugging.assert_equal(
+                tf.logical_and(temperature >= 0.0, tf.math.is_finite(temperature)), True,
+                message="temperature must be a finite number >= 0 (0 = greedy)"),
+            tf.debugging.assert_non_negative(top_k, message="top_k must be >= 0 (0 = off)"),
+            tf.debugging.assert_equal(tf.logical_and(top_p > 0.0, top_p <= 1.0), True,
+                                      message="top_p must be in (0, 1]"),
         ]
         with tf.control_dependencies(checks):
             right = ragged.to_tensor(default_value=0)

@@ -37,15 +37,19 @@ queue, 504 past the per-request time limit.
 import asyncio
 import json
 import secrets
+import sys
 import time
 import uuid
+from typing import List, Optional, Union
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from algpt2_tf.generation import SamplingParams
 from algpt2_tf.serving.batching import MAX_LOGPROBS, QueueFull, Request
-from algpt2_tf.serving.request_body import BodyTooLarge, read_limited
+from algpt2_tf.serving.request_body import (BodyTimeout, BodyTooLarge, RequireAPIKey,
+                                            check_binding, read_limited)
 
 MAX_N = 16
 MAX_STOPS = 4
@@ -73,40 +77,86 @@ def sse(event):
 
 
 # ------------------------------------------------------------------ parameters
-def _number(body, name, default, low, high, integer=False):
-    value = body.get(name, default)
-    if value is None:
-        value = default
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
-        what = "an integer" if integer else "a number"
-        raise APIError(400, f"'{name}' must be {what} in [{low}, {high}], got {value!r}.", name)
-    return value
+class CompletionBody(BaseModel):
+    """The fields of a /v1/completions body, typed strictly: a string is not a
+    boolean, a boolean is not a token id, NaN is not a temperature, and a field this
+    server does not know is an error that names it (nothing is silently ignored)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    model: Optional[str] = None
+    prompt: Union[str, List[Union[str, List[int], int]]] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    n: Optional[int] = Field(None, ge=1, le=MAX_N)
+    best_of: Optional[int] = None
+    seed: Optional[int] = None
+    stop: Optional[Union[str, List[str]]] = None
+    stream: Optional[bool] = None
+    stream_options: Optional["StreamOptions"] = None
+    echo: Optional[bool] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    suffix: Optional[str] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    user: Optional[str] = None
 
 
-def parse_completion(body, model_name, tokenizer, max_positions):
-    """Checks a /v1/completions body; returns a dict of what the handler needs."""
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    include_usage: Optional[bool] = None
+
+
+CompletionBody.model_rebuild()
+
+
+def _schema_error(error):
+    """A pydantic `ValidationError` as one 400 naming the field."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    if first["type"] == "extra_forbidden":
+        message = f"Unknown field '{where}': this server does not support it."
+    else:
+        message = f"'{where}': {first['msg']} (got {first.get('input')!r:.80})."
+    return APIError(400, message, str(first["loc"][0]) if first["loc"] else None)
+
+
+def _valid_text(text, where):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, e.g. "\ud800" in the JSON
+        raise APIError(400, f"'{where}' is not valid Unicode: {e.reason} at character "
+                            f"{e.start}.", where) from None
+    return text
+
+
+def parse_completion(body, model_name, tokenizer, max_positions, max_queue=None,
+                     max_response_bytes=None):
+    """Checks a /v1/completions body (`CompletionBody`, then the limits); returns a dict of
+    what the handler needs. Tokenizes the prompts: run it off the event loop."""
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.")
-    if body.get("model") != model_name:
-        raise APIError(404, f"The model '{body.get('model')}' does not exist; this server "
+    try:
+        req = CompletionBody.model_validate(body)
+    except ValidationError as e:
+        raise _schema_error(e) from None
+    if req.model != model_name:
+        raise APIError(404, f"The model '{req.model}' does not exist; this server "
                             f"serves '{model_name}'.", "model", "model_not_found")
-    if body.get("suffix") is not None:
+    if req.suffix is not None:
         raise APIError(400, "'suffix' is not supported by this server.", "suffix")
-    logprobs = body.get("logprobs")
-    if logprobs is not None:
-        logprobs = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
     for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
+        if getattr(req, name) not in (None, 0.0):
             raise APIError(400, f"'{name}' is not supported by this server (only 0).", name)
-    prompt = body.get("prompt")
+    prompt = req.prompt
     if isinstance(prompt, str):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
         prompts = [prompt]
     elif (isinstance(prompt, list) and prompt
-          and all(isinstance(p, str) or (isinstance(p, list) and p
-                                         and all(isinstance(t, int) for t in p)) for p in prompt)):
+          and all(isinstance(p, str) or (isinstance(p, list) and p) for p in prompt)):
         prompts = prompt
     else:
         raise APIError(400, "'prompt' must be a string, a list of strings, a list of token "
@@ -114,41 +164,71 @@ def parse_completion(body, model_name, tokenizer, max_positions):
     ids = []
     for p in prompts:
         if isinstance(p, str):
-            ids.append(tokenizer.encode(p) or [tokenizer.eos_id])
+            ids.append(tokenizer.encode(_valid_text(p, "prompt")) or [tokenizer.eos_id])
         else:
             if not all(0 <= t < tokenizer.vocab_size for t in p):
                 raise APIError(400, f"Token ids must be in [0, {tokenizer.vocab_size}).", "prompt")
             ids.append(list(p))
-    max_tokens = _number(body, "max_tokens", 16, 1, 2 ** 31 - 1, integer=True)
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
     longest = max(len(i) for i in ids)
     if longest + max_tokens > max_positions:
         raise APIError(400, f"The prompt ({longest} tokens) plus max_tokens ({max_tokens}) "
                             f"exceeds the model's context of {max_positions} tokens.",
                        "max_tokens", "context_length_exceeded")
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    if top_p <= 0:
-        raise APIError(400, f"'top_p' must be in (0, 1], got {top_p!r}.", "top_p")
-    n = _number(body, "n", 1, 1, MAX_N, integer=True)
-    if body.get("best_of") not in (None, n):
+    temperature = 1.0 if req.temperature is None else req.temperature
+    top_p = 1.0 if req.top_p is None else req.top_p
+    n = 1 if req.n is None else req.n
+    if req.best_of not in (None, n):
         raise APIError(400, "'best_of' is not supported by this server (only equal to n).",
                        "best_of")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError(400, f"'seed' must be an integer, got {seed!r}.", "seed")
-    stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else (stop or [])
-    if (not isinstance(stops, list) or len(stops) > MAX_STOPS
-            or not all(isinstance(s, str) and s for s in stops)):
+    if max_queue is not None and len(ids) * n > max_queue:
+        raise APIError(400, f"The request asks for {len(ids)} prompt(s) x n={n} = "
+                            f"{len(ids) * n} generations; this server queues at most "
+                            f"{max_queue} (--max-queue), so it could never run. Send fewer "
+                            "prompts or a smaller n per request.", "n")
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if len(stops) > MAX_STOPS or not all(s for s in stops):
         raise APIError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} "
                             "non-empty strings.", "stop")
-    stream_options = body.get("stream_options") or {}
-    return {"prompts": prompts, "ids": ids, "max_tokens": max_tokens, "n": n, "seed": seed,
-            "stops": stops, "echo": bool(body.get("echo", False)), "logprobs": logprobs,
-            "stream": bool(body.get("stream", False)),
-            "include_usage": bool(stream_options.get("include_usage", False)),
+    for stop in stops:
+        _valid_text(stop, "stop")
+    echo, stream = bool(req.echo), bool(req.stream)
+    if max_response_bytes is not None:
+        size = response_bytes_estimate(len(ids) * n, max_tokens, longest if echo else 0,
+                                       req.logprobs, stream)
+        if size > max_response_bytes:
+            raise APIError(413, f"The response could be about {size:,} bytes, over the limit "
+                                f"of {max_response_bytes:,} (--max-response-bytes); ask for "
+                                "fewer tokens, choices, prompts or logprobs.", "max_tokens",
+                           "response_too_large")
+    options = req.stream_options
+    return {"prompts": prompts, "ids": ids, "max_tokens": max_tokens, "n": n, "seed": req.seed,
+            "stops": stops, "echo": echo, "logprobs": req.logprobs, "stream": stream,
+            "include_usage": bool(options is not None and options.include_usage),
             "params": SamplingParams(temperature=float(temperature),
                                      top_k=1 if temperature == 0 else 0, top_p=float(top_p))}
+
+
+BYTES_PER_TOKEN = 24
+"""A generated token's text in JSON, about (most GPT-2 tokens are 2-8 characters;
+escapes take more): the response-size estimate's unit."""
+BYTES_PER_LOGPROB = 48
+"""One `{token: logprob}` entry with its number."""
+BYTES_PER_EVENT = 256
+"""A streamed chunk's fixed part (id, model, choice, `data: ` framing)."""
+
+
+def response_bytes_estimate(choices, max_tokens, echoed_tokens, logprobs, stream):
+    """About how many bytes the answer to a completion request can take, before any of it
+    is computed: every choice at `max_tokens` tokens (plus the echoed prompt), each with
+    its `logprobs` alternatives, each a chunk of its own when streamed."""
+    tokens = max_tokens + echoed_tokens
+    per_token = BYTES_PER_TOKEN
+    if logprobs is not None:
+        per_token += BYTES_PER_LOGPROB * (logprobs + 2)  # the chosen one, its offset
+    if stream:
+        per_token += BYTES_PER_EVENT
+    return choices * (tokens * per_token + BYTES_PER_EVENT)
 
 
 # ------------------------------------------------------------------ text
@@ -294,29 +374,24 @@ def logprobs_json(entries):
 
 
 # ------------------------------------------------------------------ the app
-class RequireAPIKey:
-    """ASGI middleware: 401 in OpenAI's shape unless `Authorization: Bearer <api_key>`.
-
-    Plain ASGI rather than `@app.middleware("http")`, whose wrapper passes every
-    streamed chunk through an extra in-memory stream."""
-
-    def __init__(self, app, api_key):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
-                response = APIError(401, "Invalid or missing API key: send 'Authorization: "
-                                         "Bearer KEY'.", code="invalid_api_key").response()
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 << 20,
-               timeout_s=60.0):
-    """The FastAPI app serving `engine`'s model as `model_name`."""
+               timeout_s=60.0, max_response_bytes=32 << 20):
+    """The FastAPI app serving `engine`'s model as `model_name`.
+
+    Args:
+        engine: the `BatchEngine`.
+        tokenizer: the model's tokenizer.
+        model_name: the served name (requests must name it).
+        api_key: when set, every request (the docs too) needs `Authorization: Bearer KEY`.
+        max_request_bytes: the largest body (413).
+        timeout_s: the time a request may take, its body's arrival included (408, 504).
+        max_response_bytes: the largest answer a request may ask for, estimated before
+            anything runs (`response_bytes_estimate`; 413).
+    """
+    for name, value in (("max_request_bytes", max_request_bytes), ("timeout_s", timeout_s),
+                        ("max_response_bytes", max_response_bytes)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}.")
     app = FastAPI(title="algpt2 OpenAI-compatible API")
     created = int(time.time())
     max_positions = engine.model.config.max_positions
@@ -334,8 +409,10 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
         return APIError(405, f"Method {request.method} not allowed on {request.url.path}.")\
             .response()
 
-    if api_key is not None:
-        app.add_middleware(RequireAPIKey, api_key=api_key)
+    if api_key:
+        app.add_middleware(RequireAPIKey, api_key=api_key, reject=lambda: APIError(
+            401, "Invalid or missing API key: send 'Authorization: Bearer KEY'.",
+            code="invalid_api_key").response())
 
     def model_card():
         return {"id": model_name, "object": "model", "created": created, "owned_by": "algpt2-tf",
@@ -360,15 +437,19 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
         try:
-            raw = await read_limited(http, max_request_bytes)
+            raw = await read_limited(http, max_request_bytes, timeout_s)
         except BodyTooLarge as e:
             raise APIError(413, f"The request body is {e}.", code="request_too_large") from None
+        except BodyTimeout as e:
+            raise APIError(408, str(e), code="timeout", kind="timeout_error") from None
         try:
             body = json.loads(raw)
         except ValueError as e:
             raise APIError(400, f"The request body is not valid JSON: {e}.")
-        spec = parse_completion(body, model_name, tokenizer, max_positions)
         loop = asyncio.get_running_loop()
+        # Off the event loop: tokenizing a large prompt takes long enough to stall every stream.
+        spec = await loop.run_in_executor(None, parse_completion, body, model_name, tokenizer,
+                                          max_positions, engine.max_queue, max_response_bytes)
         k = spec["logprobs"]
         echoed = {}  # prompt number -> the echoed prompt's log-probability entries
         if spec["echo"] and k is not None:
@@ -471,14 +552,18 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
 
 def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None, max_batch=16,
           window_s=0.01, max_queue=256, batching=True, timeout_s=60.0,
-          max_request_bytes=1 << 20, warm_up=True):
+          max_request_bytes=1 << 20, warm_up=True, max_response_bytes=32 << 20,
+          insecure_no_auth=False):
     """Loads a model (run folder, .keras file, HF folder or preset name) and
     serves it until interrupted; with `warm_up`, compiles the common batch
-    shapes first (`BatchEngine.warm_up`)."""
+    shapes first (`BatchEngine.warm_up`). Beyond loopback only with `api_key`
+    or `insecure_no_auth` (`request_body.check_binding`)."""
+    import logging
     import os
 
     import uvicorn
 
+    warning = check_binding(host, api_key, insecure_no_auth)
     from algpt2_tf.saving import load_model, load_tokenizer_for
     from algpt2_tf.serving.batching import BatchEngine
 
@@ -488,7 +573,15 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
     engine = BatchEngine(model, max_batch=max_batch, window_s=window_s, max_queue=max_queue,
                          batching=batching)
     warmed = f"; compiled the first batch shapes in {engine.warm_up():.1f} s" if warm_up else ""
-    app = create_app(engine, tokenizer, name, api_key, max_request_bytes, timeout_s)
+    try:
+        app = create_app(engine, tokenizer, name, api_key, max_request_bytes, timeout_s,
+                         max_response_bytes)
+    except ValueError:
+        engine.close()
+        raise
+    if warning:
+        logging.getLogger("algpt2.serve").warning(warning)
+        print(warning, file=sys.stderr, flush=True)
     print(f"Serving {name} on http://{host}:{port}/v1 (OpenAI completions API; "
           f"batching {'up to ' + str(max_batch) if batching else 'off'}{warmed})", flush=True)
     try:

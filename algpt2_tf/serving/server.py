@@ -10,7 +10,10 @@ Protocol (https://www.tensorflow.org/tfx/serving/api_rest):
     POST /v1/models/{name}[/versions/{v}]:predict    row ("instances") or
          columnar ("inputs") requests; "predictions" / "outputs" responses
 Errors are `{"error": "..."}` with TF Serving's status codes (400, 404),
-plus 413 for a request over the size limit and 504 past the time limit.
+plus 401 without the API key (when one is set), 408 for a body that does not
+arrive in time, 413 for a request over the size limit or asking for a
+response over the response limit, and 504 past the time limit (the
+computation is cancelled then, not left running).
 
 Like TF Serving's default version policy, the newest version directory under
 the base path is served; a new one is picked up without a restart, and
@@ -22,6 +25,7 @@ import base64
 import json
 import logging
 import os
+import sys
 import threading
 
 import numpy as np
@@ -31,9 +35,14 @@ import tensorflow_text  # noqa: F401  (ops used by the generate signature)
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from algpt2_tf.serving.request_body import BodyTooLarge, read_limited
+from algpt2_tf.serving.request_body import (BodyTimeout, BodyTooLarge, RequireAPIKey,
+                                            read_limited)
 
 log = logging.getLogger("algpt2.serve")
+
+JSON_BYTES_PER_NUMBER = 16
+"""What one number of a response costs as JSON, at most about (orjson writes a float32
+logit in 10-14 characters and a comma): the response-size check's estimate."""
 
 DTYPE_NAMES = {tf.int32: "DT_INT32", tf.int64: "DT_INT64", tf.float32: "DT_FLOAT",
                tf.float64: "DT_DOUBLE", tf.string: "DT_STRING", tf.bool: "DT_BOOL"}
@@ -58,6 +67,8 @@ class Servable:
         self.path = path
         self.loaded = tf.saved_model.load(path)
         self.signatures = dict(self.loaded.signatures)
+        if not self.signatures:
+            raise ValueError(f"{path} has no serving signatures.")
 
     def signature(self, name):
         name = name or "serving_default"
@@ -89,13 +100,19 @@ def _tensor_info(name, spec):
             "name": name}
 
 
+def is_version(text):
+    """Whether `text` names a version: ASCII digits only ("²" is a digit to Python's
+    `isdigit`, not to `int`)."""
+    return text.isascii() and text.isdigit()
+
+
 def version_dirs(base_path):
     """`{version: path}` of the complete SavedModel versions under `base_path`."""
     found = {}
     if os.path.isdir(base_path):
         for entry in os.listdir(base_path):
             path = os.path.join(base_path, entry)
-            if entry.isdigit() and os.path.exists(os.path.join(path, "saved_model.pb")):
+            if is_version(entry) and os.path.exists(os.path.join(path, "saved_model.pb")):
                 found[int(entry)] = path
     return found
 
@@ -110,10 +127,16 @@ class ModelManager:
         self.current = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        if poll_seconds <= 0:
+            raise ValueError(f"poll_seconds must be > 0, got {poll_seconds!r}.")
         if not version_dirs(base_path):
             raise FileNotFoundError(f"No SavedModel version (a numbered folder with "
                                     f"saved_model.pb) under {base_path}.")
+        self.load_error = None
         self.refresh()
+        if self.current is None:
+            raise ValueError(f"No SavedModel version under {base_path} could be loaded: "
+                             f"{self.load_error}")
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
@@ -127,6 +150,7 @@ class ModelManager:
         try:
             servable = Servable(self.name, newest, versions[newest])
         except Exception as e:  # keep serving the old version
+            self.load_error = f"version {newest}: {type(e).__name__}: {e}"
             log.error("Could not load %s version %s: %s", self.name, newest, e)
             return
         with self._lock:
@@ -145,7 +169,7 @@ class ModelManager:
             raise ServingError(404, f"Servable not found for request: Latest({name})")
         with self._lock:
             servable = self.current
-        if version is not None and (not version.isdigit() or int(version) != servable.version):
+        if version is not None and (not is_version(version) or int(version) != servable.version):
             raise ServingError(404, f"Servable not found for request: Specific({name}, {version})")
         return servable
 
@@ -162,7 +186,11 @@ def _decode_strings(value):
     if isinstance(value, list):
         return [_decode_strings(v) for v in value]
     if isinstance(value, str):
-        return value.encode("utf-8")
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. "\ud800" in the JSON
+            raise ServingError(400, f"A string is not valid Unicode: {e.reason} at character "
+                                    f"{e.start}.") from None
     raise ServingError(400, f"Expected a string, got {type(value).__name__}.")
 
 
@@ -301,10 +329,76 @@ def error_summary(message):
     return (meaningful or lines or ["Invalid argument"])[0]
 
 
+def response_bytes_estimate(signature, inputs):
+    """About how many bytes of JSON the numbers of `signature`'s outputs take for these
+    inputs, known before computing them: an output's unknown dimension `i` is taken as the
+    largest dimension `i` among the inputs of at least that rank (`[batch, seq]` ids give
+    `[batch, seq, vocab]` logits). String outputs and dimensions no input gives are not
+    counted (the serialized response is checked too, `check_response_size`)."""
+    total = 0
+    for spec in tf.nest.flatten(signature.structured_outputs):
+        if spec.dtype == tf.string or spec.shape.rank is None:
+            continue
+        size = 1
+        for i, dim in enumerate(spec.shape.as_list()):
+            if dim is None:
+                dim = max((int(t.shape[i]) for t in inputs.values() if t.shape.rank > i),
+                          default=1)
+            size *= dim
+        total += size * JSON_BYTES_PER_NUMBER
+    return total
+
+
+def check_response_size(size, limit, known_before=False):
+    if size > limit:
+        when = "would be" if known_before else "is"
+        raise ServingError(413, f"The response {when} about {size:,} bytes, over the limit of "
+                                f"{limit:,} bytes (--max-response-bytes); ask for fewer or "
+                                "shorter rows.")
+
+
+def run_cancelable(signature, inputs, cancel):
+    """Runs `signature(**inputs)` so that `cancel.start_cancel()` from another thread stops
+    it between kernels (its decode loop included) with `tf.errors.CancelledError`.
+    TensorFlow's `CancellationManager` is not in its public API; without it the call runs
+    to the end."""
+    if cancel is None:
+        return signature(**inputs)
+    return cancel.get_cancelable_function(signature)(**inputs)
+
+
+def _cancellation_manager():
+    try:
+        from tensorflow.python.eager.cancellation import CancellationManager
+    except ImportError:  # a TensorFlow without it: timeouts answer 504, the work finishes
+        return None
+    return CancellationManager()
+
+
 # --------------------------------------------------------------------- app
-def create_app(manager, max_request_bytes=1 << 20, timeout_seconds=60.0):
-    """The FastAPI application serving `manager`'s model."""
+def create_app(manager, max_request_bytes=1 << 20, timeout_seconds=60.0, api_key=None,
+               max_response_bytes=32 << 20):
+    """The FastAPI application serving `manager`'s model.
+
+    Args:
+        manager: the `ModelManager`.
+        max_request_bytes: the largest request body (413 above).
+        timeout_seconds: the time a request may take, its body's arrival included (408 while
+            reading it, 504 after; a computation past it is cancelled).
+        api_key: when set, every request needs `Authorization: Bearer KEY` (401).
+        max_response_bytes: the largest response, estimated from the request before any
+            computation (413 above).
+    """
+    for name, value in (("max_request_bytes", max_request_bytes),
+                        ("timeout_seconds", timeout_seconds),
+                        ("max_response_bytes", max_response_bytes)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}.")
     app = FastAPI(title="algpt2 serve (TF Serving REST protocol)")
+    if api_key:
+        app.add_middleware(RequireAPIKey, api_key=api_key, reject=lambda: JSONResponse(
+            {"error": "Invalid or missing API key: send 'Authorization: Bearer KEY'."},
+            status_code=401))
 
     @app.exception_handler(ServingError)
     async def _serving_error(request, exc):
@@ -334,10 +428,12 @@ def create_app(manager, max_request_bytes=1 << 20, timeout_seconds=60.0):
 
     async def predict(request, name, version):
         try:
-            raw = await read_limited(request, max_request_bytes)
+            raw = await read_limited(request, max_request_bytes, timeout_seconds)
         except BodyTooLarge:
             raise ServingError(413, f"Request body over the limit of {max_request_bytes} bytes.") \
                 from None
+        except BodyTimeout as e:
+            raise ServingError(408, str(e)) from None
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -347,18 +443,27 @@ def create_app(manager, max_request_bytes=1 << 20, timeout_seconds=60.0):
             raise ServingError(400, "'signature_name' must be a string.")
         signature = servable.signature(body.get("signature_name") if isinstance(body, dict) else None)
         inputs, row_format = parse_request(body, servable.input_specs(signature))
+        check_response_size(response_bytes_estimate(signature, inputs), max_response_bytes,
+                            known_before=True)
+        cancel = _cancellation_manager()
 
         def run():
             try:
-                return signature(**inputs)
+                return run_cancelable(signature, inputs, cancel)
             except tf.errors.InvalidArgumentError as e:
                 raise ServingError(400, error_summary(e.message)) from None
 
+        work = asyncio.ensure_future(asyncio.to_thread(run))
         try:
-            outputs = await asyncio.wait_for(asyncio.to_thread(run), timeout_seconds)
+            outputs = await asyncio.wait_for(asyncio.shield(work), timeout_seconds)
         except asyncio.TimeoutError:
+            if cancel is not None:
+                cancel.start_cancel()  # the thread's computation stops at its next kernel
+            work.add_done_callback(lambda done: done.exception())  # retrieved: not logged
             raise ServingError(504, f"Request took longer than {timeout_seconds} s.") from None
-        return json_response(format_response(outputs, row_format))
+        response = json_response(format_response(outputs, row_format))
+        check_response_size(len(response.body), max_response_bytes)
+        return response
 
     @app.post("/v1/models/{name}:predict")
     async def model_predict(name: str, request: Request):
@@ -380,12 +485,24 @@ def create_app(manager, max_request_bytes=1 << 20, timeout_seconds=60.0):
 
 
 def serve(model_base_path, model_name, host="127.0.0.1", port=8501, max_request_bytes=1 << 20,
-          timeout_seconds=60.0, poll_seconds=1.0):
-    """Runs the server until interrupted."""
+          timeout_seconds=60.0, poll_seconds=1.0, api_key=None, max_response_bytes=32 << 20,
+          insecure_no_auth=False):
+    """Runs the server until interrupted (see `create_app` for the limits; beyond loopback
+    only with `api_key` or `insecure_no_auth`, `request_body.check_binding`)."""
     import uvicorn
 
+    from algpt2_tf.serving.request_body import check_binding
+
+    warning = check_binding(host, api_key, insecure_no_auth)
     manager = ModelManager(model_name, model_base_path, poll_seconds)
-    app = create_app(manager, max_request_bytes, timeout_seconds)
+    try:
+        app = create_app(manager, max_request_bytes, timeout_seconds, api_key, max_response_bytes)
+    except ValueError:
+        manager.stop()
+        raise
+    if warning:
+        log.warning(warning)
+        print(warning, file=sys.stderr, flush=True)
     print(f"Serving {model_name} version {manager.current.version} on http://{host}:{port} "
           f"(REST: /v1/models/{model_name})", flush=True)
     try:
