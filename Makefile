@@ -4,16 +4,18 @@ PYTHON ?= python3
 TEST_WORKERS ?= 2
 PYTEST = $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
-.PHONY: install test test-fast bench bench-quick clean
+.PHONY: install test test-all bench bench-quick clean
 
 install:
 	$(PYTHON) -m pip install -e ".[dev,torch,jax]"
 
+# The fast tier: every feature end to end on tiny models (docs/testing.md).
 test:
-	$(PYTEST) tests
-
-test-fast:
 	$(PYTEST) -m "not slow" tests
+
+# Both tiers: what CI runs.
+test-all:
+	$(PYTEST) tests
 
 clean:
 	rm -rf build *.egg-info .pytest_cache
