@@ -1,11 +1,12 @@
 """Runs the model's behaviours on one Keras backend (a subprocess of test_backends.py).
 
-Usage: KERAS_BACKEND=torch python backend_check.py write|read FOLDER
+Usage: KERAS_BACKEND=torch python backend_check.py write|read|parity FOLDER
 
 `write`: loads FOLDER/reference.keras (written by TensorFlow), checks its
 logits, padding, the cached step, the input errors and `fit`, then saves the
 trained model as FOLDER/BACKEND.keras with its logits. `read`: loads every
-other backend's model and compares with the logits it wrote. Prints one JSON
+other backend's model and compares with the logits it wrote. `parity` (the
+fast tier's twin of `write`): the reference's logits and greedy tokens only. Prints one JSON
 object of findings (the test asserts on them).
 """
 
@@ -120,6 +121,14 @@ def write(folder, found):
         found["dataloader_lm_loss"] = [float(x) for x in history["lm_loss"]]
 
 
+def parity(folder, found):
+    reference = np.load(os.path.join(folder, "reference.npz"))
+    model = keras.models.load_model(os.path.join(folder, "reference.keras"))
+    found["forward_diff"] = float(np.abs(logits(model, reference["ids"])
+                                         - reference["logits"]).max())
+    found["greedy"] = model.generate([[5, 6, 7], [8]], max_new_tokens=6, stop_ids=[]).new_ids
+
+
 def read(folder, found):
     ids = np.load(os.path.join(folder, "reference.npz"))["ids"]
     for writer in BACKENDS:
@@ -133,5 +142,5 @@ def read(folder, found):
 if __name__ == "__main__":
     mode, folder = sys.argv[1], sys.argv[2]
     found = {"backend": keras.backend.backend()}
-    (write if mode == "write" else read)(folder, found)
+    {"write": write, "read": read, "parity": parity}[mode](folder, found)
     print("RESULT " + json.dumps(found))

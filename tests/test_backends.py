@@ -57,6 +57,26 @@ def findings(tmp_path_factory):
     return written, read
 
 
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_torch_and_jax_give_the_tensorflow_logits_and_greedy_tokens(tmp_path, backend):
+    """The fast tier's twin of the backend matrix: one subprocess per backend loads the
+    TensorFlow-written model, matches its logits and its greedy tokens."""
+    config = ALGPT2Config(vocab_size=97, max_positions=32, hidden_size=16, num_layers=2,
+                          num_heads=2, intermediate_size=32, embedding_size=8,
+                          per_layer_norms=True, embedding_dropout=0.0, attention_dropout=0.0,
+                          residual_dropout=0.0)
+    rng = np.random.default_rng(1)
+    model = randomize_weights(ALGPT2LMHeadModel(config), rng)
+    ids = rng.integers(0, 97, (2, 6)).astype("int32")
+    model.save(str(tmp_path / "reference.keras"))
+    np.savez(tmp_path / "reference.npz", ids=ids,
+             logits=np.asarray(model({"input_ids": ids})["logits"]))
+    found = run_check(backend, "parity", tmp_path)
+    assert found["forward_diff"] < TOL
+    assert found["greedy"] == model.generate([[5, 6, 7], [8]], max_new_tokens=6,
+                                             stop_ids=[]).new_ids
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_padding_and_cache_match_the_tensorflow_reference(findings, backend):

@@ -134,6 +134,7 @@ def test_decode_profile_quick(tmp_path):
     assert "| softmax head |" in (tmp_path / "profile.md").read_text()
 
 
+@pytest.mark.slow
 def test_distributed_scaling_quick(tmp_path):
     """`benchmarks/distributed_scaling.py --quick`: 1 and 2 JAX processes of each preset, once."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

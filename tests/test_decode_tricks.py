@@ -37,6 +37,19 @@ def test_generator_reads_the_environment(monkeypatch, model):
     assert Generator(model, tricks=DecodeTricks()).tricks == DecodeTricks()
 
 
+def test_exact_tricks_on_give_the_tokens_of_all_tricks_off(monkeypatch):
+    """The fast tier's twin of the matrix below: one model, two prompts, 8 tokens through a
+    growing cache, every exact trick on against every trick off."""
+    from algpt2_tf import generation
+
+    monkeypatch.setattr(generation, "CACHE_SEGMENT", 16)
+    model = decode_test_model("algpt2", max_positions=128)
+    prompts = [[5, 17, 42], [9, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13]]
+    expected = Generator(model, tricks=DecodeTricks().off()).generate(prompts, 8).new_ids
+    assert Generator(model, tricks=DecodeTricks()).generate(prompts, 8).new_ids == expected
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("prompts", [[[5, 17, 42]], [[5, 17, 42], [9, 1, 2, 3, 4, 5, 6, 7, 8]]])
 def test_every_exact_trick_on_or_off_gives_the_same_tokens(model, prompts, monkeypatch):
     # A 16-slot first cache: the 16-token padded prompts decode through 32- and

@@ -164,6 +164,7 @@ def final_lines(output):
             for m in re.finditer(r"^\[\d\] Process (\d) of 2: (.*)$", output, re.M)}
 
 
+@pytest.mark.slow
 def test_two_jax_processes_train_like_one_write_once_and_resume_after_a_kill(
         tmp_path, small_config, corpus):
     """`algpt2 launch --nproc 2 -- train --distribute jax-data-parallel`: kill -9 process 1

@@ -50,6 +50,7 @@ def test_metrics_match_a_direct_computation():
     assert strided["tokens"] == result["tokens"]
 
 
+@pytest.mark.slow
 def test_wikitext2_validation(tmp_path, capsys):
     path = shared_file("wikitext-2-raw", "wiki.valid.raw")
     model = small_model(max_positions=256)
