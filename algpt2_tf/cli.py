@@ -523,6 +523,18 @@ def _experiment_report(args):
         print(f"Report files copied to {copy_report(args.dir, args.copy_to)}")
 
 
+def _experiment_scaling(args):
+    from algpt2_tf.experiments.scaling import write_scaling_report
+
+    write_scaling_report(args.dir, args.baseline, dest=args.out)
+
+
+def _experiment_quality(args):
+    from algpt2_tf.experiments.quality import judge_experiment
+
+    judge_experiment(args.dir, args.spec, args.judges, dest=args.out)
+
+
 def _add_experiment_commands(sub):
     p = sub.add_parser("experiment", help="train, evaluate and compare model variants (arms)")
     esub = p.add_subparsers(dest="experiment_command", required=True)
@@ -536,6 +548,19 @@ def _add_experiment_commands(sub):
     r.add_argument("--copy-to", help="also copy the report files (not the runs) here, e.g. "
                    "experiments/results/NAME")
     r.set_defaults(func=_experiment_report)
+    r = esub.add_parser("scaling", help="ratio to a baseline family against training tokens "
+                                        "(arms named FAMILY_<N>x), with fitted trends")
+    r.add_argument("dir", help="an experiment folder")
+    r.add_argument("--baseline", required=True, help="the family the ratios divide by")
+    r.add_argument("--out", help="where scaling.md/.json and the plot go (default: DIR)")
+    r.set_defaults(func=_experiment_scaling)
+    r = esub.add_parser("quality", help="judge every run's samples with trained models "
+                                        "(generative perplexity at equal held-out perplexity)")
+    r.add_argument("dir", help="an experiment folder")
+    r.add_argument("--spec", required=True, help="the spec the folder ran")
+    r.add_argument("--judges", nargs="+", required=True, help="arms whose models judge")
+    r.add_argument("--out", help="where quality.md/.json and the plot go (default: DIR)")
+    r.set_defaults(func=_experiment_quality)
 
 
 # ---------------------------------------------------------------------- launch

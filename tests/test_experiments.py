@@ -260,29 +260,87 @@ def test_appending_arms_extends_a_folder_and_any_other_change_is_refused(tmp_pat
         assert json.loads((tmp_path / "out" / "spec.json").read_text()) == longer, change
 
 
-def test_arms_with_their_own_budgets_and_a_separated_evaluation_set(tmp_path):
+def test_a_scaling_experiment_its_report_and_its_quality_judges(tmp_path):
     """`tokens` gives an arm its own steps (and cosine schedule); a `separator` file is
-    evaluated as separate documents. One tiny run of two arms."""
+    evaluated as separate documents; `experiment scaling` reports each family's ratio to
+    the baseline family at every budget with a fitted trend; `experiment quality` judges
+    every run's samples with two trained models. Tiny runs of four arms."""
     write_corpus(tmp_path / "data")
-    (tmp_path / "data" / "stories.txt").write_text(
-        (tmp_path / "data" / "held_out.txt").read_text().replace("\n\n", "\n<|endoftext|>\n", 3))
+    held_out = (tmp_path / "data" / "held_out.txt").read_text()
+    (tmp_path / "data" / "stories.txt").write_text(held_out.replace("\n\n", "\n<|endoftext|>\n", 3))
     spec = tiny_spec()
     spec["budget"]["tokens"] = 256  # 4 steps of 4 x 16
     spec["evaluation"]["sets"] = [{"name": "stories", "files": [
         {"path": "data/stories.txt", "separator": "<|endoftext|>"}]}]
-    spec["arms"] = [{"name": "small_1x", "options": {"learning_rate": 0.01}},
-                    {"name": "small_2x", "options": {"learning_rate": 0.01}, "tokens": 512}]
-    spec["baseline"] = "small_1x"
-    spec["generation"]["prompts"] = ["The"]
+    spec["arms"] = [{"name": "base_1x", "options": {"learning_rate": 0.01}},
+                    {"name": "base_2x", "options": {"learning_rate": 0.01}, "tokens": 512},
+                    {"name": "norms_1x", "config": {"per_layer_norms": True},
+                     "options": {"learning_rate": 0.01}},
+                    {"name": "norms_2x", "config": {"per_layer_norms": True},
+                     "options": {"learning_rate": 0.01}, "tokens": 512}]
+    spec["baseline"] = "base_1x"
+    opening = " ".join(held_out.split()[:3])
+    spec["generation"] = {"prompts": [opening, "Not in any held-out text at all"],
+                          "max_new_tokens": 4}
     out = tmp_path / "out"
-    assert main(["experiment", "run", write_spec(tmp_path, spec), "--out", str(out),
-                 "--verbose", "0"]) == 0
+    spec_path = write_spec(tmp_path, spec)
+    assert main(["experiment", "run", spec_path, "--out", str(out), "--verbose", "0"]) == 0
     runs = {r["arm"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
-    assert (runs["small_1x"]["steps"], runs["small_2x"]["steps"]) == (4, 8)
-    assert (runs["small_1x"]["training_tokens"], runs["small_2x"]["training_tokens"]) == (256, 512)
+    assert (runs["base_1x"]["steps"], runs["base_2x"]["steps"]) == (4, 8)
+    assert (runs["base_1x"]["training_tokens"], runs["base_2x"]["training_tokens"]) == (256, 512)
     # The separator lines are not text of the set: fewer words than the file has.
     words = len((tmp_path / "data" / "stories.txt").read_text().split())
-    assert runs["small_1x"]["eval"]["stories"]["words"] == words - 3
+    assert runs["base_1x"]["eval"]["stories"]["words"] == words - 3
+
+    assert main(["experiment", "scaling", str(out), "--baseline", "base", "--out",
+                 str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "scaling.json").read_text())
+    rows = {(r["family"], r["tokens"]): r for r in report["rows"]}
+    assert rows[("base", 512)]["sets"]["stories"]["ratio"] == 1.0
+    expected = (runs["norms_2x"]["eval"]["stories"]["word_perplexity"]
+                / runs["base_2x"]["eval"]["stories"]["word_perplexity"])
+    assert rows[("norms", 512)]["sets"]["stories"]["ratio"] == pytest.approx(expected)
+    fit = report["fits"]["norms"]["stories"]
+    assert fit["points"] == 2 and fit["slope_se"] is None  # two budgets: no error estimate
+    assert (tmp_path / "report" / "ratio_vs_tokens.png").stat().st_size > 0
+    assert "| norms | 2x | 512 |" in (tmp_path / "report" / "scaling.md").read_text()
+
+    assert main(["experiment", "quality", str(out), "--spec", spec_path, "--judges", "base_2x",
+                 "norms_2x", "--out", str(tmp_path / "report")]) == 0
+    quality = json.loads((tmp_path / "report" / "quality.json").read_text())
+    assert quality["groups"] == {"stories": [0]}  # the second prompt opens no held-out text
+    assert len(quality["rows"]) == 4
+    for row in quality["rows"]:
+        assert set(row["judges"]) == {"base_2x", "norms_2x"}
+        assert row["judges"]["base_2x"]["stories"] > 1
+    text = (tmp_path / "report" / "quality.md").read_text()
+    assert f"**Prompt:** {opening}" in text and (tmp_path / "report" / "quality.png").exists()
+
+
+def test_generative_perplexity_scores_the_continuation_only():
+    """The judge's perplexity of a continuation equals exp(mean NLL) of its tokens given
+    the prompt, computed by hand from the full logits."""
+    import math
+
+    import numpy as np
+
+    from algpt2_tf import ALGPT2LMHeadModel
+    from algpt2_tf.experiments.quality import generative_perplexity
+    from conftest import tiny_config
+
+    class Ids:  # a tokenizer of single characters
+        def encode(self, text):
+            return [ord(c) % 97 for c in text]
+
+    model = ALGPT2LMHeadModel(tiny_config(initializer_range=0.5))
+    got = generative_perplexity(model, Ids(), ["ab", "xyz"], ["cd", "w"])
+    full = Ids().encode("abcd")
+    logits = np.asarray(model({"input_ids": np.array([full])})["logits"][0], np.float64)
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                keepdims=True)) - logits.max(-1, keepdims=True)
+    nll = -(log_probs[1, full[2]] + log_probs[2, full[3]]) / 2
+    assert got["per_sample"][0] == pytest.approx(math.exp(nll), rel=1e-4)
+    assert got["tokens"] == 3
 
 
 # ----------------------------------------------------------------- a run

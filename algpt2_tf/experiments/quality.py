@@ -14,12 +14,13 @@ perplexity. This module gives the pieces of that comparison:
 
 Example:
 
-    from algpt2_tf.experiments.quality import opening_prompts
-    opening_prompts(["First paragraph has enough words to be used here.\\n\\n" * 3],
-                    count=2, words=4, min_words=5)
+>>> text = "A first paragraph with enough words in it.\\n\\nA second one, also long enough."
+>>> opening_prompts([text], count=2, words=3, min_words=5, span=(0, 1))
+['A first paragraph', 'A second one,']
 """
 
 import math
+import os
 
 import numpy as np
 
@@ -125,3 +126,165 @@ def generative_perplexity(judge, tokenizer, prompts, continuations, batch_size=1
             per_sample.append(math.exp(float(nll.mean())))
     return {"perplexity": math.exp(total / count) if count else float("nan"), "tokens": count,
             "per_sample": per_sample}
+
+
+def prompt_groups(prompts, eval_texts):
+    """`{set name: [prompt indices]}`: each prompt belongs to the evaluation set whose text
+    holds it (whitespace ignored), so its continuation is judged beside the sampled model's
+    own perplexity on that set. Prompts found in no set are left out."""
+    haystacks = {name: " ".join(" ".join(texts).split()) for name, texts in eval_texts.items()}
+    groups = {}
+    for i, prompt in enumerate(prompts):
+        needle = " ".join(prompt.split())
+        name = next((n for n, text in haystacks.items() if needle in text), None)
+        if name is not None:
+            groups.setdefault(name, []).append(i)
+    return groups
+
+
+def _judge_run_dir(out, results, arm):
+    """The run folder of `arm` at its chosen rate (the best validation loss of its first seed)."""
+    from algpt2_tf.experiments.report import best_by_valid_loss
+    from algpt2_tf.experiments.runner import run_dir_name
+
+    runs = [r for r in results if r["arm"] == arm]
+    if not runs:
+        raise ValueError(f"The judge {arm!r} has no finished run in {out}.")
+    first = min(r["seed"] for r in runs)
+    best = best_by_valid_loss([r for r in runs if r["seed"] == first])
+    path = os.path.join(out, "arms", arm, run_dir_name(best["learning_rate"], best["seed"]))
+    if not os.path.exists(os.path.join(path, "model.keras")):
+        raise FileNotFoundError(f"The judge {arm!r} has no model.keras in {path} (trained in "
+                                "another checkout: rerun the experiment to rebuild it).")
+    return path
+
+
+def judge_experiment(out, spec_path, judges, dest=None, log=print):
+    """Scores every evaluated run's samples under each judge; writes `quality.json`,
+    `quality.md` and `quality.png` into `dest` (default `out`); returns the rows.
+
+    Args:
+        out: the experiment folder (its runs sampled the spec's prompts).
+        spec_path: the spec file (its evaluation sets tell which set each prompt opens).
+        judges: arm names whose trained models score the text (two of different
+            families, so no family only judges itself).
+        dest: where the report goes.
+    """
+    from algpt2_tf.experiments.report import load_results
+    from algpt2_tf.experiments.runner import held_out_texts
+    from algpt2_tf.experiments.scaling import family_and_budget
+    from algpt2_tf.experiments.spec import load_spec
+    from algpt2_tf.files import atomic_write_json, atomic_write_text
+    from algpt2_tf.saving import load_model
+    from algpt2_tf.tokenizer import GPT2Tokenizer
+
+    source, results = load_results(out)
+    spec = load_spec(spec_path)
+    if spec.source != source:
+        raise ValueError(f"{spec_path} is not the spec {out} ran.")
+    prompts = spec.generation["prompts"]
+    groups = prompt_groups(prompts, held_out_texts(spec))
+    tokenizer = GPT2Tokenizer(os.path.join(out, "tokenizer"))
+    runs = [r for r in results if r.get("samples")]
+    rows = {(r["arm"], r["seed"], r["learning_rate"]): {
+        "arm": r["arm"], "family": family_and_budget(r["arm"])[0], "seed": r["seed"],
+        "tokens": r["training_tokens"], "parameters": r["parameters"],
+        "own": {name: r["eval"][name]["word_perplexity"] for name in groups},
+        "generation": r.get("generation"), "judges": {}} for r in runs}
+    for judge in judges:
+        model = load_model(_judge_run_dir(out, results, judge))
+        log(f"Judging {len(runs)} runs' samples with {judge}")
+        for r in runs:
+            continuations = [s["continuation"] for s in r["samples"]]
+            scores = {}
+            for name, indices in groups.items():
+                scores[name] = generative_perplexity(
+                    model, tokenizer, [prompts[i] for i in indices],
+                    [continuations[i] for i in indices])["perplexity"]
+            rows[(r["arm"], r["seed"], r["learning_rate"])]["judges"][judge] = scores
+    rows = sorted(rows.values(), key=lambda row: (row["family"], row["tokens"], row["seed"]))
+    dest = dest or out
+    os.makedirs(dest, exist_ok=True)
+    atomic_write_json(os.path.join(dest, "quality.json"),
+                      {"judges": list(judges), "groups": groups, "rows": rows})
+    atomic_write_text(os.path.join(dest, "quality.md"),
+                      quality_markdown(rows, judges, groups, runs, prompts))
+    quality_plot(rows, judges, list(groups), os.path.join(dest, "quality.png"))
+    log(f"Quality report: {os.path.join(dest, 'quality.md')}")
+    return rows
+
+
+def quality_markdown(rows, judges, groups, runs, prompts, samples_per_arm=3):
+    names = list(groups)
+    header = ["arm", "seed", "train tokens"] + [f"own {n} word ppl" for n in names]
+    for judge in judges:
+        header += [f"{judge} on {n} samples" for n in names]
+    header += ["distinct-1/2/3", "rep-4", "len"]
+    lines = ["# Text quality at equal perplexity", "",
+             "Generative perplexity: how likely a judge model finds each run's sampled "
+             "continuations (top-p 0.9, fixed seed) of held-out prompts, grouped by the set the "
+             "prompt opens, beside the run's own held-out word perplexity on that set. At equal "
+             "own perplexity, a family whose samples the judges find less likely writes worse "
+             "text by this measure. A judge rewards text like its own training data and is not "
+             "a human rating; a judge also favours its own family, hence two judges of different "
+             "families.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["arm"], str(row["seed"]), f"{row['tokens']:,}"]
+        cells += [f"{row['own'][n]:,.1f}" for n in names]
+        for judge in judges:
+            cells += [f"{row['judges'][judge][n]:,.1f}" for n in names]
+        g = row["generation"] or {}
+        cells += [f"{g.get('distinct_1', 0):.2f}/{g.get('distinct_2', 0):.2f}/"
+                  f"{g.get('distinct_3', 0):.2f}", f"{g.get('repeated_4gram_fraction', 0):.3f}",
+                  f"{g.get('mean_length_tokens', 0):.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    picks = [indices[0] for indices in groups.values()]  # the first prompt of every set,
+    last = list(groups.values())[-1] if groups else []  # and one from the middle of the last
+    if len(last) > 1:
+        picks.append(last[len(last) // 2])
+    picks = picks[:samples_per_arm]
+    lines += ["", f"## Samples ({len(picks)} prompts, every arm's first seed)", ""]
+    for i in picks:
+        lines += [f"**Prompt:** {prompts[i]}", "", "| arm | continuation |", "|---|---|"]
+        seen = set()
+        for r in sorted(runs, key=lambda r: (r["training_tokens"], r["arm"], r["seed"])):
+            if r["arm"] in seen:
+                continue
+            seen.add(r["arm"])
+            text = r["samples"][i]["continuation"].replace("\n", " ").replace("|", "\\|").strip()
+            lines.append(f"| {r['arm']} | {text} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def quality_plot(rows, judges, names, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from algpt2_tf.files import atomic_path
+
+    fig, axes = plt.subplots(len(judges), len(names), figsize=(5 * len(names), 4 * len(judges)),
+                             squeeze=False)
+    families = sorted({r["family"] for r in rows})
+    for j, judge in enumerate(judges):
+        for k, name in enumerate(names):
+            ax = axes[j][k]
+            for i, family in enumerate(families):
+                mine = sorted((r for r in rows if r["family"] == family),
+                              key=lambda r: r["own"][name])
+                ax.plot([r["own"][name] for r in mine],
+                        [r["judges"][judge][name] for r in mine], "o-", color=f"C{i}",
+                        label=family)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(f"own held-out word perplexity ({name})")
+            ax.set_ylabel(f"{judge}'s perplexity of the samples")
+            ax.set_title(f"{name} prompts, judged by {judge}", fontsize=9)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
