@@ -1,11 +1,8 @@
-"""The `algpt2` console script: the command line without an eager TensorFlow import.
+"""The `algpt2` console script: runs `algpt2_tf.cli.main`.
 
-Python runs a package's `__init__.py` before any of its modules, and
-`algpt2_tf/__init__.py` imports TensorFlow (to register the model with Keras)
-unless ALGPT2_DEFER_TENSORFLOW=1. So the console script starts here, outside
-the package: it sets that variable, imports `algpt2_tf.cli`, and removes it
-again. `algpt2 --help` and `algpt2 info` then answer at once; every other
-command imports TensorFlow itself (quietly, see `algpt2_tf.tf_startup`).
+Importing `algpt2_tf` imports no TensorFlow, so `algpt2 --help` and `algpt2
+info` answer at once; every other command imports TensorFlow itself (quietly,
+see `algpt2_tf.tf_startup`).
 """
 
 import os
@@ -14,11 +11,8 @@ import sys
 
 def main():
     """`algpt2 ...`: runs `algpt2_tf.cli.main` and exits with its code."""
-    os.environ["ALGPT2_DEFER_TENSORFLOW"] = "1"
-    try:
-        from algpt2_tf.cli import main as cli_main
-    finally:
-        del os.environ["ALGPT2_DEFER_TENSORFLOW"]
+    from algpt2_tf.cli import main as cli_main
+
     try:
         code = cli_main()
         sys.stdout.flush()

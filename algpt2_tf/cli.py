@@ -634,15 +634,32 @@ def _choose_backend(name):
     os.environ["KERAS_BACKEND"] = name
 
 
+def _decode_process_settings():
+    """Process settings of the decode tricks, applied once before anything compiles:
+    512-bit vector code on AVX-512 CPUs (`wide_vectors`, on unless `ALGPT2_DECODE_TRICKS`
+    turns it off; the user's own XLA_FLAGS choice wins)."""
+    from algpt2_tf.decode_tricks import DecodeTricks
+    from algpt2_tf.xla_flags import prefer_wide_vectors
+
+    try:
+        wanted = DecodeTricks.from_environment().wide_vectors
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if wanted:
+        prefer_wide_vectors()
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.backend:
-        try:
+    try:  # process settings, before anything imports Keras or compiles
+        if args.backend:
             _choose_backend(args.backend)
-        except UsageError as e:
-            print(f"algpt2: error: {e}", file=sys.stderr)
-            return 2
+        if args.command in ("generate", "serve"):
+            _decode_process_settings()
+    except UsageError as e:
+        print(f"algpt2: error: {e}", file=sys.stderr)
+        return 2
     if args.command not in ("info", "launch"):  # `info` reads the presets alone
         from algpt2_tf.tf_startup import import_tensorflow_quietly
 

@@ -31,7 +31,6 @@ import tensorflow as tf
 from algpt2_tf import backend, decode_tricks
 from algpt2_tf.model import position_ids_from_mask
 from algpt2_tf.prompts import check_fits, check_max_new_tokens, check_prompts, left_pad
-from algpt2_tf.xla_flags import prefer_wide_vectors
 
 SAMPLERS = ("greedy", "sample", "top_k", "top_p")
 PROMPT_BUCKET = 16
@@ -319,8 +318,9 @@ class Generator:
         tricks: the decode speed tricks to use (`decode_tricks.DecodeTricks`;
             default: this CPU's defaults with the switches of the
             `ALGPT2_DECODE_TRICKS` environment variable). Its `wide_vectors`
-            asks XLA for 512-bit vector code on AVX-512 CPUs, which applies
-            when no XLA compilation ran in this process before.
+            is a process setting the Generator does not apply itself: call
+            `xla_flags.prefer_wide_vectors()` before the first XLA compilation
+            (the `algpt2` command does, at start-up).
 
     Example:
     >>> from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
@@ -332,8 +332,6 @@ class Generator:
 
     def __init__(self, model, jit_compile=True, tricks=None):
         self.tricks = tricks or decode_tricks.DecodeTricks.from_environment()
-        if jit_compile and self.tricks.wide_vectors:
-            prefer_wide_vectors()  # process-wide: XLA reads its flags once
         self.model = model
         self.jit_compile = jit_compile
         self._functions = {}

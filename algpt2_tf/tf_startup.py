@@ -26,10 +26,6 @@ STARTUP_NOISE = re.compile(
     r"|To enable the following instructions:")
 """Lines of TensorFlow's start-up on a CPU machine (see the module docstring)."""
 
-USER_LOG_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
-"""TF_CPP_MIN_LOG_LEVEL as the user set it, read before this package sets a default."""
-
-
 def import_tensorflow_quietly():
     """Imports TensorFlow and probes its devices with its start-up lines
     captured; any other line it printed meanwhile is passed on to stderr.
@@ -37,7 +33,7 @@ def import_tensorflow_quietly():
     Does nothing special when TensorFlow is already imported or the user set
     TF_CPP_MIN_LOG_LEVEL. Returns the `tensorflow` module.
     """
-    if "tensorflow" in sys.modules or USER_LOG_LEVEL is not None:
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") is not None:
         import tensorflow as tf
 
         return tf

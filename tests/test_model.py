@@ -269,18 +269,22 @@ def test_bad_ids_are_caught_inside_a_graph_too():
 
 
 def test_package_exports():
+    import os
     import subprocess
     import sys
 
     assert sorted(algpt2_tf.__all__) == ["ALGPT2Config", "ALGPT2LMHeadModel", "__version__",
                                          "list_presets", "list_pretrained"]
     assert all(hasattr(algpt2_tf, name) for name in algpt2_tf.__all__)
-    # `import algpt2_tf` registers the classes with Keras (a .keras file then loads without
-    # custom_objects); the command line's deferred import resolves the model on first use.
+    # Importing the model registers the classes with Keras (a .keras file then loads without
+    # custom_objects); `import algpt2_tf` alone imports no TensorFlow or Keras, and reads and
+    # changes no environment variable.
     assert keras.saving.get_registered_object("algpt2_tf>ALGPT2LMHeadModel") is ALGPT2LMHeadModel
-    code = ("import os, sys; os.environ['ALGPT2_DEFER_TENSORFLOW'] = '1'; import algpt2_tf\n"
-            "before = 'tensorflow' in sys.modules\n"
+    code = ("import os, sys; before_env = dict(os.environ); import algpt2_tf\n"
+            "before = 'tensorflow' in sys.modules or 'keras' in sys.modules\n"
+            "same_env = dict(os.environ) == before_env\n"
             "model_class = algpt2_tf.ALGPT2LMHeadModel\n"
-            "print(before, model_class.__module__, 'tensorflow' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.stdout.split() == ["False", "algpt2_tf.model", "True"], done.stderr[-2000:]
+            "print(before, same_env, model_class.__module__, 'tensorflow' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.stdout.split() == ["False", "True", "algpt2_tf.model", "True"], done.stderr[-2000:]

@@ -44,6 +44,8 @@ sys.path.insert(0, {tests!r})
 from conftest import tiny_config
 from algpt2_tf import ALGPT2LMHeadModel
 from algpt2_tf.generation import Generator
+from algpt2_tf.xla_flags import prefer_wide_vectors
+prefer_wide_vectors()  # the explicit process setting (the algpt2 command applies it)
 Generator(ALGPT2LMHeadModel(tiny_config())).generate([[1, 2, 3]], max_new_tokens=2)
 """
 
@@ -63,8 +65,20 @@ def compiled_vector_widths(tmp_path, xla_flags_value):
 
 @pytest.mark.skipif(not xla_flags.has_avx512(), reason="needs a CPU with AVX-512")
 def test_generator_compiles_512_bit_vector_code(tmp_path):
-    # Generator asks for wide vectors before its first compilation; the
+    # prefer_wide_vectors before the first compilation gives 512-bit code; the
     # user's own choice in XLA_FLAGS wins.
     assert compiled_vector_widths(tmp_path / "default", "") == {"512"}
     assert compiled_vector_widths(tmp_path / "narrow",
                                   "--xla_cpu_prefer_vector_width=256") == {"256"}
+
+
+def test_a_generator_changes_no_process_setting(monkeypatch):
+    from algpt2_tf import ALGPT2LMHeadModel
+    from algpt2_tf.generation import Generator
+
+    from conftest import tiny_config
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    before = dict(os.environ)
+    Generator(ALGPT2LMHeadModel(tiny_config()))
+    assert dict(os.environ) == before
