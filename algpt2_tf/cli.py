@@ -221,7 +221,7 @@ def _export(args):
 
 
 def _add_export_command(sub):
-    from algpt2_tf.export.api import FORMATS, QUANTIZATIONS
+    from algpt2_tf.export.formats import FORMATS, QUANTIZATIONS
 
     p = sub.add_parser("export", help="export .keras, a TF Serving SavedModel or TFLite")
     p.add_argument("--model", required=True, help="model.keras or a run directory")

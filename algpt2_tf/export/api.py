@@ -15,14 +15,11 @@ from typing import Optional
 
 import numpy as np
 
-from algpt2_tf.files import staging_directory
+from algpt2_tf.export.formats import FORMATS, QUANTIZATIONS
 from algpt2_tf.export.greedy import greedy_continuation
+from algpt2_tf.files import staging_directory
 from algpt2_tf.prompts import left_pad
 
-FORMATS = ("keras", "savedmodel", "tflite")
-QUANTIZATIONS = ("none", "fp16", "int8")
-"""Weight formats. TFLite: all three (`tflite.convert`). `.keras` and
-SavedModel: "int8" is Keras' own `model.quantize("int8")` (weight-only)."""
 PROBE_TEXT = ["The quick brown fox jumps over the lazy dog.", "Hello"]
 GREEDY_TOKENS = 32
 
@@ -185,7 +182,7 @@ def _export_savedmodel(model, tokenizer, staging, quantize, max_length, log):
     import tensorflow as tf
     import tensorflow_text  # noqa: F401  (registers the ops the SavedModel uses)
 
-    from algpt2_tf.export import savedmodel
+    from algpt2_tf.export import savedmodel  # TensorFlow: imported when this format is asked for
 
     savedmodel.save(model, tokenizer, staging, max_length)
     loaded = tf.saved_model.load(staging)
@@ -226,7 +223,7 @@ def tflite_greedy(interpreter, prompt_ids, steps):
 def _export_tflite(model, tokenizer, staging, quantize, max_length, log):
     from ai_edge_litert.interpreter import Interpreter
 
-    from algpt2_tf.export import tflite
+    from algpt2_tf.export import tflite  # TensorFlow: imported when this format is asked for
 
     path = os.path.join(staging, "model.tflite")
     with open(path, "wb") as f:

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from ai_edge_litert import schema_py_generated as schema
 
-from algpt2_tf.export.api import QUANTIZATIONS
+from algpt2_tf.export.formats import QUANTIZATIONS
 from algpt2_tf.model import position_ids_from_mask
 
 
