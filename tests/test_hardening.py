@@ -362,3 +362,61 @@ def test_fuzz_generate_options_never_traceback(saved, flag, value, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert code in (0, 2) and "Traceback" not in err, (flag, value, err)
+
+
+# ------------------------------------------------------------------ soak
+def _rss_mb():
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.slow
+def test_soak_mixed_streams_disconnects_and_a_burst_over_the_queue(model):
+    """Rounds of concurrent requests (plain, streamed, streams dropped mid-way, more than the
+    queue holds): no 5xx, every admitted request gets the text it gets alone, RSS levels off."""
+    import concurrent.futures
+
+    engine = BatchEngine(model, max_batch=4, window_s=0.01, max_queue=6)
+    srv = UvicornThread(create_app(engine, GPT2Tokenizer(), NAME, timeout_s=120))
+    url = f"http://127.0.0.1:{srv.port}/v1/completions"
+    bodies = [{"model": NAME, "prompt": f"Request {i}", "max_tokens": 6, "seed": i,
+               "temperature": 0.8 if i % 2 else 0} for i in range(8)]
+
+    def text_of(response, stream):
+        if not stream:
+            return response.json()["choices"][0]["text"]
+        pieces = [json.loads(line[6:]) for line in response.text.splitlines()
+                  if line.startswith("data: {")]
+        return "".join(p["choices"][0]["text"] for p in pieces if p["choices"])
+
+    try:
+        alone = [text_of(httpx.post(url, json=b, timeout=120), False) for b in bodies]
+
+        def one(k):
+            body = bodies[k % len(bodies)]
+            stream = k % 3 == 1
+            if k % 5 == 4:  # a client that leaves after the first chunk
+                with httpx.stream("POST", url, json=dict(body, stream=True), timeout=120) as r:
+                    next(r.iter_lines(), None)
+                return k, r.status_code, None
+            r = httpx.post(url, json=dict(body, stream=stream), timeout=120)
+            return k, r.status_code, text_of(r, stream) if r.status_code == 200 else None
+
+        sizes = []
+        for _ in range(3):
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                answers = list(pool.map(one, range(24)))
+            statuses = [status for _, status, _ in answers]
+            assert all(status in (200, 429) for status in statuses), statuses
+            assert statuses.count(200) >= 6
+            for k, status, text in answers:
+                if status == 200 and text is not None:
+                    assert text == alone[k % len(bodies)], k
+            sizes.append(_rss_mb())
+        assert sizes[-1] - sizes[0] < 100, sizes
+        ok = httpx.post(url, json=bodies[0], timeout=120)
+        assert ok.status_code == 200 and text_of(ok, False) == alone[0]
+    finally:
+        srv.stop()
+        engine.close()
