@@ -17,7 +17,7 @@ import sys
 import keras
 import numpy as np
 
-import algpt2_tf  # noqa: F401  (registers the model with Keras)
+from algpt2_tf import ALGPT2LMHeadModel  # noqa: F401  (registers the model with Keras)
 
 BACKENDS = ("tensorflow", "torch", "jax")
 

@@ -13,6 +13,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from conftest import free_port, kill_at_first_checkpoint_then_rerun
 

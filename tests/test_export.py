@@ -45,7 +45,8 @@ def test_keras_export_loads_in_a_fresh_process(tmp_path, model_path, keras_model
     assert report.path == str(tmp_path / "m" / "1" / "model.keras")
     ids, mask = probe_batch(GPT2Tokenizer())
     got = run_python(f"""
-import json, keras, numpy as np, algpt2_tf
+import json, keras, numpy as np
+from algpt2_tf import ALGPT2LMHeadModel  # registers the model with Keras
 m = keras.models.load_model({report.path!r})
 out = m({{"input_ids": np.array({ids.tolist()}), "attention_mask": np.array({mask.tolist()})}})
 print(json.dumps(out["logits"].numpy().tolist()))
