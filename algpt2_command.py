@@ -16,6 +16,10 @@ def main():
     try:
         code = cli_main()
         sys.stdout.flush()
+        if "ai_edge_litert" in sys.modules:  # the process ends here: LiteRT's exit logs are noise
+            from algpt2_tf.tf_startup import silence_native_teardown
+
+            silence_native_teardown()
     except BrokenPipeError:  # `algpt2 info | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0

@@ -130,8 +130,8 @@ def _evaluate(args):
 
 # ------------------------------------------------------------------ generate
 def _generate(args):
-    from algpt2_tf.generation import generator_for, sampling_params
-    from algpt2_tf.saving import load_model, load_tokenizer_for
+    from algpt2_tf.sampling import sampling_params
+    from algpt2_tf.saving import load_tokenizer_for
 
     _positive(args, "max_new_tokens")
     if not 0 <= args.seed < 2 ** 31:
@@ -139,13 +139,39 @@ def _generate(args):
     prompt = _prompt_text(args.prompt)
     params = sampling_params(args.sampler, args.temperature, args.top_k, args.top_p,
                              args.repetition_penalty)
-    model = load_model(args.model)
     tokenizer = load_tokenizer_for(args.model)
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     stop_ids = [tokenizer.eos_id] + list(args.stop_id or [])
-    from algpt2_tf import backend
+    build = _litert_build(args)
+    if build is not None:  # no TensorFlow in this process unless the build was made now
+        import itertools
 
+        from algpt2_tf.export.litert_engine import LiteRTGenerator
+        from algpt2_tf.tf_startup import LITERT_NOISE, quiet_stderr
+
+        weights = "float32" if build.quantize == "none" else build.quantize
+        print(f"algpt2 generate: engine litert ({weights} build {build.folder})",
+              file=sys.stderr)
+        with quiet_stderr(LITERT_NOISE):  # LiteRT logs its loading; the first token with it
+            generator = LiteRTGenerator(build)
+            generator.check(ids, args.max_new_tokens)  # before any output
+            tokens = generator.stream(ids, args.max_new_tokens, params, args.seed, stop_ids)
+            first = next(tokens)
+        _write_stream(prompt, itertools.chain([first], tokens), tokenizer, stop_ids)
+        with quiet_stderr(LITERT_NOISE):  # and its teardown
+            generator.close()
+        return
+    from algpt2_tf.tf_startup import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    _decode_process_settings()  # before anything compiles
+    from algpt2_tf import backend
+    from algpt2_tf.generation import generator_for
+    from algpt2_tf.saving import load_model
+
+    model = load_model(args.model)
     if not backend.is_tensorflow():  # torch / JAX: the host loop, printed when done
+        print(f"algpt2 generate: engine host loop ({backend.name()})", file=sys.stderr)
         out = model.generate([ids], max_new_tokens=args.max_new_tokens, sampler=args.sampler,
                              seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, repetition_penalty=args.repetition_penalty,
@@ -155,15 +181,46 @@ def _generate(args):
         return
     generator = generator_for(model)
     generator.buckets(len(ids), args.max_new_tokens)  # validates the length before any output
+    print("algpt2 generate: engine xla", file=sys.stderr)
+    return _write_stream(prompt, generator.stream(ids, args.max_new_tokens, params, args.seed,
+                                                  stop_ids), tokenizer, stop_ids)
+
+
+def _litert_build(args):
+    """The LiteRT build `generate` runs on, or None for the Keras/XLA path: `--engine
+    litert` builds it when missing; `auto` uses it only when a current one is cached
+    (and the Keras backend is TensorFlow's, the default)."""
+    from algpt2_tf.export.litert_engine import cached_build
+
+    if args.engine == "xla":
+        return None
+    if args.engine == "auto":
+        chosen = args.backend or os.environ.get("KERAS_BACKEND", "tensorflow")
+        if chosen != "tensorflow":
+            return None
+        return cached_build(args.model, args.quantize, build=False)
+    build = cached_build(args.model, args.quantize, build=False)
+    if build is None:
+        from algpt2_tf.tf_startup import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
+        build = cached_build(args.model, args.quantize,
+                             log=lambda line: print(line, file=sys.stderr))
+    return build
+
+
+def _write_stream(prompt, tokens, tokenizer, stop_ids):
+    """Prints the prompt, then each new piece of text as its tokens arrive (a stop id
+    ends it; a half multi-byte character waits for the rest)."""
     sys.stdout.write(prompt)
     sys.stdout.flush()
     new, shown = [], ""
-    for token in generator.stream(ids, args.max_new_tokens, params, args.seed, stop_ids):
+    for token in tokens:
         if token in stop_ids:
             break
         new.append(token)
         text = tokenizer.decode(new)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+        if not text.endswith("\ufffd"):
             sys.stdout.write(text[len(shown):])
             sys.stdout.flush()
             shown = text
@@ -198,6 +255,12 @@ def _add_generation_commands(sub):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop-id", type=int, action="append", help="extra stop token id (repeatable)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=["auto", "xla", "litert"], default="auto",
+                   help="litert: a cached LiteRT build, made on first use (no TensorFlow at run "
+                        "time after that); xla: the Keras model; auto: litert when its build is "
+                        "cached and current, else xla")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="the LiteRT build's weights (none: float32, the XLA path's greedy text)")
     p.set_defaults(func=_generate)
 
 
@@ -655,12 +718,13 @@ def main(argv=None):
     try:  # process settings, before anything imports Keras or compiles
         if args.backend:
             _choose_backend(args.backend)
-        if args.command in ("generate", "serve"):
+        if args.command == "serve":
             _decode_process_settings()
     except UsageError as e:
         print(f"algpt2: error: {e}", file=sys.stderr)
         return 2
-    if args.command not in ("info", "launch"):  # `info` reads the presets alone
+    if args.command not in ("info", "launch", "generate"):  # info: the presets alone;
+        # generate: imports TensorFlow only for the path that needs it
         from algpt2_tf.tf_startup import import_tensorflow_quietly
 
         import_tensorflow_quietly()

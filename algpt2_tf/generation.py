@@ -31,48 +31,11 @@ import tensorflow as tf
 from algpt2_tf import backend, decode_tricks
 from algpt2_tf.model import position_ids_from_mask
 from algpt2_tf.prompts import check_fits, check_max_new_tokens, check_prompts, left_pad
+from algpt2_tf.sampling import SAMPLERS, SamplingParams, sampling_params  # noqa: F401 (the API)
 
-SAMPLERS = ("greedy", "sample", "top_k", "top_p")
 PROMPT_BUCKET = 16
 LENGTH_BUCKET = 64
 CACHE_SEGMENT = 64  # the first cache length of the decode loop (see cache_lengths)
-
-
-@dataclasses.dataclass
-class SamplingParams:
-    """In-graph sampling parameters: `top_k=1` or `temperature=0` is greedy,
-    `top_k=0` disables top-k, `top_p=1` disables nucleus filtering."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-
-
-def sampling_params(sampler="greedy", temperature=1.0, top_k=None, top_p=None,
-                    repetition_penalty=1.0):
-    """Validates a named sampler and its options; returns `SamplingParams`."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
-    if temperature is None or not 0 <= temperature < float("inf"):  # NaN fails too
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), "
-                         f"got {temperature!r}.")
-    if repetition_penalty is None or not 0 < repetition_penalty < float("inf"):
-        raise ValueError(f"repetition_penalty must be a finite number > 0, "
-                         f"got {repetition_penalty!r}.")
-    if top_k is not None and (int(top_k) != top_k or top_k < 0):
-        raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}.")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}.")
-    if sampler == "greedy":
-        return SamplingParams(1.0, 1, 1.0, repetition_penalty)
-    if sampler == "sample":
-        return SamplingParams(temperature, 0, 1.0, repetition_penalty)
-    if sampler == "top_k":
-        return SamplingParams(temperature, int(top_k if top_k is not None else 50), 1.0,
-                              repetition_penalty)
-    return SamplingParams(temperature, 0, float(top_p if top_p is not None else 0.9),
-                          repetition_penalty)
 
 
 # ---------------------------------------------------------------- sampling

@@ -25,33 +25,7 @@ from keras import ops
 from algpt2_tf import backend
 from algpt2_tf.model import position_ids_from_mask
 from algpt2_tf.prompts import check_fits, check_max_new_tokens, check_prompts, left_pad
-
-
-def pick_tokens(logits, seen, params, rng):
-    """One token per row of float `[batch, vocab]` logits (NumPy), after the
-    repetition penalty, temperature, top-k and top-p of `params`."""
-    logits = logits.astype("float64")
-    if params.repetition_penalty != 1.0:
-        penalized = np.where(logits > 0, logits / params.repetition_penalty,
-                             logits * params.repetition_penalty)
-        logits = np.where(seen, penalized, logits)
-    if params.top_k == 1 or params.temperature <= 0:
-        return np.argmax(logits, axis=-1)  # the first index on ties
-    logits = logits / max(params.temperature, 1e-6)
-    if params.top_k > 0:
-        kth = -np.sort(-logits, axis=-1)[:, min(params.top_k, logits.shape[-1]) - 1:][:, :1]
-        logits = np.where(logits < kth, -np.inf, logits)
-    if params.top_p < 1.0:
-        ordered = -np.sort(-logits, axis=-1)
-        probs = np.exp(ordered - ordered[:, :1])
-        probs /= probs.sum(axis=-1, keepdims=True)
-        before = np.cumsum(probs, axis=-1) - probs
-        last = np.maximum((before < params.top_p).sum(axis=-1) - 1, 0)
-        cutoff = ordered[np.arange(len(ordered)), last][:, None]
-        logits = np.where(logits < cutoff, -np.inf, logits)
-    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    return np.array([rng.choice(len(row), p=row) for row in probs])
+from algpt2_tf.sampling import pick_tokens
 
 
 def tensors(*arrays):

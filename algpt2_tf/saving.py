@@ -1,8 +1,10 @@
-"""Finding and loading a trained model and the tokenizer that goes with it."""
+"""Finding and loading a trained model and the tokenizer that goes with it.
+
+Finding a model file and its tokenizer needs no Keras (the LiteRT engine runs
+without it); only `load_model` imports it.
+"""
 
 import os
-
-import keras
 
 
 def resolve_model_path(path):
@@ -23,6 +25,8 @@ def resolve_model_path(path):
 
 def load_model(path):
     """Loads an `ALGPT2LMHeadModel` from a `.keras` file or a run directory."""
+    import keras  # with the model: TensorFlow, imported when a model is loaded
+
     from algpt2_tf.model import ALGPT2LMHeadModel
 
     path = resolve_model_path(path)

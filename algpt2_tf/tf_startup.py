@@ -14,6 +14,7 @@ So the command line (`algpt2_tf.cli`) imports TensorFlow through
 (their choice is kept, and they see everything it lets through).
 """
 
+import contextlib
 import os
 import re
 import sys
@@ -25,6 +26,45 @@ STARTUP_NOISE = re.compile(
     r"|cuda_dnn|cuda_fft|cuda_blas)\.cc:\d+\]"
     r"|To enable the following instructions:")
 """Lines of TensorFlow's start-up on a CPU machine (see the module docstring)."""
+
+LITERT_NOISE = re.compile(
+    r"(INFO|WARNING): \[\w+\.cc:\d+\]"
+    r"|└ Could not load shared library "
+    r"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.")
+"""What LiteRT's native library logs to stderr as it loads a model on a CPU machine (its
+accelerator registry, vendor plugins this machine has no hardware for, the XNNPACK
+delegate) and as it tears down; it has no switch to turn these off."""
+
+
+def silence_native_teardown():
+    """Sends file descriptor 2 to /dev/null for the rest of the process: LiteRT logs its
+    accelerator registry's teardown as the process exits, after the command's last word.
+    Call it only when the command has nothing left to say."""
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+@contextlib.contextmanager
+def quiet_stderr(noise):
+    """Captures what native code writes to file descriptor 2 inside the block and passes
+    on the lines that do not match `noise` (a compiled pattern) when it ends."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", "replace")
+            kept = [line for line in text.splitlines() if line.strip() and not noise.match(line)]
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
 
 def import_tensorflow_quietly():
     """Imports TensorFlow and probes its devices with its start-up lines
@@ -38,21 +78,8 @@ def import_tensorflow_quietly():
 
         return tf
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # after start-up: the cuInit error, oneDNN notes
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow as tf
+    with quiet_stderr(STARTUP_NOISE):
+        import tensorflow as tf
 
-            tf.config.list_physical_devices()
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-        captured.seek(0)
-        text = captured.read().decode("utf-8", "replace")
-    kept = [line for line in text.splitlines() if line.strip() and not STARTUP_NOISE.match(line)]
-    if kept:
-        sys.stderr.write("\n".join(kept) + "\n")
+        tf.config.list_physical_devices()
     return tf

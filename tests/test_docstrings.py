@@ -17,7 +17,8 @@ MODULES = [
     "algpt2_tf.export.litert", "algpt2_tf.convert", "algpt2_tf.distillation",
     "algpt2_tf.host_loop_generation", "algpt2_tf.serving.batching", "algpt2_tf.pretrained",
     "algpt2_tf.cpu_info", "algpt2_tf.decode_tricks", "algpt2_tf.launch",
-    "algpt2_tf.experiments.quality", "algpt2_tf.experiments.scaling",
+    "algpt2_tf.experiments.quality", "algpt2_tf.experiments.scaling", "algpt2_tf.sampling",
+    "algpt2_tf.export.litert_engine",
 ]
 
 

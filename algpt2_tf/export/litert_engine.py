@@ -1,0 +1,199 @@
+"""Generation through a cached LiteRT build of a model: no TensorFlow at run time.
+
+`cached_build(model_path)` finds (or makes, with `build=True`) a TFLite export
+of a `.keras` model in the cache folder,
+`$ALGPT2_CACHE/litert/<key>/{model.tflite, meta.json}`. The key is a digest of
+the model file's bytes, the quantization, the cache length and
+`BUILD_VERSION`: a model whose weights change gets a new build, never a stale
+one. An entry is used only when its `meta.json` (written last) names the same
+key and its `model.tflite` has the size recorded there; anything else (a build
+cut off, a damaged file) is removed and built again.
+
+`LiteRTGenerator` decodes with the build's `prefill`/`decode` signatures
+(`litert.LiteRTDecoder`: LiteRT's `CompiledModel`, XNNPACK's weight cache kept
+in the entry) and picks tokens with `sampling.pick_tokens`: greedy is the
+first argmax, as on every path; sampling draws with a NumPy generator seeded
+by `seed`, as the torch/JAX host loop does. Only the build imports TensorFlow.
+
+Example (builds a small model's entry, then decodes without TensorFlow):
+
+>>> import tempfile
+>>> from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
+>>> model = ALGPT2LMHeadModel(ALGPT2Config(max_positions=64, hidden_size=32, num_layers=2,
+...                                        num_heads=2, intermediate_size=64, embedding_size=16))
+>>> folder = tempfile.mkdtemp()
+>>> model.save(f"{folder}/m.keras")
+>>> build = cached_build(f"{folder}/m.keras", cache=f"{folder}/cache", log=lambda *_: None)
+>>> LiteRTGenerator(build).generate([464, 3290], 8) == model.generate(
+...     [[464, 3290]], max_new_tokens=8, stop_ids=[]).new_ids[0]
+True
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+
+from algpt2_tf.files import cache_root
+from algpt2_tf.sampling import SamplingParams, pick_tokens
+
+BUILD_VERSION = 1
+"""Bumped when the export changes what a build holds: older entries are not used."""
+QUANTIZATIONS = ("none", "int8")
+
+
+@dataclasses.dataclass
+class LiteRTBuild:
+    """A current cache entry: `folder/model.tflite` and what it was built with."""
+
+    folder: str
+    key: str
+    quantize: str
+    max_length: int
+    vocab_size: int
+
+    @property
+    def model_path(self):
+        return os.path.join(self.folder, "model.tflite")
+
+
+def file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_key(model_path, quantize="none", max_length=None):
+    """The cache key of a `.keras` file's build (its bytes, not its name or date)."""
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}.")
+    wanted = json.dumps([BUILD_VERSION, file_digest(model_path), quantize, max_length])
+    return hashlib.sha256(wanted.encode()).hexdigest()[:32]
+
+
+def _current(folder, key):
+    """The entry in `folder` if it is whole and built for `key`, else None."""
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        if (meta.get("key") != key
+                or os.path.getsize(os.path.join(folder, "model.tflite")) != meta["tflite_bytes"]):
+            return None
+        return LiteRTBuild(folder, key, meta["quantize"], int(meta["max_length"]),
+                           int(meta["vocab_size"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def cached_build(model_path, quantize="none", max_length=None, cache=None, build=True,
+                 log=print):
+    """The current LiteRT build of the `.keras` file `model_path` (a run folder or a
+    pretrained name works too), made first when missing, stale or damaged and `build`
+    is true; None when it is missing and `build` is false.
+
+    Args:
+        model_path: the model.
+        quantize: "none" (float32: the XLA path's greedy text) or "int8" (weights).
+        max_length: the build's cache length (default: `min(256, max_positions)`);
+            prompt plus new tokens must fit it.
+        cache: the cache folder (default `$ALGPT2_CACHE` or `~/.cache/algpt2`).
+        build: make the entry when there is no current one (imports TensorFlow).
+        log: where progress lines go.
+    """
+    from algpt2_tf.saving import resolve_model_path
+
+    path = resolve_model_path(model_path)
+    key = build_key(path, quantize, max_length)
+    folder = os.path.join(cache or cache_root(), "litert", key)
+    found = _current(folder, key)
+    if found is not None or not build:
+        return found
+    if os.path.exists(folder):
+        log(f"Removing an incomplete or damaged LiteRT build: {folder}")
+        shutil.rmtree(folder)
+    log(f"Building the LiteRT {'float32' if quantize == 'none' else quantize} engine of "
+        f"{path} (once; cached in {folder})")
+    _build(path, folder, key, quantize, max_length, log)
+    return _current(folder, key)
+
+
+def _build(path, folder, key, quantize, max_length, log):
+    from algpt2_tf.export.api import export_model  # TensorFlow: only to build
+    from algpt2_tf.files import new_directory
+    from algpt2_tf.saving import load_model, load_tokenizer_for
+
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with new_directory(folder) as tmp:
+        report = export_model(path, "tflite", os.path.join(tmp, "export"), quantize=quantize,
+                              max_length=max_length, log=log)
+        os.replace(report.path, os.path.join(tmp, "model.tflite"))
+        shutil.rmtree(os.path.join(tmp, "export"))
+        config = load_model(path).config
+        meta = {"key": key, "quantize": quantize,
+                "max_length": max_length or min(256, config.max_positions),
+                "vocab_size": config.vocab_size, "eos_id": load_tokenizer_for(path).eos_id,
+                "tflite_bytes": os.path.getsize(os.path.join(tmp, "model.tflite")),
+                "source": os.path.abspath(path)}
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+
+
+class LiteRTGenerator:
+    """Token-by-token generation with a `LiteRTBuild` (batch 1).
+
+    Args:
+        build: a `LiteRTBuild` (`cached_build`).
+        num_threads: CPU threads (default: all).
+    """
+
+    def __init__(self, build, num_threads=None):
+        from algpt2_tf.export.litert import LiteRTDecoder
+
+        self.build = build
+        self.decoder = LiteRTDecoder(build.model_path,
+                                     os.path.join(build.folder, "weights.cache"), num_threads)
+
+    def check(self, prompt_ids, max_new_tokens):
+        """A `ValueError` naming the limit when the request cannot run on this build."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        if not prompt_ids:
+            raise ValueError("The prompt has no tokens.")
+        if len(prompt_ids) + max_new_tokens > self.build.max_length:
+            raise ValueError(f"The prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
+                             f"({max_new_tokens}) exceeds the LiteRT build's cache of "
+                             f"{self.build.max_length} tokens.")
+        if max(prompt_ids) >= self.build.vocab_size or min(prompt_ids) < 0:
+            raise ValueError(f"Token ids must be in [0, {self.build.vocab_size}).")
+
+    def stream(self, prompt_ids, max_new_tokens, params=None, seed=0, stop_ids=()):
+        """Yields the new tokens one by one (a stop id ends it, and is yielded)."""
+        params = params or SamplingParams(top_k=1)
+        self.check(prompt_ids, max_new_tokens)
+        rng = np.random.default_rng(seed or 0)
+        seen = np.zeros((1, self.build.vocab_size), bool)
+        seen[0, prompt_ids] = True
+        logits = self.decoder.prefill(list(prompt_ids))
+        for step in range(max_new_tokens):
+            token = int(pick_tokens(logits[:, :self.build.vocab_size], seen, params, rng)[0])
+            yield token
+            if token in stop_ids or step == max_new_tokens - 1:
+                return
+            seen[0, token] = True
+            logits = self.decoder.decode(token, len(prompt_ids) + step)
+
+    def generate(self, prompt_ids, max_new_tokens, params=None, seed=0, stop_ids=()):
+        """The new tokens, as a list."""
+        return list(self.stream(prompt_ids, max_new_tokens, params, seed, stop_ids))
+
+    def close(self):
+        """Frees the LiteRT model and its buffers now (LiteRT logs as it tears them down)."""
+        import gc
+
+        self.decoder = None
+        gc.collect()

@@ -1,0 +1,144 @@
+"""The LiteRT engine of `algpt2 generate`: a cached build, rebuilt when stale or damaged,
+the XLA path's greedy text, and no TensorFlow at run time."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+
+from algpt2_tf import ALGPT2LMHeadModel
+from algpt2_tf.cli import main
+from algpt2_tf.export.litert_engine import LiteRTGenerator, build_key, cached_build
+from algpt2_tf.sampling import sampling_params
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny model with the GPT-2 vocabulary (so the CLI's tokenizer fits), saved, and its
+    build in a cache folder of its own."""
+    import keras
+
+    keras.utils.set_random_seed(11)
+    folder = tmp_path_factory.mktemp("litert")
+    model = ALGPT2LMHeadModel(tiny_config(vocab_size=50257, max_positions=64, sop_head=False,
+                                          initializer_range=0.2))
+    model.save(str(folder / "m.keras"))
+    cache = str(folder / "cache")
+    build = cached_build(str(folder / "m.keras"), cache=cache, log=lambda *_: None)
+    return folder, model, cache, build
+
+
+def test_a_float32_build_gives_the_xla_greedy_tokens(saved):
+    _, model, _, build = saved
+    generator = LiteRTGenerator(build)
+    for prompt in ([464, 3290], [40, 1101, 257, 1110, 13]):
+        expected = model.generate([prompt], max_new_tokens=12, stop_ids=[]).new_ids[0]
+        assert generator.generate(prompt, 12) == expected
+    # A stop id ends it (and is the last token), as on every path.
+    tokens = generator.generate([464, 3290], 12)
+    stop = tokens[3]
+    assert generator.generate([464, 3290], 12, stop_ids=(stop,)) == tokens[:tokens.index(stop) + 1]
+
+
+def test_sampling_is_seeded(saved):
+    _, _, _, build = saved
+    generator = LiteRTGenerator(build)
+    params = sampling_params("top_p", temperature=1.0, top_p=0.9)
+    first = generator.generate([464, 3290], 10, params, seed=5)
+    assert generator.generate([464, 3290], 10, params, seed=5) == first
+    assert generator.generate([464, 3290], 10, params, seed=6) != first
+
+
+def test_limits_are_checked_before_decoding(saved):
+    _, _, _, build = saved
+    generator = LiteRTGenerator(build)
+    with pytest.raises(ValueError, match="exceeds the LiteRT build's cache of 64 tokens"):
+        generator.generate([1] * 60, 10)
+    with pytest.raises(ValueError, match=r"Token ids must be in \[0, 50257\)"):
+        generator.generate([50257], 2)
+
+
+def test_a_changed_model_gets_a_new_build_and_a_damaged_one_is_rebuilt(saved, tmp_path):
+    import shutil
+
+    folder, model, cache, build = saved
+    path = str(tmp_path / "m.keras")
+    shutil.copy(folder / "m.keras", path)
+    assert cached_build(path, cache=cache, build=False).folder == build.folder  # same bytes
+    changed = ALGPT2LMHeadModel(model.config)
+    changed.set_weights([w * 0.5 for w in model.get_weights()])
+    changed.save(path)
+    assert build_key(path) != build.key
+    assert cached_build(path, cache=cache, build=False) is None  # never the stale build
+    # A damaged entry (a cut-off model.tflite) is not used, and is rebuilt.
+    tflite = os.path.join(build.folder, "model.tflite")
+    data = open(tflite, "rb").read()
+    try:
+        with open(tflite, "wb") as f:
+            f.write(data[:len(data) // 2])
+        source = str(folder / "m.keras")
+        assert cached_build(source, cache=cache, build=False) is None
+        lines = []
+        rebuilt = cached_build(source, cache=cache, log=lines.append)
+        assert rebuilt.folder == build.folder and "Removing an incomplete or damaged" in lines[0]
+        assert os.path.getsize(tflite) == len(data)
+    finally:
+        with open(tflite, "wb") as f:
+            f.write(data)
+
+
+RUN = """
+import sys
+from algpt2_tf.cli import main
+code = main({argv!r})
+print("MODULES", "tensorflow" in sys.modules, "keras" in sys.modules)
+sys.exit(code)
+"""
+
+
+def run_cli(argv, cache):
+    env = dict(os.environ, ALGPT2_CACHE=cache)
+    return subprocess.run([sys.executable, "-c", RUN.format(argv=argv)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_generate_runs_on_the_cached_build_without_tensorflow(saved):
+    folder, model, cache, _ = saved
+    from algpt2_tf.tokenizer import GPT2Tokenizer
+
+    prompt = "The old house"
+    ids = GPT2Tokenizer().encode(prompt)
+    expected = GPT2Tokenizer().decode(model.generate([ids], max_new_tokens=6).new_ids[0])
+    argv = ["generate", "--model", str(folder / "m.keras"), "--prompt", prompt,
+            "--max-new-tokens", "6", "--sampler", "greedy"]
+    done = run_cli(argv, cache)  # auto: the build is cached, so LiteRT
+    assert done.returncode == 0, done.stderr[-2000:]
+    text, modules = done.stdout.rsplit("MODULES", 1)
+    assert modules.split() == ["False", "False"]
+    assert "engine litert (float32 build" in done.stderr
+    assert text.rstrip("\n") == prompt + expected.split(GPT2Tokenizer().decode(
+        [GPT2Tokenizer().eos_id]))[0]
+    xla = run_cli(argv + ["--engine", "xla"], cache)
+    assert xla.returncode == 0 and "engine xla" in xla.stderr
+    assert xla.stdout.rsplit("MODULES", 1)[0] == text
+
+
+def test_auto_takes_xla_until_a_build_exists_and_litert_builds_on_first_use(saved, tmp_path,
+                                                                            capsys, monkeypatch):
+    folder, _, _, _ = saved
+    monkeypatch.setenv("ALGPT2_CACHE", str(tmp_path / "empty"))
+    argv = ["generate", "--model", str(folder / "m.keras"), "--prompt", "Hi",
+            "--max-new-tokens", "2", "--sampler", "greedy"]
+    assert main(argv) == 0
+    assert "engine xla" in capsys.readouterr().err
+    assert main(argv + ["--engine", "litert", "--max-new-tokens", "100"]) == 2  # over 64 tokens
+    assert "exceeds the LiteRT build's cache" in capsys.readouterr().err
+    entries = os.listdir(tmp_path / "empty" / "litert")
+    assert len(entries) == 1  # built on first use, kept for the next
+    meta = json.loads((tmp_path / "empty" / "litert" / entries[0] / "meta.json").read_text())
+    assert meta["quantize"] == "none" and meta["max_length"] == 64
