@@ -22,6 +22,7 @@ clean:
 
 bench:
 	$(PYTHON) benchmarks/bench.py
+	$(PYTHON) benchmarks/cold_start.py
 
 bench-quick:
 	$(PYTHON) benchmarks/bench.py --quick --out benchmarks/results/quick

@@ -9,6 +9,8 @@ import pytest
 
 from algpt2_tf.cpu_info import cpu_info, cpu_summary
 
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
 
 @pytest.mark.slow
 def test_benchmark_harness_quick(tmp_path):
@@ -172,3 +174,18 @@ def test_xl_estimate_follows_from_the_configs(tmp_path):
     ratio = rows[("gpt2-xl", 64)]["gradient_gb"] / rows[("algpt2-xl", 64)]["gradient_gb"]
     assert 40 < ratio < 42
     assert rows[("algpt2-xl", 64)]["comm_share"] < rows[("gpt2-xl", 64)]["comm_share"]
+
+
+@pytest.mark.slow
+def test_cold_start_quick(tmp_path):
+    """One round of the cold-start benchmark: every case runs, the cached LiteRT engine is
+    the one `--engine auto` takes, and the table and JSON hold each case."""
+    out = tmp_path / "cold"
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "cold_start.py"), "--quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "cold.json").read_text())
+    assert set(report["cases"]) == {"litert first", "xla", "litert cached"}
+    for case in report["cases"].values():
+        assert len(case["wall_s"]) == 1 and case["median_wall_s"] > 0 and case["peak_rss_mb"] > 0
+    assert "| litert cached |" in (tmp_path / "cold.md").read_text()

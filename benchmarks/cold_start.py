@@ -1,0 +1,126 @@
+"""Cold start: wall time and peak memory of `algpt2 generate` from a fresh process, per engine.
+
+    python benchmarks/cold_start.py [--model algpt2-pd-books] [--rounds 3] [--quick] [--out PATH]
+
+Each case is one `algpt2 generate --model M --prompt P --max-new-tokens 1 --sampler greedy`
+run as a new process (`/usr/bin/time`-style: wall seconds from start to exit, the first
+token included, and the child's peak RSS from `resource.getrusage`), in a cache folder of
+the benchmark's own:
+
+- `xla`: `--engine xla` (imports TensorFlow, loads the model, compiles the loop);
+- `litert first`: `--engine litert` on an empty cache (builds the LiteRT engine once);
+- `litert cached`: `--engine auto` once the build is cached (no TensorFlow).
+
+Rounds alternate the `xla` and `litert cached` cases (the first build runs once per
+round, on a fresh cache); the table gives each case's median and the machine's load
+average during the run. `--quick`: one round (the slow tier's smoke test).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.case_process import RESULTS, write_results  # noqa: E402
+
+PROMPT = "She opened the door and"
+
+
+def run_once(model, engine, cache):
+    """`(wall seconds, stderr)` of one fresh `algpt2 generate` process."""
+    env = dict(os.environ, ALGPT2_CACHE=cache)
+    started = time.perf_counter()
+    done = subprocess.run(["algpt2", "generate", "--model", model, "--prompt", PROMPT,
+                           "--max-new-tokens", "1", "--sampler", "greedy", "--engine", engine],
+                          env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"algpt2 generate --engine {engine} failed:\n{done.stderr[-2000:]}")
+    return wall, done.stderr
+
+
+def measure(model, rounds):
+    """Every case `rounds` times, alternating; returns `{case: [wall seconds, ...]}`."""
+    found = {"litert first": [], "xla": [], "litert cached": []}
+    root = tempfile.mkdtemp(prefix="algpt2-cold-")
+    try:
+        for r in range(rounds):
+            cache = os.path.join(root, f"round{r}")  # empty: the first LiteRT run builds
+            found["litert first"].append(run_once(model, "litert", cache)[0])
+            found["xla"].append(run_once(model, "xla", cache)[0])
+            wall, err = run_once(model, "auto", cache)
+            if "engine litert" not in err:
+                raise RuntimeError(f"--engine auto did not take the cached LiteRT build:\n{err}")
+            found["litert cached"].append(wall)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return found
+
+
+def peak_rss_alone(model, engine, cache):
+    """The peak RSS (MB) of one case: a helper process runs it and reports its children's
+    `ru_maxrss`, which is the largest child's, so one case per helper."""
+    code = ("import resource, subprocess, sys, os\n"
+            "subprocess.run(sys.argv[1:], env=dict(os.environ), capture_output=True, check=True)\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+    env = dict(os.environ, ALGPT2_CACHE=cache)
+    out = subprocess.run([sys.executable, "-c", code, "algpt2", "generate", "--model", model,
+                          "--prompt", PROMPT, "--max-new-tokens", "1", "--sampler", "greedy",
+                          "--engine", engine], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return float(out.strip())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="algpt2-pd-books")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one round (a smoke test)")
+    parser.add_argument("--out", help="results path without extension (default: "
+                                      "benchmarks/results/cold_start_<cpu>)")
+    args = parser.parse_args()
+    from algpt2_tf.cpu_info import cpu_info
+
+    cpu = cpu_info()
+    rounds = 1 if args.quick else args.rounds
+    load_before = os.getloadavg()
+    found = measure(args.model, rounds)
+    cache = tempfile.mkdtemp(prefix="algpt2-cold-rss-")
+    try:  # exact peaks, one child tree per case
+        rss = {"litert first": peak_rss_alone(args.model, "litert", cache),
+               "xla": peak_rss_alone(args.model, "xla", cache),
+               "litert cached": peak_rss_alone(args.model, "auto", cache)}
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    load_after = os.getloadavg()
+    rows = {case: {"wall_s": walls, "median_wall_s": statistics.median(walls),
+                   "peak_rss_mb": rss[case]} for case, walls in found.items()}
+    report = {"model": args.model, "prompt": PROMPT, "rounds": rounds, "cpu": cpu,
+              "load_average_before": load_before, "load_average_after": load_after,
+              "cases": rows}
+    cpu_name = f"{cpu['vendor']} {cpu['model_name']} family {cpu['family']} model {cpu['model']}"
+    lines = [f"# Cold start: `algpt2 generate --model {args.model} --max-new-tokens 1`", "",
+             f"CPU: {cpu_name}, {cpu['logical_cpus']} logical CPUs; load average (1, 5, 15 min) "
+             f"{', '.join(f'{x:.2f}' for x in load_before)} before, "
+             f"{', '.join(f'{x:.2f}' for x in load_after)} after; median of {rounds} "
+             "round(s), fresh processes, cases alternating.", "",
+             "| case | median wall s (to exit, first token included) | runs | peak RSS MB |",
+             "|---|---:|---|---:|"]
+    for case, row in rows.items():
+        lines.append(f"| {case} | {row['median_wall_s']:.2f} | "
+                     f"{', '.join(f'{w:.2f}' for w in row['wall_s'])} | {row['peak_rss_mb']:.0f} |")
+    slug = f"{cpu['vendor'].lower().replace('authentic', '').replace('genuine', '')}_" \
+           f"f{cpu['family']}m{cpu['model']}"
+    out = args.out or os.path.join(RESULTS, f"cold_start_{slug}")
+    write_results(out, report, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
