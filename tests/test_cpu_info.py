@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from algpt2_tf import cpu_info
 from algpt2_tf.cpu_info import (bf16_training_warning, cpu_family, cpu_info as read_cpu_info,
                                 cpu_summary, has_avx512, has_bf16_units)
@@ -49,11 +51,36 @@ def test_cpu_info_without_proc_files(tmp_path):
     assert "unknown CPU" in cpu_summary(info)
 
 
-def test_this_machine_is_described():
-    info = read_cpu_info()
-    assert set(info) == {"vendor", "model_name", "family", "model", "features", "cache_kb",
-                         "logical_cpus"}
-    assert set(info["features"]) <= set(cpu_info.FEATURES)
+ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 ssse3 fma cx16 sse4_1 sse4_2 avx f16c avx2 bmi2 sha_ni clzero
+"""
+
+ZEN5 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 fma avx f16c avx2 avx512f avx512dq avx512_bf16 avx_vnni avx512_vnni avx512_vp2intersect
+"""
+
+
+@pytest.mark.parametrize("text,family,features,bf16", [
+    (XEON, "intel", ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
+                     "amx_bf16", "amx_int8"], True),
+    (ZEN3, "amd", ["fma", "avx2"], False),
+    (ZEN5, "amd", ["fma", "avx2", "avx512f", "avx512_bf16", "avx_vnni", "avx512_vnni"], True),
+])
+def test_recorded_cpus_of_three_families(tmp_path, text, family, features, bf16):
+    """/proc/cpuinfo as three machines this project ran on wrote it (flags shortened)."""
+    (tmp_path / "cpuinfo").write_text(text)
+    info = read_cpu_info(str(tmp_path / "cpuinfo"), str(tmp_path / "no-cache"))
+    assert cpu_family(info) == family
+    assert set(info["features"]) == set(features)
+    assert has_bf16_units(info) == bf16 and has_avx512(info) == ("avx512f" in features)
 
 
 def test_bf16_training_warning_only_on_x86_cpus_without_bf16_units(tmp_path):

@@ -23,7 +23,6 @@ def test_switches_from_text_and_environment():
     env = {decode_tricks.ENVIRONMENT_VARIABLE: "wide_vectors=0"}
     assert DecodeTricks.from_environment(env) == dataclasses.replace(DecodeTricks.for_cpu(),
                                                                     wide_vectors=False)
-    assert DecodeTricks.from_environment({}) == DecodeTricks.for_cpu()
     assert not any(dataclasses.astuple(DecodeTricks().off()))
     with pytest.raises(ValueError, match="unknown decode trick 'fast'"):
         DecodeTricks().with_switches("fast=1")
@@ -34,7 +33,6 @@ def test_switches_from_text_and_environment():
 def test_generator_reads_the_environment(monkeypatch, model):
     monkeypatch.setenv(decode_tricks.ENVIRONMENT_VARIABLE, "two_reduction_argmax=0")
     assert not Generator(model).tricks.two_reduction_argmax
-    assert Generator(model, tricks=DecodeTricks()).tricks == DecodeTricks()
 
 
 def test_exact_tricks_on_give_the_tokens_of_all_tricks_off(monkeypatch):

@@ -109,17 +109,27 @@ def test_sop_training_and_grad_accum(tmp_path, small_config, corpus):
     assert os.path.exists(result["model"])
 
 
-def test_mixed_precision_training(tmp_path, small_config, corpus):
-    from algpt2_tf.cpu_info import bf16_training_warning
+def test_mixed_precision_training(tmp_path, small_config, corpus, monkeypatch):
+    from algpt2_tf import cpu_info
 
+    # As on an AMD Zen 3 (AVX2, no bfloat16 units): training warns, once, naming the CPU.
+    zen3 = {"vendor": "AuthenticAMD", "model_name": "AMD EPYC 7B13", "family": 25, "model": 1,
+            "features": ["avx2", "fma"], "cache_kb": {}, "logical_cpus": 2}
+    monkeypatch.setattr(cpu_info, "cpu_info", lambda: zen3)
     lines = []
     result = train(options(tmp_path, small_config, corpus, mixed_precision="bf16", steps=4),
                    log=lines.append)
     model = load_model(result["model"])
     assert model.embedding.token_embeddings.dtype == "float32"
     assert keras.config.dtype_policy().name == "float32"
-    # Warned exactly when this CPU lacks bfloat16 units.
-    assert (bf16_training_warning() in lines) == (bf16_training_warning() is not None)
+    warned = [line for line in lines if "no bfloat16 units" in line]
+    assert len(warned) == 1 and "AMD EPYC 7B13" in warned[0]
+    # With bfloat16 units (AVX512-BF16), no warning.
+    monkeypatch.setattr(cpu_info, "cpu_info", lambda: dict(zen3, features=["avx512_bf16"]))
+    lines = []
+    train(options(tmp_path, small_config, corpus, out="run2", mixed_precision="bf16", steps=2),
+          log=lines.append)
+    assert not any("no bfloat16 units" in line for line in lines)
 
 
 def test_bf16_loss_curve_tracks_float32(tmp_path, small_config, corpus):
