@@ -48,30 +48,37 @@ def test_help_and_info_import_no_tensorflow(args):
     assert done.stderr == ""
 
 
-def test_generate_streams_and_reads_stdin(tmp_path):
+def test_generate_streams_and_reads_stdin(tmp_path, capsys, monkeypatch):
+    """One console-script run (a fresh process, as a user runs it); the other cases call
+    the command line in this process."""
+    import io
+
     model = ALGPT2LMHeadModel(ALGPT2Config(max_positions=64, hidden_size=32, num_layers=2,
                                            num_heads=2, intermediate_size=64, embedding_size=16))
     path = str(tmp_path / "m.keras")
     model.save(path)
     expected = model.generate("Once upon a time", max_new_tokens=8, sampler="greedy").text[0]
-    args = [sys.executable, "-m", "algpt2_tf.cli", "generate", "--model", path,
-            "--max-new-tokens", "8", "--sampler", "greedy"]
-    done = subprocess.run(args + ["--prompt", "Once upon a time"], capture_output=True, text=True)
+    args = ["generate", "--model", path, "--max-new-tokens", "8", "--sampler", "greedy"]
+    env = user_env(ALGPT2_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run(["algpt2"] + args + ["--prompt", "Once upon a time"],
+                          capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == expected + "\n"
-    piped = subprocess.run(args + ["--prompt", "-"], input="Once upon a time", capture_output=True,
-                           text=True)
-    assert piped.stdout == expected + "\n"
-    sampled = [subprocess.run(args[:-2] + ["--sampler", "top_p", "--top-p", "0.9", "--temperature",
-                                           "0.8", "--seed", "4", "--prompt", "Hi"],
-                              capture_output=True, text=True).stdout for _ in range(2)]
+    assert done.stderr == "algpt2 generate: engine xla\n"  # no TensorFlow start-up lines
+    monkeypatch.setenv("ALGPT2_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Once upon a time")))
+    assert main(args + ["--prompt", "-"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    sampled = []
+    for _ in range(2):
+        assert main(args[:-2] + ["--sampler", "top_p", "--top-p", "0.9", "--temperature", "0.8",
+                                 "--seed", "4", "--prompt", "Hi"]) == 0
+        sampled.append(capsys.readouterr().out)
     assert sampled[0] == sampled[1] and sampled[0].startswith("Hi")
-    bad = subprocess.run(args[:-2] + ["--sampler", "beam", "--prompt", "x"], capture_output=True,
-                         text=True)
-    assert bad.returncode == 2 and "sampler" in bad.stderr
-    long = subprocess.run(args[:-4] + ["--max-new-tokens", "500", "--prompt", "x"],
-                          capture_output=True, text=True)
-    assert long.returncode == 2 and "max_positions" in long.stderr
+    assert main(args[:-2] + ["--sampler", "beam", "--prompt", "x"]) == 2
+    assert "sampler" in capsys.readouterr().err
+    assert main(args[:-4] + ["--max-new-tokens", "500", "--prompt", "x"]) == 2
+    assert "max_positions" in capsys.readouterr().err
 
 
 @pytest.mark.slow
