@@ -39,19 +39,25 @@ def run_check(backend, mode, folder):
     return found
 
 
-@pytest.fixture(scope="module")
-def findings(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("backends")
-    config = ALGPT2Config(vocab_size=97, max_positions=32, hidden_size=32, num_layers=3,
-                          num_heads=4, intermediate_size=64, embedding_size=8, sop_head=True,
-                          per_layer_norms=True, lora_rank=2, embedding_dropout=0.0,
-                          attention_dropout=0.0, residual_dropout=0.0)
-    rng = np.random.default_rng(0)
+def write_reference(folder, config, seed, length):
+    """The TensorFlow-written model every backend loads (`reference.keras`) and its logits
+    on random ids (`reference.npz`); returns the model."""
+    rng = np.random.default_rng(seed)
     model = randomize_weights(ALGPT2LMHeadModel(config), rng)
-    ids = rng.integers(0, 97, (2, 10)).astype("int32")
+    ids = rng.integers(0, config.vocab_size, (2, length)).astype("int32")
     model.save(str(folder / "reference.keras"))
     np.savez(folder / "reference.npz", ids=ids,
              logits=np.asarray(model({"input_ids": ids})["logits"]))
+    return model
+
+
+@pytest.fixture(scope="module")
+def findings(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("backends")
+    write_reference(folder, ALGPT2Config(
+        vocab_size=97, max_positions=32, hidden_size=32, num_layers=3, num_heads=4,
+        intermediate_size=64, embedding_size=8, sop_head=True, per_layer_norms=True, lora_rank=2,
+        embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0), seed=0, length=10)
     written = {b: run_check(b, "write", folder) for b in BACKENDS}
     read = {b: run_check(b, "read", folder) for b in BACKENDS}
     return written, read
@@ -61,16 +67,10 @@ def findings(tmp_path_factory):
 def test_torch_and_jax_give_the_tensorflow_logits_and_greedy_tokens(tmp_path, backend):
     """The fast tier's twin of the backend matrix: one subprocess per backend loads the
     TensorFlow-written model, matches its logits and its greedy tokens."""
-    config = ALGPT2Config(vocab_size=97, max_positions=32, hidden_size=16, num_layers=2,
-                          num_heads=2, intermediate_size=32, embedding_size=8,
-                          per_layer_norms=True, embedding_dropout=0.0, attention_dropout=0.0,
-                          residual_dropout=0.0)
-    rng = np.random.default_rng(1)
-    model = randomize_weights(ALGPT2LMHeadModel(config), rng)
-    ids = rng.integers(0, 97, (2, 6)).astype("int32")
-    model.save(str(tmp_path / "reference.keras"))
-    np.savez(tmp_path / "reference.npz", ids=ids,
-             logits=np.asarray(model({"input_ids": ids})["logits"]))
+    model = write_reference(tmp_path, ALGPT2Config(
+        vocab_size=97, max_positions=32, hidden_size=16, num_layers=2, num_heads=2,
+        intermediate_size=32, embedding_size=8, per_layer_norms=True, embedding_dropout=0.0,
+        attention_dropout=0.0, residual_dropout=0.0), seed=1, length=6)
     found = run_check(backend, "parity", tmp_path)
     assert found["forward_diff"] < TOL
     assert found["greedy"] == model.generate([[5, 6, 7], [8]], max_new_tokens=6,
