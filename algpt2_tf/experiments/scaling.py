@@ -197,7 +197,7 @@ def plot(rows, trends, baseline, path):
     sets = list(rows[0]["sets"]) if rows else []
     families = sorted({r["family"] for r in rows} - {baseline})
     fig, axes = plt.subplots(1, max(1, len(sets)), figsize=(5 * max(1, len(sets)), 4),
-                             sharey=True, squeeze=False)
+                             squeeze=False)
     for ax, name in zip(axes[0], sets):
         for i, family in enumerate(families):
             mine = [r for r in rows if r["family"] == family and r["sets"][name]["ratio"]]
@@ -217,9 +217,10 @@ def plot(rows, trends, baseline, path):
             ax.axhline(target, color="grey", linestyle=":", linewidth=0.8)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("training tokens")
         ax.set_title(name)
-    axes[0][0].set_ylabel(f"word perplexity / {baseline}'s")
+    axes[0][0].set_ylabel(f"word perplexity / {baseline}'s (log)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path, ".png") as tmp:
