@@ -23,6 +23,7 @@ same seed gives the same text.
 """
 
 import dataclasses
+import weakref
 from typing import Any, List, NamedTuple, Optional
 
 import numpy as np
@@ -407,17 +408,25 @@ class Generator:
         return self._functions[key]
 
 
+_GENERATORS = weakref.WeakKeyDictionary()
+"""model -> (its `quantization` when compiled, its generator): compiled functions live as
+long as their model, and a model quantized since gets a new generator."""
+
+
 def generator_for(model):
-    """The model's cached generator, created on first use: a `Generator` on
-    TensorFlow, a `HostLoopGenerator` on torch and JAX (`host_loop_generation`)."""
-    if getattr(model, "_algpt2_generator", None) is None:
+    """The model's generator, created on first use and reused while the model's weights keep
+    their form: a `Generator` on TensorFlow, a `HostLoopGenerator` on torch and JAX
+    (`host_loop_generation`)."""
+    found = _GENERATORS.get(model)
+    if found is None or found[0] != model.quantization:
         if backend.is_tensorflow():
-            model._algpt2_generator = Generator(model)
+            generator = Generator(model)
         else:
             from algpt2_tf.host_loop_generation import HostLoopGenerator
 
-            model._algpt2_generator = HostLoopGenerator(model)
-    return model._algpt2_generator
+            generator = HostLoopGenerator(model)
+        found = _GENERATORS[model] = (model.quantization, generator)
+    return found[1]
 
 
 def generate(model, prompts, max_new_tokens=32, sampler="greedy", seed=None, tokenizer=None,

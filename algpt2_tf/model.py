@@ -346,7 +346,6 @@ class ALGPT2LMHeadModel(keras.Model):
         self.embedding.quantize("int8")
         self.quantization = "int8"
         self.train_function = self.test_function = self.predict_function = None
-        self._algpt2_generator = None  # compiled for the float weights
         self._post_quantize(mode)
 
     # ------------------------------------------------------------ serialization
