@@ -35,8 +35,8 @@ setup(
         # torch is pinned exactly: 2.13.0's CPU build installs from a local file here, while any
         # other or an unpinned torch pulls a CUDA build of several GB. transformers + torch are
         # the reference that tests/test_convert.py compares our conversions with.
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6", "httpx>=0.27", "torch==2.13.0",
-                "transformers>=5,<6", "openai>=1.40"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "hypothesis>=6",
+                "httpx>=0.27", "torch==2.13.0", "transformers>=5,<6", "openai>=1.40"],
         # Keras 3's other backends (KERAS_BACKEND=torch|jax); see algpt2_tf/backend.py.
         "torch": ["torch==2.13.0"],
         "jax": ["jax>=0.4.30"],

@@ -410,7 +410,9 @@ class Generator:
 
 _GENERATORS = weakref.WeakKeyDictionary()
 """model -> (its `quantization` when compiled, its generator): compiled functions live as
-long as their model, and a model quantized since gets a new generator."""
+long as their model, and a model quantized since gets a new generator. The generator holds a
+weak proxy of the model, so the entry never keeps its own key (and the model's weights and
+compiled loops) alive."""
 
 
 def generator_for(model):
@@ -420,11 +422,11 @@ def generator_for(model):
     found = _GENERATORS.get(model)
     if found is None or found[0] != model.quantization:
         if backend.is_tensorflow():
-            generator = Generator(model)
+            generator = Generator(weakref.proxy(model))
         else:
             from algpt2_tf.host_loop_generation import HostLoopGenerator
 
-            generator = HostLoopGenerator(model)
+            generator = HostLoopGenerator(weakref.proxy(model))
         found = _GENERATORS[model] = (model.quantization, generator)
     return found[1]
 

@@ -1,3 +1,4 @@
+import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -51,6 +52,16 @@ def _seed_and_policy():
     keras.utils.set_random_seed(1234)
     yield
     keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_memory_after_each_file():
+    """Frees what a test file built (models, compiled loops, Keras' global state) when it
+    ends: a worker runs many files, and their leftovers add up (two workers of one CI run
+    grew past 10 GB each until the kernel killed one)."""
+    yield
+    keras.backend.clear_session()
+    gc.collect()
 
 
 @pytest.fixture

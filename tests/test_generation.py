@@ -1,3 +1,6 @@
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -225,3 +228,15 @@ def test_bad_generation_requests(model):
         sampling_params("top_p", top_p=1.5)
     with pytest.raises(ValueError, match="temperature"):
         sampling_params("sample", temperature=-1)
+
+
+def test_the_generator_cache_does_not_keep_a_model_alive():
+    """`model.generate` caches the model's compiled loops; once the model is gone, so are
+    they (a strong reference from the cache let every test worker grow past 10 GB)."""
+    model = ALGPT2LMHeadModel(tiny_config())
+    model.generate([[1, 2, 3]], max_new_tokens=3, stop_ids=[])
+    list(generation.generator_for(model).stream([1, 2], 2))
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
