@@ -18,8 +18,10 @@ Samplers (all in-graph, usable from a SavedModel):
   top_k   sampling among the `top_k` most likely tokens;
   top_p   nucleus sampling: the smallest set whose probability reaches `top_p`.
 A `repetition_penalty` > 1 divides positive (multiplies negative) logits of
-tokens already in the sequence (CTRL). Sampling is seeded and stateless: the
-same seed gives the same text.
+tokens already in the sequence (CTRL). Tokens are picked by `token_choice.choose_tokens`,
+the one sampler of every path: seeded and stateless, row `r` of a batch seeded `s` draws
+as a request seeded `s + r` would alone, on this loop, the serving engine, the host loop
+and the LiteRT engine.
 """
 
 import dataclasses
@@ -33,88 +35,11 @@ from algpt2_tf import backend, decode_tricks
 from algpt2_tf.model import position_ids_from_mask
 from algpt2_tf.prompts import check_fits, check_max_new_tokens, check_prompts, left_pad
 from algpt2_tf.sampling import SAMPLERS, SamplingParams, sampling_params  # noqa: F401 (the API)
+from algpt2_tf.token_choice import choose_tokens, first_argmax, plain_argmax
 
 PROMPT_BUCKET = 16
 LENGTH_BUCKET = 64
 CACHE_SEGMENT = 64  # the first cache length of the decode loop (see cache_lengths)
-
-
-# ---------------------------------------------------------------- sampling
-def apply_repetition_penalty(logits, seen, penalty):
-    """CTRL's penalty on the tokens marked in `seen` `[batch, vocab]`; `penalty`
-    is one number, or one per row `[batch]` (the serving engine's batches).
-
-    A penalty of 1 (the default) changes nothing, and skips the pass over the
-    vocabulary (about 3% of a batch-1 decode step).
-    """
-    logits = tf.cast(logits, tf.float32)
-    penalty = tf.reshape(tf.cast(penalty, tf.float32), [-1, 1])  # one row, or one per row
-
-    def penalize():
-        penalized = tf.where(logits > 0, logits / penalty, logits * penalty)
-        return tf.where(seen > 0, penalized, logits)
-
-    return tf.cond(tf.reduce_all(tf.equal(penalty, 1.0)), lambda: logits, penalize)
-
-
-def filter_logits(logits, seen, temperature, top_k, top_p, repetition_penalty):
-    """Applies the repetition penalty, temperature, top-k and top-p to float32
-    `[batch, vocab]` logits; filtered-out tokens get `-inf`."""
-    temperature = tf.cast(temperature, tf.float32)
-    top_k = tf.cast(top_k, tf.int32)
-    top_p = tf.cast(top_p, tf.float32)
-    logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-    logits = logits / tf.maximum(temperature, 1e-6)
-    vocab = tf.shape(logits)[-1]
-
-    def keep_top_k():
-        k = tf.clip_by_value(top_k, 1, vocab)
-        kth = tf.math.top_k(logits, k=k).values[:, -1:]
-        return tf.where(logits < kth, -np.inf, logits)
-
-    logits = tf.cond(top_k > 0, keep_top_k, lambda: logits)
-
-    def keep_nucleus():
-        sorted_logits = tf.sort(logits, direction="DESCENDING", axis=-1)
-        probs = tf.nn.softmax(sorted_logits, axis=-1)
-        before = tf.cumsum(probs, axis=-1, exclusive=True)
-        # The smallest logit still inside the nucleus (the first is always kept).
-        inside = tf.cast(before < top_p, tf.int32)
-        last = tf.maximum(tf.reduce_sum(inside, axis=-1) - 1, 0)
-        cutoff = tf.gather(sorted_logits, last, batch_dims=1)[:, None]
-        return tf.where(logits < cutoff, -np.inf, logits)
-
-    return tf.cond(top_p < 1.0, keep_nucleus, lambda: logits)
-
-
-def first_argmax(logits):
-    """`tf.argmax(logits, axis=-1)` (int32, first index on ties) as two plain reductions.
-
-    XLA:CPU compiles `ArgMax` to a scalar loop over the (value, index) pairs:
-    over a 50257-word vocabulary that took 4% of a batch-1 decode step.
-    """
-    vocab = tf.shape(logits)[-1]
-    best = tf.reduce_max(logits, axis=-1, keepdims=True)
-    first = tf.reduce_min(tf.where(logits == best, tf.range(vocab), vocab), axis=-1)
-    return tf.minimum(first, vocab - 1)  # a NaN row matches nothing: still a valid id
-
-
-def next_tokens(logits, seen, params, seed):
-    """Picks one token per row. `params` holds scalar tensors; `seed` is an int32 `[2]`."""
-    temperature, top_k, top_p, penalty = params
-    greedy = tf.logical_or(tf.equal(top_k, 1), temperature <= 0.0)
-
-    def pick_greedy():
-        penalized = apply_repetition_penalty(logits, seen, penalty)
-        if decode_tricks.active().two_reduction_argmax:
-            return first_argmax(penalized)
-        return tf.argmax(penalized, axis=-1, output_type=tf.int32)
-
-    def pick_sample():
-        filtered = filter_logits(logits, seen, temperature, top_k, top_p, penalty)
-        return tf.cast(tf.random.stateless_categorical(filtered, 1, seed=seed)[:, 0], tf.int32)
-
-    return tf.cond(greedy, pick_greedy, pick_sample)
 
 
 def _mark_seen(seen, ids, weights):
@@ -176,9 +101,12 @@ def _advance(model, tokens, slot, lengths, key_mask, caches):
     return logits[:, 0], key_mask, caches
 
 
-def _sample_and_advance(model, logits, seen, params, seed_pair, slot, lengths, key_mask, caches):
-    """One decode step: pick the next tokens, mark them seen, run them through the model."""
-    tokens = next_tokens(logits, seen, params, seed_pair)
+def _sample_and_advance(model, logits, seen, params, seed, step, slot, lengths, key_mask, caches):
+    """One decode step: pick the next tokens (row `r` with seed `seed + r`, at `step`), mark
+    them seen, run them through the model."""
+    seeds = tf.cast(seed, tf.int32) + tf.range(tf.shape(logits)[0])
+    argmax = first_argmax if decode_tricks.active().two_reduction_argmax else plain_argmax
+    tokens = choose_tokens(logits, seen, *params, seeds=seeds, steps=step, argmax=argmax)
     seen = _mark_seen(seen, tokens[:, None], tf.ones_like(tokens)[:, None])
     logits, key_mask, caches = _advance(model, tokens, slot, lengths, key_mask, caches)
     return tokens, seen, logits, key_mask, caches
@@ -215,8 +143,8 @@ def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_id
 
     def body(state):
         tokens, seen, logits, key_mask, caches = _sample_and_advance(
-            model, state.logits, state.seen, params, tf.stack([tf.cast(seed, tf.int32), state.step]),
-            prompt_len + state.step, state.lengths, state.key_mask, state.caches)
+            model, state.logits, state.seen, params, seed, state.step, prompt_len + state.step,
+            state.lengths, state.key_mask, state.caches)
         # Rows that already stopped emit 0s (not counted in num_new).
         tokens = tf.where(state.finished, tf.zeros_like(tokens), tokens)
         out = tf.tensor_scatter_nd_update(
@@ -399,8 +327,7 @@ class Generator:
                 logits, caches, key_mask, lengths, seen = state
                 with decode_tricks.tracing(model, tricks):
                     tokens, seen, logits, key_mask, caches = _sample_and_advance(
-                        model, logits, seen, params, tf.stack([seed, i]), slot, lengths, key_mask,
-                        caches)
+                        model, logits, seen, params, seed, i, slot, lengths, key_mask, caches)
                 return tokens, (logits, caches, key_mask, lengths + 1, seen)
 
             self._functions[key] = (tf.function(prefill, jit_compile=self.jit_compile),

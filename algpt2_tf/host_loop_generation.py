@@ -10,9 +10,9 @@ from the `[batch, vocab]` logits row:
 
 - greedy is the first argmax, as in the TensorFlow loop, so greedy tokens
   are the TensorFlow backend's (tested);
-- sampling (temperature, top-k, top-p, repetition penalty, with the same
-  meaning as there) draws with a NumPy generator seeded by `seed`: the same
-  seed gives the same text on a backend, not the TensorFlow loop's text.
+- sampling (temperature, top-k, top-p, repetition penalty) is
+  `sampling.pick_tokens`, the NumPy twin of the TensorFlow loop's sampler, with the
+  same seeds: the same seed gives the TensorFlow loop's text (tested).
 
 The host loop costs a device-to-host copy of one logits row per step; it is
 here so that a model trained on PyTorch or JAX can be sampled where it was
@@ -25,7 +25,7 @@ from keras import ops
 from algpt2_tf import backend
 from algpt2_tf.model import position_ids_from_mask
 from algpt2_tf.prompts import check_fits, check_max_new_tokens, check_prompts, left_pad
-from algpt2_tf.sampling import pick_tokens
+from algpt2_tf.sampling import SamplingParams, pick_tokens, row_seed
 
 
 def tensors(*arrays):
@@ -68,7 +68,7 @@ class HostLoopGenerator:
     def generate(self, prompt_ids, max_new_tokens=32, params=None, seed=0, stop_ids=(),
                  pad_id=0):
         """Generates from token-id prompts; returns a `GenerationOutput` without text."""
-        from algpt2_tf.generation import GenerationOutput, SamplingParams
+        from algpt2_tf.generation import GenerationOutput
 
         config = self.model.config
         prompts = check_prompts(prompt_ids, config.vocab_size)
@@ -77,7 +77,7 @@ class HostLoopGenerator:
         check_fits(longest, max_new_tokens, config.max_positions)
         params = params or SamplingParams(top_k=1)
         stop = set(int(t) for t in stop_ids)
-        rng = np.random.default_rng(seed or 0)
+        seeds = [row_seed(seed or 0, row) for row in range(len(prompts))]
         batch, total = len(prompts), longest + max_new_tokens
         ids, mask = left_pad(prompts, longest, pad_id)
         key_mask = np.zeros((batch, total), "int32")
@@ -92,7 +92,7 @@ class HostLoopGenerator:
         new = [[] for _ in prompts]
         done = np.zeros(batch, bool)
         for step in range(max_new_tokens):
-            tokens = pick_tokens(ops.convert_to_numpy(logits), seen, params, rng)
+            tokens = pick_tokens(ops.convert_to_numpy(logits), seen, params, seeds, step)
             for row, token in enumerate(tokens):
                 if not done[row]:
                     new[row].append(int(token))

@@ -1,16 +1,17 @@
-"""Token choice on the host, in NumPy: the paths whose logits arrive as NumPy rows (the
-torch/JAX host loop, the LiteRT engine) pick tokens here, without TensorFlow or Keras.
+"""Token choice on the host, in NumPy: the twin of `token_choice.choose_tokens` for the
+paths whose logits arrive as NumPy rows (the torch/JAX host loop, the LiteRT engine), without
+TensorFlow or Keras; and the sampling settings every path takes.
 
-Greedy is the first argmax, as in the compiled TensorFlow loop (`generation.py`), so
-greedy tokens agree across every path. Sampling (temperature, top-k, top-p, repetition
-penalty, with the same meaning as there) draws with a NumPy generator seeded by the
-request's seed: the same seed gives the same text on these paths.
+The same steps as there: repetition penalty, greedy as the first argmax, temperature,
+top-k, top-p, then one inverse-CDF draw per row with the uniform `row_uniforms(seed, step)`,
+a 32-bit integer hash. Row `r` of a request with seed `s` uses seed `row_seed(s, r)`. So the
+same prompt, settings and seed give the same tokens through every path (tested).
 
 Example:
 
 >>> import numpy as np
 >>> logits = np.array([[0.1, 2.0, 0.3]])
->>> pick_tokens(logits, np.zeros_like(logits, bool), SamplingParams(top_k=1), None).tolist()
+>>> pick_tokens(logits, np.zeros_like(logits, bool), SamplingParams(top_k=1), [0], 0).tolist()
 [1]
 """
 
@@ -19,6 +20,10 @@ import dataclasses
 import numpy as np
 
 SAMPLERS = ("greedy", "sample", "top_k", "top_p")
+HASH_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
+"""The two multipliers of the 32-bit integer hash behind `row_uniforms` (lowbias32)."""
+STEP_MULTIPLIER = 0x9E3779B9
+"""Spreads consecutive steps apart before they meet the hashed seed (2**32 / golden ratio)."""
 
 
 @dataclasses.dataclass
@@ -58,9 +63,43 @@ def sampling_params(sampler="greedy", temperature=1.0, top_k=None, top_p=None,
                           repetition_penalty)
 
 
-def pick_tokens(logits, seen, params, rng):
+def row_seed(seed, row):
+    """The seed of row (or choice) `row` of a request seeded `seed`: `seed + row`, wrapped to
+    a signed 32-bit integer as TensorFlow's int32 arithmetic wraps it."""
+    return (int(seed) + int(row) + 2 ** 31) % 2 ** 32 - 2 ** 31
+
+
+def _mix32(x):
+    """A 32-bit integer hash of uint32 array `x` (lowbias32; `token_choice._mix32`'s twin)."""
+    first, second = (np.uint32(m) for m in HASH_MULTIPLIERS)
+    x = (x ^ (x >> np.uint32(16))) * first
+    x = (x ^ (x >> np.uint32(15))) * second
+    return x ^ (x >> np.uint32(16))
+
+
+def row_uniforms(seeds, steps):
+    """Float32 uniforms in [0, 1), one per row, from integer `seeds` and `steps` (each a
+    scalar or one per row; taken modulo 2**32): `token_choice.row_uniforms` in NumPy."""
+    seeds = np.atleast_1d(np.asarray(seeds, np.int64)).astype(np.uint32)
+    steps = np.atleast_1d(np.asarray(steps, np.int64)).astype(np.uint32)
+    mixed = _mix32(_mix32(seeds) ^ (steps * np.uint32(STEP_MULTIPLIER)))
+    return (mixed >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
+
+
+def inverse_cdf_sample(logits, uniforms):
+    """One index per row of float `[batch, vocab]` logits: the first whose cumulative
+    probability exceeds the row's uniform (never a token of probability 0)."""
+    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    ends = np.cumsum(weights, axis=-1)
+    index = (ends <= (uniforms * ends[:, -1])[:, None]).sum(axis=-1)
+    last = weights.shape[-1] - 1 - np.argmax(weights[:, ::-1] > 0, axis=-1)
+    return np.minimum(index, last)
+
+
+def pick_tokens(logits, seen, params, seeds, steps):
     """One token per row of float `[batch, vocab]` logits (NumPy), after the
-    repetition penalty, temperature, top-k and top-p of `params`."""
+    repetition penalty, temperature, top-k and top-p of `params`; a sampled row draws
+    with `row_uniforms(seeds, steps)` (`seeds`: one per row, `row_seed`)."""
     logits = logits.astype("float64")
     if params.repetition_penalty != 1.0:
         penalized = np.where(logits > 0, logits / params.repetition_penalty,
@@ -80,6 +119,4 @@ def pick_tokens(logits, seen, params, rng):
         last = np.maximum((before < params.top_p).sum(axis=-1) - 1, 0)
         cutoff = ordered[np.arange(len(ordered)), last][:, None]
         logits = np.where(logits < cutoff, -np.inf, logits)
-    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    return np.array([rng.choice(len(row), p=row) for row in probs])
+    return inverse_cdf_sample(logits, row_uniforms(seeds, steps).astype(np.float64))

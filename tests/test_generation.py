@@ -7,9 +7,9 @@ import tensorflow as tf
 
 from algpt2_tf import ALGPT2LMHeadModel
 from algpt2_tf import generation
-from algpt2_tf.generation import (Generator, SamplingParams, apply_repetition_penalty,
-                                  cache_lengths, filter_logits, first_argmax, next_tokens,
-                                  sampling_params)
+from algpt2_tf.generation import Generator, SamplingParams, cache_lengths, sampling_params
+from algpt2_tf.token_choice import (apply_repetition_penalty, choose_tokens, filter_logits,
+                                    first_argmax)
 from conftest import decode_test_model, tiny_config
 
 
@@ -166,9 +166,8 @@ def test_top_k_never_leaves_the_k_best(rng):
     logits = tf.constant(rng.normal(size=(4, 200)).astype(np.float32))
     seen = tf.zeros_like(logits)
     best = np.argsort(-logits.numpy(), axis=1)[:, :5]
-    params = (tf.constant(1.0), tf.constant(5), tf.constant(1.0), tf.constant(1.0))
     for seed in range(40):
-        tokens = next_tokens(logits, seen, params, tf.constant([seed, 0])).numpy()
+        tokens = choose_tokens(logits, seen, 1.0, 5, 1.0, 1.0, seed, 0).numpy()
         assert all(t in best[row] for row, t in enumerate(tokens))
 
 
@@ -180,26 +179,23 @@ def test_top_p_never_leaves_the_nucleus(rng):
         order = np.argsort(-row)
         before = np.cumsum(row[order]) - row[order]
         nuclei.append(set(order[before < 0.6].tolist()))
-    params = (tf.constant(1.0), tf.constant(0), tf.constant(0.6), tf.constant(1.0))
     seen = tf.zeros_like(logits)
     picked = [set() for _ in nuclei]
     for seed in range(60):
-        tokens = next_tokens(tf.constant(logits), seen, params, tf.constant([seed, 1])).numpy()
+        tokens = choose_tokens(tf.constant(logits), seen, 1.0, 0, 0.6, 1.0, seed, 1).numpy()
         for row, t in enumerate(tokens):
             assert t in nuclei[row]
             picked[row].add(int(t))
     assert any(len(p) > 1 for p in picked)  # it does sample
-    kept = np.isfinite(filter_logits(logits, seen, 1.0, 0, 0.6, 1.0).numpy())
+    kept = np.isfinite(filter_logits(logits, tf.zeros([3], tf.int32), tf.fill([3], 0.6)).numpy())
     assert [set(np.flatnonzero(k).tolist()) for k in kept] == nuclei
 
 
 def test_repetition_penalty_discourages_seen_tokens():
     logits = tf.constant([[2.0, 1.9, -1.0]])
     seen = tf.constant([[1.0, 0.0, 0.0]])
-    params = (tf.constant(1.0), tf.constant(1), tf.constant(1.0), tf.constant(1.2))
-    assert next_tokens(logits, seen, params, tf.constant([0, 0])).numpy()[0] == 1
-    no_penalty = (tf.constant(1.0), tf.constant(1), tf.constant(1.0), tf.constant(1.0))
-    assert next_tokens(logits, seen, no_penalty, tf.constant([0, 0])).numpy()[0] == 0
+    assert choose_tokens(logits, seen, 1.0, 1, 1.0, 1.2, 0, 0).numpy()[0] == 1
+    assert choose_tokens(logits, seen, 1.0, 1, 1.0, 1.0, 0, 0).numpy()[0] == 0
     penalized = apply_repetition_penalty(tf.constant([[2.0, -1.0, 3.0]]),
                                          tf.constant([[1.0, 1.0, 0.0]]), 2.0)
     np.testing.assert_array_equal(penalized.numpy(), [[1.0, -2.0, 3.0]])

@@ -11,9 +11,9 @@ cut off, a damaged file) is removed and built again.
 
 `LiteRTGenerator` decodes with the build's `prefill`/`decode` signatures
 (`litert.LiteRTDecoder`: LiteRT's `CompiledModel`, XNNPACK's weight cache kept
-in the entry) and picks tokens with `sampling.pick_tokens`: greedy is the
-first argmax, as on every path; sampling draws with a NumPy generator seeded
-by `seed`, as the torch/JAX host loop does. Only the build imports TensorFlow.
+in the entry) and picks tokens with `sampling.pick_tokens`, the NumPy twin of the
+sampler of every path: the same seed gives the XLA path's tokens. Only the build imports
+TensorFlow.
 
 Example (builds a small model's entry, then decodes without TensorFlow):
 
@@ -175,12 +175,12 @@ class LiteRTGenerator:
         """Yields the new tokens one by one (a stop id ends it, and is yielded)."""
         params = params or SamplingParams(top_k=1)
         self.check(prompt_ids, max_new_tokens)
-        rng = np.random.default_rng(seed or 0)
         seen = np.zeros((1, self.build.vocab_size), bool)
         seen[0, prompt_ids] = True
         logits = self.decoder.prefill(list(prompt_ids))
         for step in range(max_new_tokens):
-            token = int(pick_tokens(logits[:, :self.build.vocab_size], seen, params, rng)[0])
+            token = int(pick_tokens(logits[:, :self.build.vocab_size], seen, params, [seed or 0],
+                                    step)[0])
             yield token
             if token in stop_ids or step == max_new_tokens - 1:
                 return

@@ -19,10 +19,11 @@ batch, first come first served. Before it would grow the cache (or wait),
 the batch drops the leading slots that no running row uses any more and
 shifts the rest left (compaction), so a busy batch keeps a short cache.
 
-Each request keeps its own sampling settings and seed: `per_row_tokens`
-picks a row's token from that row's logits, settings and a random stream
-seeded by `(seed, step)` alone, so a request gets the tokens it would get
-alone with the same seed (tested), whatever else shares its batch.
+Each request keeps its own sampling settings and seed: `token_choice.choose_tokens`
+(the one sampler of every path) picks a row's token from that row's logits, settings
+and a uniform of `(seed, step)` alone, so a request gets the tokens it would get alone
+with the same seed (tested), whatever else shares its batch, and the tokens
+`model.generate` and `algpt2 generate` give with that seed.
 
 A request may ask for log-probabilities (`Request.logprobs = k`, at most
 `MAX_LOGPROBS`): each token then comes with its log-probability under the
@@ -46,10 +47,10 @@ import numpy as np
 import tensorflow as tf
 
 from algpt2_tf.generation import (PROMPT_BUCKET, SamplingParams, _advance, _grow, _mark_seen,
-                                  _prefill, _round_up, apply_repetition_penalty, cache_lengths,
-                                  first_argmax)
+                                  _prefill, _round_up, cache_lengths)
 from algpt2_tf.layers.attention import write_slots
 from algpt2_tf.prompts import check_fits, check_max_new_tokens, check_prompts, left_pad
+from algpt2_tf.token_choice import choose_tokens
 
 
 MAX_LOGPROBS = 5
@@ -73,96 +74,6 @@ def top_logprobs(logits, k):
     logprobs = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
     values, ids = tf.math.top_k(logprobs, k=k)
     return logprobs, ids, values
-
-
-# ---------------------------------------------------------------- sampling
-def per_row_tokens(logits, seen, temperature, top_k, top_p, penalty, seeds, steps):
-    """One token per row, each from its own settings and random stream.
-
-    Args:
-        logits: float `[batch, vocab]`; seen: float `[batch, vocab]` (1 on
-            tokens already in the row, for the repetition penalty).
-        temperature, top_p, penalty: float32 `[batch]`; top_k: int32
-            `[batch]` (`top_k == 1` or `temperature <= 0` is greedy, `top_k
-            == 0` and `top_p == 1` filter nothing), as in `SamplingParams`.
-        seeds: int32 `[batch]`; steps: int32 `[batch]`, each row's tokens so far.
-    Returns:
-        int32 `[batch]`. A sampled row draws one uniform from
-        `stateless_uniform(seed=(seeds[b], steps[b]))` and picks its token by
-        `inverse_cdf_sample`: the same row, seed and step give the same token
-        in any batch.
-    """
-    vocab = tf.shape(logits)[-1]
-    penalized = apply_repetition_penalty(logits, seen, penalty)
-    greedy = tf.logical_or(tf.equal(top_k, 1), temperature <= 0.0)
-
-    def sampled():
-        scaled = penalized / tf.maximum(temperature, 1e-6)[:, None]
-
-        def filtered():  # top-k, then the nucleus of what top-k keeps
-            ordered = tf.sort(scaled, direction="DESCENDING", axis=-1)
-            k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
-            ranks = tf.range(vocab)[None, :]
-            ordered = tf.where(ranks < k[:, None], ordered, -np.inf)
-            before = tf.cumsum(tf.nn.softmax(ordered, axis=-1), axis=-1, exclusive=True)
-            last = tf.maximum(tf.reduce_sum(tf.cast(before < top_p[:, None], tf.int32), -1) - 1, 0)
-            last = tf.where(top_p < 1.0, tf.minimum(last, k - 1), k - 1)
-            cutoff = tf.gather(ordered, last, batch_dims=1)[:, None]
-            return tf.where(scaled < cutoff, -np.inf, scaled)
-
-        needs_filter = tf.reduce_any(tf.logical_or(top_k > 1, top_p < 1.0))
-        scaled = tf.cond(needs_filter, filtered, lambda: scaled)
-        uniforms = tf.map_fn(lambda pair: tf.random.stateless_uniform([], seed=pair),
-                             tf.stack([seeds, steps], axis=1), fn_output_signature=tf.float32)
-        return inverse_cdf_sample(scaled, uniforms)
-
-    picked = tf.cond(tf.reduce_all(greedy), lambda: tf.zeros([tf.shape(logits)[0]], tf.int32),
-                     sampled)
-    return tf.where(greedy, first_argmax(penalized), picked)
-
-
-SAMPLE_BLOCK = 256
-"""The block width of `inverse_cdf_sample`'s two-level cumulative sum."""
-
-
-def inverse_cdf_sample(logits, uniforms):
-    """One index per row drawn from `softmax(logits)`: the first index whose
-    cumulative probability exceeds the row's uniform in [0, 1).
-
-    Args:
-        logits: float `[batch, vocab]` (`-inf` for tokens that may not be drawn).
-        uniforms: float `[batch]` in [0, 1).
-    Returns:
-        int32 `[batch]`.
-
-    One uniform per row instead of one per token (the Gumbel-max trick this
-    replaced): drawing 16 rows over a 50257-word vocabulary took 69 ms by
-    Gumbel-max and 10.8 ms by a plain inverse CDF, most of it `tf.cumsum` over
-    the vocabulary, which XLA:CPU runs slowly (4.9 ms for 16 rows). So the
-    sum runs in two levels: the running total of the blocks of `SAMPLE_BLOCK`
-    tokens picks the block, a running total inside that block the token (same
-    draw as one long cumulative sum, up to float rounding).
-
-    Example:
-    >>> int(inverse_cdf_sample(tf.math.log([[0.25, 0.0, 0.75]]), tf.constant([0.3]))[0])
-    2
-    """
-    batch, vocab = tf.shape(logits)[0], tf.shape(logits)[1]
-    weights = tf.exp(logits - tf.reduce_max(logits, axis=-1, keepdims=True))
-    weights = tf.pad(weights, [[0, 0], [0, (-vocab) % SAMPLE_BLOCK]])  # padding: weight 0
-    blocks = tf.reshape(weights, [batch, -1, SAMPLE_BLOCK])
-    block_ends = tf.cumsum(tf.reduce_sum(blocks, axis=-1), axis=-1)  # [batch, blocks]
-    target = uniforms * block_ends[:, -1]
-    # The first block whose running total passes the target (never an empty one).
-    block = tf.minimum(tf.reduce_sum(tf.cast(block_ends <= target[:, None], tf.int32), -1),
-                       tf.shape(blocks)[1] - 1)
-    inside = tf.gather(blocks, block, batch_dims=1)  # [batch, SAMPLE_BLOCK]
-    before = tf.gather(block_ends, block, batch_dims=1) - tf.reduce_sum(inside, axis=-1)
-    ends = tf.cumsum(inside, axis=-1)
-    index = tf.reduce_sum(tf.cast(ends <= (target - before)[:, None], tf.int32), -1)
-    # Rounding can put the target past the block's own total: take its last drawable token.
-    last = SAMPLE_BLOCK - 1 - first_argmax(tf.cast(tf.reverse(inside, [1]) > 0, tf.float32))
-    return block * SAMPLE_BLOCK + tf.minimum(index, last)
 
 
 # ---------------------------------------------------------------- requests
@@ -607,8 +518,8 @@ class BatchEngine:
 
             def body(k, out, scores, state):
                 logits, caches, key_mask, lengths, seen = state
-                tokens = per_row_tokens(logits, seen, temperature, top_k, top_p, penalty, seeds,
-                                        counts + k)
+                tokens = choose_tokens(logits, seen, temperature, top_k, top_p, penalty, seeds,
+                                       counts + k)
                 if with_logprobs:
                     chosen, top_ids, top_values = scores
                     logprobs, ids, values = top_logprobs(logits, MAX_LOGPROBS)
