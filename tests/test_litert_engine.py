@@ -45,13 +45,41 @@ def test_a_float32_build_gives_the_xla_greedy_tokens(saved):
     assert generator.generate([464, 3290], 12, stop_ids=(stop,)) == tokens[:tokens.index(stop) + 1]
 
 
-def test_sampling_is_seeded(saved):
-    _, _, _, build = saved
+def test_sampling_is_seeded_as_on_the_xla_path(saved):
+    _, model, _, build = saved
     generator = LiteRTGenerator(build)
     params = sampling_params("top_p", temperature=1.0, top_p=0.9)
     first = generator.generate([464, 3290], 10, params, seed=5)
-    assert generator.generate([464, 3290], 10, params, seed=5) == first
     assert generator.generate([464, 3290], 10, params, seed=6) != first
+    xla = model.generate([[464, 3290]], max_new_tokens=10, sampler="top_p", top_p=0.9, seed=5,
+                         stop_ids=[]).new_ids[0]
+    assert first == xla  # one sampler, one meaning of a seed
+
+
+def test_model_generate_on_litert_and_a_weight_changed_since_is_rebuilt(saved, tmp_path,
+                                                                        monkeypatch):
+    from algpt2_tf.saving import load_model
+
+    monkeypatch.setenv("ALGPT2_CACHE", str(tmp_path))
+    folder = saved[0]
+    model = load_model(str(folder / "m.keras"))  # its own copy: this test changes a weight
+    prompts = [[464, 3290], [40, 1101, 257]]
+    for options in ({}, {"sampler": "top_k", "top_k": 20, "seed": 3}):
+        litert = model.generate(prompts, max_new_tokens=8, stop_ids=[], engine="litert", **options)
+        assert litert.new_ids == model.generate(prompts, max_new_tokens=8, stop_ids=[],
+                                                **options).new_ids
+    assert len(os.listdir(tmp_path / "litert")) == 1  # built once
+    weight = model.lm_head.weights[0] if model.lm_head.weights else model.weights[-1]
+    weight.assign(weight.numpy() * 1.7 + 0.3)
+    after = model.generate(prompts, max_new_tokens=8, stop_ids=[], engine="litert").new_ids
+    assert after == model.generate(prompts, max_new_tokens=8, stop_ids=[]).new_ids
+    assert len(os.listdir(tmp_path / "litert")) == 2  # never the stale build
+    with pytest.raises(ValueError, match="engine must be one of xla, litert"):
+        model.generate(prompts, engine="onnx")
+    with pytest.raises(ValueError, match="quantize applies to engine='litert'"):
+        model.generate(prompts, quantize="int8")
+    with pytest.raises(ValueError, match="exceeds the LiteRT build's cache of 64 tokens"):
+        model.generate([[5] * 60], max_new_tokens=8, engine="litert")
 
 
 def test_limits_are_checked_before_decoding(saved):

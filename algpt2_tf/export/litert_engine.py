@@ -122,6 +122,45 @@ def cached_build(model_path, quantize="none", max_length=None, cache=None, build
     return _current(folder, key)
 
 
+def weights_digest(model):
+    """A digest of an in-memory model's config and every weight's values: any change to a
+    weight gives another digest (so another build)."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for variable in model.weights:
+        digest.update(variable.path.encode())
+        digest.update(np.ascontiguousarray(np.asarray(variable)).tobytes())
+    return digest.hexdigest()
+
+
+def model_build(model, quantize="none", max_length=None, cache=None, log=print):
+    """`cached_build` for an in-memory `ALGPT2LMHeadModel` (`model.generate(...,
+    engine="litert")`): keyed by `weights_digest`, so a model changed since its last
+    build is built again, never served stale. Builds through a temporary `.keras` file."""
+    import tempfile
+
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}.")
+    if model.quantization is not None:
+        raise ValueError(f"The LiteRT engine builds from a float32 model; this one is quantized "
+                         f"({model.quantization}). Pass quantize='int8' to a float32 model.")
+    wanted = json.dumps([BUILD_VERSION, "model", weights_digest(model), quantize, max_length])
+    key = hashlib.sha256(wanted.encode()).hexdigest()[:32]
+    folder = os.path.join(cache or cache_root(), "litert", key)
+    found = _current(folder, key)
+    if found is not None:
+        return found
+    if os.path.exists(folder):
+        log(f"Removing an incomplete or damaged LiteRT build: {folder}")
+        shutil.rmtree(folder)
+    log(f"Building the LiteRT {'float32' if quantize == 'none' else quantize} engine of the "
+        f"model (once per set of weights; cached in {folder})")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.keras")
+        model.save(path)
+        _build(path, folder, key, quantize, max_length, log)
+    return _current(folder, key)
+
+
 def _build(path, folder, key, quantize, max_length, log):
     from algpt2_tf.export.api import export_model  # TensorFlow: only to build
     from algpt2_tf.files import new_directory
