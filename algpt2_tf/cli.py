@@ -392,10 +392,12 @@ def _serve(args):
         if args.max_batch < 1 or not args.batch_window_ms >= 0 or args.max_queue < 1:
             raise UsageError("--max-batch and --max-queue must be >= 1 and --batch-window-ms "
                              ">= 0.")
+        if args.quantize != "none" and args.engine != "litert":
+            raise UsageError("--quantize applies to --engine litert.")
         serve(args.model, port=args.port or 8000, model_name=args.model_name,
               max_batch=args.max_batch, window_s=args.batch_window_ms / 1000,
               max_queue=args.max_queue, batching=not args.no_batching, timeout_s=args.timeout,
-              warm_up=not args.no_warm_up, **limits)
+              warm_up=not args.no_warm_up, engine=args.engine, quantize=args.quantize, **limits)
         return
     if args.model_name is None:
         raise UsageError("--model-base-path needs --model-name.")
@@ -452,6 +454,12 @@ def _add_serving_commands(sub):
                    help="how long a batch waits for more requests (--model)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--no-batching", action="store_true", help="run each request alone")
+    p.add_argument("--engine", choices=["xla", "litert"], default="xla",
+                   help="--model: xla (the Keras model, batched decode steps) or litert (its "
+                        "LiteRT build, made once and cached; one request at a time: fastest "
+                        "at batch 1)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="the LiteRT build's weights (--engine litert)")
     p.add_argument("--no-warm-up", action="store_true",
                    help="start without compiling the first batch shapes (--model; the first "
                         "requests then wait for the compiles)")

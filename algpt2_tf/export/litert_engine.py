@@ -210,21 +210,27 @@ class LiteRTGenerator:
         if max(prompt_ids) >= self.build.vocab_size or min(prompt_ids) < 0:
             raise ValueError(f"Token ids must be in [0, {self.build.vocab_size}).")
 
-    def stream(self, prompt_ids, max_new_tokens, params=None, seed=0, stop_ids=()):
-        """Yields the new tokens one by one (a stop id ends it, and is yielded)."""
+    def steps(self, prompt_ids, max_new_tokens, params=None, seed=0, stop_ids=()):
+        """Yields `(token, logits)` for each new token, `logits` the float32 `[vocab]` row it
+        was picked from (a stop id ends it, and is yielded)."""
         params = params or SamplingParams(top_k=1)
         self.check(prompt_ids, max_new_tokens)
         seen = np.zeros((1, self.build.vocab_size), bool)
         seen[0, prompt_ids] = True
         logits = self.decoder.prefill(list(prompt_ids))
         for step in range(max_new_tokens):
-            token = int(pick_tokens(logits[:, :self.build.vocab_size], seen, params, [seed or 0],
-                                    step)[0])
-            yield token
+            row = logits[:, :self.build.vocab_size]
+            token = int(pick_tokens(row, seen, params, [seed or 0], step)[0])
+            yield token, row[0]
             if token in stop_ids or step == max_new_tokens - 1:
                 return
             seen[0, token] = True
             logits = self.decoder.decode(token, len(prompt_ids) + step)
+
+    def stream(self, prompt_ids, max_new_tokens, params=None, seed=0, stop_ids=()):
+        """Yields the new tokens one by one (a stop id ends it, and is yielded)."""
+        for token, _ in self.steps(prompt_ids, max_new_tokens, params, seed, stop_ids):
+            yield token
 
     def generate(self, prompt_ids, max_new_tokens, params=None, seed=0, stop_ids=()):
         """The new tokens, as a list."""

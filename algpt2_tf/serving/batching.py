@@ -99,6 +99,24 @@ class Request:
         self.cancelled.set()
 
 
+def generate_blocking(engine, prompt_ids, max_new_tokens=16, params=None, seed=0, stop_ids=()):
+    """`(new token ids, finish reason)` for one prompt, through any engine's `submit`
+    (`BatchEngine`, `litert_serving.LiteRTEngine`); waits for it."""
+    tokens, done = [], threading.Event()
+    result = {}
+
+    def finished(reason, error):
+        result.update(reason=reason, error=error)
+        done.set()
+
+    engine.submit(Request(list(prompt_ids), max_new_tokens, params or SamplingParams(top_k=1),
+                          seed, tuple(stop_ids), tokens.append, finished))
+    done.wait()
+    if result["error"] is not None:
+        raise result["error"]
+    return tokens, result["reason"]
+
+
 # ---------------------------------------------------------------- the engine
 class BatchEngine:
     """Runs queued `Request`s in batches on a worker thread (module docstring).
@@ -123,6 +141,7 @@ class BatchEngine:
     def __init__(self, model, max_batch=16, window_s=0.01, max_queue=256, batching=True,
                  steps_per_call=4):
         self.model = model
+        self.max_positions = model.config.max_positions  # the longest prompt + new tokens
         self.steps_per_call = steps_per_call
         self.max_batch = max_batch if batching else 1
         self.window_s = window_s
@@ -163,19 +182,7 @@ class BatchEngine:
 
     def generate(self, prompt_ids, max_new_tokens=16, params=None, seed=0, stop_ids=()):
         """Blocking helper: `(new token ids, finish reason)` for one prompt."""
-        tokens, done = [], threading.Event()
-        result = {}
-
-        def finished(reason, error):
-            result.update(reason=reason, error=error)
-            done.set()
-
-        self.submit(Request(list(prompt_ids), max_new_tokens, params or SamplingParams(top_k=1),
-                            seed, tuple(stop_ids), tokens.append, finished))
-        done.wait()
-        if result["error"] is not None:
-            raise result["error"]
-        return tokens, result["reason"]
+        return generate_blocking(self, prompt_ids, max_new_tokens, params, seed, stop_ids)
 
     def prompt_logprobs(self, prompt_ids, k=0):
         """`TokenLogprob`s of a prompt's tokens after the first (each given the

@@ -380,7 +380,7 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
     """The FastAPI app serving `engine`'s model as `model_name`.
 
     Args:
-        engine: the `BatchEngine`.
+        engine: the `BatchEngine` (or `litert_serving.LiteRTEngine`).
         tokenizer: the model's tokenizer.
         model_name: the served name (requests must name it).
         api_key: when set, every request (the docs too) needs `Authorization: Bearer KEY`.
@@ -395,7 +395,7 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
             raise ValueError(f"{name} must be > 0, got {value!r}.")
     app = FastAPI(title="algpt2 OpenAI-compatible API")
     created = int(time.time())
-    max_positions = engine.model.config.max_positions
+    max_positions = engine.max_positions
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc):
@@ -554,11 +554,13 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
 def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None, max_batch=16,
           window_s=0.01, max_queue=256, batching=True, timeout_s=60.0,
           max_request_bytes=1 << 20, warm_up=True, max_response_bytes=32 << 20,
-          insecure_no_auth=False):
+          insecure_no_auth=False, engine="xla", quantize="none"):
     """Loads a model (run folder, .keras file, HF folder or preset name) and
     serves it until interrupted; with `warm_up`, compiles the common batch
     shapes first (`BatchEngine.warm_up`). Beyond loopback only with `api_key`
-    or `insecure_no_auth` (`request_body.check_binding`)."""
+    or `insecure_no_auth` (`request_body.check_binding`). `engine="litert"` serves
+    the model's LiteRT build (`quantize`: its weights; built once and cached,
+    `litert_engine.cached_build`) one request at a time (`litert_serving`)."""
     import logging
     import os
 
@@ -568,12 +570,28 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
     from algpt2_tf.saving import load_model, load_tokenizer_for
     from algpt2_tf.serving.batching import BatchEngine
 
-    model = load_model(model_path)
+    if engine not in ("xla", "litert"):
+        raise ValueError(f"engine must be xla or litert, got {engine!r}.")
     tokenizer = load_tokenizer_for(model_path)
     name = model_name or os.path.basename(os.path.normpath(model_path)).removesuffix(".keras")
-    engine = BatchEngine(model, max_batch=max_batch, window_s=window_s, max_queue=max_queue,
-                         batching=batching)
-    warmed = f"; compiled the first batch shapes in {engine.warm_up():.1f} s" if warm_up else ""
+    if engine == "litert":
+        from algpt2_tf.export.litert_engine import cached_build
+        from algpt2_tf.serving.litert_serving import LiteRTEngine
+
+        build = cached_build(model_path, quantize,
+                             log=lambda line: print(line, file=sys.stderr, flush=True))
+        engine = LiteRTEngine(build, max_queue=max_queue)
+        batching, max_batch = False, 1
+        warmed = f"; LiteRT {'float32' if quantize == 'none' else quantize} engine"
+        warmed += f", warmed up in {engine.warm_up():.1f} s" if warm_up else ""
+    else:
+        if quantize != "none":
+            raise ValueError("quantize applies to the litert engine; serve a Keras int8 model "
+                             "(algpt2 quantize) with the xla engine.")
+        engine = BatchEngine(load_model(model_path), max_batch=max_batch, window_s=window_s,
+                             max_queue=max_queue, batching=batching)
+        warmed = (f"; compiled the first batch shapes in {engine.warm_up():.1f} s"
+                  if warm_up else "")
     try:
         app = create_app(engine, tokenizer, name, api_key, max_request_bytes, timeout_s,
                          max_response_bytes)

@@ -1,0 +1,119 @@
+"""`algpt2 serve --engine litert`: the OpenAI server on the model's LiteRT build gives the XLA
+engine's completions (greedy and seeded), streams, reports log-probabilities, and refuses what
+it cannot do with a 400 that says so."""
+
+import json
+import os
+import subprocess
+import time
+
+import httpx
+import keras
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import free_port, tiny_config
+
+from algpt2_tf import ALGPT2LMHeadModel
+from algpt2_tf.export.litert_engine import cached_build
+from algpt2_tf.sampling import SamplingParams
+from algpt2_tf.serving.batching import BatchEngine
+from algpt2_tf.serving.litert_serving import LiteRTEngine
+from algpt2_tf.serving.openai_api import create_app
+from algpt2_tf.tokenizer import GPT2Tokenizer
+
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny GPT-2-vocabulary model, saved with its LiteRT build, and one app on each engine."""
+    keras.utils.set_random_seed(5)
+    folder = tmp_path_factory.mktemp("litert_serving")
+    model = ALGPT2LMHeadModel(tiny_config(vocab_size=50257, max_positions=64, sop_head=False,
+                                          initializer_range=0.2))
+    model.save(str(folder / "tiny.keras"))
+    cache = str(folder / "cache")
+    build = cached_build(str(folder / "tiny.keras"), cache=cache, log=lambda *_: None)
+    litert, xla = LiteRTEngine(build, max_queue=4), BatchEngine(model, max_batch=4)
+    apps = {name: TestClient(create_app(engine, GPT2Tokenizer(), NAME))
+            for name, engine in (("litert", litert), ("xla", xla))}
+    yield folder, cache, litert, apps
+    litert.close()
+    xla.close()
+
+
+def complete(app, **body):
+    answer = app.post("/v1/completions", json=dict(model=NAME, **body))
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_completions_equal_the_xla_engines(served):
+    _, _, _, apps = served
+    for body in (dict(prompt="The old house", max_tokens=8, temperature=0),
+                 dict(prompt=["It was", "Once"], max_tokens=10, temperature=0.9, top_p=0.95,
+                      seed=11, n=2)):
+        litert, xla = complete(apps["litert"], **body), complete(apps["xla"], **body)
+        assert [c["text"] for c in litert["choices"]] == [c["text"] for c in xla["choices"]]
+        assert litert["usage"] == xla["usage"]
+
+
+def test_streaming_and_logprobs(served):
+    _, _, _, apps = served
+    body = dict(prompt="She said", max_tokens=6, temperature=0.8, seed=3, logprobs=2)
+    whole = complete(apps["litert"], **body)["choices"][0]
+    reference = complete(apps["xla"], **body)["choices"][0]
+    assert whole["logprobs"]["tokens"] == reference["logprobs"]["tokens"]
+    np.testing.assert_allclose(whole["logprobs"]["token_logprobs"],
+                               reference["logprobs"]["token_logprobs"], atol=2e-4)
+    with apps["litert"].stream("POST", "/v1/completions",
+                               json=dict(model=NAME, stream=True, **body)) as answer:
+        events = [line for line in answer.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) > 3
+    assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]) == whole["text"]
+
+
+def test_what_the_build_cannot_do_is_a_400_that_says_so(served):
+    _, _, engine, apps = served
+    echo = apps["litert"].post("/v1/completions", json=dict(
+        model=NAME, prompt="Hi there", max_tokens=2, logprobs=1, echo=True))
+    assert echo.status_code == 400 and "--engine xla" in echo.json()["error"]["message"]
+    long = apps["litert"].post("/v1/completions", json=dict(model=NAME, prompt="word " * 70,
+                                                             max_tokens=4))
+    assert long.status_code == 400
+    # The engine still serves after them, and its blocking helper reports the finish reason.
+    tokens, reason = engine.generate([464, 3290], 4, SamplingParams(top_k=1))
+    assert len(tokens) == 4 and reason == "length"
+
+
+def test_algpt2_serve_engine_litert_answers_a_client(served):
+    """`algpt2 serve --model M --engine litert` (the build cached by the fixture is reused)."""
+    from algpt2_tf.cli import main
+
+    folder, cache, _, apps = served
+    assert main(["serve", "--model", str(folder / "tiny.keras"), "--quantize", "int8"]) == 2
+    port = free_port()
+    env = dict(os.environ, ALGPT2_CACHE=cache)
+    proc = subprocess.Popen(["algpt2", "serve", "--model", str(folder / "tiny.keras"),
+                             "--engine", "litert", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "LiteRT float32 engine" in proc.stdout.readline()
+        deadline = time.time() + 60
+        while True:
+            try:
+                answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
+                                    json=dict(model="tiny", prompt="The old house",
+                                              max_tokens=8, temperature=0))
+                break
+            except httpx.ConnectError:
+                assert time.time() < deadline and proc.poll() is None
+                time.sleep(0.2)
+        assert answer.status_code == 200
+        expected = complete(apps["xla"], prompt="The old house", max_tokens=8, temperature=0)
+        assert answer.json()["choices"][0]["text"] == expected["choices"][0]["text"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
