@@ -12,7 +12,7 @@ PYTEST = $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --max-worker-
 .PHONY: install test test-all bench bench-quick clean
 
 install:
-	$(PYTHON) -m pip install -e ".[dev,torch,jax]"
+	$(PYTHON) -m pip install -e ".[dev,torch,jax,peers]"
 
 # The fast tier: every feature end to end on tiny models (docs/testing.md).
 test:
@@ -29,6 +29,7 @@ clean:
 bench:
 	$(PYTHON) benchmarks/bench.py
 	$(PYTHON) benchmarks/cold_start.py
+	$(PYTHON) benchmarks/peers.py
 
 bench-quick:
 	$(PYTHON) benchmarks/bench.py --quick --out benchmarks/results/quick

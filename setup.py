@@ -40,6 +40,8 @@ setup(
         # Keras 3's other backends (KERAS_BACKEND=torch|jax); see algpt2_tf/backend.py.
         "torch": ["torch==2.13.0"],
         "jax": ["jax>=0.4.30"],
+        # The engines benchmarks/peers.py measures against (skipped when absent).
+        "peers": ["ctranslate2==4.8.5", "onnxruntime>=1.20"],
     },
     entry_points={"console_scripts": ["algpt2=algpt2_command:main"]},
 )

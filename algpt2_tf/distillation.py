@@ -8,32 +8,16 @@ training loss
 averaged over the tokens the LM loss counts (Hinton et al., 2015; the T^2
 keeps the gradient scale independent of T). The teacher runs in the same
 step, in inference mode, and gets no gradient; `fit` logs the KL part as
-`distill_loss` beside `lm_loss`. `algpt2 train --teacher MODEL` wires it up.
+`distill_loss` beside `lm_loss`. `algpt2 train --teacher MODEL` wires it up. The
+loss term is `losses.kl_to_teacher` (the model core computes it); this module loads and
+checks the teacher.
 """
 
 import json
 import os
 
-from keras import ops
-
 PRECISIONS = ("float32", "bf16")
 """How the teacher computes: float32, or bfloat16 weights and activations (logits stay float32)."""
-
-
-def kl_to_teacher(student_logits, teacher_logits, weights, temperature=1.0):
-    """`T^2 * KL(teacher || student)` of the softened distributions, the mean
-    over positions weighted by `weights` (`[batch, seq]`, 0 = not counted).
-
-    Example:
-    >>> logits = np.array([[[1.0, 2.0, 3.0]]], "float32")
-    >>> float(kl_to_teacher(logits, logits, np.ones((1, 1), "float32")))
-    0.0
-    """
-    teacher = ops.log_softmax(ops.cast(teacher_logits, "float32") / temperature, axis=-1)
-    student = ops.log_softmax(ops.cast(student_logits, "float32") / temperature, axis=-1)
-    per_token = ops.sum(ops.exp(teacher) * (teacher - student), axis=-1)
-    weights = ops.cast(weights, "float32")
-    return ops.sum(per_token * weights) / ops.maximum(ops.sum(weights), 1.0) * temperature ** 2
 
 
 def _vocabulary(tokenizer):

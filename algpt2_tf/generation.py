@@ -27,15 +27,17 @@ and the LiteRT engine.
 import dataclasses
 import sys
 import weakref
-from typing import Any, List, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from algpt2_tf import backend, decode_tricks
 from algpt2_tf.export import litert_engine
+from algpt2_tf.host_loop_generation import HostLoopGenerator
 from algpt2_tf.model import position_ids_from_mask
-from algpt2_tf.prompts import check_fits, check_max_new_tokens, check_prompts, left_pad
+from algpt2_tf.prompts import (GenerationOutput, check_fits, check_max_new_tokens,  # noqa: F401
+                               check_prompts, left_pad)
 from algpt2_tf.sampling import (SAMPLERS, SamplingParams, row_seed,  # noqa: F401 (the API)
                                 sampling_params)
 from algpt2_tf.token_choice import choose_tokens, first_argmax, plain_argmax
@@ -188,17 +190,6 @@ class DecodeState(NamedTuple):
 
 
 # ------------------------------------------------------------------ Python API
-@dataclasses.dataclass
-class GenerationOutput:
-    """`text`: prompt + continuation per row (when prompts were strings);
-    `ids`: prompt + new ids per row; `new_ids`: the new ids alone (the stop
-    token included when one was emitted)."""
-
-    ids: List[List[int]]
-    new_ids: List[List[int]]
-    text: Optional[List[str]] = None
-
-
 def _round_up(value, multiple):
     return -(-value // multiple) * multiple
 
@@ -354,8 +345,6 @@ def generator_for(model):
         if backend.is_tensorflow():
             generator = Generator(weakref.proxy(model))
         else:
-            from algpt2_tf.host_loop_generation import HostLoopGenerator
-
             generator = HostLoopGenerator(weakref.proxy(model))
         found = _GENERATORS[model] = (model.quantization, generator)
     return found[1]

@@ -24,7 +24,8 @@ from keras import ops
 
 from algpt2_tf import backend
 from algpt2_tf.model import position_ids_from_mask
-from algpt2_tf.prompts import check_fits, check_max_new_tokens, check_prompts, left_pad
+from algpt2_tf.prompts import (GenerationOutput, check_fits, check_max_new_tokens, check_prompts,
+                               left_pad)
 from algpt2_tf.sampling import SamplingParams, pick_tokens, row_seed
 
 
@@ -68,8 +69,6 @@ class HostLoopGenerator:
     def generate(self, prompt_ids, max_new_tokens=32, params=None, seed=0, stop_ids=(),
                  pad_id=0):
         """Generates from token-id prompts; returns a `GenerationOutput` without text."""
-        from algpt2_tf.generation import GenerationOutput
-
         config = self.model.config
         prompts = check_prompts(prompt_ids, config.vocab_size)
         check_max_new_tokens(max_new_tokens)

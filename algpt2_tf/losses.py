@@ -46,3 +46,19 @@ class Perplexity(keras.metrics.Mean):
 
     def result(self):
         return ops.exp(super().result())
+
+
+def kl_to_teacher(student_logits, teacher_logits, weights, temperature=1.0):
+    """`T^2 * KL(teacher || student)` of the softened distributions, the mean
+    over positions weighted by `weights` (`[batch, seq]`, 0 = not counted).
+
+    Example:
+    >>> logits = np.array([[[1.0, 2.0, 3.0]]], "float32")
+    >>> float(kl_to_teacher(logits, logits, np.ones((1, 1), "float32")))
+    0.0
+    """
+    teacher = ops.log_softmax(ops.cast(teacher_logits, "float32") / temperature, axis=-1)
+    student = ops.log_softmax(ops.cast(student_logits, "float32") / temperature, axis=-1)
+    per_token = ops.sum(ops.exp(teacher) * (teacher - student), axis=-1)
+    weights = ops.cast(weights, "float32")
+    return ops.sum(per_token * weights) / ops.maximum(ops.sum(weights), 1.0) * temperature ** 2

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from algpt2_tf import backend, distillation, losses
+from algpt2_tf import backend, losses
 from algpt2_tf.config import ALGPT2Config
 from algpt2_tf.layers.adapter import LayerAdapter
 from algpt2_tf.layers.block import DecoderBlock
@@ -274,7 +274,7 @@ class ALGPT2LMHeadModel(keras.Model):
             teacher, distill_weight, temperature = self._distillation
             teacher_logits = ops.stop_gradient(teacher(
                 {"input_ids": input_ids, "attention_mask": attention_mask})["logits"])
-            distill = distillation.kl_to_teacher(y_pred["logits"], teacher_logits, weight,
+            distill = losses.kl_to_teacher(y_pred["logits"], teacher_logits, weight,
                                                  temperature)
             self.distill_loss_tracker.update_state(distill, sample_weight=tokens)
             per_token = per_token + distill_weight * distill

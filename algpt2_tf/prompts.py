@@ -1,6 +1,21 @@
-"""Prompt batches for generation: the checks every entry point makes, and left padding."""
+"""Prompt batches for generation: the checks every entry point makes, left padding, and
+what every generation path returns (`GenerationOutput`)."""
+
+import dataclasses
+from typing import List, Optional
 
 import numpy as np
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """`text`: prompt + continuation per row (when prompts were strings);
+    `ids`: prompt + new ids per row; `new_ids`: the new ids alone (the stop
+    token included when one was emitted)."""
+
+    ids: List[List[int]]
+    new_ids: List[List[int]]
+    text: Optional[List[str]] = None
 
 
 def check_prompts(prompts, vocab_size):

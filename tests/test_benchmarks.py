@@ -201,3 +201,22 @@ def test_cold_start_quick(tmp_path):
     for case in report["cases"].values():
         assert len(case["wall_s"]) == 1 and case["median_wall_s"] > 0 and case["peak_rss_mb"] > 0
     assert "| litert cached |" in (tmp_path / "cold.md").read_text()
+
+
+@pytest.mark.slow
+def test_peers_quick(tmp_path):
+    """One round of the peers benchmark on tiny shapes: every engine decodes (CTranslate2 on
+    the HF export too), and the table gives each case with its ratio to the fastest peer."""
+    out = tmp_path / "peers"
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "peers.py"), "--quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "peers.json").read_text())
+    engines = {label.split(" | ")[1] for label in report["cases"]}
+    assert {"ours Keras/XLA float32", "ours Keras int8", "ours LiteRT float32", "ours LiteRT int8",
+            "CTranslate2 int8 (HF export)", "CTranslate2 float32 (HF export)",
+            "keras-hub GPT-2"} <= engines
+    for case in report["cases"].values():
+        assert len(case["tokens_per_s"]) == 1 and case["median"] > 0
+    table = (tmp_path / "peers.md").read_text()
+    assert "| algpt2 b1 | CTranslate2 int8 (HF export) |" in table and "ONNX Runtime" in table

@@ -1,0 +1,230 @@
+"""Decode speed against the engines CPU users pick for GPT-2, in one run.
+
+    python benchmarks/peers.py [--rounds 3] [--quick] [--out PATH]
+
+Greedy decoding of a 16-token prompt and 128 new tokens (the prefill counted), batch 1 and
+batch 8, of the `gpt2` and `algpt2` presets (random weights: speed does not depend on their
+values), each case in a fresh process with one warm-up run, the cases alternating, the
+median of `--rounds` rounds:
+
+- ours, Keras/XLA float32 and Keras int8 (`bench.py`'s decode worker, all cores);
+- ours, LiteRT float32 and int8 (the TFLite export through LiteRT's `CompiledModel`,
+  `bench.py`'s worker; batch 1: the build decodes one row);
+- CTranslate2 int8 and float32 of what `algpt2 convert --to-hf` makes of the model (an
+  expanded GPT-2: its only way to run an ALGPT2), `intra_threads` = cores, its own
+  quantization (`[peers]` extra);
+- keras-hub's GPT-2 (`gpt2` only: keras-hub has no ALGPT2).
+
+ONNX Runtime is not measured yet: the usual ONNX export of GPT-2 with a KV cache
+(`optimum-onnx`) pins transformers 4.x, which conflicts with this project's transformers 5;
+the table says so. A peer that is not installed is skipped with a line saying so.
+Writes `benchmarks/results/peers_<cpu>.{json,md}` with the CPU and the load average before
+and after. `--quick`: tiny shapes, batch 1, one round (the slow tier's smoke test; not a measurement).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from benchmarks import bench  # noqa: E402
+from benchmarks.case_process import RESULTS, run_in_process, write_results  # noqa: E402
+
+PROMPT, NEW = 16, 128
+QUICK_PROMPT, QUICK_NEW = 4, 8
+
+
+def peer_available(module):
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+# ------------------------------------------------------------------ CTranslate2
+def hf_folder(preset, quick, out):
+    """`algpt2 convert --to-hf` of the preset with random weights (with `quick`, resized as
+    `bench.py` resizes it)."""
+    from algpt2_tf.convert import to_hf
+    from algpt2_tf.tokenizer import GPT2Tokenizer
+
+    model = bench._our_model(preset, bench.TINY, quick)
+    to_hf(model, out, GPT2Tokenizer())
+    return out
+
+
+def ct2_folder(preset, quantization, quick, root):
+    """The CTranslate2 model of the preset's HF export (made once per run)."""
+    out = os.path.join(root, f"ct2-{preset}-{quantization}")
+    if not os.path.isdir(out):
+        import ctranslate2.converters
+
+        hf = os.path.join(root, f"hf-{preset}")
+        if not os.path.isdir(hf):
+            hf_folder(preset, quick, hf)
+        ctranslate2.converters.TransformersConverter(hf).convert(out, quantization=quantization)
+    return out
+
+
+def worker_ct2(case):
+    """Greedy decode with `ctranslate2.Generator` (compute type = the model's quantization)."""
+    import ctranslate2
+    import numpy as np
+
+    path = os.path.join(case["path"], "vocabulary.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            vocabulary = json.load(f)
+    else:  # older converters: one token per line
+        with open(os.path.join(case["path"], "vocabulary.txt"), encoding="utf-8") as f:
+            vocabulary = f.read().split("\n")
+    rng = np.random.default_rng(0)
+    prompts = [[vocabulary[i] for i in row]
+               for row in rng.integers(0, 50000, (case["batch"], case["prompt"]))]
+    generator = ctranslate2.Generator(case["path"], device="cpu",
+                                      compute_type=case["quantization"],
+                                      intra_threads=os.cpu_count())
+
+    def run():
+        return generator.generate_batch(prompts, max_length=case["new_tokens"],
+                                        min_length=case["new_tokens"], sampling_topk=1,
+                                        include_prompt_in_result=False)
+
+    run()  # warm-up
+    start = time.perf_counter()
+    results = run()
+    seconds = time.perf_counter() - start
+    made = sum(len(r.sequences_ids[0]) for r in results)
+    return {"tokens_per_s": made / seconds, "tokens": made, "peak_rss_mb": bench.peak_rss_mb()}
+
+
+# ------------------------------------------------------------------ the plan
+def plan(quick):
+    """`[(label, case)]`: every case of the table, in the order a round runs them."""
+    prompt, new = (QUICK_PROMPT, QUICK_NEW) if quick else (PROMPT, NEW)
+    cases = []
+    for preset in ("algpt2", "gpt2"):
+        for batch in (1,) if quick else (1, 8):
+            common = dict(prompt=prompt, new_tokens=new, batch=batch, quick=quick)
+            cases.append((f"{preset} b{batch} | ours Keras/XLA float32",
+                          dict(common, kind="decode", model=preset)))
+            cases.append((f"{preset} b{batch} | ours Keras int8",
+                          dict(common, kind="decode", model=f"{preset}-int8")))
+            if batch == 1:
+                for quantize in ("none", "int8"):
+                    name = "float32" if quantize == "none" else "int8"
+                    cases.append((f"{preset} b{batch} | ours LiteRT {name}",
+                                  dict(common, kind="tflite_decode", model=preset,
+                                       quantize=quantize, runtime="compiled")))
+            for quantization in ("int8", "float32"):
+                cases.append((f"{preset} b{batch} | CTranslate2 {quantization} (HF export)",
+                              dict(common, kind="ct2", preset=preset,
+                                   quantization=quantization)))
+            if preset == "gpt2":
+                cases.append((f"{preset} b{batch} | keras-hub GPT-2",
+                              dict(common, kind="decode", model="peer")))
+    return cases
+
+
+def run_case(case, root):
+    if case["kind"] == "ct2":
+        path = ct2_folder(case["preset"], case["quantization"], case["quick"], root)
+        return run_in_process(__file__, dict(case, path=path))
+    return bench.measure(case)
+
+
+def cpu_slug(cpu):
+    return (f"{cpu['vendor'].lower().replace('authentic', '').replace('genuine', '')}_"
+            f"f{cpu['family']}m{cpu['model']}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round")
+    parser.add_argument("--match", help="only the cases whose label contains this text")
+    parser.add_argument("--out", help="results path without extension (default: "
+                                      "benchmarks/results/peers_<cpu>)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one CTranslate2 case
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(worker_ct2(json.loads(args.case))))
+        return
+    from algpt2_tf.cpu_info import cpu_info
+
+    cpu = cpu_info()
+    rounds = 1 if args.quick else args.rounds
+    skipped = []
+    cases = [(label, case) for label, case in plan(args.quick)
+             if not args.match or args.match in label]
+    for module, kind, why in (("ctranslate2", "ct2", "pip install -e '.[peers]'"),
+                              ("keras_hub", "peer", "pip install keras-hub")):
+        if not peer_available(module):
+            skipped.append(f"{module} is not installed ({why}): its cases are skipped")
+            cases = [(label, case) for label, case in cases
+                     if case["kind"] != kind and case.get("model") != kind]
+    skipped.append("ONNX Runtime: not measured (an ONNX export of GPT-2 with a KV cache needs "
+                   "optimum-onnx, which pins transformers 4.x)")
+    for line in skipped:
+        print(f"peers.py: {line}", file=sys.stderr)
+    load_before = os.getloadavg()
+    found = {label: [] for label, _ in cases}
+    rss = {}
+    root = tempfile.mkdtemp(prefix="algpt2-peers-")
+    try:
+        for r in range(rounds):
+            for label, case in cases:
+                result = run_case(case, root)
+                found[label].append(result["tokens_per_s"])
+                rss[label] = max(rss.get(label, 0), result.get("peak_rss_mb", 0))
+                print(f"round {r + 1}: {label}: {result['tokens_per_s']:.1f} tokens/s",
+                      file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    load_after = os.getloadavg()
+    rows = {label: {"tokens_per_s": runs, "median": statistics.median(runs),
+                    "peak_rss_mb": rss[label], "case": case}
+            for (label, case) in cases for runs in [found[label]]}
+    report = {"prompt_tokens": cases[0][1]["prompt"] if cases else None,
+              "new_tokens": cases[0][1]["new_tokens"] if cases else None, "rounds": rounds,
+              "quick": args.quick, "cpu": cpu, "load_average_before": load_before,
+              "load_average_after": load_after, "skipped": skipped, "cases": rows}
+    write_results(args.out or os.path.join(RESULTS, f"peers_{cpu_slug(cpu)}"), report,
+                  markdown(rows, report))
+
+
+def markdown(rows, report):
+    cpu = report["cpu"]
+    lines = [f"# Decode speed against the peers (greedy, {report['prompt_tokens']}-token prompt, "
+             f"{report['new_tokens']} new tokens)", "",
+             f"CPU: {cpu['vendor']} {cpu['model_name']} family {cpu['family']} model "
+             f"{cpu['model']}, {cpu['logical_cpus']} logical CPUs; load average (1, 5, 15 min) "
+             f"{', '.join(f'{x:.2f}' for x in report['load_average_before'])} before, "
+             f"{', '.join(f'{x:.2f}' for x in report['load_average_after'])} after; median of "
+             f"{report['rounds']} round(s), a fresh process per case, cases alternating."
+             + (" QUICK: tiny shapes, a smoke test, not a measurement." if report["quick"] else ""),
+             "", "| model, batch | engine | tokens/s (median) | runs | x fastest peer | peak RSS MB |",
+             "|---|---|---:|---|---:|---:|"]
+    for label, row in rows.items():
+        group, engine = label.split(" | ")
+        peers = [r["median"] for other, r in rows.items()
+                 if other.startswith(group + " |") and "ours" not in other]
+        ratio = f"{row['median'] / max(peers):.2f}" if peers else "-"
+        lines.append(f"| {group} | {engine} | {row['median']:.1f} | "
+                     f"{', '.join(f'{v:.1f}' for v in row['tokens_per_s'])} | {ratio} | "
+                     f"{row['peak_rss_mb']:.0f} |")
+    lines += [""] + [f"- {line}" for line in report["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
