@@ -16,8 +16,9 @@ that could still become a stop sequence, or an incomplete UTF-8 character,
 waits for the next token), then `data: [DONE]`; with
 `stream_options.include_usage` a last chunk carries the usage. Requests
 share decode steps through `batching.BatchEngine`. Choice `j` of a request
-with `seed` s samples with seed `s + j` (`sampling.row_seed`), as row `j` of
-`model.generate` with that seed does: the same tokens as `algpt2 generate --seed s+j`;
+with `seed` s (any integer, taken mod 2**31) samples with seed `s + j`
+(`sampling.row_seed`), as row `j` of `model.generate` with that seed does: the same tokens
+as `algpt2 generate --seed s+j`;
 without a seed, each choice draws a random one. `temperature=0` is greedy.
 
 `logprobs: k` gives, per token, its log-probability under the model's own
@@ -464,7 +465,7 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
         try:
             for p, (prompt, ids) in enumerate(zip(spec["prompts"], spec["ids"])):
                 for j in range(spec["n"]):
-                    seed = row_seed(spec["seed"], j) if spec["seed"] is not None else \
+                    seed = row_seed(spec["seed"] % 2 ** 31, j) if spec["seed"] is not None else \
                         secrets.randbelow(2 ** 31)
                     choice = Choice(p * spec["n"] + j, prompt, ids, spec["echo"], spec["stops"],
                                     tokenizer, loop, logprobs=k is not None)
