@@ -38,6 +38,20 @@ def decode_test_model(kind, max_positions=64):
     return ALGPT2LMHeadModel(make(max_positions=max_positions, initializer_range=0.2))
 
 
+def saved_with_litert_build(folder, name, seed):
+    """A tiny model with the GPT-2 vocabulary (so the CLI's tokenizer fits) saved as
+    `folder/name`, and its float32 LiteRT build in `folder/cache`: `(model, cache, build)`."""
+    from algpt2_tf import ALGPT2LMHeadModel
+    from algpt2_tf.export.litert_engine import cached_build
+
+    keras.utils.set_random_seed(seed)
+    model = ALGPT2LMHeadModel(tiny_config(vocab_size=50257, max_positions=64, sop_head=False,
+                                          initializer_range=0.2))
+    model.save(str(folder / name))
+    cache = str(folder / "cache")
+    return model, cache, cached_build(str(folder / name), cache=cache, log=lambda *_: None)
+
+
 def randomize_weights(model, rng, scale=0.2):
     """Random values in every weight of `model` (LayerNorm gains around 1, biases and
     low-rank deltas included), so no weight mapping passes by accident; returns `model`."""

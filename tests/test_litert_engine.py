@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import saved_with_litert_build
 
 from algpt2_tf import ALGPT2LMHeadModel
 from algpt2_tf.cli import main
@@ -21,15 +21,8 @@ from algpt2_tf.sampling import sampling_params
 def saved(tmp_path_factory):
     """A tiny model with the GPT-2 vocabulary (so the CLI's tokenizer fits), saved, and its
     build in a cache folder of its own."""
-    import keras
-
-    keras.utils.set_random_seed(11)
     folder = tmp_path_factory.mktemp("litert")
-    model = ALGPT2LMHeadModel(tiny_config(vocab_size=50257, max_positions=64, sop_head=False,
-                                          initializer_range=0.2))
-    model.save(str(folder / "m.keras"))
-    cache = str(folder / "cache")
-    build = cached_build(str(folder / "m.keras"), cache=cache, log=lambda *_: None)
+    model, cache, build = saved_with_litert_build(folder, "m.keras", seed=11)
     return folder, model, cache, build
 
 

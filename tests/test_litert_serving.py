@@ -8,15 +8,12 @@ import subprocess
 import time
 
 import httpx
-import keras
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import free_port, tiny_config
+from conftest import free_port, saved_with_litert_build
 
-from algpt2_tf import ALGPT2LMHeadModel
-from algpt2_tf.export.litert_engine import cached_build
 from algpt2_tf.sampling import SamplingParams
 from algpt2_tf.serving.batching import BatchEngine
 from algpt2_tf.serving.litert_serving import LiteRTEngine
@@ -29,13 +26,8 @@ NAME = "tiny"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A tiny GPT-2-vocabulary model, saved with its LiteRT build, and one app on each engine."""
-    keras.utils.set_random_seed(5)
     folder = tmp_path_factory.mktemp("litert_serving")
-    model = ALGPT2LMHeadModel(tiny_config(vocab_size=50257, max_positions=64, sop_head=False,
-                                          initializer_range=0.2))
-    model.save(str(folder / "tiny.keras"))
-    cache = str(folder / "cache")
-    build = cached_build(str(folder / "tiny.keras"), cache=cache, log=lambda *_: None)
+    model, cache, build = saved_with_litert_build(folder, "tiny.keras", seed=5)
     litert, xla = LiteRTEngine(build, max_queue=4), BatchEngine(model, max_batch=4)
     apps = {name: TestClient(create_app(engine, GPT2Tokenizer(), NAME))
             for name, engine in (("litert", litert), ("xla", xla))}

@@ -90,6 +90,13 @@ def _current(folder, key):
         return None
 
 
+def _clear(folder, log):
+    """Removes what a cut-off or damaged build left in `folder` (before building it again)."""
+    if os.path.exists(folder):
+        log(f"Removing an incomplete or damaged LiteRT build: {folder}")
+        shutil.rmtree(folder)
+
+
 def cached_build(model_path, quantize="none", max_length=None, cache=None, build=True,
                  log=print):
     """The current LiteRT build of the `.keras` file `model_path` (a run folder or a
@@ -113,9 +120,7 @@ def cached_build(model_path, quantize="none", max_length=None, cache=None, build
     found = _current(folder, key)
     if found is not None or not build:
         return found
-    if os.path.exists(folder):
-        log(f"Removing an incomplete or damaged LiteRT build: {folder}")
-        shutil.rmtree(folder)
+    _clear(folder, log)
     log(f"Building the LiteRT {'float32' if quantize == 'none' else quantize} engine of "
         f"{path} (once; cached in {folder})")
     _build(path, folder, key, quantize, max_length, log)
@@ -149,9 +154,7 @@ def model_build(model, quantize="none", max_length=None, cache=None, log=print):
     found = _current(folder, key)
     if found is not None:
         return found
-    if os.path.exists(folder):
-        log(f"Removing an incomplete or damaged LiteRT build: {folder}")
-        shutil.rmtree(folder)
+    _clear(folder, log)
     log(f"Building the LiteRT {'float32' if quantize == 'none' else quantize} engine of the "
         f"model (once per set of weights; cached in {folder})")
     with tempfile.TemporaryDirectory() as tmp:

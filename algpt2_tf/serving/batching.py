@@ -99,26 +99,74 @@ class Request:
         self.cancelled.set()
 
 
-def generate_blocking(engine, prompt_ids, max_new_tokens=16, params=None, seed=0, stop_ids=()):
-    """`(new token ids, finish reason)` for one prompt, through any engine's `submit`
-    (`BatchEngine`, `litert_serving.LiteRTEngine`); waits for it."""
-    tokens, done = [], threading.Event()
-    result = {}
+class RequestQueue:
+    """What every serving engine shares (`BatchEngine`, `litert_serving.LiteRTEngine`): checked
+    `Request`s in a bounded queue that one worker thread serves, and a blocking helper. An
+    engine sets `vocab_size` and `max_positions` (the longest prompt plus new tokens), then
+    calls `_start`, and serves `self._pending` in its `_work`."""
 
-    def finished(reason, error):
-        result.update(reason=reason, error=error)
-        done.set()
+    def _start(self, max_queue, thread_name):
+        self.max_queue = max_queue
+        self._pending = collections.deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name=thread_name, daemon=True)
+        self._thread.start()
 
-    engine.submit(Request(list(prompt_ids), max_new_tokens, params or SamplingParams(top_k=1),
-                          seed, tuple(stop_ids), tokens.append, finished))
-    done.wait()
-    if result["error"] is not None:
-        raise result["error"]
-    return tokens, result["reason"]
+    @property
+    def waiting(self):
+        return len(self._pending)
+
+    def check(self, request):
+        """Raises `ValueError` naming what this engine cannot run of `request`."""
+        [request.prompt_ids] = check_prompts([request.prompt_ids], self.vocab_size)
+        check_max_new_tokens(request.max_new_tokens)
+        if not -2 ** 31 <= int(request.seed or 0) < 2 ** 31:
+            raise ValueError(f"seed must fit in 32 bits, got {request.seed}.")
+        check_fits(len(request.prompt_ids), request.max_new_tokens, self.max_positions)
+        check_logprobs(request.logprobs)
+
+    def submit(self, request):
+        """Queues `request` after checking it (`ValueError` names the problem; `QueueFull`
+        when `max_queue` requests wait already)."""
+        self.check(request)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are waiting (the limit is "
+                                f"{self.max_queue}); retry later.")
+            self._pending.append(request)
+            self._wake.notify()
+        return request
+
+    def generate(self, prompt_ids, max_new_tokens=16, params=None, seed=0, stop_ids=()):
+        """Blocking helper: `(new token ids, finish reason)` for one prompt."""
+        tokens, done = [], threading.Event()
+        result = {}
+
+        def finished(reason, error):
+            result.update(reason=reason, error=error)
+            done.set()
+
+        self.submit(Request(list(prompt_ids), max_new_tokens, params or SamplingParams(top_k=1),
+                            seed, tuple(stop_ids), tokens.append, finished))
+        done.wait()
+        if result["error"] is not None:
+            raise result["error"]
+        return tokens, result["reason"]
+
+    def close(self):
+        """Stops the worker after what it is running; requests still waiting end
+        "cancelled"."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
 
 
 # ---------------------------------------------------------------- the engine
-class BatchEngine:
+class BatchEngine(RequestQueue):
     """Runs queued `Request`s in batches on a worker thread (module docstring).
 
     Args:
@@ -141,49 +189,18 @@ class BatchEngine:
     def __init__(self, model, max_batch=16, window_s=0.01, max_queue=256, batching=True,
                  steps_per_call=4):
         self.model = model
-        self.max_positions = model.config.max_positions  # the longest prompt + new tokens
+        self.vocab_size = model.config.vocab_size
+        self.max_positions = model.config.max_positions
         self.steps_per_call = steps_per_call
         self.max_batch = max_batch if batching else 1
         self.window_s = window_s
-        self.max_queue = max_queue
-        self._pending = collections.deque()
-        self._wake = threading.Condition()
         self.active = 0
         self.batches_run = 0
         self.joined = 0  # requests that joined a running batch
         self._functions = {}
-        self._closed = False
-        self._thread = threading.Thread(target=self._work, name="algpt2-batch-engine", daemon=True)
-        self._thread.start()
+        self._start(max_queue, "algpt2-batch-engine")
 
     # -------------------------------------------------------------- public
-    @property
-    def waiting(self):
-        return len(self._pending)
-
-    def submit(self, request):
-        """Queues `request` after checking it (`ValueError` names the problem)."""
-        config = self.model.config
-        [request.prompt_ids] = check_prompts([request.prompt_ids], config.vocab_size)
-        check_max_new_tokens(request.max_new_tokens)
-        if not -2 ** 31 <= int(request.seed or 0) < 2 ** 31:
-            raise ValueError(f"seed must fit in 32 bits, got {request.seed}.")
-        check_fits(len(request.prompt_ids), request.max_new_tokens, config.max_positions)
-        check_logprobs(request.logprobs)
-        with self._wake:
-            if self._closed:
-                raise RuntimeError("the engine is closed")
-            if len(self._pending) >= self.max_queue:
-                raise QueueFull(f"{len(self._pending)} requests are waiting (the limit is "
-                                f"{self.max_queue}); retry later.")
-            self._pending.append(request)
-            self._wake.notify()
-        return request
-
-    def generate(self, prompt_ids, max_new_tokens=16, params=None, seed=0, stop_ids=()):
-        """Blocking helper: `(new token ids, finish reason)` for one prompt."""
-        return generate_blocking(self, prompt_ids, max_new_tokens, params, seed, stop_ids)
-
     def prompt_logprobs(self, prompt_ids, k=0):
         """`TokenLogprob`s of a prompt's tokens after the first (each given the
         ones before it), by one compiled forward pass; safe to call from any
@@ -226,14 +243,6 @@ class BatchEngine:
         if size > 1:
             self._function("shift", length)(state, np.int32(1))
         return time.perf_counter() - start
-
-    def close(self):
-        """Stops the worker after the batch it is running; requests still waiting end
-        "cancelled"."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join()
 
     # -------------------------------------------------------------- worker
     def _take_batch(self):

@@ -31,16 +31,12 @@ Example:
 >>> engine.close()
 """
 
-import collections
-import threading
 import time
 
 import numpy as np
 
 from algpt2_tf.export.litert_engine import LiteRTGenerator
-from algpt2_tf.prompts import check_max_new_tokens, check_prompts
-from algpt2_tf.serving.batching import (QueueFull, TokenLogprob, check_logprobs,
-                                        generate_blocking)
+from algpt2_tf.serving.batching import RequestQueue, TokenLogprob
 
 
 def token_logprob(logits, token, k):
@@ -53,7 +49,7 @@ def token_logprob(logits, token, k):
     return TokenLogprob(float(logprobs[token]), [(int(i), float(logprobs[i])) for i in top])
 
 
-class LiteRTEngine:
+class LiteRTEngine(RequestQueue):
     """Runs queued `batching.Request`s one by one on a LiteRT build (module docstring).
 
     Args:
@@ -64,41 +60,10 @@ class LiteRTEngine:
 
     def __init__(self, build, max_queue=256, num_threads=None):
         self.build = build
-        self.max_positions = build.max_length  # the longest prompt + new tokens
-        self.max_queue = max_queue
+        self.vocab_size = build.vocab_size
+        self.max_positions = build.max_length
         self.generator = LiteRTGenerator(build, num_threads)
-        self._pending = collections.deque()
-        self._wake = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._work, name="algpt2-litert-engine",
-                                        daemon=True)
-        self._thread.start()
-
-    @property
-    def waiting(self):
-        return len(self._pending)
-
-    def submit(self, request):
-        """Queues `request` after checking it (`ValueError` names the problem)."""
-        [request.prompt_ids] = check_prompts([request.prompt_ids], self.build.vocab_size)
-        check_max_new_tokens(request.max_new_tokens)
-        if not -2 ** 31 <= int(request.seed or 0) < 2 ** 31:
-            raise ValueError(f"seed must fit in 32 bits, got {request.seed}.")
-        self.generator.check(request.prompt_ids, request.max_new_tokens)
-        check_logprobs(request.logprobs)
-        with self._wake:
-            if self._closed:
-                raise RuntimeError("the engine is closed")
-            if len(self._pending) >= self.max_queue:
-                raise QueueFull(f"{len(self._pending)} requests are waiting (the limit is "
-                                f"{self.max_queue}); retry later.")
-            self._pending.append(request)
-            self._wake.notify()
-        return request
-
-    def generate(self, prompt_ids, max_new_tokens=16, params=None, seed=0, stop_ids=()):
-        """Blocking helper: `(new token ids, finish reason)` for one prompt."""
-        return generate_blocking(self, prompt_ids, max_new_tokens, params, seed, stop_ids)
+        self._start(max_queue, "algpt2-litert-engine")
 
     def prompt_logprobs(self, prompt_ids, k=0):
         raise ValueError("The litert engine does not score a prompt's own tokens (echo with "
@@ -110,14 +75,6 @@ class LiteRTEngine:
         start = time.perf_counter()
         self.generator.generate([0], 2)
         return time.perf_counter() - start
-
-    def close(self):
-        """Stops the worker after the request it is running; requests still waiting end
-        "cancelled"."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join()
 
     def _next(self):
         with self._wake:
