@@ -57,8 +57,8 @@ def sampling_params(sampler="greedy", temperature=1.0, top_k=None, top_p=None,
     if sampler == "sample":
         return SamplingParams(temperature, 0, 1.0, repetition_penalty)
     if sampler == "top_k":
-        return SamplingParams(temperature, int(top_k if top_k is not None else 50), 1.0,
-                              repetition_penalty)
+        top_k = min(int(top_k if top_k is not None else 50), 2 ** 31 - 1)  # >= vocab: all
+        return SamplingParams(temperature, top_k, 1.0, repetition_penalty)
     return SamplingParams(temperature, 0, float(top_p if top_p is not None else 0.9),
                           repetition_penalty)
 

@@ -8,7 +8,7 @@ import tensorflow as tf
 from algpt2_tf import sampling
 from algpt2_tf.generation import Generator
 from algpt2_tf.host_loop_generation import HostLoopGenerator
-from algpt2_tf.sampling import SamplingParams, pick_tokens, row_seed
+from algpt2_tf.sampling import SamplingParams, pick_tokens, row_seed, sampling_params
 from algpt2_tf.serving.batching import BatchEngine
 from algpt2_tf.token_choice import SAMPLE_BLOCK, choose_tokens, inverse_cdf_sample, row_uniforms
 from conftest import decode_test_model
@@ -122,3 +122,12 @@ def test_a_seed_gives_the_same_tokens_on_every_path(model):
     finally:
         engine.close()
     assert batched == streamed == host == served
+
+
+def test_a_top_k_past_int32_keeps_every_token(model):
+    """A huge top_k (any non-negative integer is valid) is every token, not an int32 wrap."""
+    huge = sampling_params("top_k", 1.0, top_k=2 ** 40)
+    assert huge.top_k == 2 ** 31 - 1
+    generator = Generator(model)
+    plain = generator.generate([[5, 6]], 6, sampling_params("sample", 1.0), seed=2).new_ids
+    assert generator.generate([[5, 6]], 6, huge, seed=2).new_ids == plain
