@@ -157,12 +157,16 @@ def test_unknown_model_status_is_404(server):
 
 def test_request_size_limit_and_timeout(exported):
     root, _ = exported
-    small = ServerThread(str(root / "base"), max_request_bytes=200, timeout_seconds=0.0001)
+    # The timeout covers the body's arrival too (408, tests/test_hardening.py): long enough for
+    # a small body on a loaded machine, far shorter than the first call of the signature that
+    # decodes 16 rows for 40 steps.
+    small = ServerThread(str(root / "base"), max_request_bytes=600, timeout_seconds=0.25)
     try:
         big = post(small.url, {"inputs": {"input_ids": [[1] * 300], "attention_mask": [[1] * 300]}})
         assert big.status_code == 413 and "limit" in big.json()["error"]
-        slow = post(small.url, {"signature_name": "generate", "inputs": dict(GEN, prompts=["x"])})
-        assert slow.status_code == 504
+        slow = post(small.url, {"signature_name": "generate",
+                                "inputs": dict(GEN, prompts=["x"] * 16, max_new_tokens=40)})
+        assert slow.status_code == 504, slow.text
     finally:
         small.stop()
 
