@@ -143,6 +143,8 @@ def test_generate_row_columnar_and_b64(server, exported):
     ("/v1/models/tiny:predict", {"signature_name": "generate", "inputs": dict(GEN, prompts=["x"], top_p=1.5)}, None, 400, "top_p must be"),
     ("/v1/models/tiny:predict", {"signature_name": "generate", "inputs": dict(GEN, prompts=["x"], top_p=0.0)}, None, 400, "top_p must be"),
     ("/v1/models/tiny:predict", {"signature_name": "generate", "inputs": dict(GEN, prompts=["x"], top_k=-1)}, None, 400, "top_k must be"),
+    ("/v1/models/tiny:predict", {"signature_name": "generate", "inputs": dict(GEN, prompts=["x"], seed=1e20)}, None, 400, "outside int32's range"),
+    ("/v1/models/tiny:predict", {"signature_name": "generate", "inputs": dict(GEN, prompts=["x"], top_k=2 ** 40)}, None, 400, "outside int32's range"),
 ])
 def test_errors(server, path, body, raw, status, message):
     r = post(server.url, body, path=path, raw=raw)

@@ -204,6 +204,9 @@ def _check_numbers(value, dtype, name):
                                 f"{type(value).__name__}.")
     if dtype.is_integer and isinstance(value, float) and not value.is_integer():
         raise ServingError(400, f"Input '{name}': expected {dtype.name}, got a fraction {value}.")
+    if dtype.is_integer and not dtype.min <= value <= dtype.max:  # a cast would wrap it
+        raise ServingError(400, f"Input '{name}': {value} is outside {dtype.name}'s range "
+                                f"[{dtype.min}, {dtype.max}].")
 
 
 def to_tensor(name, value, spec):
