@@ -29,11 +29,13 @@ Example (builds a small model's entry, then decodes without TensorFlow):
 True
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 
@@ -68,12 +70,16 @@ def file_digest(path):
     return digest.hexdigest()
 
 
-def build_key(model_path, quantize="none", max_length=None):
-    """The cache key of a `.keras` file's build (its bytes, not its name or date)."""
+def _key(digest, quantize, max_length):
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}.")
-    wanted = json.dumps([BUILD_VERSION, file_digest(model_path), quantize, max_length])
+    wanted = json.dumps([BUILD_VERSION, digest, quantize, max_length])
     return hashlib.sha256(wanted.encode()).hexdigest()[:32]
+
+
+def build_key(model_path, quantize="none", max_length=None):
+    """The cache key of a `.keras` file's build (its bytes, not its name or date)."""
+    return _key(file_digest(model_path), quantize, max_length)
 
 
 def _current(folder, key):
@@ -90,11 +96,21 @@ def _current(folder, key):
         return None
 
 
-def _clear(folder, log):
-    """Removes what a cut-off or damaged build left in `folder` (before building it again)."""
+def _entry(key, cache, source, keras_file, quantize, max_length, build, log):
+    """The current entry for `key`, else (with `build`) what `_build` makes of the `.keras`
+    file `keras_file()` yields, after removing what a cut-off or damaged build left."""
+    folder = os.path.join(cache or cache_root(), "litert", key)
+    found = _current(folder, key)
+    if found is not None or not build:
+        return found
     if os.path.exists(folder):
         log(f"Removing an incomplete or damaged LiteRT build: {folder}")
         shutil.rmtree(folder)
+    log(f"Building the LiteRT {'float32' if quantize == 'none' else quantize} engine of "
+        f"{source} (once; cached in {folder})")
+    with keras_file() as path:
+        _build(path, folder, key, quantize, max_length, log)
+    return _current(folder, key)
 
 
 def cached_build(model_path, quantize="none", max_length=None, cache=None, build=True,
@@ -115,16 +131,8 @@ def cached_build(model_path, quantize="none", max_length=None, cache=None, build
     from algpt2_tf.saving import resolve_model_path
 
     path = resolve_model_path(model_path)
-    key = build_key(path, quantize, max_length)
-    folder = os.path.join(cache or cache_root(), "litert", key)
-    found = _current(folder, key)
-    if found is not None or not build:
-        return found
-    _clear(folder, log)
-    log(f"Building the LiteRT {'float32' if quantize == 'none' else quantize} engine of "
-        f"{path} (once; cached in {folder})")
-    _build(path, folder, key, quantize, max_length, log)
-    return _current(folder, key)
+    return _entry(build_key(path, quantize, max_length), cache, path,
+                  lambda: contextlib.nullcontext(path), quantize, max_length, build, log)
 
 
 def weights_digest(model):
@@ -141,27 +149,17 @@ def model_build(model, quantize="none", max_length=None, cache=None, log=print):
     """`cached_build` for an in-memory `ALGPT2LMHeadModel` (`model.generate(...,
     engine="litert")`): keyed by `weights_digest`, so a model changed since its last
     build is built again, never served stale. Builds through a temporary `.keras` file."""
-    import tempfile
-
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}.")
     if model.quantization is not None:
         raise ValueError(f"The LiteRT engine builds from a float32 model; this one is quantized "
                          f"({model.quantization}). Pass quantize='int8' to a float32 model.")
-    wanted = json.dumps([BUILD_VERSION, "model", weights_digest(model), quantize, max_length])
-    key = hashlib.sha256(wanted.encode()).hexdigest()[:32]
-    folder = os.path.join(cache or cache_root(), "litert", key)
-    found = _current(folder, key)
-    if found is not None:
-        return found
-    _clear(folder, log)
-    log(f"Building the LiteRT {'float32' if quantize == 'none' else quantize} engine of the "
-        f"model (once per set of weights; cached in {folder})")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.keras")
-        model.save(path)
-        _build(path, folder, key, quantize, max_length, log)
-    return _current(folder, key)
+    @contextlib.contextmanager
+    def saved():
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save(os.path.join(tmp, "model.keras"))
+            yield os.path.join(tmp, "model.keras")
+
+    return _entry(_key("model:" + weights_digest(model), quantize, max_length), cache,
+                  "the in-memory model", saved, quantize, max_length, True, log)
 
 
 def _build(path, folder, key, quantize, max_length, log):
