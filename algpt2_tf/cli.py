@@ -164,7 +164,7 @@ def _generate(args):
     from algpt2_tf.tf_startup import import_tensorflow_quietly
 
     import_tensorflow_quietly()
-    _decode_process_settings()  # before anything compiles
+    tricks = _decode_process_settings()  # before anything compiles
     from algpt2_tf import backend
     from algpt2_tf.generation import generator_for
     from algpt2_tf.saving import load_model
@@ -179,7 +179,7 @@ def _generate(args):
         new = [t for t in out.new_ids[0] if t not in stop_ids]
         sys.stdout.write(prompt + tokenizer.decode(new) + "\n")
         return
-    generator = generator_for(model)
+    generator = generator_for(model, tricks)
     generator.buckets(len(ids), args.max_new_tokens)  # validates the length before any output
     print("algpt2 generate: engine xla", file=sys.stderr)
     return _write_stream(prompt, generator.stream(ids, args.max_new_tokens, params, args.seed,
@@ -397,7 +397,8 @@ def _serve(args):
         serve(args.model, port=args.port or 8000, model_name=args.model_name,
               max_batch=args.max_batch, window_s=args.batch_window_ms / 1000,
               max_queue=args.max_queue, batching=not args.no_batching, timeout_s=args.timeout,
-              warm_up=not args.no_warm_up, engine=args.engine, quantize=args.quantize, **limits)
+              warm_up=not args.no_warm_up, engine=args.engine, quantize=args.quantize,
+              tricks=args.tricks, **limits)
         return
     if args.model_name is None:
         raise UsageError("--model-base-path needs --model-name.")
@@ -706,18 +707,20 @@ def _choose_backend(name):
 
 
 def _decode_process_settings():
-    """Process settings of the decode tricks, applied once before anything compiles:
-    512-bit vector code on AVX-512 CPUs (`wide_vectors`, on unless `ALGPT2_DECODE_TRICKS`
-    turns it off; the user's own XLA_FLAGS choice wins)."""
+    """The decode tricks of this command (`ALGPT2_DECODE_TRICKS` over the CPU's defaults,
+    read once here and passed to the code they change), with their process setting applied
+    before anything compiles: 512-bit vector code on AVX-512 CPUs (`wide_vectors`; the
+    user's own XLA_FLAGS choice wins)."""
     from algpt2_tf.decode_tricks import DecodeTricks
     from algpt2_tf.xla_flags import prefer_wide_vectors
 
     try:
-        wanted = DecodeTricks.from_environment().wide_vectors
+        tricks = DecodeTricks.from_environment()
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if wanted:
+    if tricks.wide_vectors:
         prefer_wide_vectors()
+    return tricks
 
 
 def main(argv=None):
@@ -727,7 +730,7 @@ def main(argv=None):
         if args.backend:
             _choose_backend(args.backend)
         if args.command == "serve":
-            _decode_process_settings()
+            args.tricks = _decode_process_settings()
     except UsageError as e:
         print(f"algpt2: error: {e}", file=sys.stderr)
         return 2

@@ -39,8 +39,10 @@ their 4x smaller weights at rest.
 
 Measured gains of each switch, per CPU: `benchmarks/decode_tricks.py` and
 `benchmarks/results/decode_tricks_*.md`. Choose switches with `Generator(model,
-tricks=...)` or the environment, e.g. `ALGPT2_DECODE_TRICKS="wide_vectors=0,
-growing_cache=0"` (read when a `Generator` is made).
+tricks=...)`, `BatchEngine(model, tricks=...)`, `generate(..., tricks=...)`, or for the
+`algpt2` command the environment, e.g. `ALGPT2_DECODE_TRICKS="wide_vectors=0,
+growing_cache=0"` (read once at its start-up: `DecodeTricks.from_environment`). The code a
+trick changes receives it: the loop its `DecodeTricks`, the layers a `DecodePlan`.
 
 Example:
 >>> DecodeTricks.from_environment({"ALGPT2_DECODE_TRICKS": "growing_cache=0"}).growing_cache
@@ -50,12 +52,13 @@ DecodeTricks(row_major_copies=False, bias_as_subtraction=False, growing_cache=Fa
 two_reduction_argmax=False, wide_vectors=False, last_position_head=False)
 """
 
-import contextlib
 import dataclasses
 import os
-import threading
 
+import tensorflow as tf
 from keras import ops
+
+from algpt2_tf.token_choice import first_argmax, plain_argmax
 
 ENVIRONMENT_VARIABLE = "ALGPT2_DECODE_TRICKS"
 
@@ -112,70 +115,67 @@ class DecodeTricks:
         return cls.for_cpu().with_switches(environ.get(ENVIRONMENT_VARIABLE, ""))
 
 
-# ------------------------------------------------- what a traced decode sees
-_scope = threading.local()
-
-
-def active():
-    """The tricks in force while a decode function is traced (all exact ones on elsewhere)."""
-    return getattr(_scope, "tricks", DecodeTricks())
-
-
+# ------------------------------------------------- what a decode function computes with
 class RowMajorCopy:
     """A `[units, input_dim]` copy of a `Linear` kernel (in the compute dtype,
     dequantized when int8) for one-row products."""
 
     def __init__(self, layer):
-        import tensorflow as tf
-
         self.values = tf.transpose(layer.float_kernel())
 
     def matmul(self, inputs, kernel):
-        """`inputs @ kernel` (`kernel`: a function giving the stored-layout float kernel),
-        through the copy when there is one input row.
+        """`inputs @ kernel` (`kernel`: the stored-layout float kernel), through the copy
+        when there is one input row.
 
         XLA compiles for static shapes, so it keeps one branch of the `cond`.
         """
-        import tensorflow as tf
-
         flat = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]])
         product = tf.cond(
             tf.shape(flat)[0] == 1,
             lambda: tf.linalg.matmul(flat, tf.cast(self.values, flat.dtype), transpose_b=True),
-            lambda: tf.linalg.matmul(flat, tf.cast(kernel(), flat.dtype)))
+            lambda: tf.linalg.matmul(flat, tf.cast(kernel, flat.dtype)))
         return tf.reshape(product, tf.concat([tf.shape(inputs)[:-1], tf.shape(product)[-1:]], 0))
 
 
-def row_major_copy(layer):
-    """The `RowMajorCopy` of `layer` while a decode function is traced, else None."""
-    return getattr(_scope, "copies", {}).get(id(layer))
+class DecodePlan:
+    """The tricks of one traced decode function, as the code they change receives them:
+    the decode loop reads the loop-level switches (`tricks`), and every `Linear` of a
+    cached forward pass (`model.forward_with_cache(..., plan=plan)`) calls `matmul` and
+    `add_bias`. Nothing else sees it: `model(...)`, training and evaluation run the plain
+    layers.
 
+    Args:
+        model: the model the function decodes with.
+        tricks: a `DecodeTricks`.
+        one_row: the function runs batch 1 only, where the row-major copies pay (made for
+            larger batches, they cost up to 12% at batch 8 and serve no product:
+            `benchmarks/results/decode_tricks_*.md`).
 
-def add_bias(x, bias):
-    """`x + bias`, as `x - (-bias)` when `bias_as_subtraction` is on (bit-identical)."""
-    if active().bias_as_subtraction:
-        return ops.subtract(x, ops.negative(bias))
-    return ops.add(x, bias)
-
-
-@contextlib.contextmanager
-def tracing(model, tricks):
-    """Traces a decode function of `model` with `tricks` (TensorFlow only).
-
-    With `row_major_copies`, every `Linear` of the model gets its copy here,
-    inside the traced function and before its loop, so the copies are made
-    once per call (28 MB for `algpt2`, 340 MB for `gpt2` in float32) and live
-    for that call only.
+    Make it inside the traced function: with `row_major_copies`, every `Linear` of the model
+    gets its copy here, before the loop, so the copies are made once per call (28 MB for
+    `algpt2`, 340 MB for `gpt2` in float32) and live for that call only.
     """
-    from algpt2_tf.layers.linear import Linear
 
-    saved = (active(), getattr(_scope, "copies", {}))
-    copies = {}
-    if tricks.row_major_copies:
-        copies = {id(layer): RowMajorCopy(layer)
-                  for layer in model._flatten_layers() if isinstance(layer, Linear)}
-    _scope.tricks, _scope.copies = tricks, copies
-    try:
-        yield
-    finally:
-        _scope.tricks, _scope.copies = saved
+    def __init__(self, model, tricks, one_row=False):
+        self.tricks = tricks
+        self.copies = {}
+        if tricks.row_major_copies and one_row:
+            self.copies = {id(layer): RowMajorCopy(layer) for layer in model._flatten_layers()
+                           if hasattr(layer, "float_kernel")}
+
+    def matmul(self, layer, inputs):
+        """`inputs @ layer`'s kernel, through its row-major copy when it has one."""
+        copy = self.copies.get(id(layer))
+        if copy is None:
+            return ops.matmul(inputs, layer.float_kernel())
+        return copy.matmul(inputs, layer.float_kernel())
+
+    def add_bias(self, x, bias):
+        """`x + bias`, as `x - (-bias)` with `bias_as_subtraction` (bit-identical)."""
+        if self.tricks.bias_as_subtraction:
+            return ops.subtract(x, ops.negative(bias))
+        return ops.add(x, bias)
+
+    def argmax(self):
+        """The greedy pick of `token_choice.choose_tokens` (`two_reduction_argmax`)."""
+        return first_argmax if self.tricks.two_reduction_argmax else plain_argmax

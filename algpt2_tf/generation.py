@@ -24,7 +24,6 @@ as a request seeded `s + r` would alone, on this loop, the serving engine, the h
 and the LiteRT engine.
 """
 
-import dataclasses
 import sys
 import weakref
 from typing import Any, NamedTuple
@@ -32,7 +31,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from algpt2_tf import backend, decode_tricks
+from algpt2_tf import backend
+from algpt2_tf.decode_tricks import DecodePlan, DecodeTricks
 from algpt2_tf.export import litert_engine
 from algpt2_tf.host_loop_generation import HostLoopGenerator
 from algpt2_tf.model import position_ids_from_mask
@@ -40,14 +40,14 @@ from algpt2_tf.prompts import (GenerationOutput, check_fits, check_max_new_token
                                check_prompts, left_pad)
 from algpt2_tf.sampling import (SAMPLERS, SamplingParams, row_seed,  # noqa: F401 (the API)
                                 sampling_params)
-from algpt2_tf.token_choice import choose_tokens, first_argmax, plain_argmax
+from algpt2_tf.token_choice import choose_tokens
 
 PROMPT_BUCKET = 16
 LENGTH_BUCKET = 64
 CACHE_SEGMENT = 64  # the first cache length of the decode loop (see cache_lengths)
 
 
-def _mark_seen(seen, ids, weights):
+def mark_seen(seen, ids, weights):
     """Sets `seen[b, ids[b, t]] = max(seen, weights[b, t])`."""
     batch = tf.shape(ids)[0]
     rows = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(ids))
@@ -72,7 +72,7 @@ def cache_lengths(max_length):
     return lengths + [max_length]
 
 
-def _grow(caches, key_mask, length):
+def grow_caches(caches, key_mask, length):
     """Pads the caches' slot axis and `key_mask` to `length` slots."""
     extra = length - tf.shape(key_mask)[1]
     key_mask = tf.pad(key_mask, [[0, 0], [0, extra]])
@@ -81,43 +81,51 @@ def _grow(caches, key_mask, length):
     return caches, key_mask
 
 
-def _prefill(model, prompt_ids, prompt_mask, cache_length):
+# The decode step API: every compiled loop (`decode`, `Generator.stream`, the serving engine's
+# steps and joins) is made of these, each given the loop's `DecodePlan`.
+def prefill(model, prompt_ids, prompt_mask, cache_length, plan):
+    """Runs left-padded prompts `[batch, T]` into fresh caches of `cache_length` slots.
+
+    Returns `(last logits [batch, vocab], caches, key_mask [batch, cache_length],
+    lengths [batch], seen [batch, vocab])`: what `sample_and_advance` continues from.
+    """
     batch, prompt_len = tf.shape(prompt_ids)[0], tf.shape(prompt_ids)[1]
     mask = tf.cast(prompt_mask, tf.int32)
     caches = model.empty_caches(batch, cache_length, model.embedding.compute_dtype)
     key_mask = tf.concat([mask, tf.zeros([batch, cache_length - prompt_len], tf.int32)], axis=1)
     positions = position_ids_from_mask(mask)
-    last_only = decode_tricks.active().last_position_head
     logits, caches = model.forward_with_cache(prompt_ids, positions, key_mask, caches, 0,
-                                              last_logits_only=last_only)
+                                              last_logits_only=plan.tricks.last_position_head,
+                                              plan=plan)
     lengths = tf.reduce_sum(mask, axis=1)
-    seen = _mark_seen(tf.zeros([batch, model.config.vocab_size]), prompt_ids, mask)
+    seen = mark_seen(tf.zeros([batch, model.config.vocab_size]), prompt_ids, mask)
     return logits[:, -1], caches, key_mask, lengths, seen
 
 
-def _advance(model, tokens, slot, lengths, key_mask, caches):
+def advance(model, tokens, slot, lengths, key_mask, caches, plan):
     """Writes `tokens` `[batch]` at cache slot `slot`; returns the next logits."""
     batch = tf.shape(tokens)[0]
     key_mask = tf.tensor_scatter_nd_update(
         key_mask, tf.stack([tf.range(batch), tf.fill([batch], slot)], axis=1),
         tf.ones([batch], tf.int32))
     logits, caches = model.forward_with_cache(tokens[:, None], lengths[:, None], key_mask,
-                                              caches, slot)
+                                              caches, slot, plan=plan)
     return logits[:, 0], key_mask, caches
 
 
-def _sample_and_advance(model, logits, seen, params, seed, step, slot, lengths, key_mask, caches):
-    """One decode step: pick the next tokens (row `r` with seed `seed + r`, at `step`), mark
-    them seen, run them through the model."""
-    seeds = tf.cast(seed, tf.int32) + tf.range(tf.shape(logits)[0])
-    argmax = first_argmax if decode_tricks.active().two_reduction_argmax else plain_argmax
-    tokens = choose_tokens(logits, seen, *params, seeds=seeds, steps=step, argmax=argmax)
-    seen = _mark_seen(seen, tokens[:, None], tf.ones_like(tokens)[:, None])
-    logits, key_mask, caches = _advance(model, tokens, slot, lengths, key_mask, caches)
+def sample_and_advance(model, logits, seen, params, seeds, steps, slot, lengths, key_mask, caches,
+                       plan):
+    """One decode step: pick the next tokens (`choose_tokens` with per-row `params` and
+    `seeds`, at per-row `steps`, or scalars for every row), mark them seen, run them through
+    the model at cache slot `slot`. Returns `(tokens, seen, logits, key_mask, caches)`."""
+    tokens = choose_tokens(logits, seen, *params, seeds=seeds, steps=steps, argmax=plan.argmax())
+    seen = mark_seen(seen, tokens[:, None], tf.ones_like(tokens)[:, None])
+    logits, key_mask, caches = advance(model, tokens, slot, lengths, key_mask, caches, plan)
     return tokens, seen, logits, key_mask, caches
 
 
-def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_ids, max_length):
+def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_ids, max_length,
+           plan):
     """The whole generation as TF ops (for `tf.function`/XLA and SavedModels).
 
     Args:
@@ -129,6 +137,7 @@ def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_id
         seed: int32 scalar.
         stop_ids: int32 `[n]`; a row stops after emitting one of them.
         max_length: Python int, the cache length.
+        plan: the `DecodePlan` of the traced function.
     Returns:
         `(new_ids [batch, max_length - T], num_new [batch])`: tokens after a
         row's stop token are undefined; `num_new` counts a row's tokens,
@@ -140,16 +149,17 @@ def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_id
     steps = tf.minimum(tf.cast(max_new_tokens, tf.int32), capacity)
     # Every cache holds at least the prompt; each loop below runs the steps
     # whose slot fits in its cache, then the next one pads it.
-    sizes = cache_lengths(max_length) if decode_tricks.active().growing_cache else [max_length]
+    sizes = cache_lengths(max_length) if plan.tricks.growing_cache else [max_length]
     cache_sizes = [tf.maximum(size, prompt_len) for size in sizes]
-    logits, caches, key_mask, lengths, seen = _prefill(model, prompt_ids, prompt_mask,
-                                                       cache_sizes[0])
+    logits, caches, key_mask, lengths, seen = prefill(model, prompt_ids, prompt_mask,
+                                                      cache_sizes[0], plan)
+    seeds = tf.cast(seed, tf.int32) + tf.range(batch)  # row r draws as seed + r alone would
     stop_ids = tf.cast(stop_ids, tf.int32)
 
     def body(state):
-        tokens, seen, logits, key_mask, caches = _sample_and_advance(
-            model, state.logits, state.seen, params, seed, state.step, prompt_len + state.step,
-            state.lengths, state.key_mask, state.caches)
+        tokens, seen, logits, key_mask, caches = sample_and_advance(
+            model, state.logits, state.seen, params, seeds, state.step, prompt_len + state.step,
+            state.lengths, state.key_mask, state.caches, plan)
         # Rows that already stopped emit 0s (not counted in num_new).
         tokens = tf.where(state.finished, tf.zeros_like(tokens), tokens)
         out = tf.tensor_scatter_nd_update(
@@ -169,7 +179,7 @@ def decode(model, prompt_ids, prompt_mask, max_new_tokens, params, seed, stop_id
                 tf.logical_and(state.step < steps, tf.logical_not(tf.reduce_all(state.finished))),
                 prompt_len + state.step < length)
 
-        caches, key_mask = _grow(state.caches, state.key_mask, length)
+        caches, key_mask = grow_caches(state.caches, state.key_mask, length)
         state = tf.while_loop(fits, lambda s: (body(s),),
                               (state._replace(caches=caches, key_mask=key_mask),))[0]
     return state.out, state.num_new
@@ -190,7 +200,7 @@ class DecodeState(NamedTuple):
 
 
 # ------------------------------------------------------------------ Python API
-def _round_up(value, multiple):
+def round_up(value, multiple):
     return -(-value // multiple) * multiple
 
 
@@ -202,8 +212,7 @@ class Generator:
         model: an `ALGPT2LMHeadModel`.
         jit_compile: compile the loop with XLA (default True).
         tricks: the decode speed tricks to use (`decode_tricks.DecodeTricks`;
-            default: this CPU's defaults with the switches of the
-            `ALGPT2_DECODE_TRICKS` environment variable). Its `wide_vectors`
+            default: this CPU's, `DecodeTricks.for_cpu()`). Its `wide_vectors`
             is a process setting the Generator does not apply itself: call
             `xla_flags.prefer_wide_vectors()` before the first XLA compilation
             (the `algpt2` command does, at start-up).
@@ -217,7 +226,7 @@ class Generator:
     """
 
     def __init__(self, model, jit_compile=True, tricks=None):
-        self.tricks = tricks or decode_tricks.DecodeTricks.from_environment()
+        self.tricks = tricks or DecodeTricks.for_cpu()
         self.model = model
         self.jit_compile = jit_compile
         self._functions = {}
@@ -234,10 +243,10 @@ class Generator:
             def run(prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, top_p,
                     repetition_penalty, seed, stop_ids):
                 self.trace_count += 1
-                with decode_tricks.tracing(model, self._tricks(copies=self.jit_compile and one_row)):
-                    return decode(model, prompt_ids, prompt_mask, max_new_tokens,
-                                  (temperature, top_k, top_p, repetition_penalty), seed,
-                                  stop_ids, max_length)
+                plan = DecodePlan(model, self.tricks, one_row=self.jit_compile and one_row)
+                return decode(model, prompt_ids, prompt_mask, max_new_tokens,
+                              (temperature, top_k, top_p, repetition_penalty), seed,
+                              stop_ids, max_length, plan)
 
             batch = 1 if one_row else None
             signature = [tf.TensorSpec([batch, None], tf.int32), tf.TensorSpec([batch, None], tf.int32),
@@ -249,18 +258,12 @@ class Generator:
                 run, input_signature=signature, jit_compile=self.jit_compile)
         return self._functions[key]
 
-    def _tricks(self, copies):
-        """`self.tricks`, with the row-major copies only where asked for."""
-        if copies:
-            return self.tricks
-        return dataclasses.replace(self.tricks, row_major_copies=False)
-
     def buckets(self, prompt_len, max_new_tokens):
         """`(padded prompt length, cache length)` for a request."""
         limit = self.model.config.max_positions
         check_fits(prompt_len, max_new_tokens, limit)
-        padded = min(_round_up(prompt_len, PROMPT_BUCKET), limit - max_new_tokens)
-        max_length = min(_round_up(padded + max_new_tokens, LENGTH_BUCKET), limit)
+        padded = min(round_up(prompt_len, PROMPT_BUCKET), limit - max_new_tokens)
+        max_length = min(round_up(padded + max_new_tokens, LENGTH_BUCKET), limit)
         return padded, max_length
 
     def generate(self, prompt_ids, max_new_tokens=32, params=None, seed=0, stop_ids=(),
@@ -311,42 +314,43 @@ class Generator:
         if key not in self._functions:
             model = self.model
 
-            tricks = self._tricks(copies=False)  # a copy per step would cost more than it saves
+            tricks = self.tricks  # no row-major copies: a copy per step costs more than it saves
 
-            def prefill(ids, mask):
-                with decode_tricks.tracing(model, tricks):
-                    return _prefill(model, ids, mask, max_length)
+            def first(ids, mask):
+                return prefill(model, ids, mask, max_length, DecodePlan(model, tricks))
 
             def step(i, slot, seed, params, state):
                 logits, caches, key_mask, lengths, seen = state
-                with decode_tricks.tracing(model, tricks):
-                    tokens, seen, logits, key_mask, caches = _sample_and_advance(
-                        model, logits, seen, params, seed, i, slot, lengths, key_mask, caches)
+                tokens, seen, logits, key_mask, caches = sample_and_advance(
+                    model, logits, seen, params, seed, i, slot, lengths, key_mask, caches,
+                    DecodePlan(model, tricks))
                 return tokens, (logits, caches, key_mask, lengths + 1, seen)
 
-            self._functions[key] = (tf.function(prefill, jit_compile=self.jit_compile),
+            self._functions[key] = (tf.function(first, jit_compile=self.jit_compile),
                                     tf.function(step, jit_compile=self.jit_compile))
         return self._functions[key]
 
 
 _GENERATORS = weakref.WeakKeyDictionary()
-"""model -> (its `quantization` when compiled, its generator): compiled functions live as
-long as their model, and a model quantized since gets a new generator. The generator holds a
+"""model -> ((its `quantization` when compiled, the tricks), its generator): compiled
+functions live as long as their model, and a model quantized since gets a new generator. The generator holds a
 weak proxy of the model, so the entry never keeps its own key (and the model's weights and
 compiled loops) alive."""
 
 
-def generator_for(model):
+def generator_for(model, tricks=None):
     """The model's generator, created on first use and reused while the model's weights keep
-    their form: a `Generator` on TensorFlow, a `HostLoopGenerator` on torch and JAX
+    their form and the same `tricks` are asked for (`DecodeTricks`, default this CPU's): a
+    `Generator` on TensorFlow, a `HostLoopGenerator` on torch and JAX
     (`host_loop_generation`)."""
+    tricks = tricks or DecodeTricks.for_cpu()
     found = _GENERATORS.get(model)
-    if found is None or found[0] != model.quantization:
+    if found is None or found[0] != (model.quantization, tricks):
         if backend.is_tensorflow():
-            generator = Generator(weakref.proxy(model))
+            generator = Generator(weakref.proxy(model), tricks=tricks)
         else:
             generator = HostLoopGenerator(weakref.proxy(model))
-        found = _GENERATORS[model] = (model.quantization, generator)
+        found = _GENERATORS[model] = ((model.quantization, tricks), generator)
     return found[1]
 
 
@@ -376,7 +380,7 @@ def litert_generate(model, prompts, max_new_tokens, params, seed=0, stop_ids=(),
 
 def generate(model, prompts, max_new_tokens=32, sampler="greedy", seed=None, tokenizer=None,
              temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, stop_ids=None,
-             engine="xla", quantize="none"):
+             engine="xla", quantize="none", tricks=None):
     """Generates continuations of string or token-id prompts.
 
     Args:
@@ -393,6 +397,8 @@ def generate(model, prompts, max_new_tokens=32, sampler="greedy", seed=None, tok
             per set of weights and cached: `litert_engine`; the same tokens for a float32
             build, about 2x faster at batch 1, `benchmarks/README.md`).
         quantize: the LiteRT build's weights, "none" (float32) or "int8".
+        tricks: the XLA loop's speed tricks (`decode_tricks.DecodeTricks`, default this
+            CPU's; every exact trick gives the same tokens).
 
     Returns:
         A `GenerationOutput` (with `text` when the prompts were strings).
@@ -429,7 +435,7 @@ def generate(model, prompts, max_new_tokens=32, sampler="greedy", seed=None, tok
     if engine == "litert":
         out = litert_generate(model, ids, max_new_tokens, params, seed, stop_ids, quantize)
     else:
-        out = generator_for(model).generate(ids, max_new_tokens, params, seed, stop_ids)
+        out = generator_for(model, tricks).generate(ids, max_new_tokens, params, seed, stop_ids)
     if is_text:
         out.text = [p + tokenizer.decode([t for t in new if t not in stop_ids])
                     for p, new in zip(prompts, out.new_ids)]

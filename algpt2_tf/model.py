@@ -129,11 +129,12 @@ class ALGPT2LMHeadModel(keras.Model):
         """The block object that virtual layer `layer_index` runs."""
         return self.blocks[self.config.block_of_layer(layer_index)]
 
-    def run_layer(self, layer_index, hidden, bias, cache=None, cache_index=None, training=False):
+    def run_layer(self, layer_index, hidden, bias, cache=None, cache_index=None, training=False,
+                  plan=None):
         """Virtual layer `layer_index`: its block, with the layer's adapter if it has one."""
         adapter = self.adapters[layer_index] if self.adapters else None
         return self.block_for_layer(layer_index)(hidden, bias, cache=cache, cache_index=cache_index,
-                                                 training=training, adapter=adapter)
+                                                 training=training, adapter=adapter, plan=plan)
 
     def _unpack_inputs(self, inputs):
         if isinstance(inputs, dict):
@@ -174,15 +175,15 @@ class ALGPT2LMHeadModel(keras.Model):
             hidden, _ = self.run_layer(i, hidden, bias, training=training)
         return hidden
 
-    def logits_from_hidden(self, hidden, normalized=False):
+    def logits_from_hidden(self, hidden, normalized=False, plan=None):
         """The tied LM head applied to decoder output."""
         kernel = self.embedding.projection.float_kernel() if self.config.tie_projection else None
         return self.lm_head(hidden, self.embedding.token_embeddings,
                             input_projection_kernel=kernel, normalized=normalized,
-                            token_scale=self.embedding.token_scale)
+                            token_scale=self.embedding.token_scale, plan=plan)
 
     def forward_with_cache(self, input_ids, position_ids, key_mask, caches, cache_index,
-                           last_logits_only=False):
+                           last_logits_only=False, plan=None):
         """One cached step (prefill or decode), for generation.
 
         Args:
@@ -197,20 +198,22 @@ class ALGPT2LMHeadModel(keras.Model):
             cache_index: int scalar, the first slot written.
             last_logits_only: apply the LM head to the last position only
                 (a prefill needs no more), giving logits `[batch, 1, vocab]`.
+            plan: the decode loop's speed tricks for every `Linear` (a
+                `decode_tricks.DecodePlan`: bit-identical products), or `None`.
         Returns:
             `(logits [batch, T, vocab], new caches)`.
         """
-        hidden = self.embedding(input_ids, position_ids)
+        hidden = self.embedding(input_ids, position_ids, plan=plan)
         query_slots = cache_index + ops.arange(ops.shape(input_ids)[1])
         bias = attention_bias(query_slots, key_mask)
         new_caches = []
         for i in range(self.config.num_layers):
             hidden, cache = self.run_layer(i, hidden, bias, cache=caches[i],
-                                           cache_index=cache_index)
+                                           cache_index=cache_index, plan=plan)
             new_caches.append(cache)
         if last_logits_only:
             hidden = hidden[:, -1:]
-        return self.logits_from_hidden(hidden), new_caches
+        return self.logits_from_hidden(hidden, plan=plan), new_caches
 
     def empty_caches(self, batch_size, max_length, dtype="float32"):
         """Zero caches for `forward_with_cache`, one per virtual layer."""

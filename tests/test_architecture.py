@@ -34,8 +34,6 @@ HIDDEN_CYCLES = {
     ("algpt2_tf.export.api", "algpt2_tf.export.tflite"),
     ("algpt2_tf.export.litert_engine", "algpt2_tf.export.api"),
     ("algpt2_tf.export.litert_engine", "algpt2_tf.saving"),
-    # The decode tricks are a thread-local scope that `Linear.call` reads.
-    ("algpt2_tf.decode_tricks", "algpt2_tf.layers.linear"),
 }
 
 

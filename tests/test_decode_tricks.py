@@ -30,9 +30,37 @@ def test_switches_from_text_and_environment():
         DecodeTricks().with_switches("growing_cache=yes")
 
 
-def test_generator_reads_the_environment(monkeypatch, model):
+def test_only_a_decode_loop_runs_a_trick_and_serving_runs_the_same_ones(monkeypatch, tmp_path):
+    """The tricks reach the code they change as a `DecodePlan`: training, evaluation and
+    `model(...)` never see one; `Generator` and the serving engine trace theirs with the
+    tricks they were given (and the environment decides nothing inside the library)."""
+    import keras
+
+    from algpt2_tf.serving.batching import BatchEngine
+
+    calls = []
+    add_bias = decode_tricks.DecodePlan.add_bias
+    monkeypatch.setattr(decode_tricks.DecodePlan, "add_bias",
+                        lambda self, x, b: calls.append(self.tricks) or add_bias(self, x, b))
     monkeypatch.setenv(decode_tricks.ENVIRONMENT_VARIABLE, "two_reduction_argmax=0")
-    assert not Generator(model).tricks.two_reduction_argmax
+    model = ALGPT2LMHeadModel(tiny_config())
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    ids = np.random.default_rng(0).integers(0, 97, (4, 9)).astype("int32")
+    model.fit({"input_ids": ids}, epochs=1, batch_size=2, verbose=0)
+    model.evaluate({"input_ids": ids}, batch_size=2, verbose=0)
+    model({"input_ids": ids})
+    assert calls == []
+    assert Generator(model).tricks == DecodeTricks.for_cpu()
+    Generator(model).generate([[5, 17, 42]], 2)
+    assert calls and set(calls) == {DecodeTricks.for_cpu()}
+    calls.clear()
+    chosen = dataclasses.replace(DecodeTricks(), growing_cache=False)
+    engine = BatchEngine(model, max_batch=2, window_s=0.0, tricks=chosen)
+    try:
+        engine.generate([5, 17, 42], max_new_tokens=2)
+    finally:
+        engine.close()
+    assert calls and set(calls) == {chosen}
 
 
 def test_exact_tricks_on_give_the_tokens_of_all_tricks_off(monkeypatch):
@@ -105,11 +133,11 @@ def test_row_major_copies_serve_one_row_products_only(rng, monkeypatch):
 
         @tf.function(jit_compile=True)
         def run(x):
-            with decode_tricks.tracing(model, DecodeTricks()):
-                return layer(x)
+            return layer(x, plan=decode_tricks.DecodePlan(model, DecodeTricks(), one_row=True))
 
         np.testing.assert_allclose(run(x).numpy(), layer(x).numpy(), rtol=1e-6, atol=1e-6)
-    assert len(used) == 2 and decode_tricks.row_major_copy(layer) is None
+    assert len(used) == 2
+    assert decode_tricks.DecodePlan(model, DecodeTricks(), one_row=False).copies == {}
 
 
 def test_int8_models_decode_the_same_with_and_without_tricks():

@@ -18,6 +18,7 @@ Signatures:
 
 import tensorflow as tf
 
+from algpt2_tf.decode_tricks import DecodePlan, DecodeTricks
 from algpt2_tf.generation import decode
 from algpt2_tf.tokenizer import EOS_TOKEN
 
@@ -83,8 +84,11 @@ class ServingModule(tf.Module):
         ids = left_align_to_right(right, lengths)
         mask = left_align_to_right(tf.sequence_mask(lengths, prompt_len, dtype=tf.int32), lengths)
         params = (temperature, top_k, top_p, tf.constant(1.0))
+        # TF Serving runs plain TensorFlow: the exact tricks, without the row-major copies of
+        # XLA's one-row products.
+        plan = DecodePlan(self.model, DecodeTricks.for_cpu())
         new, counts = decode(self.model, ids, mask, max_new_tokens, params, seed,
-                             tf.constant([self.eos_id]), self.max_length)
+                             tf.constant([self.eos_id]), self.max_length, plan)
         last = tf.gather(new, tf.maximum(counts - 1, 0), batch_dims=1)
         ended = tf.logical_and(counts > 0, tf.equal(last, self.eos_id))
         text_ids = tf.RaggedTensor.from_tensor(new, lengths=counts - tf.cast(ended, tf.int32))

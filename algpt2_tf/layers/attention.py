@@ -89,13 +89,15 @@ class CausalSelfAttention(keras.layers.Layer):
         x = ops.reshape(x, (batch, seq, self.num_heads, self.head_size))
         return ops.transpose(x, (0, 2, 1, 3))
 
-    def call(self, x, attention_bias, cache=None, cache_index=None, training=None, adapter=None):
+    def call(self, x, attention_bias, cache=None, cache_index=None, training=None, adapter=None,
+             plan=None):
         """Returns `(output, cache)`; `cache` is `None` when none was given.
 
         `adapter`: a `LayerAdapter` whose low-rank deltas are added to the
-        q/k/v and output projections, or `None`.
+        q/k/v and output projections, or `None`. `plan`: a decode loop's
+        `DecodePlan` for the projections (see `Linear`), or `None`.
         """
-        q, k, v = ops.split(add_delta(self.qkv(x), adapter, "qkv", x), 3, axis=-1)
+        q, k, v = ops.split(add_delta(self.qkv(x, plan=plan), adapter, "qkv", x), 3, axis=-1)
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         if cache is not None:
             key_cache, value_cache = cache
@@ -116,7 +118,7 @@ class CausalSelfAttention(keras.layers.Layer):
         out = ops.transpose(ops.matmul(probs, v), (0, 2, 1, 3))
         batch, seq = ops.shape(out)[0], ops.shape(out)[1]
         out = ops.reshape(out, (batch, seq, self.hidden_size))
-        return add_delta(self.output_dense(out), adapter, "attention_output", out), cache
+        return add_delta(self.output_dense(out, plan=plan), adapter, "attention_output", out), cache
 
     def get_config(self):
         config = super().get_config()

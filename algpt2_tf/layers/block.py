@@ -88,11 +88,13 @@ class DecoderBlock(keras.layers.Layer):
         self.mlp_out.build((None, None, self.intermediate_size))
         self.built = True
 
-    def call(self, x, attention_bias, cache=None, cache_index=None, training=None, adapter=None):
+    def call(self, x, attention_bias, cache=None, cache_index=None, training=None, adapter=None,
+             plan=None):
         """Returns `(output, cache)`, see `CausalSelfAttention.call`.
 
         `adapter`: the calling virtual layer's `LayerAdapter` (its own
-        LayerNorms, its low-rank deltas), or `None`.
+        LayerNorms, its low-rank deltas), or `None`. `plan`: a decode loop's
+        `DecodePlan` for the block's `Linear`s, or `None`.
         """
         owns_norms = adapter is not None and adapter.attention_norm is not None
         attention_norm = adapter.attention_norm if owns_norms else self.attention_norm
@@ -102,11 +104,12 @@ class DecoderBlock(keras.layers.Layer):
                              "that owns them.")
         attended, cache = self.attention(attention_norm(x), attention_bias, cache=cache,
                                          cache_index=cache_index, training=training,
-                                         adapter=adapter)
+                                         adapter=adapter, plan=plan)
         x = x + self.residual_dropout_layer(attended, training=training)
         normed = mlp_norm(x)
-        h = self._activation_fn(add_delta(self.mlp_in(normed), adapter, "mlp_in", normed))
-        h = add_delta(self.mlp_out(h), adapter, "mlp_out", h)
+        h = self._activation_fn(add_delta(self.mlp_in(normed, plan=plan), adapter, "mlp_in",
+                                          normed))
+        h = add_delta(self.mlp_out(h, plan=plan), adapter, "mlp_out", h)
         x = x + self.residual_dropout_layer(h, training=training)
         return x, cache
 

@@ -106,14 +106,16 @@ class FactorizedEmbedding(keras.layers.Layer):
         self.token_scale.assign(scale.astype("float32"))
         self._is_quantized = True
 
-    def call(self, input_ids, position_ids, training=None):
+    def call(self, input_ids, position_ids, training=None, plan=None):
+        """`[batch, seq, hidden]` embeddings; `plan`: a decode loop's `DecodePlan` for the
+        projection (see `Linear`), or `None`."""
         x = ops.take(self.token_embeddings, input_ids, axis=0)
         if self.token_scale is not None:
             x = ops.cast(x, self.compute_dtype)
             x = x / ops.expand_dims(ops.take(self.token_scale, input_ids, axis=0), -1)
         x = x + ops.take(self.position_embeddings, position_ids, axis=0)
         if self.projection is not None:
-            x = self.projection(x)
+            x = self.projection(x, plan=plan)
         return self.dropout_layer(x, training=training)
 
     def compute_output_shape(self, input_shape):

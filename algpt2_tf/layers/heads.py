@@ -69,7 +69,7 @@ class TiedLMHead(keras.layers.Layer):
         return self.final_norm(hidden)
 
     def call(self, hidden, token_embeddings, input_projection_kernel=None, normalized=False,
-             token_scale=None):
+             token_scale=None, plan=None):
         """Maps hidden states `[..., hidden]` to float32 logits `[..., vocab]`.
 
         Args:
@@ -81,10 +81,11 @@ class TiedLMHead(keras.layers.Layer):
             token_scale: `[vocab]` scales when `token_embeddings` is int8
                 (a quantized embedding); each token's logit is divided by
                 its scale.
+            plan: a decode loop's `DecodePlan` for the projection (see `Linear`), or `None`.
         """
         x = hidden if normalized else self.final_norm(hidden)
         if self.projection is not None:
-            x = self.projection(x)
+            x = self.projection(x, plan=plan)
         elif self.tie_projection:
             if input_projection_kernel is None:
                 raise ValueError("tie_projection=True: pass input_projection_kernel.")

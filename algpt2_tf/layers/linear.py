@@ -4,17 +4,17 @@ and which Keras' `quantize("int8")` turns weight-only int8."""
 import keras
 from keras import ops
 
-from algpt2_tf import decode_tricks
-
 
 @keras.saving.register_keras_serializable(package="algpt2_tf")
 class Linear(keras.layers.Dense):
-    """`keras.layers.Dense` (same weights, same config, same results), with two
-    hooks for `decode_tricks`: its bias add (`add_bias`: as a subtraction,
-    which XLA:CPU does not fuse into the slower "output fusion" of the
-    product) and, while a decode loop is traced, the one-row product through
-    a row-major copy of the kernel (`row_major_copy`). Both are bit-identical
-    to `x @ kernel + bias`; their measured gains are in `decode_tricks`.
+    """`keras.layers.Dense` (same weights, same config, same results) that a decode loop
+    can speed up: called with a `plan` (a `decode_tricks.DecodePlan`, which only a cached
+    forward pass passes), it computes its product with `plan.matmul(self, x)` (one-row
+    products through a row-major copy of the kernel) and adds its bias with
+    `plan.add_bias` (as a subtraction, which XLA:CPU does not fuse into the slower
+    "output fusion" of the product). Both are bit-identical to `x @ kernel + bias`; their
+    measured gains are in `algpt2_tf.decode_tricks`. Without a plan (training, evaluation,
+    `model(...)`) it is a plain Dense.
 
     Args:
         units: output width.
@@ -49,17 +49,16 @@ class Linear(keras.layers.Dense):
             kernel = ops.divide(kernel, ops.cast(self.kernel_scale, self.compute_dtype))
         return kernel
 
-    def _int8_call(self, inputs, training=None):
-        return self.call(inputs, training=training)
+    def _int8_call(self, inputs, training=None, plan=None):
+        return self.call(inputs, training=training, plan=plan)
 
-    def call(self, inputs, training=None):
-        copy = decode_tricks.row_major_copy(self)  # only while a decode loop is traced
-        if copy is None:
+    def call(self, inputs, training=None, plan=None):
+        if plan is None:
             x = ops.matmul(inputs, self.float_kernel())
         else:
-            x = copy.matmul(inputs, self.float_kernel)
+            x = plan.matmul(self, inputs)
         if self.bias is not None:
-            x = decode_tricks.add_bias(x, self.bias)
+            x = ops.add(x, self.bias) if plan is None else plan.add_bias(x, self.bias)
         if self.activation is not None:
             x = self.activation(x)
         return x

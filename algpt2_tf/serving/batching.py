@@ -46,11 +46,11 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from algpt2_tf.generation import (PROMPT_BUCKET, SamplingParams, _advance, _grow, _mark_seen,
-                                  _prefill, _round_up, cache_lengths)
+from algpt2_tf.decode_tricks import DecodePlan, DecodeTricks
+from algpt2_tf.generation import (PROMPT_BUCKET, SamplingParams, cache_lengths, grow_caches,
+                                  prefill, round_up, sample_and_advance)
 from algpt2_tf.layers.attention import write_slots
 from algpt2_tf.prompts import check_fits, check_max_new_tokens, check_prompts, left_pad
-from algpt2_tf.token_choice import choose_tokens
 
 
 MAX_LOGPROBS = 5
@@ -177,6 +177,9 @@ class BatchEngine(RequestQueue):
         batching: False runs every request alone (the unbatched baseline).
         steps_per_call: decode steps per compiled call; a client sees its
             tokens (and a cancel or a join takes effect) in groups of this many.
+        tricks: the decode speed tricks (`decode_tricks.DecodeTricks`, default this CPU's),
+            as `Generator` takes them: its steps and joins are `generation`'s step functions
+            with a `DecodePlan` of these (the row-major copies only when `max_batch` is 1).
 
     Example:
     >>> from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
@@ -187,8 +190,9 @@ class BatchEngine(RequestQueue):
     """
 
     def __init__(self, model, max_batch=16, window_s=0.01, max_queue=256, batching=True,
-                 steps_per_call=4):
+                 steps_per_call=4, tricks=None):
         self.model = model
+        self.tricks = tricks or DecodeTricks.for_cpu()
         self.vocab_size = model.config.vocab_size
         self.max_positions = model.config.max_positions
         self.steps_per_call = steps_per_call
@@ -210,7 +214,7 @@ class BatchEngine(RequestQueue):
         check_logprobs(k)
         check_fits(len(prompt_ids), 0, config.max_positions)
         n = len(prompt_ids)
-        length = min(_round_up(n, PROMPT_BUCKET), config.max_positions)
+        length = min(round_up(n, PROMPT_BUCKET), config.max_positions)
         ids = np.zeros((1, length), np.int32)
         ids[0, :n] = prompt_ids  # right-padded: a causal model's earlier positions ignore it
         chosen, top_ids, top_values = (t.numpy()[0] for t in self._function("score", length)(ids))
@@ -231,7 +235,7 @@ class BatchEngine(RequestQueue):
         """
         start = time.perf_counter()
         size, length = self.max_batch, cache_lengths(self.model.config.max_positions)[0]
-        prompt_len = min(_round_up(prompt_tokens, PROMPT_BUCKET), length - 1)
+        prompt_len = min(round_up(prompt_tokens, PROMPT_BUCKET), length - 1)
         ids, mask = np.zeros((size, prompt_len), np.int32), np.ones((size, prompt_len), np.int32)
         state = self._empty_state(length)
         for width in join_widths(size):
@@ -278,7 +282,7 @@ class BatchEngine(RequestQueue):
         with self._wake:
             while self._pending and len(joiners) < free and not self._closed:
                 r = self._pending[0]
-                if (_round_up(len(r.prompt_ids), PROMPT_BUCKET) > slot
+                if (round_up(len(r.prompt_ids), PROMPT_BUCKET) > slot
                         or slot + r.max_new_tokens > length_limit):
                     break
                 joiners.append(self._pending.popleft())
@@ -310,7 +314,7 @@ class BatchEngine(RequestQueue):
         size = self.max_batch
         n = len(requests)
         longest_new = max(r.max_new_tokens for r in requests)
-        padded = min(_round_up(max(len(r.prompt_ids) for r in requests), PROMPT_BUCKET),
+        padded = min(round_up(max(len(r.prompt_ids) for r in requests), PROMPT_BUCKET),
                      limit - longest_new)
         length = cache_length(padded + longest_new, limit)
         rows = self._rows = list(requests) + [None] * (size - n)  # (set early: errors reach them)
@@ -405,7 +409,7 @@ class BatchEngine(RequestQueue):
         row count is one of `join_widths`, so few shapes compile; the extra
         rows repeat the first joiner's row, prompt and all (the same values
         written twice to the same places)."""
-        prompt_len = prompt_len or max(_round_up(len(r.prompt_ids), PROMPT_BUCKET)
+        prompt_len = prompt_len or max(round_up(len(r.prompt_ids), PROMPT_BUCKET)
                                        for r in joiners)
         width = next(w for w in join_widths(self.max_batch) if w >= len(joiners))
         prompts = [r.prompt_ids for r in joiners]
@@ -445,6 +449,10 @@ class BatchEngine(RequestQueue):
                                          int(r.seed or 0))):
             array[i] = value
 
+    def _plan(self):
+        """The `DecodePlan` of a compiled function (made while it is traced)."""
+        return DecodePlan(self.model, self.tricks, one_row=self.max_batch == 1)
+
     def _function(self, kind, *shape):
         """The compiled function `kind` for cache `shape` (built on first use)."""
         key = (kind,) + shape
@@ -483,7 +491,7 @@ class BatchEngine(RequestQueue):
     def _build_grow(self, length, new_length):
         def grow(state):
             logits, caches, key_mask, lengths, seen = state
-            caches, key_mask = _grow(caches, key_mask, new_length)
+            caches, key_mask = grow_caches(caches, key_mask, new_length)
             return logits, caches, key_mask, lengths, seen
 
         return tf.function(grow, jit_compile=True)
@@ -497,8 +505,8 @@ class BatchEngine(RequestQueue):
 
         def join(state, rows, ids, mask, slot):
             logits, caches, key_mask, lengths, seen = state
-            new_logits, new_caches, new_mask, new_lengths, new_seen = _prefill(
-                model, ids, mask, prompt_len)
+            new_logits, new_caches, new_mask, new_lengths, new_seen = prefill(
+                model, ids, mask, prompt_len, self._plan())
             start = slot - prompt_len
             written = [tuple(write_slots(c, n, start, rows=rows) for c, n in zip(pair, new))
                        for pair, new in zip(caches, new_caches)]
@@ -528,24 +536,24 @@ class BatchEngine(RequestQueue):
         def steps(count, slot, counts, params, state):
             temperature, top_k, top_p, penalty, seeds = params
             batch = tf.shape(state[0])[0]
+            plan = self._plan()  # before the loop: the row-major copies are made once a call
 
             def at(k):  # the indices of column k of a [batch, steps, ...] output
                 return tf.stack([tf.range(batch), tf.fill([batch], k)], axis=1)
 
             def body(k, out, scores, state):
                 logits, caches, key_mask, lengths, seen = state
-                tokens = choose_tokens(logits, seen, temperature, top_k, top_p, penalty, seeds,
-                                       counts + k)
+                if with_logprobs:  # of the logits the token is chosen from
+                    logprobs, ids, values = top_logprobs(logits, MAX_LOGPROBS)
+                tokens, seen, logits, key_mask, caches = sample_and_advance(
+                    model, logits, seen, (temperature, top_k, top_p, penalty), seeds, counts + k,
+                    slot + k, lengths, key_mask, caches, plan)
                 if with_logprobs:
                     chosen, top_ids, top_values = scores
-                    logprobs, ids, values = top_logprobs(logits, MAX_LOGPROBS)
                     scores = (tf.tensor_scatter_nd_update(
                                   chosen, at(k), tf.gather(logprobs, tokens, batch_dims=1)),
                               tf.tensor_scatter_nd_update(top_ids, at(k), ids),
                               tf.tensor_scatter_nd_update(top_values, at(k), values))
-                seen = _mark_seen(seen, tokens[:, None], tf.ones_like(tokens)[:, None])
-                logits, key_mask, caches = _advance(model, tokens, slot + k, lengths, key_mask,
-                                                    caches)
                 out = tf.tensor_scatter_nd_update(out, at(k), tokens)
                 return k + 1, out, scores, (logits, caches, key_mask, lengths + 1, seen)
 

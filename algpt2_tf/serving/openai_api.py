@@ -555,11 +555,12 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
 def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None, max_batch=16,
           window_s=0.01, max_queue=256, batching=True, timeout_s=60.0,
           max_request_bytes=1 << 20, warm_up=True, max_response_bytes=32 << 20,
-          insecure_no_auth=False, engine="xla", quantize="none"):
+          insecure_no_auth=False, engine="xla", quantize="none", tricks=None):
     """Loads a model (run folder, .keras file, HF folder or preset name) and
     serves it until interrupted; with `warm_up`, compiles the common batch
     shapes first (`BatchEngine.warm_up`). Beyond loopback only with `api_key`
-    or `insecure_no_auth` (`request_body.check_binding`). `engine="litert"` serves
+    or `insecure_no_auth` (`request_body.check_binding`). `tricks`: the xla engine's decode
+    speed tricks (`DecodeTricks`, default this CPU's). `engine="litert"` serves
     the model's LiteRT build (`quantize`: its weights; built once and cached,
     `litert_engine.cached_build`) one request at a time (`litert_serving`)."""
     import logging
@@ -590,7 +591,7 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
             raise ValueError("quantize applies to the litert engine; serve a Keras int8 model "
                              "(algpt2 quantize) with the xla engine.")
         engine = BatchEngine(load_model(model_path), max_batch=max_batch, window_s=window_s,
-                             max_queue=max_queue, batching=batching)
+                             max_queue=max_queue, batching=batching, tricks=tricks)
         warmed = (f"; compiled the first batch shapes in {engine.warm_up():.1f} s"
                   if warm_up else "")
     try:
