@@ -131,3 +131,60 @@ def test_a_top_k_past_int32_keeps_every_token(model):
     generator = Generator(model)
     plain = generator.generate([[5, 6]], 6, sampling_params("sample", 1.0), seed=2).new_ids
     assert generator.generate([[5, 6]], 6, huge, seed=2).new_ids == plain
+
+
+def test_one_seeded_top_p_request_gives_the_same_text_through_every_entry_point(
+        tmp_path, capsys):
+    """Python (`model.generate`), the CLI (`algpt2 generate`), the OpenAI server alone and
+    the OpenAI server batched with two other requests: one prompt, top-p 0.9, seed 7, the
+    same text."""
+    import concurrent.futures
+
+    import keras
+    from fastapi.testclient import TestClient
+
+    from algpt2_tf import ALGPT2LMHeadModel
+    from algpt2_tf.cli import main
+    from algpt2_tf.saving import load_model
+    from algpt2_tf.serving.openai_api import create_app
+    from algpt2_tf.tokenizer import GPT2Tokenizer
+    from conftest import tiny_config
+
+    keras.utils.set_random_seed(11)
+    model = ALGPT2LMHeadModel(tiny_config(vocab_size=50257, max_positions=64, sop_head=False,
+                                          initializer_range=0.2))
+    path = str(tmp_path / "tiny.keras")
+    model.save(path)
+    prompt, new, seed = "The old house stood", 12, 7
+    python = model.generate(prompt, max_new_tokens=new, sampler="top_p", top_p=0.9,
+                            seed=seed).text[0]
+    assert python != model.generate(prompt, max_new_tokens=new, sampler="top_p", top_p=0.9,
+                                    seed=seed + 1).text[0]  # the seed matters
+    capsys.readouterr()
+    assert main(["generate", "--model", path, "--prompt", prompt, "--max-new-tokens", str(new),
+                 "--sampler", "top_p", "--top-p", "0.9", "--temperature", "1.0",
+                 "--seed", str(seed)]) == 0
+    cli = capsys.readouterr().out.rstrip("\n")
+
+    engine = BatchEngine(load_model(path), max_batch=4, window_s=0.5)
+    app = TestClient(create_app(engine, GPT2Tokenizer(), "tiny"))
+
+    def complete(text, **settings):
+        answer = app.post("/v1/completions", json=dict(model="tiny", prompt=text,
+                                                       max_tokens=new, **settings))
+        assert answer.status_code == 200, answer.text
+        return prompt + answer.json()["choices"][0]["text"] if text == prompt else None
+
+    try:
+        alone = complete(prompt, top_p=0.9, seed=seed)
+        before = engine.batches_run
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # within one batch window
+            futures = [pool.submit(lambda text, settings: complete(text, **settings), *args)
+                       for args in (("Once upon a time", dict(temperature=0.7, seed=3)),
+                                    (prompt, dict(top_p=0.9, seed=seed)),
+                                    ("A long", dict(temperature=0)))]
+            batched = [f.result() for f in futures][1]
+        assert engine.batches_run - before == 1  # the three shared one batch
+    finally:
+        engine.close()
+    assert python == cli == alone == batched
