@@ -26,7 +26,7 @@ from algpt2_tf import backend
 from algpt2_tf.model import position_ids_from_mask
 from algpt2_tf.prompts import (GenerationOutput, check_fits, check_max_new_tokens, check_prompts,
                                left_pad)
-from algpt2_tf.sampling import SamplingParams, pick_tokens, row_seed
+from algpt2_tf.sampling import SamplingParams, host_decode, row_seed
 
 
 def tensors(*arrays):
@@ -75,7 +75,6 @@ class HostLoopGenerator:
         longest = max(len(p) for p in prompts)
         check_fits(longest, max_new_tokens, config.max_positions)
         params = params or SamplingParams(top_k=1)
-        stop = set(int(t) for t in stop_ids)
         seeds = [row_seed(seed or 0, row) for row in range(len(prompts))]
         batch, total = len(prompts), longest + max_new_tokens
         ids, mask = left_pad(prompts, longest, pad_id)
@@ -88,20 +87,23 @@ class HostLoopGenerator:
         logits, caches = self.step(*tensors(ids, positions, key_mask),
                                    self.model.empty_caches(batch, total), *tensors(0))
         next_position = mask.sum(axis=1).astype("int32")
-        new = [[] for _ in prompts]
-        done = np.zeros(batch, bool)
-        for step in range(max_new_tokens):
-            tokens = pick_tokens(ops.convert_to_numpy(logits), seen, params, seeds, step)
-            for row, token in enumerate(tokens):
-                if not done[row]:
-                    new[row].append(int(token))
-                    done[row] = int(token) in stop
-            if done.all() or step == max_new_tokens - 1:
-                break
-            seen[np.arange(batch), tokens] = True
+        state = {"caches": caches}
+
+        def advance(tokens, step):
             slot = longest + step
             key_mask[:, slot] = 1
-            logits, caches = self.step(*tensors(tokens[:, None], next_position[:, None], key_mask),
-                                       caches, *tensors(slot))
-            next_position += 1
+            logits, state["caches"] = self.step(
+                *tensors(tokens[:, None], (next_position + step)[:, None], key_mask), state["caches"],
+                *tensors(slot))
+            return ops.convert_to_numpy(logits)
+
+        new = [[] for _ in prompts]
+        done = np.zeros(batch, bool)
+        stop = set(int(t) for t in stop_ids)
+        for tokens, _ in host_decode(ops.convert_to_numpy(logits), seen, params, seeds,
+                                     max_new_tokens, stop_ids, advance):
+            for row, token in enumerate(tokens.tolist()):
+                if not done[row]:
+                    new[row].append(token)
+                    done[row] = token in stop
         return GenerationOutput(ids=[p + n for p, n in zip(prompts, new)], new_ids=new)

@@ -7,16 +7,17 @@ without TensorFlow.
 
 import numpy as np
 
+from algpt2_tf.sampling import SamplingParams, host_decode
+
 
 def greedy_continuation(decode, logits, position, steps):
-    """`steps` greedy tokens after next-token `logits` `[1, vocab]`.
+    """`steps` greedy tokens after next-token `logits` `[1, vocab]` (`sampling.host_decode`,
+    the one NumPy decode loop).
 
-    Each picked token is passed to `decode(token, position)` (positions
-    `position`, `position + 1`, ...), which returns the next logits; so
-    `decode` runs `steps` times.
+    Each picked token but the last is passed to `decode(token, position)` (positions
+    `position`, `position + 1`, ...), which returns the next logits.
     """
-    new = []
-    for step in range(steps):
-        new.append(int(np.argmax(logits[0])))
-        logits = decode(new[-1], position + step)
-    return new
+    seen = np.zeros(np.shape(logits), bool)
+    return [int(tokens[0]) for tokens, _ in host_decode(
+        np.asarray(logits), seen, SamplingParams(top_k=1), [0], steps, (),
+        lambda tokens, step: decode(int(tokens[0]), position + step))]

@@ -11,8 +11,8 @@ cut off, a damaged file) is removed and built again.
 
 `LiteRTGenerator` decodes with the build's `prefill`/`decode` signatures
 (`litert.LiteRTDecoder`: LiteRT's `CompiledModel`, XNNPACK's weight cache kept
-in the entry) and picks tokens with `sampling.pick_tokens`, the NumPy twin of the
-sampler of every path: the same seed gives the XLA path's tokens. Only the build imports
+in the entry) in `sampling.host_decode`, the NumPy decode loop, whose `pick_tokens` is the
+twin of the sampler of every path: the same seed gives the XLA path's tokens. Only the build imports
 TensorFlow.
 
 Example (builds a small model's entry, then decodes without TensorFlow):
@@ -40,7 +40,7 @@ import tempfile
 import numpy as np
 
 from algpt2_tf.files import cache_root
-from algpt2_tf.sampling import SamplingParams, pick_tokens
+from algpt2_tf.sampling import SamplingParams, host_decode
 
 BUILD_VERSION = 1
 """Bumped when the export changes what a build holds: older entries are not used."""
@@ -216,17 +216,15 @@ class LiteRTGenerator:
         was picked from (a stop id ends it, and is yielded)."""
         params = params or SamplingParams(top_k=1)
         self.check(prompt_ids, max_new_tokens)
-        seen = np.zeros((1, self.build.vocab_size), bool)
+        vocab = self.build.vocab_size
+        seen = np.zeros((1, vocab), bool)
         seen[0, prompt_ids] = True
-        logits = self.decoder.prefill(list(prompt_ids))
-        for step in range(max_new_tokens):
-            row = logits[:, :self.build.vocab_size]
-            token = int(pick_tokens(row, seen, params, [seed or 0], step)[0])
-            yield token, row[0]
-            if token in stop_ids or step == max_new_tokens - 1:
-                return
-            seen[0, token] = True
-            logits = self.decoder.decode(token, len(prompt_ids) + step)
+        logits = self.decoder.prefill(list(prompt_ids))[:, :vocab]
+        for tokens, rows in host_decode(
+                logits, seen, params, [seed or 0], max_new_tokens, stop_ids,
+                lambda tokens, step: self.decoder.decode(int(tokens[0]),
+                                                         len(prompt_ids) + step)[:, :vocab]):
+            yield int(tokens[0]), rows[0]
 
     def stream(self, prompt_ids, max_new_tokens, params=None, seed=0, stop_ids=()):
         """Yields the new tokens one by one (a stop id ends it, and is yielded)."""
