@@ -6,9 +6,19 @@
 
 Copies the arm's `model.keras` and tokenizer into `algpt2_tf/pretrained_models/NAME/`,
 evaluates the model (and its Keras int8 form) on the experiment's held-out sets with the
-experiment's protocol, measures the small held-out slice that `tests/test_pretrained.py`
+experiment's protocol, measures the small held-out slices that `tests/test_pretrained.py`
 re-measures, and writes `evaluation.json` and `MODEL_CARD.md` from those figures and the
 run's `result.json`. Rerunning it reproduces the card's numbers.
+
+    python tools/ship_pretrained.py --spec experiments/books_pretrained.json \
+        --recard algpt2-pd-books --eval-spec experiments/scaling.json \
+        --compare experiments/runs/scaling:gpt2_lamb_16x,algpt2_factorized_16x,shared_mlp672_16x
+
+`--recard NAME` measures the model already shipped as NAME again (its run's weights need not
+exist any more; its training facts come from its `evaluation.json`) and rewrites its card.
+`--eval-spec` takes the held-out sets and protocol from another experiment (the scaling
+experiment's add WritingPrompts); `--compare RUN:ARM,...` adds those arms' figures from that
+experiment's results (the same sets and protocol) to the card's table.
 """
 
 import argparse
@@ -24,7 +34,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 SLICE_TOKENS = 4096
-"""Tokens of the held-out books that the CI check evaluates (`tests/test_pretrained.py`)."""
+"""Tokens of each held-out set that the CI check evaluates (`tests/test_pretrained.py`)."""
 SLICE_PROTOCOL = dict(seq_len=128, stride=64, batch_size=32)
 
 
@@ -51,66 +61,119 @@ def cpu_name():
     return platform.processor() or "unknown CPU"
 
 
+def checked_spec(path, run):
+    """The spec at `path`, which the experiment folder `run` must have run."""
+    from algpt2_tf.experiments.spec import load_spec
+
+    spec = load_spec(path)
+    with open(os.path.join(run, "spec.json")) as f:
+        if json.load(f) != spec.source:
+            raise SystemExit(f"{run} ran another spec than {path}.")
+    return spec
+
+
+def figures_from_run(args, spec):
+    """The training facts of `args.arm`'s best run, and the folder its model is in."""
+    result, run_dir = best_run(args.run, args.arm)
+    baseline = best_run(args.run, args.baseline)[0] if args.baseline else None
+    return {"name": args.name, "arm": args.arm, "run": os.path.relpath(run_dir),
+            "spec": args.spec, "experiment": args.run, "baseline_arm": args.baseline,
+            "training_tokens": result["training_tokens"], "steps": result["steps"],
+            "tokens_per_second": result["tokens_per_second"],
+            "train_seconds_estimate": result["training_tokens"] / result["tokens_per_second"],
+            "resumed_from_step": result.get("resumed_from_step", 0), "hardware": cpu_name(),
+            "baseline": baseline and {"arm": args.baseline, "parameters": baseline["parameters"],
+                                      "eval": baseline["eval"]},
+            "compress": result.get("compress"), "samples": result.get("samples"),
+            "generation": spec.generation}, run_dir
+
+
+def compared(entries):
+    """Rows of other experiments' arms (`RUN:ARM,ARM`): `[{label, parameters, eval}]`."""
+    rows = []
+    for entry in entries or []:
+        run, _, arms = entry.partition(":")
+        for arm in filter(None, arms.split(",")):
+            result = best_run(run, arm)[0]
+            rows.append({"label": f"`{arm}` ({os.path.basename(os.path.normpath(run))} "
+                                  f"experiment, {result['training_tokens']:,} tokens)",
+                         "arm": arm, "experiment": run, "parameters": result["parameters"],
+                         "eval": result["eval"]})
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", required=True, help="the experiment's spec file")
-    parser.add_argument("--run", required=True, help="the experiment folder it ran in")
-    parser.add_argument("--arm", required=True, help="the arm to ship")
+    parser.add_argument("--run", help="the experiment folder it ran in")
+    parser.add_argument("--arm", help="the arm to ship")
     parser.add_argument("--baseline", help="an arm to compare with in the card")
-    parser.add_argument("--name", required=True, help="the pretrained model's name")
+    parser.add_argument("--name", help="the pretrained model's name")
+    parser.add_argument("--recard", metavar="NAME",
+                        help="measure the shipped model NAME again and rewrite its card")
+    parser.add_argument("--eval-spec", help="take the held-out sets and protocol from this "
+                                            "spec (default: --spec)")
+    parser.add_argument("--compare", nargs="+", metavar="RUN:ARM,ARM",
+                        help="more arms for the card's table, from another experiment folder")
     args = parser.parse_args()
+    if args.recard is None and not (args.run and args.arm and args.name):
+        parser.error("ship with --run, --arm and --name, or rewrite a card with --recard NAME")
 
     import keras
 
     from algpt2_tf.evaluation import evaluate_texts
     from algpt2_tf.experiments.runner import held_out_metrics, held_out_texts
     from algpt2_tf.experiments.spec import load_spec
-    from algpt2_tf.pretrained import PRETRAINED_DIR, held_out_slice
+    from algpt2_tf.pretrained import PRETRAINED_DIR, evaluation, held_out_slice, pretrained_dir
     from algpt2_tf.saving import load_model, load_tokenizer_for
 
-    spec = load_spec(args.spec)
-    with open(os.path.join(args.run, "spec.json")) as f:
-        if json.load(f) != spec.source:
-            raise SystemExit(f"{args.run} ran another spec than {args.spec}.")
-    result, run_dir = best_run(args.run, args.arm)
-    baseline = best_run(args.run, args.baseline)[0] if args.baseline else None
-    texts = held_out_texts(spec)
-    tokenizer = load_tokenizer_for(run_dir)
-    model = load_model(run_dir)
-
-    figures = {"name": args.name, "arm": args.arm, "run": os.path.relpath(run_dir),
-               "parameters": int(model.count_params()), "config": model.config.to_dict(),
-               "training_tokens": result["training_tokens"], "steps": result["steps"],
-               "tokens_per_second": result["tokens_per_second"],
-               "train_seconds_estimate": result["training_tokens"] / result["tokens_per_second"],
-               "resumed_from_step": result.get("resumed_from_step", 0), "hardware": cpu_name(),
-               "eval": held_out_metrics(spec, model, tokenizer, texts),
-               "baseline": baseline and {"arm": args.baseline, "parameters": baseline["parameters"],
-                                         "eval": baseline["eval"]},
-               "compress": result.get("compress"), "samples": result.get("samples"),
-               "generation": spec.generation, "protocol": {
-                   "seq_len": spec.eval_seq_len, "stride": spec.eval_stride}}
+    if args.recard:
+        spec = load_spec(args.spec)
+        figures = {k: v for k, v in evaluation(args.recard).items()
+                   if k not in ("eval", "int8_eval", "ci_slice", "ci_slices", "compared",
+                                "protocol", "eval_spec", "greedy", "config", "parameters",
+                                "file_bytes")}
+        figures.setdefault("spec", args.spec)
+        model_dir = pretrained_dir(args.recard)
+        args.name = args.recard
+    else:
+        spec = checked_spec(args.spec, args.run)
+        figures, model_dir = figures_from_run(args, spec)
+    eval_spec = load_spec(args.eval_spec) if args.eval_spec else spec
+    texts = held_out_texts(eval_spec)
+    tokenizer = load_tokenizer_for(model_dir)
+    model = load_model(model_dir)
+    figures.update(
+        parameters=int(model.count_params()), config=model.config.to_dict(),
+        eval_spec=args.eval_spec or args.spec,
+        eval=held_out_metrics(eval_spec, model, tokenizer, texts),
+        protocol={"seq_len": eval_spec.eval_seq_len, "stride": eval_spec.eval_stride},
+        compared=compared(args.compare))
+    figures["ci_slices"] = {}
+    for name, documents in texts.items():
+        slice_text = held_out_slice(documents, tokenizer, SLICE_TOKENS)
+        ci = evaluate_texts(model, tokenizer, [slice_text], verbose=0, **SLICE_PROTOCOL)
+        figures["ci_slices"][name] = {"max_tokens": SLICE_TOKENS, **SLICE_PROTOCOL,
+                                      "token_perplexity": ci["token_perplexity"],
+                                      "tokens": ci["tokens"]}
     first = next(iter(texts))
-    slice_text = held_out_slice(texts[first], tokenizer, SLICE_TOKENS)
-    ci = evaluate_texts(model, tokenizer, [slice_text], verbose=0, **SLICE_PROTOCOL)
-    figures["ci_slice"] = {"set": first, "max_tokens": SLICE_TOKENS, **SLICE_PROTOCOL,
-                           "token_perplexity": ci["token_perplexity"], "tokens": ci["tokens"]}
-    prompt = spec.generation["prompts"][0]
+    figures["ci_slice"] = {"set": first, **figures["ci_slices"][first]}
+    prompt = figures["generation"]["prompts"][0]
     figures["greedy"] = {"prompt": prompt, "max_new_tokens": 24, "text": model.generate(
         [prompt], max_new_tokens=24, sampler="greedy", tokenizer=tokenizer).text[0]}
     model.quantize("int8")
-    figures["int8_eval"] = held_out_metrics(spec, model, tokenizer, texts)
+    figures["int8_eval"] = held_out_metrics(eval_spec, model, tokenizer, texts)
 
     final = os.path.join(PRETRAINED_DIR, args.name)
     os.makedirs(PRETRAINED_DIR, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{args.name}-", dir=PRETRAINED_DIR)
-    shutil.copy(os.path.join(run_dir, "model.keras"), os.path.join(staging, "model.keras"))
+    shutil.copy(os.path.join(model_dir, "model.keras"), os.path.join(staging, "model.keras"))
     tokenizer.save(os.path.join(staging, "tokenizer"))
     figures["file_bytes"] = os.path.getsize(os.path.join(staging, "model.keras"))
     with open(os.path.join(staging, "evaluation.json"), "w") as f:
         json.dump(figures, f, indent=2)
     with open(os.path.join(staging, "MODEL_CARD.md"), "w") as f:
-        f.write(model_card(figures, spec, args))
+        f.write(model_card(figures, spec, eval_spec))
     os.chmod(staging, 0o755)
     if os.path.exists(final):
         shutil.rmtree(final)
@@ -120,24 +183,51 @@ def main():
     return 0
 
 
-def _row(label, params, ev):
-    return (f"| {label} | {params:,} | {ev['books']['word_perplexity']:.2f} | "
-            f"{ev['books']['bits_per_byte']:.4f} | {ev['wiki']['word_perplexity']:.2f} | "
-            f"{ev['wiki']['bits_per_byte']:.4f} |")
+def _row(label, params, ev, sets):
+    cells = []
+    for name in sets:
+        entry = ev.get(name)
+        cells += ([f"{entry['word_perplexity']:,.2f}", f"{entry['bits_per_byte']:.4f}"] if entry
+                  else ["not measured", "-"])
+    return f"| {label} | {params:,} | " + " | ".join(cells) + " |"
 
 
-def model_card(f, spec, args):
+def model_card(f, spec, eval_spec):
     c = f["config"]
+    experiment = f.get("experiment") or f["run"].split(os.sep + "arms" + os.sep)[0]
+    baseline_arm = f.get("baseline_arm") or (f["baseline"] or {}).get("arm")
+    sets = list(f["eval"])
     train_names = [os.path.basename(s.path) for s in spec.train_files]
     eval_names = {name: [os.path.basename(s.path) + (f" (articles {s.wikitext_articles[0]:.0%}-"
                                                      f"{s.wikitext_articles[1]:.0%})"
                                                      if s.wikitext_articles else "")
-                         for s in sources] for name, sources in spec.eval_sets.items()}
-    rows = [_row(f"**{f['name']}** (float32)", f["parameters"], f["eval"]),
-            _row(f"{f['name']}, Keras int8", f["parameters"], f["int8_eval"])]
+                         for s in sources] for name, sources in eval_spec.eval_sets.items()}
+    rows = [_row(f"**{f['name']}** (float32)", f["parameters"], f["eval"], sets),
+            _row(f"{f['name']}, Keras int8", f["parameters"], f["int8_eval"], sets)]
     if f["baseline"]:
         rows.append(_row(f"GPT-2 shape, same data and tokens (`{f['baseline']['arm']}`)",
-                         f["baseline"]["parameters"], f["baseline"]["eval"]))
+                         f["baseline"]["parameters"], f["baseline"]["eval"], sets))
+    rows += [_row(r["label"], r["parameters"], r["eval"], sets) for r in f.get("compared", [])]
+    header = ("| model | parameters | " + " | ".join(f"{n} word ppl | {n} bits/byte" for n in sets)
+              + " |\n|---|---:|" + "---:|---:|" * len(sets))
+    slices = "; ".join(f"{name} {v['token_perplexity']:.4f} on its first {v['tokens']:,} scored "
+                       f"tokens" for name, v in f["ci_slices"].items())
+    gpt2_params = max([r["parameters"] for r in f.get("compared", [])]
+                      + ([f["baseline"]["parameters"]] if f["baseline"] else []), default=0)
+    small = [r for r in f.get("compared", []) if r["parameters"] <= 0.3 * gpt2_params]
+    if small:
+        better = {n: [f"`{r['arm']}`" for r in small if n in r["eval"] and
+                      r["eval"][n]["word_perplexity"] < f["eval"][n]["word_perplexity"]]
+                  for n in sets}
+        rows_note = ("\n\nCompared models within 30% of GPT-2's parameters with a lower word perplexity "
+                     "than this model: " + "; ".join(f"{n}: {', '.join(v) or 'none'}"
+                                                    for n, v in better.items()) + ".")
+    else:
+        rows_note = ""
+    missing = [n for n in sets if f["baseline"] and n not in f["baseline"]["eval"]]
+    note = (f" The GPT-2-shape model of the same data and tokens was not measured on "
+            f"{', '.join(missing)} (its weights were not kept); the rows after it are models of the "
+            f"experiments named, measured on these sets with this protocol." if missing else "")
     samples = f.get("samples") or []
     g = f["generation"]
     sample_lines = [f"- *{s['prompt']}* → {' '.join(s['continuation'].split())}" for s in samples]
@@ -173,9 +263,11 @@ knows little beyond its {f['training_tokens']:,} training tokens.
 
 ## Training procedure
 - Command (trains the GPT-2-shape model, compresses it, trains the ALGPT2; resumes when rerun):
-  `algpt2 experiment run {args.spec} --out {args.run}`,
-  then `python tools/ship_pretrained.py --spec {args.spec} --run {args.run} --arm {args.arm}
-  --baseline {args.baseline} --name {f['name']}` (this card).
+  `algpt2 experiment run {f['spec']} --out {experiment}`,
+  then `python tools/ship_pretrained.py --spec {f['spec']} --run {experiment} --arm {f['arm']}
+  --baseline {baseline_arm} --name {f['name']}`; this card: `python tools/ship_pretrained.py
+  --spec {f['spec']} --recard {f['name']} --eval-spec {f['eval_spec']}{
+  ' --compare ' + ' '.join(sorted({r['experiment'] + ':' + ','.join(x['arm'] for x in f['compared'] if x['experiment'] == r['experiment']) for r in f['compared']})) if f.get('compared') else ''}`.
 - {f['steps']:,} steps of {spec.batch_size} x {spec.seq_len} tokens = {f['training_tokens']:,}
   tokens seen by the ALGPT2 (and as many by the GPT-2-shape model it was compressed from);
   AdamW, cosine schedule, the spec's learning rate.
@@ -185,14 +277,12 @@ knows little beyond its {f['training_tokens']:,} training tokens.
 
 ## Evaluation
 Held-out sets, windows of {f['protocol']['seq_len']} tokens with stride {f['protocol']['stride']}
-(word perplexity is per whitespace-separated word, comparable across tokenizers):
+(word perplexity is per whitespace-separated word, comparable across tokenizers).{note}
 
-| model | parameters | books word ppl | books bits/byte | wiki word ppl | wiki bits/byte |
-|---|---:|---:|---:|---:|---:|
-{chr(10).join(rows)}
+{header}
+{chr(10).join(rows)}{rows_note}
 
-CI check (`tests/test_pretrained.py`): token perplexity {f['ci_slice']['token_perplexity']:.4f} on
-the first {f['ci_slice']['tokens']:,} scored tokens of the held-out {f['ci_slice']['set']} set.
+CI check (`tests/test_pretrained.py`), token perplexity of each held-out set: {slices}.
 
 ## Samples
 Greedy, `{f['greedy']['prompt']}` ({f['greedy']['max_new_tokens']} tokens, as printed):
