@@ -604,7 +604,7 @@ def _experiment_scaling(args):
 def _experiment_quality(args):
     from algpt2_tf.experiments.quality import judge_experiment
 
-    judge_experiment(args.dir, args.spec, args.judges, dest=args.out)
+    judge_experiment(args.dir, args.spec, args.judges, dest=args.out, baseline=args.baseline)
 
 
 def _add_experiment_commands(sub):
@@ -631,6 +631,8 @@ def _add_experiment_commands(sub):
     r.add_argument("dir", help="an experiment folder")
     r.add_argument("--spec", required=True, help="the spec the folder ran")
     r.add_argument("--judges", nargs="+", required=True, help="arms whose models judge")
+    r.add_argument("--baseline", help="a family (arms FAMILY_<N>x) to compare every other "
+                   "family with at equal own perplexity")
     r.add_argument("--out", help="where quality.md/.json and the plot go (default: DIR)")
     r.set_defaults(func=_experiment_quality)
 

@@ -306,8 +306,12 @@ def test_a_scaling_experiment_its_report_and_its_quality_judges(tmp_path):
     assert "| norms | 2x | 512 |" in (tmp_path / "report" / "scaling.md").read_text()
 
     assert main(["experiment", "quality", str(out), "--spec", spec_path, "--judges", "base_2x",
-                 "norms_2x", "--out", str(tmp_path / "report")]) == 0
+                 "norms_2x", "--baseline", "base", "--out", str(tmp_path / "report")]) == 0
     quality = json.loads((tmp_path / "report" / "quality.json").read_text())
+    from algpt2_tf.experiments.quality import gaps_at_equal_perplexity
+
+    assert quality["baseline"] == "base" and quality["gaps"] == json.loads(json.dumps(
+        gaps_at_equal_perplexity(quality["rows"], ["base_2x", "norms_2x"], ["stories"], "base")))
     assert quality["groups"] == {"stories": [0]}  # the second prompt opens no held-out text
     assert len(quality["rows"]) == 4
     for row in quality["rows"]:

@@ -159,7 +159,50 @@ def _judge_run_dir(out, results, arm):
     return path
 
 
-def judge_experiment(out, spec_path, judges, dest=None, log=print):
+def gaps_at_equal_perplexity(rows, judges, names, baseline):
+    """How much less likely each family's samples are than the baseline family's at the same
+    own held-out perplexity, per judge and held-out set.
+
+    The baseline family's runs give a line of log judge perplexity against log own word
+    perplexity (piecewise linear through its runs, in order of own perplexity). A run of
+    another family whose own perplexity lies within the baseline's range gets the ratio of
+    its judge perplexity to the line's at its own perplexity (> 1: worse text at equal
+    perplexity); runs outside the range are left out (no extrapolation). Per family: the
+    geometric mean of its runs' ratios, their range, and how many runs.
+
+    Returns `{family: {judge: {set: {"ratio", "low", "high", "runs"}}}}`, a set left out
+    when no run of the family falls within the baseline's range.
+
+    Example:
+    >>> rows = [{"family": "base", "own": {"s": own}, "judges": {"j": {"s": own / 10}}}
+    ...         for own in (100, 1000)] + [{"family": "x", "own": {"s": 400},
+    ...                                     "judges": {"j": {"s": 80.0}}}]
+    >>> gap = gaps_at_equal_perplexity(rows, ["j"], ["s"], "base")["x"]["j"]["s"]
+    >>> round(gap["ratio"], 6), gap["runs"]
+    (2.0, 1)
+    """
+    base = [r for r in rows if r["family"] == baseline]
+    gaps = {}
+    for family in sorted({r["family"] for r in rows} - {baseline}):
+        mine = [r for r in rows if r["family"] == family]
+        for judge in judges:
+            for name in names:
+                line = sorted((math.log(r["own"][name]), math.log(r["judges"][judge][name]))
+                              for r in base)
+                if len(line) < 2:
+                    continue
+                xs, ys = zip(*line)
+                ratios = [r["judges"][judge][name]
+                          / math.exp(float(np.interp(math.log(r["own"][name]), xs, ys)))
+                          for r in mine if xs[0] <= math.log(r["own"][name]) <= xs[-1]]
+                if ratios:
+                    gaps.setdefault(family, {}).setdefault(judge, {})[name] = {
+                        "ratio": math.exp(sum(map(math.log, ratios)) / len(ratios)),
+                        "low": min(ratios), "high": max(ratios), "runs": len(ratios)}
+    return gaps
+
+
+def judge_experiment(out, spec_path, judges, dest=None, log=print, baseline=None):
     """Scores every evaluated run's samples under each judge; writes `quality.json`,
     `quality.md` and `quality.png` into `dest` (default `out`); returns the rows.
 
@@ -169,6 +212,8 @@ def judge_experiment(out, spec_path, judges, dest=None, log=print):
         judges: arm names whose trained models score the text (two of different
             families, so no family only judges itself).
         dest: where the report goes.
+        baseline: a family to compare every other family with at equal own perplexity
+            (`gaps_at_equal_perplexity`), or None.
     """
     from algpt2_tf.experiments.report import load_results
     from algpt2_tf.experiments.runner import held_out_texts
@@ -205,16 +250,19 @@ def judge_experiment(out, spec_path, judges, dest=None, log=print):
     rows = sorted(rows.values(), key=lambda row: (row["family"], row["tokens"], row["seed"]))
     dest = dest or out
     os.makedirs(dest, exist_ok=True)
+    gaps = gaps_at_equal_perplexity(rows, judges, list(groups), baseline) if baseline else {}
     atomic_write_json(os.path.join(dest, "quality.json"),
-                      {"judges": list(judges), "groups": groups, "rows": rows})
+                      {"judges": list(judges), "groups": groups, "rows": rows,
+                       "baseline": baseline, "gaps": gaps})
     atomic_write_text(os.path.join(dest, "quality.md"),
-                      quality_markdown(rows, judges, groups, runs, prompts))
+                      quality_markdown(rows, judges, groups, runs, prompts, gaps, baseline))
     quality_plot(rows, judges, list(groups), os.path.join(dest, "quality.png"))
     log(f"Quality report: {os.path.join(dest, 'quality.md')}")
     return rows
 
 
-def quality_markdown(rows, judges, groups, runs, prompts, samples_per_arm=3):
+def quality_markdown(rows, judges, groups, runs, prompts, gaps=None, baseline=None,
+                     samples_per_arm=3):
     names = list(groups)
     header = ["arm", "seed", "train tokens"] + [f"own {n} word ppl" for n in names]
     for judge in judges:
@@ -239,6 +287,24 @@ def quality_markdown(rows, judges, groups, runs, prompts, samples_per_arm=3):
                   f"{g.get('distinct_3', 0):.2f}", f"{g.get('repeated_4gram_fraction', 0):.3f}",
                   f"{g.get('mean_length_tokens', 0):.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if gaps:
+        lines += ["", f"## At equal perplexity: judge perplexity relative to {baseline}", "",
+                  f"Each run's judge perplexity over {baseline}'s line (log-log, through its runs) "
+                  f"at the run's own held-out perplexity: above 1, the family's samples are less "
+                  f"likely than {baseline}'s at the same perplexity. Geometric mean over the "
+                  f"family's runs within {baseline}'s range of own perplexity (the range of the "
+                  f"runs in brackets, their number after it); a judge favours its own family.", "",
+                  "| family | " + " | ".join(f"{judge} on {n} samples" for judge in judges
+                                             for n in names) + " |",
+                  "|---|" + "---|" * (len(judges) * len(names))]
+        for family, by_judge in gaps.items():
+            cells = []
+            for judge in judges:
+                for n in names:
+                    g = by_judge.get(judge, {}).get(n)
+                    cells.append(f"{g['ratio']:.2f} ({g['low']:.2f}-{g['high']:.2f}, {g['runs']})"
+                                 if g else "-")
+            lines.append(f"| {family} | " + " | ".join(cells) + " |")
     picks = [indices[0] for indices in groups.values()]  # the first prompt of every set,
     last = list(groups.values())[-1] if groups else []  # and one from the middle of the last
     if len(last) > 1:
