@@ -604,7 +604,8 @@ def _experiment_scaling(args):
 def _experiment_quality(args):
     from algpt2_tf.experiments.quality import judge_experiment
 
-    judge_experiment(args.dir, args.spec, args.judges, dest=args.out, baseline=args.baseline)
+    judge_experiment(args.dir, args.spec, args.judges, dest=args.out, baseline=args.baseline,
+                     equal_on=args.equal_on)
 
 
 def _add_experiment_commands(sub):
@@ -633,6 +634,8 @@ def _add_experiment_commands(sub):
     r.add_argument("--judges", nargs="+", required=True, help="arms whose models judge")
     r.add_argument("--baseline", help="a family (arms FAMILY_<N>x) to compare every other "
                    "family with at equal own perplexity")
+    r.add_argument("--equal-on", help="the held-out set whose own perplexity is that "
+                   "comparison's axis for every set's samples (default: each set's own)")
     r.add_argument("--out", help="where quality.md/.json and the plot go (default: DIR)")
     r.set_defaults(func=_experiment_quality)
 

@@ -159,7 +159,7 @@ def _judge_run_dir(out, results, arm):
     return path
 
 
-def gaps_at_equal_perplexity(rows, judges, names, baseline):
+def gaps_at_equal_perplexity(rows, judges, names, baseline, equal_on=None):
     """How much less likely each family's samples are than the baseline family's at the same
     own held-out perplexity, per judge and held-out set.
 
@@ -169,6 +169,11 @@ def gaps_at_equal_perplexity(rows, judges, names, baseline):
     its judge perplexity to the line's at its own perplexity (> 1: worse text at equal
     perplexity); runs outside the range are left out (no extrapolation). Per family: the
     geometric mean of its runs' ratios, their range, and how many runs.
+
+    `equal_on` names one held-out set whose own perplexity is the axis for every set's
+    samples (default: each set's own): a set whose own perplexity does not fall as a
+    family trains (text no arm trains on can get worse with training) does not order runs
+    by how trained they are, and is a poor axis for its own samples.
 
     Returns `{family: {judge: {set: {"ratio", "low", "high", "runs"}}}}`, a set left out
     when no run of the family falls within the baseline's range.
@@ -187,14 +192,15 @@ def gaps_at_equal_perplexity(rows, judges, names, baseline):
         mine = [r for r in rows if r["family"] == family]
         for judge in judges:
             for name in names:
-                line = sorted((math.log(r["own"][name]), math.log(r["judges"][judge][name]))
+                axis = equal_on or name
+                line = sorted((math.log(r["own"][axis]), math.log(r["judges"][judge][name]))
                               for r in base)
                 if len(line) < 2:
                     continue
                 xs, ys = zip(*line)
                 ratios = [r["judges"][judge][name]
-                          / math.exp(float(np.interp(math.log(r["own"][name]), xs, ys)))
-                          for r in mine if xs[0] <= math.log(r["own"][name]) <= xs[-1]]
+                          / math.exp(float(np.interp(math.log(r["own"][axis]), xs, ys)))
+                          for r in mine if xs[0] <= math.log(r["own"][axis]) <= xs[-1]]
                 if ratios:
                     gaps.setdefault(family, {}).setdefault(judge, {})[name] = {
                         "ratio": math.exp(sum(map(math.log, ratios)) / len(ratios)),
@@ -202,7 +208,8 @@ def gaps_at_equal_perplexity(rows, judges, names, baseline):
     return gaps
 
 
-def judge_experiment(out, spec_path, judges, dest=None, log=print, baseline=None):
+def judge_experiment(out, spec_path, judges, dest=None, log=print, baseline=None,
+                     equal_on=None):
     """Scores every evaluated run's samples under each judge; writes `quality.json`,
     `quality.md` and `quality.png` into `dest` (default `out`); returns the rows.
 
@@ -214,6 +221,8 @@ def judge_experiment(out, spec_path, judges, dest=None, log=print, baseline=None
         dest: where the report goes.
         baseline: a family to compare every other family with at equal own perplexity
             (`gaps_at_equal_perplexity`), or None.
+        equal_on: the held-out set whose own perplexity is that comparison's axis for every
+            set's samples (default: each set's own).
     """
     from algpt2_tf.experiments.report import load_results
     from algpt2_tf.experiments.runner import held_out_texts
@@ -250,19 +259,21 @@ def judge_experiment(out, spec_path, judges, dest=None, log=print, baseline=None
     rows = sorted(rows.values(), key=lambda row: (row["family"], row["tokens"], row["seed"]))
     dest = dest or out
     os.makedirs(dest, exist_ok=True)
-    gaps = gaps_at_equal_perplexity(rows, judges, list(groups), baseline) if baseline else {}
+    gaps = (gaps_at_equal_perplexity(rows, judges, list(groups), baseline, equal_on)
+            if baseline else {})
     atomic_write_json(os.path.join(dest, "quality.json"),
                       {"judges": list(judges), "groups": groups, "rows": rows,
-                       "baseline": baseline, "gaps": gaps})
+                       "baseline": baseline, "equal_on": equal_on, "gaps": gaps})
     atomic_write_text(os.path.join(dest, "quality.md"),
-                      quality_markdown(rows, judges, groups, runs, prompts, gaps, baseline))
+                      quality_markdown(rows, judges, groups, runs, prompts, gaps, baseline,
+                                       equal_on))
     quality_plot(rows, judges, list(groups), os.path.join(dest, "quality.png"))
     log(f"Quality report: {os.path.join(dest, 'quality.md')}")
     return rows
 
 
 def quality_markdown(rows, judges, groups, runs, prompts, gaps=None, baseline=None,
-                     samples_per_arm=3):
+                     equal_on=None, samples_per_arm=3):
     names = list(groups)
     header = ["arm", "seed", "train tokens"] + [f"own {n} word ppl" for n in names]
     for judge in judges:
@@ -290,7 +301,8 @@ def quality_markdown(rows, judges, groups, runs, prompts, gaps=None, baseline=No
     if gaps:
         lines += ["", f"## At equal perplexity: judge perplexity relative to {baseline}", "",
                   f"Each run's judge perplexity over {baseline}'s line (log-log, through its runs) "
-                  f"at the run's own held-out perplexity: above 1, the family's samples are less "
+                  f"at the run's own held-out perplexity "
+                  f"({'on ' + equal_on + ', for every set' if equal_on else 'on the set'}): above 1, the family's samples are less "
                   f"likely than {baseline}'s at the same perplexity. Geometric mean over the "
                   f"family's runs within {baseline}'s range of own perplexity (the range of the "
                   f"runs in brackets, their number after it); a judge favours its own family.", "",
