@@ -277,7 +277,9 @@ def test_a_scaling_experiment_its_report_and_its_quality_judges(tmp_path):
                     {"name": "norms_1x", "config": {"per_layer_norms": True},
                      "options": {"learning_rate": 0.01}},
                     {"name": "norms_2x", "config": {"per_layer_norms": True},
-                     "options": {"learning_rate": 0.01}, "tokens": 512}]
+                     "options": {"learning_rate": 0.01}, "tokens": 512},
+                    # the base family at 2x again, at another rate (a re-sweep)
+                    {"name": "base_2x_lr0.05", "options": {"learning_rate": 0.05}, "tokens": 512}]
     spec["baseline"] = "base_1x"
     opening = " ".join(held_out.split()[:3])
     spec["generation"] = {"prompts": [opening, "Not in any held-out text at all"],
@@ -297,8 +299,14 @@ def test_a_scaling_experiment_its_report_and_its_quality_judges(tmp_path):
     report = json.loads((tmp_path / "report" / "scaling.json").read_text())
     rows = {(r["family"], r["tokens"]): r for r in report["rows"]}
     assert rows[("base", 512)]["sets"]["stories"]["ratio"] == 1.0
+    # Of the base family's two 2x runs, the one with the lower validation loss stands for it.
+    two = [runs["base_2x"], runs["base_2x_lr0.05"]]
+    best = min(two, key=lambda r: r["valid_loss"])
+    assert rows[("base", 512)]["arm"] == best["arm"]
+    assert rows[("base", 512)]["learning_rates_tried"] == sorted(
+        [r["learning_rate"], r["valid_loss"]] for r in two)
     expected = (runs["norms_2x"]["eval"]["stories"]["word_perplexity"]
-                / runs["base_2x"]["eval"]["stories"]["word_perplexity"])
+                / best["eval"]["stories"]["word_perplexity"])
     assert rows[("norms", 512)]["sets"]["stories"]["ratio"] == pytest.approx(expected)
     fit = report["fits"]["norms"]["stories"]
     assert fit["points"] == 2 and fit["slope_se"] is None  # two budgets: no error estimate
@@ -313,7 +321,7 @@ def test_a_scaling_experiment_its_report_and_its_quality_judges(tmp_path):
     assert quality["baseline"] == "base" and quality["gaps"] == json.loads(json.dumps(
         gaps_at_equal_perplexity(quality["rows"], ["base_2x", "norms_2x"], ["stories"], "base")))
     assert quality["groups"] == {"stories": [0]}  # the second prompt opens no held-out text
-    assert len(quality["rows"]) == 4
+    assert len(quality["rows"]) == 5
     for row in quality["rows"]:
         assert set(row["judges"]) == {"base_2x", "norms_2x"}
         assert row["judges"]["base_2x"]["stories"] > 1

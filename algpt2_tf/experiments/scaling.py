@@ -2,7 +2,10 @@
 
 A scaling experiment runs every model family at several budgets, one arm per
 (family, budget), named `FAMILY_<N>x` and given its budget with `tokens`
-(`experiments/scaling.json`). `write_scaling_report(OUT, baseline)` reads the
+(`experiments/scaling.json`). An arm `FAMILY_<N>x_lr<R>` is the same family and
+budget at another learning rate (a re-sweep appended to a finished experiment):
+of a family budget's arms, the one with the lowest validation loss stands for it
+(as a sweep chooses), and the table says its rate. `write_scaling_report(OUT, baseline)` reads the
 experiment folder (as `report.summarize` does: each arm at its chosen rate, the
 mean over its seeds) and writes, into `OUT/scaling/` or `dest`:
 
@@ -20,6 +23,8 @@ Example:
 
     >>> family_and_budget("shared_mlp672_16x")
     ('shared_mlp672', 16)
+    >>> family_and_budget("gpt2_lamb_16x_lr0.01")
+    ('gpt2_lamb', 16)
     >>> fit = fit_power_law([1e6, 4e6, 16e6], [1.5, 1.3, 1.15])
     >>> round(fit["slope"], 3), f"{crossing(fit, 1.05):.1e}"
     (-0.096, '4.0e+07')
@@ -34,11 +39,12 @@ from algpt2_tf.experiments.report import load_results, summarize
 from algpt2_tf.files import atomic_path, atomic_write_json, atomic_write_text
 
 TARGETS = (1.2, 1.05)
-_BUDGET = re.compile(r"^(?P<family>.+)_(?P<multiple>\d+)x$")
+_BUDGET = re.compile(r"^(?P<family>.+)_(?P<multiple>\d+)x(_lr[0-9.e-]+)?$")
 
 
 def family_and_budget(arm):
-    """`(family, multiple)` of an arm named `FAMILY_<N>x`, or `(arm, None)`."""
+    """`(family, multiple)` of an arm named `FAMILY_<N>x` (or `FAMILY_<N>x_lr<R>`, the same at
+    another learning rate), or `(arm, None)`."""
     match = _BUDGET.match(arm)
     return (match["family"], int(match["multiple"])) if match else (arm, None)
 
@@ -77,10 +83,15 @@ def scaling_rows(spec, results, baseline):
     """Per (family, budget): parameters, seeds, tokens and per-set figures with ratios to
     `baseline`'s family at the same budget."""
     rows = summarize(spec, results)
-    by_key = {}
+    by_key, tried = {}, {}
     for row in rows:
         family, multiple = family_and_budget(row["arm"])
-        by_key[(family, row["training_tokens"])] = dict(row, family=family, multiple=multiple)
+        key = (family, row["training_tokens"])
+        tried.setdefault(key, []).append([row["learning_rate"], row.get("valid_loss")])
+        held = by_key.get(key)
+        if held is None or (row.get("valid_loss") or math.inf) < (held.get("valid_loss")
+                                                                   or math.inf):
+            by_key[key] = dict(row, family=family, multiple=multiple)
     out = []
     for (family, tokens), row in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         base = by_key.get((baseline, tokens))
@@ -96,6 +107,8 @@ def scaling_rows(spec, results, baseline):
                           "bits_per_byte": entry["bits_per_byte"],
                           "ratio": ratio, "ratio_spread": spread}
         out.append({"family": family, "arm": row["arm"], "multiple": row["multiple"],
+                    "learning_rate": row["learning_rate"],
+                    "learning_rates_tried": sorted(tried[(family, tokens)]),
                     "tokens": tokens, "parameters": row["parameters"],
                     "parameter_ratio": (row["parameters"] / base["parameters"]
                                         if base is not None else None),
@@ -139,9 +152,17 @@ def _tokens(value):
     return f"{value:.2e}"
 
 
+def _rates(row):
+    tried = row.get("learning_rates_tried") or []
+    if len(tried) < 2:
+        return f"{row['learning_rate']:g}"
+    return f"{row['learning_rate']:g} (of " + ", ".join(
+        f"{rate:g}: {loss:.3f}" if loss is not None else f"{rate:g}" for rate, loss in tried) + ")"
+
+
 def markdown(spec, rows, trends, baseline):
     sets = list(rows[0]["sets"]) if rows else []
-    header = ["family", "budget", "train tokens", "params", "params vs baseline", "seeds"]
+    header = ["family", "budget", "train tokens", "params", "params vs baseline", "lr", "seeds"]
     for name in sets:
         header += [f"{name} word ppl", f"{name} bpb", f"{name} ratio"]
     lines = [f"# {spec['name']}: perplexity ratio to {baseline} against training tokens", "",
@@ -151,7 +172,7 @@ def markdown(spec, rows, trends, baseline):
         cells = [r["family"], f"{r['multiple']}x" if r["multiple"] else "-", f"{r['tokens']:,}",
                  f"{r['parameters']:,}",
                  f"{r['parameter_ratio']:.3f}" if r["parameter_ratio"] else "-",
-                 ", ".join(map(str, r["seeds"]))]
+                 _rates(r), ", ".join(map(str, r["seeds"]))]
         for name in sets:
             entry = r["sets"][name]
             ppl = f"{entry['word_perplexity']:,.1f}"
@@ -163,7 +184,9 @@ def markdown(spec, rows, trends, baseline):
             cells += [ppl, f"{entry['bits_per_byte']:.3f}", ratio]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Ratios are word perplexity / the baseline family's at the same budget; ± is half "
-              "the spread over seeds (one seed: no ±).", "",
+              "the spread over seeds (one seed: no ±). lr: the learning rate of the run shown; "
+              "where several were tried (validation loss in brackets), the lowest validation "
+              "loss is shown.", "",
               "## Fitted trends: log(ratio) = a + b log(tokens)", "",
               "| family | set | points | slope b | ± se | reaches 1.2x at | reaches 1.05x at |",
               "|---|---|---|---|---|---|---|"]
