@@ -363,26 +363,24 @@ def _compiled_model(config, options, init_model, teacher, total_steps):
     return model, optimizer
 
 
-def train(options, log=print):
-    """Runs (or resumes) a training run; returns a summary dict.
+def total_steps_of(options, batches_per_epoch):
+    """`(optimizer steps, micro-batches)` of a run: `--steps`, or `--epochs` of the data, or
+    `DEFAULT_STEPS`; each optimizer step is `grad_accum` micro-batches."""
+    if options.steps:
+        micro_total = options.steps * options.grad_accum
+    elif options.epochs:
+        micro_total = max(1, int(round(options.epochs * batches_per_epoch)))
+    else:
+        micro_total = DEFAULT_STEPS * options.grad_accum
+    total_steps = max(1, micro_total // options.grad_accum)
+    return total_steps, total_steps * options.grad_accum
 
-    Raises:
-        ValueError: bad options or data (nothing in DIR is damaged).
-        TrainingDiverged: the loss became NaN/inf; the last good checkpoint stays.
-    """
-    from algpt2_tf.model import ALGPT2LMHeadModel
+
+def _inputs(options):
+    """What a run starts from, read and checked before the run folder is touched:
+    `(tokenizer, init_model, config, teacher, data)`."""
     from algpt2_tf.tokenizer import GPT2Tokenizer
 
-    options.validate()
-    # First: splitting the CPU into replicas must happen before TensorFlow runs anything, and
-    # joining other JAX processes before JAX computes anything.
-    dist = distribute.start(options.distribute, options.replicas, distribute.Cluster.resolve(
-        options.coordinator, options.num_processes, options.process_id, options.connect_timeout),
-        batch_size=options.batch_size)
-    if not dist.is_chief:
-        log = _quiet
-    if options.fuse_elementwise:
-        enable_elementwise_fusion()
     tokenizer = GPT2Tokenizer(options.tokenizer)
     init_model = None
     if options.init_model:
@@ -396,20 +394,93 @@ def train(options, log=print):
 
         teacher = load_teacher(options.teacher, config.vocab_size, tokenizer,
                                options.teacher_precision)
-    # Check the data before touching DIR.
     data = data_lib.training_data(options, tokenizer, default_files=default_corpus_files(
         os.path.join(cache_root(), "default_corpus")) if not options.train_files else None)
-    valid_ds = dist.local_batches(data.valid_dataset(), options.batch_size)
-    batches_per_epoch = data.batches_per_epoch
-    if options.steps:
-        micro_total = options.steps * options.grad_accum
-    elif options.epochs:
-        micro_total = max(1, int(round(options.epochs * batches_per_epoch)))
-    else:
-        micro_total = DEFAULT_STEPS * options.grad_accum
-    total_steps = max(1, micro_total // options.grad_accum)
-    micro_total = total_steps * options.grad_accum
+    return tokenizer, init_model, config, teacher, data
 
+
+def _set_precision(options, log):
+    """The run's dtype policy (undone by `train` when it ends), with a warning where bf16
+    training would be slow on this CPU."""
+    if options.mixed_precision == "bf16" and not keras.distribution.list_devices("gpu"):
+        from algpt2_tf.cpu_info import bf16_training_warning
+
+        warning = bf16_training_warning()
+        if warning:
+            log(warning)
+    if options.mixed_precision:
+        keras.config.set_dtype_policy(
+            "mixed_bfloat16" if options.mixed_precision == "bf16" else "mixed_float16")
+
+
+def _fit(model, options, dist, data, valid_ds, manager, start_step, total_steps, micro_total):
+    """Trains `model` from `start_step` to `total_steps` (checkpoints, metrics, TensorBoard);
+    returns the `TrainingCallback`. Raises `TrainingDiverged` on a NaN/inf loss or weight."""
+    truncate_metrics(os.path.join(options.out, "metrics.csv"), start_step)
+    dataset = dist.local_batches(data.train_dataset(
+        start_step * options.grad_accum, micro_total - start_step * options.grad_accum),
+        options.batch_size)
+    micro_per_epoch = options.checkpoint_every * options.grad_accum
+    callback = TrainingCallback(
+        manager, os.path.join(options.out, "metrics.csv") if dist.is_chief else None,
+        start_step, total_steps, options.checkpoint_every, options.log_every,
+        options.grad_accum)
+    callbacks = [callback]
+    if dist.is_chief:
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(options.out, "logs"),
+                                                     update_freq=options.log_every))
+    model.fit(dataset, epochs=math.ceil(micro_total / micro_per_epoch),
+              initial_epoch=(start_step * options.grad_accum) // micro_per_epoch,
+              steps_per_epoch=micro_per_epoch,
+              validation_data=valid_ds,
+              callbacks=callbacks, verbose=options.verbose if dist.is_chief else 0,
+              shuffle=False)  # batches are already shuffled, as a function of (seed, step)
+    if callback.diverged_at is not None:
+        good = manager.steps()
+        raise TrainingDiverged(
+            f"The loss or the weights became NaN/inf at step {callback.diverged_at}; training "
+            f"stopped. The last good checkpoint is kept: "
+            f"{manager.path(good[-1]) if good else 'none (diverged before the first)'}.")
+    return callback
+
+
+def _write_final(config, weights, final_path, log):
+    """The final model: a clean float32 copy (no optimizer state, loads anywhere), written
+    atomically."""
+    from algpt2_tf.model import ALGPT2LMHeadModel
+
+    final = ALGPT2LMHeadModel(config)
+    final.set_weights(weights)
+    with atomic_path(final_path, ".keras") as tmp:
+        final.save(tmp)
+    log(f"Model written to {final_path}")
+
+
+def train(options, log=print):
+    """Runs (or resumes) a training run; returns a summary dict.
+
+    The steps: start the processes (`distribute.start`), read the inputs (`_inputs`: nothing
+    in DIR is touched before they check out), claim DIR and find the step to resume from
+    (the chief), build and compile the model (`_compiled_model`) and restore its checkpoint,
+    train (`_fit`), write the final model (`_write_final`).
+
+    Raises:
+        ValueError: bad options or data (nothing in DIR is damaged).
+        TrainingDiverged: the loss became NaN/inf; the last good checkpoint stays.
+    """
+    options.validate()
+    # First: splitting the CPU into replicas must happen before TensorFlow runs anything, and
+    # joining other JAX processes before JAX computes anything.
+    dist = distribute.start(options.distribute, options.replicas, distribute.Cluster.resolve(
+        options.coordinator, options.num_processes, options.process_id, options.connect_timeout),
+        batch_size=options.batch_size)
+    if not dist.is_chief:
+        log = _quiet
+    if options.fuse_elementwise:
+        enable_elementwise_fusion()
+    tokenizer, init_model, config, teacher, data = _inputs(options)
+    valid_ds = dist.local_batches(data.valid_dataset(), options.batch_size)
+    total_steps, micro_total = total_steps_of(options, data.batches_per_epoch)
     final_path = os.path.join(options.out, "model.keras")
     checkpoints = os.path.join(options.out, "checkpoints")
 
@@ -420,10 +491,11 @@ def train(options, log=print):
         return CheckpointManager(checkpoints, options.keep_checkpoints).newest_readable(log)
 
     start_step = dist.from_chief(claim_run_dir)
+    done = {"model": final_path, "steps": total_steps, "resumed_from": start_step}
     if start_step >= total_steps and os.path.exists(final_path):
         log(f"Run already complete ({total_steps} steps): {final_path}")
         dist.finish()
-        return {"model": final_path, "steps": total_steps, "resumed_from": start_step}
+        return done
     manager = CheckpointManager(checkpoints, options.keep_checkpoints, write=dist.is_chief,
                                 to_numpy=dist.to_numpy)
     if start_step and not os.path.exists(manager.path(start_step)):
@@ -432,52 +504,20 @@ def train(options, log=print):
                          "on a shared filesystem.")
 
     keras.utils.set_random_seed(options.seed)
-    if options.mixed_precision == "bf16" and not keras.distribution.list_devices("gpu"):
-        from algpt2_tf.cpu_info import bf16_training_warning
-
-        warning = bf16_training_warning()
-        if warning:
-            log(warning)
-    if options.mixed_precision:
-        keras.config.set_dtype_policy(
-            "mixed_bfloat16" if options.mixed_precision == "bf16" else "mixed_float16")
+    _set_precision(options, log)
     try:
         with dist.scope():
             model, optimizer = _compiled_model(config, options, init_model, teacher, total_steps)
             if start_step:
                 manager.restore(start_step, model, optimizer)
                 log(f"Resuming from step {start_step} ({manager.path(start_step)})")
-        truncate_metrics(os.path.join(options.out, "metrics.csv"), start_step)
-
-        dataset = dist.local_batches(data.train_dataset(
-            start_step * options.grad_accum, micro_total - start_step * options.grad_accum),
-            options.batch_size)
-
-        micro_per_epoch = options.checkpoint_every * options.grad_accum
-        callback = TrainingCallback(
-            manager, os.path.join(options.out, "metrics.csv") if dist.is_chief else None,
-            start_step, total_steps, options.checkpoint_every, options.log_every,
-            options.grad_accum)
-        callbacks = [callback]
-        if dist.is_chief:
-            callbacks.append(keras.callbacks.TensorBoard(os.path.join(options.out, "logs"),
-                                                         update_freq=options.log_every))
         log(f"Training {options.preset or options.config or options.init_model} "
             f"({config.num_parameters():,} parameters"
             f"{', distilling ' + options.teacher if teacher is not None else ''}) "
             f"on {data.meta['train_tokens']:,} tokens for {total_steps} steps of "
             f"{options.batch_size * options.grad_accum} x {options.seq_len} tokens -> {options.out}")
-        model.fit(dataset, epochs=math.ceil(micro_total / micro_per_epoch),
-                  initial_epoch=(start_step * options.grad_accum) // micro_per_epoch,
-                  steps_per_epoch=micro_per_epoch, validation_data=valid_ds,
-                  callbacks=callbacks, verbose=options.verbose if dist.is_chief else 0,
-                  shuffle=False)  # batches are already shuffled, as a function of (seed, step)
-        if callback.diverged_at is not None:
-            good = manager.steps()
-            raise TrainingDiverged(
-                f"The loss or the weights became NaN/inf at step {callback.diverged_at}; training stopped. "
-                f"The last good checkpoint is kept: "
-                f"{manager.path(good[-1]) if good else 'none (diverged before the first)'}.")
+        callback = _fit(model, options, dist, data, valid_ds, manager, start_step,
+                        total_steps, micro_total)
         weights = [dist.to_numpy(v) for v in model.weights]
     finally:
         keras.config.set_dtype_policy("float32")
@@ -486,12 +526,6 @@ def train(options, log=print):
         print(f"Process {dist.process_id} of {dist.num_processes}: step {callback.step}, "
               f"{json.dumps(callback.last_logs, sort_keys=True)}", flush=True)
     if not dist.is_chief:
-        return {"model": final_path, "steps": total_steps, "resumed_from": start_step}
-    # The final model is a clean float32 copy: no optimizer state, loads anywhere.
-    final = ALGPT2LMHeadModel(config)
-    final.set_weights(weights)
-    with atomic_path(final_path, ".keras") as tmp:
-        final.save(tmp)
-    log(f"Model written to {final_path}")
-    return {"model": final_path, "steps": total_steps, "resumed_from": start_step,
-            "metrics": os.path.join(options.out, "metrics.csv")}
+        return done
+    _write_final(config, weights, final_path, log)
+    return dict(done, metrics=os.path.join(options.out, "metrics.csv"))
