@@ -438,118 +438,146 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=1 
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
-        try:
-            raw = await read_limited(http, max_request_bytes, timeout_s)
-        except BodyTooLarge as e:
-            raise APIError(413, f"The request body is {e}.", code="request_too_large") from None
-        except BodyTimeout as e:
-            raise APIError(408, str(e), code="timeout", kind="timeout_error") from None
-        try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise APIError(400, f"The request body is not valid JSON: {e}.")
+        body = await read_json_body(http, max_request_bytes, timeout_s)
         loop = asyncio.get_running_loop()
         # Off the event loop: tokenizing a large prompt takes long enough to stall every stream.
         spec = await loop.run_in_executor(None, parse_completion, body, model_name, tokenizer,
                                           max_positions, engine.max_queue, max_response_bytes)
-        k = spec["logprobs"]
-        echoed = {}  # prompt number -> the echoed prompt's log-probability entries
-        if spec["echo"] and k is not None:
-            try:
-                for p, ids in enumerate(spec["ids"]):
-                    echoed[p] = await loop.run_in_executor(None, prompt_entries, engine,
-                                                           tokenizer, ids, k)
-            except ValueError as e:
-                raise APIError(400, str(e))
-        choices = []
-        try:
-            for p, (prompt, ids) in enumerate(zip(spec["prompts"], spec["ids"])):
-                for j in range(spec["n"]):
-                    seed = row_seed(spec["seed"] % 2 ** 31, j) if spec["seed"] is not None else \
-                        secrets.randbelow(2 ** 31)
-                    choice = Choice(p * spec["n"] + j, prompt, ids, spec["echo"], spec["stops"],
-                                    tokenizer, loop, logprobs=k is not None)
-                    choice.echoed = echoed.get(p, [])
-                    choice.request = engine.submit(Request(
-                        ids, spec["max_tokens"], spec["params"], seed, (tokenizer.eos_id,),
-                        choice.on_token, choice.on_done, logprobs=k))
-                    choices.append(choice)
-        except (QueueFull, ValueError) as e:  # none of the request runs
-            for c in choices:
-                c.request.cancel()
-            if isinstance(e, QueueFull):
-                raise APIError(429, str(e), code="queue_full", kind="rate_limit_error")
-            raise APIError(400, str(e))
+        echoed = await echoed_prompts(loop, engine, tokenizer, spec)
+        choices = submit_choices(engine, tokenizer, loop, spec, echoed)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
-
-        def usage():
-            prompt_tokens = sum(len(ids) for ids in spec["ids"])
-            completion = sum(len(c.tokens) for c in choices)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                    "total_tokens": prompt_tokens + completion}
-
-        def logprobs(entries):
-            return None if k is None else logprobs_json(entries)
-
         if not spec["stream"]:
-            entries = {c.index: list(c.echoed) for c in choices}
-            try:
-                for c in choices:
-                    async for _, new in c.events_until_done(timeout_s):
-                        entries[c.index] += new
-            finally:
-                for c in choices:
-                    c.request.cancel()  # a no-op for finished ones
-            return {**meta, "choices": [
-                {"text": c.prefix + c.text, "index": c.index,
-                 "logprobs": logprobs(entries[c.index]), "finish_reason": c.finish_reason}
-                for c in choices], "usage": usage()}
-
-        async def events():
-            def chunk(index, text, finish_reason=None, entries=()):
-                return sse({**meta, "choices": [{"text": text, "index": index,
-                                                 "logprobs": logprobs(entries),
-                                                 "finish_reason": finish_reason}]})
-
-            queue = asyncio.Queue()
-
-            async def pump(c):  # one task per choice, all feeding one stream
-                try:
-                    if c.prefix:
-                        await queue.put(chunk(c.index, c.prefix, entries=c.echoed))
-                    async for piece, entries in c.events_until_done(timeout_s):
-                        await queue.put(chunk(c.index, piece, entries=entries))
-                    await queue.put(chunk(c.index, "", c.finish_reason))
-                except APIError as e:
-                    await queue.put(sse(e.body()))
-                finally:
-                    await queue.put(None)
-
-            tasks = [asyncio.create_task(pump(c)) for c in choices]
-            try:
-                ended = 0
-                while ended < len(tasks):
-                    # The engine hands over a row's tokens `steps_per_call` at a time: what
-                    # is queued goes out in one write (still one SSE event per token).
-                    items = [await queue.get()]
-                    while not queue.empty():
-                        items.append(queue.get_nowait())
-                    ended += items.count(None)
-                    if any(item is not None for item in items):
-                        yield "".join(item for item in items if item is not None)
-                if spec["include_usage"]:
-                    yield sse({**meta, "choices": [], "usage": usage()})
-                yield "data: [DONE]\n\n"
-            finally:  # the client went away, or the stream ended: free the rows
-                for c in choices:
-                    c.request.cancel()
-                for t in tasks:
-                    t.cancel()
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+            return await completed(choices, spec, meta, timeout_s)
+        return StreamingResponse(streamed(choices, spec, meta, timeout_s),
+                                 media_type="text/event-stream")
 
     return app
+
+
+# ------------------------------------------------------- one completion request
+async def read_json_body(http, max_request_bytes, timeout_s):
+    """The request's JSON body, read within the size and time limits (413, 408, 400)."""
+    try:
+        raw = await read_limited(http, max_request_bytes, timeout_s)
+    except BodyTooLarge as e:
+        raise APIError(413, f"The request body is {e}.", code="request_too_large") from None
+    except BodyTimeout as e:
+        raise APIError(408, str(e), code="timeout", kind="timeout_error") from None
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise APIError(400, f"The request body is not valid JSON: {e}.")
+
+
+async def echoed_prompts(loop, engine, tokenizer, spec):
+    """prompt number -> its echoed log-probability entries (`echo` with `logprobs`), else {}."""
+    echoed = {}
+    if spec["echo"] and spec["logprobs"] is not None:
+        try:
+            for p, ids in enumerate(spec["ids"]):
+                echoed[p] = await loop.run_in_executor(None, prompt_entries, engine, tokenizer,
+                                                       ids, spec["logprobs"])
+        except ValueError as e:
+            raise APIError(400, str(e))
+    return echoed
+
+
+def submit_choices(engine, tokenizer, loop, spec, echoed):
+    """Submits every choice of the request (choice `j` of a prompt seeded `row_seed(seed, j)`,
+    or at random without a seed); none runs when one is refused (429 queue full, 400)."""
+    k = spec["logprobs"]
+    choices = []
+    try:
+        for p, (prompt, ids) in enumerate(zip(spec["prompts"], spec["ids"])):
+            for j in range(spec["n"]):
+                seed = row_seed(spec["seed"] % 2 ** 31, j) if spec["seed"] is not None else \
+                    secrets.randbelow(2 ** 31)
+                choice = Choice(p * spec["n"] + j, prompt, ids, spec["echo"], spec["stops"],
+                                tokenizer, loop, logprobs=k is not None)
+                choice.echoed = echoed.get(p, [])
+                choice.request = engine.submit(Request(
+                    ids, spec["max_tokens"], spec["params"], seed, (tokenizer.eos_id,),
+                    choice.on_token, choice.on_done, logprobs=k))
+                choices.append(choice)
+    except (QueueFull, ValueError) as e:  # none of the request runs
+        for c in choices:
+            c.request.cancel()
+        if isinstance(e, QueueFull):
+            raise APIError(429, str(e), code="queue_full", kind="rate_limit_error")
+        raise APIError(400, str(e))
+    return choices
+
+
+def usage_of(spec, choices):
+    prompt_tokens = sum(len(ids) for ids in spec["ids"])
+    completion = sum(len(c.tokens) for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}
+
+
+def _logprobs(spec, entries):
+    return None if spec["logprobs"] is None else logprobs_json(entries)
+
+
+async def completed(choices, spec, meta, timeout_s):
+    """The whole answer, once every choice is done (a choice past `timeout_s`: 504)."""
+    entries = {c.index: list(c.echoed) for c in choices}
+    try:
+        for c in choices:
+            async for _, new in c.events_until_done(timeout_s):
+                entries[c.index] += new
+    finally:
+        for c in choices:
+            c.request.cancel()  # a no-op for finished ones
+    return {**meta, "choices": [
+        {"text": c.prefix + c.text, "index": c.index,
+         "logprobs": _logprobs(spec, entries[c.index]), "finish_reason": c.finish_reason}
+        for c in choices], "usage": usage_of(spec, choices)}
+
+
+async def streamed(choices, spec, meta, timeout_s):
+    """The answer as server-sent events, every choice's pieces as they come; the rows are
+    freed when the client goes away."""
+    def chunk(index, text, finish_reason=None, entries=()):
+        return sse({**meta, "choices": [{"text": text, "index": index,
+                                         "logprobs": _logprobs(spec, entries),
+                                         "finish_reason": finish_reason}]})
+
+    queue = asyncio.Queue()
+
+    async def pump(c):  # one task per choice, all feeding one stream
+        try:
+            if c.prefix:
+                await queue.put(chunk(c.index, c.prefix, entries=c.echoed))
+            async for piece, entries in c.events_until_done(timeout_s):
+                await queue.put(chunk(c.index, piece, entries=entries))
+            await queue.put(chunk(c.index, "", c.finish_reason))
+        except APIError as e:
+            await queue.put(sse(e.body()))
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        ended = 0
+        while ended < len(tasks):
+            # The engine hands over a row's tokens `steps_per_call` at a time: what is queued
+            # goes out in one write (still one SSE event per token).
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            ended += items.count(None)
+            if any(item is not None for item in items):
+                yield "".join(item for item in items if item is not None)
+        if spec["include_usage"]:
+            yield sse({**meta, "choices": [], "usage": usage_of(spec, choices)})
+        yield "data: [DONE]\n\n"
+    finally:  # the client went away, or the stream ended: free the rows
+        for c in choices:
+            c.request.cancel()
+        for t in tasks:
+            t.cancel()
 
 
 def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None, max_batch=16,
