@@ -392,7 +392,7 @@ def _serve(args):
         if args.max_batch < 1 or not args.batch_window_ms >= 0 or args.max_queue < 1:
             raise UsageError("--max-batch and --max-queue must be >= 1 and --batch-window-ms "
                              ">= 0.")
-        if args.quantize != "none" and args.engine != "litert":
+        if args.quantize != "none" and args.engine == "xla":
             raise UsageError("--quantize applies to --engine litert.")
         serve(args.model, port=args.port or 8000, model_name=args.model_name,
               max_batch=args.max_batch, window_s=args.batch_window_ms / 1000,
@@ -455,10 +455,11 @@ def _add_serving_commands(sub):
                    help="how long a batch waits for more requests (--model)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--no-batching", action="store_true", help="run each request alone")
-    p.add_argument("--engine", choices=["xla", "litert"], default="xla",
-                   help="--model: xla (the Keras model, batched decode steps) or litert (its "
+    p.add_argument("--engine", choices=["auto", "xla", "litert"], default="xla",
+                   help="--model: xla (the Keras model, batched decode steps), litert (its "
                         "LiteRT build, made once and cached; one request at a time: fastest "
-                        "at batch 1)")
+                        "at batch 1) or auto (litert with --max-batch 1 or --no-batching when "
+                        "its build is cached and current, else xla)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="the LiteRT build's weights (--engine litert)")
     p.add_argument("--no-warm-up", action="store_true",

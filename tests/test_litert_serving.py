@@ -109,3 +109,17 @@ def test_algpt2_serve_engine_litert_answers_a_client(served):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_engine_auto_serves_litert_one_request_at_a_time_when_a_build_is_cached(served,
+                                                                                tmp_path):
+    from algpt2_tf.serving.openai_api import choose_engine
+
+    folder, cache, _, _ = served
+    model = str(folder / "tiny.keras")
+    assert choose_engine("auto", model, max_batch=1, cache=cache) == "litert"
+    assert choose_engine("auto", model, batching=False, cache=cache) == "litert"
+    assert choose_engine("auto", model, max_batch=16, cache=cache) == "xla"  # batches: XLA
+    assert choose_engine("auto", model, max_batch=1, cache=str(tmp_path)) == "xla"  # no build
+    assert choose_engine("auto", model, "int8", max_batch=1, cache=cache) == "xla"  # not built
+    assert choose_engine("litert", model, max_batch=16, cache=str(tmp_path)) == "litert"

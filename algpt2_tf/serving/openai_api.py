@@ -580,6 +580,23 @@ async def streamed(choices, spec, meta, timeout_s):
             t.cancel()
 
 
+def choose_engine(engine, model_path, quantize="none", max_batch=16, batching=True,
+                  cache=None):
+    """The engine `engine="auto"` serves with: "litert" when the server runs one request at a
+    time (`max_batch` 1 or no batching: LiteRT's batch-1 decode is the fastest measured,
+    `benchmarks/README.md`) and a current LiteRT build of the model is cached (so start-up
+    builds nothing); else "xla" (its batched steps serve concurrent requests). Other values
+    are returned as they are."""
+    if engine != "auto":
+        return engine
+    from algpt2_tf.export.litert_engine import cached_build
+
+    one_at_a_time = max_batch == 1 or not batching
+    if one_at_a_time and cached_build(model_path, quantize, cache=cache, build=False):
+        return "litert"
+    return "xla"
+
+
 def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None, max_batch=16,
           window_s=0.01, max_queue=256, batching=True, timeout_s=60.0,
           max_request_bytes=1 << 20, warm_up=True, max_response_bytes=32 << 20,
@@ -600,8 +617,9 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
     from algpt2_tf.saving import load_model, load_tokenizer_for
     from algpt2_tf.serving.batching import BatchEngine
 
-    if engine not in ("xla", "litert"):
-        raise ValueError(f"engine must be xla or litert, got {engine!r}.")
+    if engine not in ("auto", "xla", "litert"):
+        raise ValueError(f"engine must be auto, xla or litert, got {engine!r}.")
+    engine = choose_engine(engine, model_path, quantize, max_batch, batching)
     tokenizer = load_tokenizer_for(model_path)
     name = model_name or os.path.basename(os.path.normpath(model_path)).removesuffix(".keras")
     if engine == "litert":
