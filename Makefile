@@ -29,6 +29,7 @@ clean:
 bench:
 	$(PYTHON) benchmarks/bench.py
 	$(PYTHON) benchmarks/cold_start.py
+	$(PYTHON) benchmarks/cold_start.py --preset algpt2
 	$(PYTHON) benchmarks/peers.py
 
 bench-quick:

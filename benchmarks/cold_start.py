@@ -1,6 +1,7 @@
 """Cold start: wall time and peak memory of `algpt2 generate` from a fresh process, per engine.
 
     python benchmarks/cold_start.py [--model algpt2-pd-books] [--rounds 3] [--quick] [--out PATH]
+    python benchmarks/cold_start.py --preset algpt2     # a freshly initialized preset model
 
 Each case is one `algpt2 generate --model M --prompt P --max-new-tokens 1 --sampler greedy`
 run as a new process (`/usr/bin/time`-style: wall seconds from start to exit, the first
@@ -10,6 +11,9 @@ the benchmark's own:
 - `xla`: `--engine xla` (imports TensorFlow, loads the model, compiles the loop);
 - `litert first`: `--engine litert` on an empty cache (builds the LiteRT engine once);
 - `litert cached`: `--engine auto` once the build is cached (no TensorFlow).
+
+`--preset NAME` measures a model of an architecture preset (no weights ship for one: a
+seeded fresh initialization, saved once to the benchmark's folder with the GPT-2 tokenizer).
 
 Rounds alternate the `xla` and `litert cached` cases (the first build runs once per
 round, on a fresh cache); the table gives each case's median and the machine's load
@@ -78,9 +82,23 @@ def peak_rss_alone(model, engine, cache):
     return float(out.strip())
 
 
+def saved_preset(preset, folder):
+    """A seeded fresh model of `preset` saved as `folder/PRESET.keras` (in a child process, so
+    this one never imports TensorFlow)."""
+    path = os.path.join(folder, f"{preset}.keras")
+    code = ("import sys, keras\n"
+            "from algpt2_tf import ALGPT2LMHeadModel\n"
+            "keras.utils.set_random_seed(0)\n"
+            "ALGPT2LMHeadModel.from_preset(sys.argv[1], load_weights=False).save(sys.argv[2])\n")
+    subprocess.run([sys.executable, "-c", code, preset, path], check=True, capture_output=True)
+    return path
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="algpt2-pd-books")
+    parser.add_argument("--preset", help="measure a fresh model of this architecture preset "
+                                         "instead of --model")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one round (a smoke test)")
     parser.add_argument("--out", help="results path without extension (default: "
@@ -90,23 +108,29 @@ def main():
 
     cpu = cpu_info()
     rounds = 1 if args.quick else args.rounds
-    load_before = os.getloadavg()
-    found = measure(args.model, rounds)
-    cache = tempfile.mkdtemp(prefix="algpt2-cold-rss-")
-    try:  # exact peaks, one child tree per case
-        rss = {"litert first": peak_rss_alone(args.model, "litert", cache),
-               "xla": peak_rss_alone(args.model, "xla", cache),
-               "litert cached": peak_rss_alone(args.model, "auto", cache)}
+    models = tempfile.mkdtemp(prefix="algpt2-cold-models-")
+    try:
+        model = saved_preset(args.preset, models) if args.preset else args.model
+        label = f"a fresh `{args.preset}` preset model" if args.preset else args.model
+        load_before = os.getloadavg()
+        found = measure(model, rounds)
+        cache = tempfile.mkdtemp(prefix="algpt2-cold-rss-")
+        try:  # exact peaks, one child tree per case
+            rss = {"litert first": peak_rss_alone(model, "litert", cache),
+                   "xla": peak_rss_alone(model, "xla", cache),
+                   "litert cached": peak_rss_alone(model, "auto", cache)}
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(models, ignore_errors=True)
     load_after = os.getloadavg()
     rows = {case: {"wall_s": walls, "median_wall_s": statistics.median(walls),
                    "peak_rss_mb": rss[case]} for case, walls in found.items()}
-    report = {"model": args.model, "prompt": PROMPT, "rounds": rounds, "cpu": cpu,
+    report = {"model": label, "prompt": PROMPT, "rounds": rounds, "cpu": cpu,
               "load_average_before": load_before, "load_average_after": load_after,
               "cases": rows}
     cpu_name = f"{cpu['vendor']} {cpu['model_name']} family {cpu['family']} model {cpu['model']}"
-    lines = [f"# Cold start: `algpt2 generate --model {args.model} --max-new-tokens 1`", "",
+    lines = [f"# Cold start: `algpt2 generate --model M --max-new-tokens 1`, M = {label}", "",
              f"CPU: {cpu_name}, {cpu['logical_cpus']} logical CPUs; load average (1, 5, 15 min) "
              f"{', '.join(f'{x:.2f}' for x in load_before)} before, "
              f"{', '.join(f'{x:.2f}' for x in load_after)} after; median of {rounds} "
@@ -118,7 +142,8 @@ def main():
                      f"{', '.join(f'{w:.2f}' for w in row['wall_s'])} | {row['peak_rss_mb']:.0f} |")
     slug = f"{cpu['vendor'].lower().replace('authentic', '').replace('genuine', '')}_" \
            f"f{cpu['family']}m{cpu['model']}"
-    out = args.out or os.path.join(RESULTS, f"cold_start_{slug}")
+    suffix = f"_{args.preset}" if args.preset else ""
+    out = args.out or os.path.join(RESULTS, f"cold_start_{slug}{suffix}")
     write_results(out, report, "\n".join(lines) + "\n")
 
 

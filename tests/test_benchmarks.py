@@ -220,3 +220,25 @@ def test_peers_quick(tmp_path):
         assert len(case["tokens_per_s"]) == 1 and case["median"] > 0
     table = (tmp_path / "peers.md").read_text()
     assert "| algpt2 b1 | CTranslate2 int8 (HF export) |" in table and "ONNX Runtime" in table
+
+
+def test_cold_start_measures_a_preset_as_a_saved_fresh_model(tmp_path):
+    """`cold_start.py --preset NAME` saves a seeded fresh model of the preset (in a child
+    process) that `algpt2` commands load: the same weights every time."""
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import cold_start
+    finally:
+        sys.path.remove(BENCHMARKS)
+    import numpy as np
+
+    from algpt2_tf import ALGPT2Config
+    from algpt2_tf.saving import load_model
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = load_model(cold_start.saved_preset("algpt2-tiny", str(tmp_path / "a")))
+    second = load_model(cold_start.saved_preset("algpt2-tiny", str(tmp_path / "b")))
+    assert first.config.to_dict() == ALGPT2Config.from_preset("algpt2-tiny").to_dict()
+    for a, b in zip(first.get_weights(), second.get_weights()):
+        np.testing.assert_array_equal(a, b)
