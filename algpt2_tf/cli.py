@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from algpt2_tf import xla_cache
+
 
 class UsageError(ValueError):
     """Bad command-line input; reported with exit code 2."""
@@ -163,6 +165,7 @@ def _generate(args):
         return
     from algpt2_tf.tf_startup import import_tensorflow_quietly
 
+    compile_cache = xla_cache.use()  # before TensorFlow reads its flags
     import_tensorflow_quietly()
     tricks = _decode_process_settings()  # before anything compiles
     from algpt2_tf import backend
@@ -182,8 +185,10 @@ def _generate(args):
     generator = generator_for(model, tricks)
     generator.buckets(len(ids), args.max_new_tokens)  # validates the length before any output
     print("algpt2 generate: engine xla", file=sys.stderr)
-    return _write_stream(prompt, generator.stream(ids, args.max_new_tokens, params, args.seed,
-                                                  stop_ids), tokenizer, stop_ids)
+    _write_stream(prompt, generator.stream(ids, args.max_new_tokens, params, args.seed,
+                                           stop_ids), tokenizer, stop_ids)
+    if compile_cache:  # this process's compiled programs are complete: trust them next time
+        xla_cache.record(compile_cache)
 
 
 def _litert_build(args):
@@ -398,7 +403,7 @@ def _serve(args):
               max_batch=args.max_batch, window_s=args.batch_window_ms / 1000,
               max_queue=args.max_queue, batching=not args.no_batching, timeout_s=args.timeout,
               warm_up=not args.no_warm_up, engine=args.engine, quantize=args.quantize,
-              tricks=args.tricks, **limits)
+              tricks=args.tricks, compile_cache=args.compile_cache, **limits)
         return
     if args.model_name is None:
         raise UsageError("--model-base-path needs --model-name.")
@@ -737,6 +742,7 @@ def main(argv=None):
             _choose_backend(args.backend)
         if args.command == "serve":
             args.tricks = _decode_process_settings()
+            args.compile_cache = xla_cache.use()
     except UsageError as e:
         print(f"algpt2: error: {e}", file=sys.stderr)
         return 2

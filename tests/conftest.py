@@ -2,6 +2,12 @@ import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# No persistent XLA compilation cache in the test processes (the `algpt2` command turns one on
+# for generate and serve: `xla_cache.use` leaves a folder the user's flags name, here none);
+# tests/test_cli.py checks the cache in processes of their own.
+if "--tf_xla_persistent_cache_directory=" not in os.environ.get("TF_XLA_FLAGS", ""):
+    os.environ["TF_XLA_FLAGS"] = (os.environ.get("TF_XLA_FLAGS", "")
+                                  + " --tf_xla_persistent_cache_directory=").strip()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -81,6 +81,48 @@ def test_generate_streams_and_reads_stdin(tmp_path, capsys, monkeypatch):
     assert "max_positions" in capsys.readouterr().err
 
 
+def test_generate_keeps_its_compiled_programs_and_compiles_a_damaged_one_again(tmp_path):
+    """`algpt2 generate` keeps XLA's compiled programs in `$ALGPT2_CACHE/xla` (a manifest of
+    their digests); the next process reads them (no entry rewritten); a damaged entry is
+    removed and compiled again, never read (TensorFlow would fail on it)."""
+    import glob
+
+    from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
+
+    model = ALGPT2LMHeadModel(ALGPT2Config(max_positions=64, hidden_size=32, num_layers=2,
+                                           num_heads=2, intermediate_size=64, embedding_size=16))
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    env = user_env(ALGPT2_CACHE=str(tmp_path / "cache"))
+    env.pop("TF_XLA_FLAGS", None)  # the tests' own processes keep no cache
+    folder = tmp_path / "cache" / "xla"
+
+    def generate():
+        done = subprocess.run(["algpt2", "generate", "--model", path, "--engine", "xla",
+                               "--prompt", "Once upon a time", "--max-new-tokens", "6",
+                               "--sampler", "greedy"], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    def entries():
+        manifest = json.loads((folder / "manifest.json").read_text())
+        files = {os.path.basename(p): os.stat(p).st_mtime_ns
+                 for p in glob.glob(str(folder / "xla_compile_cache__*.pb"))}
+        assert files and set(files) == set(manifest)
+        return files
+
+    text = generate()
+    first = entries()
+    assert generate() == text and entries() == first  # read, not compiled again
+    damaged = sorted(first)[0]
+    with open(folder / damaged, "r+b") as f:
+        f.truncate(10)
+    assert generate() == text
+    again = entries()
+    assert damaged in again and again[damaged] != first[damaged]
+    assert os.path.getsize(folder / damaged) > 10
+
+
 @pytest.mark.slow
 def test_main_job_trains_on_the_default_corpus(tmp_path):
     """The README's main job, shortened: no data argument, the built-in corpus."""

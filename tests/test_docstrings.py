@@ -19,7 +19,7 @@ MODULES = [
     "algpt2_tf.cpu_info", "algpt2_tf.decode_tricks", "algpt2_tf.launch",
     "algpt2_tf.experiments.quality", "algpt2_tf.experiments.scaling", "algpt2_tf.sampling",
     "algpt2_tf.token_choice", "algpt2_tf.serving.litert_serving",
-    "algpt2_tf.export.litert_engine",
+    "algpt2_tf.export.litert_engine", "algpt2_tf.xla_cache",
 ]
 
 

@@ -48,6 +48,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from algpt2_tf import xla_cache
 from algpt2_tf.sampling import SamplingParams, row_seed
 from algpt2_tf.serving.batching import MAX_LOGPROBS, QueueFull, Request
 from algpt2_tf.serving.request_body import (BodyTimeout, BodyTooLarge, RequireAPIKey,
@@ -600,12 +601,15 @@ def choose_engine(engine, model_path, quantize="none", max_batch=16, batching=Tr
 def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None, max_batch=16,
           window_s=0.01, max_queue=256, batching=True, timeout_s=60.0,
           max_request_bytes=1 << 20, warm_up=True, max_response_bytes=32 << 20,
-          insecure_no_auth=False, engine="xla", quantize="none", tricks=None):
+          insecure_no_auth=False, engine="xla", quantize="none", tricks=None,
+          compile_cache=None):
     """Loads a model (run folder, .keras file, HF folder or preset name) and
     serves it until interrupted; with `warm_up`, compiles the common batch
     shapes first (`BatchEngine.warm_up`). Beyond loopback only with `api_key`
     or `insecure_no_auth` (`request_body.check_binding`). `tricks`: the xla engine's decode
-    speed tricks (`DecodeTricks`, default this CPU's). `engine="litert"` serves
+    speed tricks (`DecodeTricks`, default this CPU's). `compile_cache`: the folder of XLA's
+    compiled programs in use (`xla_cache.use`), whose new entries are recorded after the
+    warm-up and when the server stops, so the next start reads them. `engine="litert"` serves
     the model's LiteRT build (`quantize`: its weights; built once and cached,
     `litert_engine.cached_build`) one request at a time (`litert_serving`)."""
     import logging
@@ -640,6 +644,8 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
                              max_queue=max_queue, batching=batching, tricks=tricks)
         warmed = (f"; compiled the first batch shapes in {engine.warm_up():.1f} s"
                   if warm_up else "")
+        if compile_cache:
+            xla_cache.record(compile_cache)
     try:
         app = create_app(engine, tokenizer, name, api_key, max_request_bytes, timeout_s,
                          max_response_bytes)
@@ -655,3 +661,5 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         engine.close()
+        if compile_cache:
+            xla_cache.record(compile_cache)
