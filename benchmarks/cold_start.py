@@ -9,11 +9,17 @@ token included, and the child's peak RSS from `resource.getrusage`), in a cache 
 the benchmark's own:
 
 - `xla`: `--engine xla` (imports TensorFlow, loads the model, compiles the loop);
+- `xla second`: the same again, its compiled programs read from the cache folder
+  (`algpt2_tf.xla_cache`);
 - `litert first`: `--engine litert` on an empty cache (builds the LiteRT engine once);
 - `litert cached`: `--engine auto` once the build is cached (no TensorFlow).
 
 `--preset NAME` measures a model of an architecture preset (no weights ship for one: a
 seeded fresh initialization, saved once to the benchmark's folder with the GPT-2 tokenizer).
+
+And `algpt2 serve --model M` (the OpenAI server, XLA engine, default batch shapes warmed
+up): seconds from the command's start until `/v1/models` answers, on an empty cache folder
+(`serve first start`) and again on the one it left (`serve second start`).
 
 Rounds alternate the `xla` and `litert cached` cases (the first build runs once per
 round, on a fresh cache); the table gives each case's median and the machine's load
@@ -22,6 +28,8 @@ average during the run. `--quick`: one round (the slow tier's smoke test).
 
 import argparse
 import json
+import socket
+import urllib.request
 import os
 import shutil
 import statistics
@@ -50,19 +58,50 @@ def run_once(model, engine, cache):
     return wall, done.stderr
 
 
-def measure(model, rounds):
+def serve_ready_s(model, cache, timeout=600):
+    """Seconds from starting `algpt2 serve --model M` until `/v1/models` answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, ALGPT2_CACHE=cache)
+    started = time.perf_counter()
+    server = subprocess.Popen(["algpt2", "serve", "--model", model, "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while time.perf_counter() - started < timeout:
+            if server.poll() is not None:
+                raise RuntimeError(f"algpt2 serve exited:\n{server.stderr.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1):
+                    return time.perf_counter() - started
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"algpt2 serve was not ready after {timeout} s")
+    finally:
+        server.terminate()  # a clean stop: it records its compiled programs
+        server.wait(timeout=60)
+
+
+def measure(model, rounds, serve=True):
     """Every case `rounds` times, alternating; returns `{case: [wall seconds, ...]}`."""
-    found = {"litert first": [], "xla": [], "litert cached": []}
+    found = {"litert first": [], "xla": [], "xla second": [], "litert cached": []}
+    if serve:
+        found.update({"serve first start": [], "serve second start": []})
     root = tempfile.mkdtemp(prefix="algpt2-cold-")
     try:
         for r in range(rounds):
             cache = os.path.join(root, f"round{r}")  # empty: the first LiteRT run builds
             found["litert first"].append(run_once(model, "litert", cache)[0])
             found["xla"].append(run_once(model, "xla", cache)[0])
+            found["xla second"].append(run_once(model, "xla", cache)[0])
             wall, err = run_once(model, "auto", cache)
             if "engine litert" not in err:
                 raise RuntimeError(f"--engine auto did not take the cached LiteRT build:\n{err}")
             found["litert cached"].append(wall)
+            if serve:
+                cache = os.path.join(root, f"serve{r}")  # empty: nothing compiled yet
+                found["serve first start"].append(serve_ready_s(model, cache))
+                found["serve second start"].append(serve_ready_s(model, cache))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return found
@@ -101,6 +140,7 @@ def main():
                                          "instead of --model")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one round (a smoke test)")
+    parser.add_argument("--no-serve", action="store_true", help="generate's cases only")
     parser.add_argument("--out", help="results path without extension (default: "
                                       "benchmarks/results/cold_start_<cpu>)")
     args = parser.parse_args()
@@ -113,11 +153,12 @@ def main():
         model = saved_preset(args.preset, models) if args.preset else args.model
         label = f"a fresh `{args.preset}` preset model" if args.preset else args.model
         load_before = os.getloadavg()
-        found = measure(model, rounds)
+        found = measure(model, rounds, serve=not args.no_serve)
         cache = tempfile.mkdtemp(prefix="algpt2-cold-rss-")
         try:  # exact peaks, one child tree per case
             rss = {"litert first": peak_rss_alone(model, "litert", cache),
                    "xla": peak_rss_alone(model, "xla", cache),
+                   "xla second": peak_rss_alone(model, "xla", cache),
                    "litert cached": peak_rss_alone(model, "auto", cache)}
         finally:
             shutil.rmtree(cache, ignore_errors=True)
@@ -125,7 +166,7 @@ def main():
         shutil.rmtree(models, ignore_errors=True)
     load_after = os.getloadavg()
     rows = {case: {"wall_s": walls, "median_wall_s": statistics.median(walls),
-                   "peak_rss_mb": rss[case]} for case, walls in found.items()}
+                   "peak_rss_mb": rss.get(case)} for case, walls in found.items()}
     report = {"model": label, "prompt": PROMPT, "rounds": rounds, "cpu": cpu,
               "load_average_before": load_before, "load_average_after": load_after,
               "cases": rows}
@@ -135,11 +176,13 @@ def main():
              f"{', '.join(f'{x:.2f}' for x in load_before)} before, "
              f"{', '.join(f'{x:.2f}' for x in load_after)} after; median of {rounds} "
              "round(s), fresh processes, cases alternating.", "",
-             "| case | median wall s (to exit, first token included) | runs | peak RSS MB |",
+             "| case | median wall s (generate: to exit, first token included; serve: until "
+             "it answers) | runs | peak RSS MB |",
              "|---|---:|---|---:|"]
     for case, row in rows.items():
+        rss_mb = "-" if row["peak_rss_mb"] is None else f"{row['peak_rss_mb']:.0f}"
         lines.append(f"| {case} | {row['median_wall_s']:.2f} | "
-                     f"{', '.join(f'{w:.2f}' for w in row['wall_s'])} | {row['peak_rss_mb']:.0f} |")
+                     f"{', '.join(f'{w:.2f}' for w in row['wall_s'])} | {rss_mb} |")
     slug = f"{cpu['vendor'].lower().replace('authentic', '').replace('genuine', '')}_" \
            f"f{cpu['family']}m{cpu['model']}"
     suffix = f"_{args.preset}" if args.preset else ""
