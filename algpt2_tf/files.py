@@ -7,8 +7,18 @@ renamed onto it, so a reader sees the old file or the new one, never half.
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
+
+
+def file_digest(path):
+    """The SHA-256 of a file's bytes (hex), read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cache_root():

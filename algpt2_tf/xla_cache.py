@@ -31,11 +31,10 @@ Example:
 """
 
 import glob
-import hashlib
 import json
 import os
 
-from algpt2_tf.files import atomic_write_json, cache_root
+from algpt2_tf.files import atomic_write_json, cache_root, file_digest
 
 FLAG = "--tf_xla_persistent_cache_directory="
 MANIFEST = "manifest.json"
@@ -45,14 +44,6 @@ ENTRY_PATTERN = "xla_compile_cache__*.pb"
 def default_folder():
     """`$ALGPT2_CACHE/xla` (default `~/.cache/algpt2/xla`)."""
     return os.path.join(cache_root(), "xla")
-
-
-def _digest(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _manifest(folder):
@@ -71,7 +62,7 @@ def prepare(folder):
     kept = {}
     for path in glob.glob(os.path.join(folder, ENTRY_PATTERN)):
         name = os.path.basename(path)
-        if manifest.get(name) == _digest(path):
+        if manifest.get(name) == file_digest(path):
             kept[name] = manifest[name]
             continue
         try:
@@ -90,7 +81,7 @@ def record(folder):
     for path in glob.glob(os.path.join(folder, ENTRY_PATTERN)):
         name = os.path.basename(path)
         if name not in manifest:
-            manifest[name] = _digest(path)
+            manifest[name] = file_digest(path)
     atomic_write_json(os.path.join(folder, MANIFEST), manifest)
     return len(manifest)
 

@@ -39,7 +39,7 @@ import tempfile
 
 import numpy as np
 
-from algpt2_tf.files import cache_root
+from algpt2_tf.files import cache_root, file_digest
 from algpt2_tf.sampling import SamplingParams, host_decode
 
 BUILD_VERSION = 1
@@ -60,14 +60,6 @@ class LiteRTBuild:
     @property
     def model_path(self):
         return os.path.join(self.folder, "model.tflite")
-
-
-def file_digest(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _key(digest, quantize, max_length):
