@@ -124,8 +124,9 @@ class RowMajorCopy:
         self.values = tf.transpose(layer.float_kernel())
 
     def matmul(self, inputs, kernel):
-        """`inputs @ kernel` (`kernel`: the stored-layout float kernel), through the copy
-        when there is one input row.
+        """`inputs @ kernel` (`kernel`: a function giving the stored-layout float kernel, so
+        an int8 kernel is dequantized in the other branch only), through the copy when there
+        is one input row.
 
         XLA compiles for static shapes, so it keeps one branch of the `cond`.
         """
@@ -133,7 +134,7 @@ class RowMajorCopy:
         product = tf.cond(
             tf.shape(flat)[0] == 1,
             lambda: tf.linalg.matmul(flat, tf.cast(self.values, flat.dtype), transpose_b=True),
-            lambda: tf.linalg.matmul(flat, tf.cast(kernel, flat.dtype)))
+            lambda: tf.linalg.matmul(flat, tf.cast(kernel(), flat.dtype)))
         return tf.reshape(product, tf.concat([tf.shape(inputs)[:-1], tf.shape(product)[-1:]], 0))
 
 
@@ -168,7 +169,7 @@ class DecodePlan:
         copy = self.copies.get(id(layer))
         if copy is None:
             return ops.matmul(inputs, layer.float_kernel())
-        return copy.matmul(inputs, layer.float_kernel())
+        return copy.matmul(inputs, layer.float_kernel)
 
     def add_bias(self, x, bias):
         """`x + bias`, as `x - (-bias)` with `bias_as_subtraction` (bit-identical)."""

@@ -87,23 +87,19 @@ class HostLoopGenerator:
         logits, caches = self.step(*tensors(ids, positions, key_mask),
                                    self.model.empty_caches(batch, total), *tensors(0))
         next_position = mask.sum(axis=1).astype("int32")
-        state = {"caches": caches}
 
         def advance(tokens, step):
+            nonlocal caches
             slot = longest + step
             key_mask[:, slot] = 1
-            logits, state["caches"] = self.step(
-                *tensors(tokens[:, None], (next_position + step)[:, None], key_mask), state["caches"],
+            logits, caches = self.step(
+                *tensors(tokens[:, None], (next_position + step)[:, None], key_mask), caches,
                 *tensors(slot))
             return ops.convert_to_numpy(logits)
 
         new = [[] for _ in prompts]
-        done = np.zeros(batch, bool)
-        stop = set(int(t) for t in stop_ids)
-        for tokens, _ in host_decode(ops.convert_to_numpy(logits), seen, params, seeds,
-                                     max_new_tokens, stop_ids, advance):
-            for row, token in enumerate(tokens.tolist()):
-                if not done[row]:
-                    new[row].append(token)
-                    done[row] = token in stop
+        for tokens, _, running in host_decode(ops.convert_to_numpy(logits), seen, params, seeds,
+                                              max_new_tokens, stop_ids, advance):
+            for row in np.flatnonzero(running):
+                new[row].append(int(tokens[row]))
         return GenerationOutput(ids=[p + n for p, n in zip(prompts, new)], new_ids=new)

@@ -125,30 +125,30 @@ def pick_tokens(logits, seen, params, seeds, steps):
 def host_decode(logits, seen, params, seeds, max_new_tokens, stop_ids, advance):
     """The decode loop of every path that runs the model step by step from NumPy (the
     torch/JAX host loop, the LiteRT engine, an export's greedy check): picks each row's
-    token with `pick_tokens` and yields `(tokens [batch], logits [batch, vocab])`, the
-    logits they were picked from.
+    token with `pick_tokens` and yields `(tokens [batch], logits [batch, vocab], running
+    [batch])`: the logits they were picked from, and which rows had not stopped before
+    this step (a stopped row's later tokens mean nothing).
 
     Args:
         logits: float `[batch, vocab]`, the prompts' next-token logits.
         seen: bool `[batch, vocab]`, the prompts' tokens (updated in place).
         params: `SamplingParams`; seeds: one per row (`row_seed`).
         max_new_tokens: the most steps.
-        stop_ids: a row that emits one is done (the loop goes on while another row runs;
-            a done row's later tokens mean nothing).
+        stop_ids: a row that emits one is done (the loop goes on while another row runs).
         advance: `advance(tokens, step) -> logits`, the model's next step.
 
     Example:
     >>> table = np.eye(4)[[1, 2, 3, 0]]  # token t -> logits of t + 1
     >>> steps = host_decode(table[[0]], np.zeros((1, 4), bool), SamplingParams(top_k=1), [0],
     ...                     5, (3,), lambda tokens, step: table[tokens])
-    >>> [int(tokens[0]) for tokens, _ in steps]
+    >>> [int(tokens[0]) for tokens, _, _ in steps]
     [1, 2, 3]
     """
     done = np.zeros(len(logits), bool)
     stop = np.asarray(list(stop_ids), dtype=np.int64)
     for step in range(max_new_tokens):
         tokens = pick_tokens(logits, seen, params, seeds, step)
-        yield tokens, logits
+        yield tokens, logits, ~done
         done |= np.isin(tokens, stop)
         if done.all() or step == max_new_tokens - 1:
             return

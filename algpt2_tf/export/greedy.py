@@ -18,6 +18,6 @@ def greedy_continuation(decode, logits, position, steps):
     `position`, `position + 1`, ...), which returns the next logits.
     """
     seen = np.zeros(np.shape(logits), bool)
-    return [int(tokens[0]) for tokens, _ in host_decode(
+    return [int(tokens[0]) for tokens, _, _ in host_decode(
         np.asarray(logits), seen, SamplingParams(top_k=1), [0], steps, (),
         lambda tokens, step: decode(int(tokens[0]), position + step))]

@@ -212,7 +212,7 @@ class LiteRTGenerator:
         seen = np.zeros((1, vocab), bool)
         seen[0, prompt_ids] = True
         logits = self.decoder.prefill(list(prompt_ids))[:, :vocab]
-        for tokens, rows in host_decode(
+        for tokens, rows, _ in host_decode(
                 logits, seen, params, [seed or 0], max_new_tokens, stop_ids,
                 lambda tokens, step: self.decoder.decode(int(tokens[0]),
                                                          len(prompt_ids) + step)[:, :vocab]):
