@@ -131,6 +131,7 @@ def main():
         spec = load_spec(args.spec)
         figures = {k: v for k, v in evaluation(args.recard).items()
                    if k not in ("eval", "int8_eval", "ci_slice", "ci_slices", "compared",
+                                "compare_args",
                                 "protocol", "eval_spec", "greedy", "config", "parameters",
                                 "file_bytes")}
         figures.setdefault("spec", args.spec)
@@ -148,7 +149,7 @@ def main():
         eval_spec=args.eval_spec or args.spec,
         eval=held_out_metrics(eval_spec, model, tokenizer, texts),
         protocol={"seq_len": eval_spec.eval_seq_len, "stride": eval_spec.eval_stride},
-        compared=compared(args.compare))
+        compared=compared(args.compare), compare_args=args.compare or [])
     figures["ci_slices"] = {}
     for name, documents in texts.items():
         slice_text = held_out_slice(documents, tokenizer, SLICE_TOKENS)
@@ -267,7 +268,7 @@ knows little beyond its {f['training_tokens']:,} training tokens.
   then `python tools/ship_pretrained.py --spec {f['spec']} --run {experiment} --arm {f['arm']}
   --baseline {baseline_arm} --name {f['name']}`; this card: `python tools/ship_pretrained.py
   --spec {f['spec']} --recard {f['name']} --eval-spec {f['eval_spec']}{
-  ' --compare ' + ' '.join(sorted({r['experiment'] + ':' + ','.join(x['arm'] for x in f['compared'] if x['experiment'] == r['experiment']) for r in f['compared']})) if f.get('compared') else ''}`.
+  ' --compare ' + ' '.join(f['compare_args']) if f['compare_args'] else ''}`.
 - {f['steps']:,} steps of {spec.batch_size} x {spec.seq_len} tokens = {f['training_tokens']:,}
   tokens seen by the ALGPT2 (and as many by the GPT-2-shape model it was compressed from);
   AdamW, cosine schedule, the spec's learning rate.
