@@ -318,6 +318,8 @@ def test_a_scaling_experiment_its_report_and_its_quality_judges(tmp_path):
     quality = json.loads((tmp_path / "report" / "quality.json").read_text())
     from algpt2_tf.experiments.quality import gaps_at_equal_perplexity
 
+    assert main(["experiment", "quality", str(out), "--spec", spec_path, "--judges", "base_2x",
+                 "--equal-on", "nothing", "--out", str(tmp_path / "report")]) == 2
     assert quality["baseline"] == "base" and quality["gaps"] == json.loads(json.dumps(
         gaps_at_equal_perplexity(quality["rows"], ["base_2x", "norms_2x"], ["stories"], "base")))
     assert quality["groups"] == {"stories": [0]}  # the second prompt opens no held-out text

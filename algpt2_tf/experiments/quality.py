@@ -238,6 +238,9 @@ def judge_experiment(out, spec_path, judges, dest=None, log=print, baseline=None
         raise ValueError(f"{spec_path} is not the spec {out} ran.")
     prompts = spec.generation["prompts"]
     groups = prompt_groups(prompts, held_out_texts(spec))
+    if equal_on is not None and equal_on not in groups:
+        raise ValueError(f"--equal-on {equal_on!r}: no prompt opens that held-out set; "
+                         f"choose one of {', '.join(groups)}.")
     tokenizer = GPT2Tokenizer(os.path.join(out, "tokenizer"))
     runs = [r for r in results if r.get("samples")]
     rows = {(r["arm"], r["seed"], r["learning_rate"]): {
