@@ -15,7 +15,9 @@ run's `result.json`. Rerunning it reproduces the card's numbers.
         --compare experiments/runs/scaling:gpt2_lamb_16x,algpt2_factorized_16x,shared_mlp672_16x
 
 `--recard NAME` measures the model already shipped as NAME again (its run's weights need not
-exist any more; its training facts come from its `evaluation.json`) and rewrites its card.
+exist any more; its training facts come from its `evaluation.json`) and rewrites its card;
+with `--run RUN --baseline ARM` it measures that arm's model in RUN (an experiment folder that
+has its weights) on the same sets, else the card keeps the baseline's recorded figures.
 `--eval-spec` takes the held-out sets and protocol from another experiment (the scaling
 experiment's add WritingPrompts); `--compare RUN:ARM,...` adds those arms' figures from that
 experiment's results (the same sets and protocol) to the card's table.
@@ -137,6 +139,12 @@ def main():
         figures.setdefault("spec", args.spec)
         model_dir = pretrained_dir(args.recard)
         args.name = args.recard
+        if args.baseline:
+            if not args.run:
+                parser.error("--recard with --baseline ARM needs --run, the folder ARM ran in")
+            result, baseline_dir = best_run(args.run, args.baseline)
+            figures["baseline"] = {"arm": args.baseline, "parameters": result["parameters"],
+                                   "experiment": args.run, "run": os.path.relpath(baseline_dir)}
     else:
         spec = checked_spec(args.spec, args.run)
         figures, model_dir = figures_from_run(args, spec)
@@ -150,6 +158,11 @@ def main():
         eval=held_out_metrics(eval_spec, model, tokenizer, texts),
         protocol={"seq_len": eval_spec.eval_seq_len, "stride": eval_spec.eval_stride},
         compared=compared(args.compare), compare_args=args.compare or [])
+    if (figures.get("baseline") or {}).get("run"):  # --recard --run --baseline: measured here
+        baseline = load_model(figures["baseline"]["run"])
+        figures["baseline"]["eval"] = held_out_metrics(
+            eval_spec, baseline, load_tokenizer_for(figures["baseline"]["run"]), texts)
+        del baseline
     figures["ci_slices"] = {}
     for name, documents in texts.items():
         slice_text = held_out_slice(documents, tokenizer, SLICE_TOKENS)
@@ -268,6 +281,8 @@ knows little beyond its {f['training_tokens']:,} training tokens.
   then `python tools/ship_pretrained.py --spec {f['spec']} --run {experiment} --arm {f['arm']}
   --baseline {baseline_arm} --name {f['name']}`; this card: `python tools/ship_pretrained.py
   --spec {f['spec']} --recard {f['name']} --eval-spec {f['eval_spec']}{
+  f" --run {f['baseline']['experiment']} --baseline {baseline_arm}"
+  if (f['baseline'] or {}).get('run') else ''}{
   ' --compare ' + ' '.join(f['compare_args']) if f['compare_args'] else ''}`.
 - {f['steps']:,} steps of {spec.batch_size} x {spec.seq_len} tokens = {f['training_tokens']:,}
   tokens seen by the ALGPT2 (and as many by the GPT-2-shape model it was compressed from);
