@@ -114,11 +114,12 @@ def _writable_file(path, flag):
 
 def _evaluate(args):
     from algpt2_tf.evaluation import evaluate_texts
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model, load_tokenizer_for
 
     _positive(args, "seq_len", "stride", "batch_size")
     _writable_file(args.json, "--json")
-    model = load_model(args.model)
+    model = load_model(args.model, ALGPT2LMHeadModel)
     tokenizer = load_tokenizer_for(args.model)
     texts = _texts(args.files, "The files hold no text to evaluate.")
     result = evaluate_texts(model, tokenizer, texts, seq_len=args.seq_len, stride=args.stride,
@@ -170,9 +171,10 @@ def _generate(args):
     tricks = _decode_process_settings()  # before anything compiles
     from algpt2_tf import backend
     from algpt2_tf.generation import generator_for
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, ALGPT2LMHeadModel)
     if not backend.is_tensorflow():  # torch / JAX: the host loop, printed when done
         print(f"algpt2 generate: engine host loop ({backend.name()})", file=sys.stderr)
         out = model.generate([ids], max_new_tokens=args.max_new_tokens, sampler=args.sampler,

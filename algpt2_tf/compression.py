@@ -107,7 +107,7 @@ def compress(teacher, config, init="average"):
         init: `average` or `stepwise` (the first layer of each block's group).
     """
     from algpt2_tf.convert.gpt2_weights import DELTA_OF, LAYER_TENSORS, resolve
-    from algpt2_tf.model import ALGPT2LMHeadModel
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
 
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}.")
@@ -206,13 +206,13 @@ def compress_to_run(teacher_path, out, preset="algpt2", overrides=None, init="av
     import shutil
 
     from algpt2_tf.files import atomic_write_json, new_directory, require_new_directory
-    from algpt2_tf.model import ALGPT2LMHeadModel
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model, load_tokenizer_for, resolve_model_path
 
     require_new_directory(out)
     if not os.path.exists(teacher_path):
         raise FileNotFoundError(f"No teacher model at {teacher_path}.")
-    teacher = load_model(teacher_path)
+    teacher = load_model(teacher_path, ALGPT2LMHeadModel)
     config = student_config(teacher.config, preset, overrides, lora_rank)
     student = compress(teacher, config, init)
     evaluation = {}

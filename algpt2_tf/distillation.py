@@ -40,14 +40,14 @@ def load_teacher(path, vocab_size, tokenizer, precision="float32"):
         ValueError: a different vocabulary size, or a tokenizer whose
             vocabulary or merges differ from `tokenizer`'s.
     """
-    from algpt2_tf.model import ALGPT2LMHeadModel
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model, load_tokenizer_for
 
     if precision not in PRECISIONS:
         raise ValueError(f"--teacher-precision must be one of {PRECISIONS}, got {precision!r}.")
     if not os.path.exists(path):
         raise FileNotFoundError(f"No teacher model at {path}.")
-    teacher = load_model(path)
+    teacher = load_model(path, ALGPT2LMHeadModel)
     if teacher.config.vocab_size != vocab_size:
         raise ValueError(f"The teacher {path} has vocab_size {teacher.config.vocab_size}, the "
                          f"student {vocab_size}: distillation needs the same vocabulary.")

@@ -24,7 +24,6 @@ as a request seeded `s + r` would alone, on this loop, the serving engine, the h
 and the LiteRT engine.
 """
 
-import sys
 import weakref
 from typing import Any, NamedTuple
 
@@ -33,7 +32,6 @@ import tensorflow as tf
 
 from algpt2_tf import backend
 from algpt2_tf.decode_tricks import DecodePlan, DecodeTricks
-from algpt2_tf.export import litert_engine
 from algpt2_tf.host_loop_generation import HostLoopGenerator
 from algpt2_tf.model import position_ids_from_mask
 from algpt2_tf.prompts import (GenerationOutput, check_fits, check_max_new_tokens,  # noqa: F401
@@ -354,37 +352,13 @@ def generator_for(model, tricks=None):
     return found[1]
 
 
-ENGINES = ("xla", "litert")
-
-_LITERT_GENERATORS = weakref.WeakKeyDictionary()
-"""model -> its `LiteRTGenerator` (of the build made from its weights when last used)."""
-
-
-def litert_generate(model, prompts, max_new_tokens, params, seed=0, stop_ids=(),
-                    quantize="none"):
-    """`Generator.generate` through the model's LiteRT build (`litert_engine.model_build`:
-    made on first use, made again when a weight has changed since), row by row, row `r`
-    with seed `seed + r`; returns a `GenerationOutput` without text."""
-    build = litert_engine.model_build(model, quantize,
-                                      log=lambda line: print(line, file=sys.stderr))
-    found = _LITERT_GENERATORS.get(model)
-    if found is None or found.build.key != build.key:
-        found = _LITERT_GENERATORS[model] = litert_engine.LiteRTGenerator(build)
-    prompts = check_prompts(prompts, model.config.vocab_size)
-    for prompt in prompts:  # every row, before any runs
-        found.check(prompt, max_new_tokens)
-    new_ids = [found.generate(prompt, max_new_tokens, params, row_seed(seed or 0, row), stop_ids)
-               for row, prompt in enumerate(prompts)]
-    return GenerationOutput(ids=[p + n for p, n in zip(prompts, new_ids)], new_ids=new_ids)
-
-
 def generate(model, prompts, max_new_tokens=32, sampler="greedy", seed=None, tokenizer=None,
              temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, stop_ids=None,
-             engine="xla", quantize="none", tricks=None):
+             tricks=None, decoder=None):
     """Generates continuations of string or token-id prompts.
 
     Args:
-        model: an `ALGPT2LMHeadModel`.
+        model: an `ALGPT2LMHeadModel` (or `ALGPT2Backbone`).
         prompts: a string, a list of strings, or token ids (a list of lists
             or an int array `[batch, len]`).
         max_new_tokens: the most tokens to add per prompt.
@@ -393,12 +367,12 @@ def generate(model, prompts, max_new_tokens=32, sampler="greedy", seed=None, tok
         tokenizer: a `GPT2Tokenizer` for string prompts (default: GPT-2's).
         temperature, top_k, top_p, repetition_penalty: see the module docstring.
         stop_ids: token ids that end a row (default: `<|endoftext|>`).
-        engine: "xla" (the compiled Keras model) or "litert" (its LiteRT build, made once
-            per set of weights and cached: `litert_engine`; the same tokens for a float32
-            build, about 2x faster at batch 1, `benchmarks/README.md`).
-        quantize: the LiteRT build's weights, "none" (float32) or "int8".
         tricks: the XLA loop's speed tricks (`decode_tricks.DecodeTricks`, default this
             CPU's; every exact trick gives the same tokens).
+        decoder: what turns token ids into new ids: anything with `Generator`'s
+            `generate(ids, max_new_tokens, params, seed, stop_ids)` (default: the model's
+            compiled loop, `generator_for(model, tricks)`; `ALGPT2LMHeadModel.generate`
+            passes the LiteRT engine's for `engine="litert"`).
 
     Returns:
         A `GenerationOutput` (with `text` when the prompts were strings).
@@ -415,11 +389,6 @@ def generate(model, prompts, max_new_tokens=32, sampler="greedy", seed=None, tok
     from algpt2_tf.tokenizer import GPT2Tokenizer
 
     params = sampling_params(sampler, temperature, top_k, top_p, repetition_penalty)
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
-    if engine == "xla" and quantize != "none":
-        raise ValueError("quantize applies to engine='litert'; for the Keras model, use "
-                         "model.quantize('int8').")
     is_text = isinstance(prompts, str) or (
         isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts))
     if isinstance(prompts, str):
@@ -432,10 +401,8 @@ def generate(model, prompts, max_new_tokens=32, sampler="greedy", seed=None, tok
         ids = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
     else:
         ids = np.asarray(prompts).tolist() if isinstance(prompts, np.ndarray) else list(prompts)
-    if engine == "litert":
-        out = litert_generate(model, ids, max_new_tokens, params, seed, stop_ids, quantize)
-    else:
-        out = generator_for(model, tricks).generate(ids, max_new_tokens, params, seed, stop_ids)
+    decoder = decoder or generator_for(model, tricks)
+    out = decoder.generate(ids, max_new_tokens, params, seed, stop_ids)
     if is_text:
         out.text = [p + tokenizer.decode([t for t in new if t not in stop_ids])
                     for p, new in zip(prompts, out.new_ids)]

@@ -1,4 +1,11 @@
-"""`ALGPT2LMHeadModel`: factorized embedding -> the shared-block loop -> tied head (+ SOP head)."""
+"""`ALGPT2Backbone`: factorized embedding -> the shared-block loop -> tied head (+ SOP head).
+
+The model core: the network and its training loss, everything `fit`, `evaluate` and a decode
+step use. It imports nothing of generation, conversion, export or serving; the task class
+`causal_lm.ALGPT2LMHeadModel` adds `generate` and `from_preset` on top (keras-hub's
+backbone/task split). A saved file is an ALGPT2 model whichever of the two saved it;
+`saving.load_model(path, cls)` loads it as the class asked for.
+"""
 
 import keras
 from keras import ops
@@ -39,9 +46,11 @@ def attention_bias(query_positions, key_mask):
 
 
 @keras.saving.register_keras_serializable(package="algpt2_tf")
-class ALGPT2LMHeadModel(keras.Model):
-    """ALBERT-style GPT-2: a causal LM with a factorized embedding, shared
-    decoder blocks, a tied softmax and an optional SOP head.
+class ALGPT2Backbone(keras.Model):
+    """ALBERT-style GPT-2: a causal LM network with a factorized embedding,
+    shared decoder blocks, a tied softmax and an optional SOP head, and its
+    training loss. Use `ALGPT2LMHeadModel` (the task: this plus `generate`
+    and `from_preset`) unless you need the network alone.
 
     `num_layer_groups` block objects exist; the forward pass applies them
     `num_layers` times (layer `i` runs block `config.block_of_layer(i)`), so
@@ -63,7 +72,7 @@ class ALGPT2LMHeadModel(keras.Model):
         config: an `ALGPT2Config` (or its dict form).
 
     Example:
-    >>> model = ALGPT2LMHeadModel(ALGPT2Config.from_preset("algpt2-tiny"))
+    >>> model = ALGPT2Backbone(ALGPT2Config.from_preset("algpt2-tiny"))
     >>> tuple(model({"input_ids": np.array([[464, 3290]])})["logits"].shape)
     (1, 2, 50257)
     """
@@ -221,15 +230,6 @@ class ALGPT2LMHeadModel(keras.Model):
         shape = (batch_size, c.num_heads, max_length, c.head_size)
         return [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in range(c.num_layers)]
 
-    def generate(self, prompts, max_new_tokens=32, sampler="greedy", seed=None, tokenizer=None,
-                 **kwargs):
-        """Generates text or ids; see `algpt2_tf.generation.generate` (on torch and JAX:
-        `algpt2_tf.host_loop_generation`)."""
-        from algpt2_tf import generation
-
-        return generation.generate(self, prompts, max_new_tokens=max_new_tokens, sampler=sampler,
-                                   seed=seed, tokenizer=tokenizer, **kwargs)
-
     def call(self, inputs, training=False):
         input_ids, attention_mask = self._unpack_inputs(inputs)
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
@@ -332,7 +332,7 @@ class ALGPT2LMHeadModel(keras.Model):
             filters: not supported.
 
         Example:
-        >>> model = ALGPT2LMHeadModel(ALGPT2Config.from_preset("algpt2-tiny"))
+        >>> model = ALGPT2Backbone(ALGPT2Config.from_preset("algpt2-tiny"))
         >>> model.quantize("int8")
         >>> str(model.embedding.token_embeddings.dtype), model.quantization
         ('int8', 'int8')
@@ -352,53 +352,6 @@ class ALGPT2LMHeadModel(keras.Model):
         self._post_quantize(mode)
 
     # ------------------------------------------------------------ serialization
-    @classmethod
-    def from_preset(cls, preset, load_weights=True):
-        """Loads a model the keras-hub way, from a name or a local folder.
-
-        Args:
-            preset: a shipped pretrained model's name
-                (`algpt2_tf.list_pretrained()`), a run folder or `.keras`
-                file of ours, a Hugging Face GPT-2 folder (`config.json` +
-                `model.safetensors`, converted on the fly by
-                `algpt2_tf.convert.from_hf`), or an architecture preset's
-                name (`algpt2_tf.list_presets()`).
-            load_weights: `False` gives a freshly initialized model of the
-                preset's (or folder's) config. Architecture presets carry no
-                weights, so their names need `load_weights=False`.
-
-        Example:
-        >>> ALGPT2LMHeadModel.from_preset("algpt2-tiny", load_weights=False).config.hidden_size
-        128
-        """
-        import os
-
-        from algpt2_tf.config import list_presets
-        from algpt2_tf.pretrained import list_pretrained
-
-        if preset in list_presets():
-            if load_weights:
-                raise ValueError(f"Preset {preset!r} is an architecture without weights: pass "
-                                 f"load_weights=False for a freshly initialized model, a "
-                                 f"pretrained model's name ({', '.join(list_pretrained())}), or "
-                                 f"a folder (a run of ours, or a Hugging Face GPT-2).")
-            return cls(ALGPT2Config.from_preset(preset))
-        from algpt2_tf import convert
-        from algpt2_tf.saving import load_model
-
-        if (os.path.isdir(preset) and not os.path.isfile(os.path.join(preset, "model.keras"))
-                and convert.is_hf_folder(preset)):
-            if not load_weights:
-                from algpt2_tf.convert.hf_config import config_from_hf, read_hf_config
-
-                return cls(config_from_hf(read_hf_config(preset)))
-            return convert.from_hf(preset)[0]
-        if not os.path.exists(preset) and preset not in list_pretrained():
-            raise ValueError(f"{preset!r} is neither a preset ({', '.join(list_presets())}) nor "
-                             f"an existing folder or .keras file.")
-        model = load_model(preset)
-        return model if load_weights else cls(model.config)
-
     def get_config(self):
         config = {
             "name": self.name,

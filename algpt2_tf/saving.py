@@ -23,19 +23,32 @@ def resolve_model_path(path):
     return path
 
 
-def load_model(path):
-    """Loads an `ALGPT2LMHeadModel` from a `.keras` file or a run directory."""
-    import keras  # with the model: TensorFlow, imported when a model is loaded
+MODEL_NAMES = ("algpt2_tf>ALGPT2LMHeadModel", "algpt2_tf>ALGPT2Backbone")
+"""The registered names a `.keras` file of ours holds its model under (the task class's, or
+the backbone's when a bare backbone was saved): either loads as the class asked for."""
 
-    from algpt2_tf.model import ALGPT2LMHeadModel
+
+def load_model(path, cls):
+    """Loads a `.keras` file, a run directory or a pretrained name as `cls`.
+
+    Args:
+        path: the model (see `resolve_model_path`).
+        cls: `causal_lm.ALGPT2LMHeadModel` (the task: `generate`, `from_preset`),
+            or `model.ALGPT2Backbone` for the network alone (what export and the
+            LiteRT build need). The loader picks the class, as keras-hub's
+            `from_preset` on a backbone or a task does.
+    """
+    import keras  # with the model: TensorFlow, imported when a model is loaded
 
     path = resolve_model_path(path)
     try:
-        model = keras.models.load_model(path, compile=False)
+        # A scope, not `custom_objects=`: Keras looks registered names up before those.
+        with keras.saving.custom_object_scope({name: cls for name in MODEL_NAMES}):
+            model = keras.models.load_model(path, compile=False)
     except Exception as e:  # a zip that is not a Keras model, a truncated file...
         raise ValueError(f"Could not load {path}: {e}") from None
-    if not isinstance(model, ALGPT2LMHeadModel):
-        raise ValueError(f"{path} holds a {type(model).__name__}, not an ALGPT2LMHeadModel.")
+    if not isinstance(model, cls):
+        raise ValueError(f"{path} holds a {type(model).__name__}, not an ALGPT2 model.")
     return model
 
 

@@ -348,7 +348,7 @@ def _quiet(*_):
 
 def _compiled_model(config, options, init_model, teacher, total_steps):
     """The model to train and its built optimizer (inside the strategy's scope, if any)."""
-    from algpt2_tf.model import ALGPT2LMHeadModel
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
 
     model = ALGPT2LMHeadModel(config)
     if init_model is not None:
@@ -384,9 +384,10 @@ def _inputs(options):
     tokenizer = GPT2Tokenizer(options.tokenizer)
     init_model = None
     if options.init_model:
+        from algpt2_tf.causal_lm import ALGPT2LMHeadModel
         from algpt2_tf.saving import load_model
 
-        init_model = load_model(options.init_model)
+        init_model = load_model(options.init_model, ALGPT2LMHeadModel)
     config = load_model_config(options, tokenizer, init_model)
     teacher = None
     if options.teacher:
@@ -447,7 +448,7 @@ def _fit(model, options, dist, data, valid_ds, manager, start_step, total_steps,
 def _write_final(config, weights, final_path, log):
     """The final model: a clean float32 copy (no optimizer state, loads anywhere), written
     atomically."""
-    from algpt2_tf.model import ALGPT2LMHeadModel
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
 
     final = ALGPT2LMHeadModel(config)
     final.set_weights(weights)

@@ -43,13 +43,14 @@ def main():
 
     from algpt2_tf.experiments.runner import held_out_metrics, held_out_texts
     from algpt2_tf.experiments.spec import load_spec
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model, load_tokenizer_for
 
     spec = load_spec(args.spec)
     texts = held_out_texts(spec)
     prompts = spec.generation["prompts"]
     tokenizer = load_tokenizer_for(args.model)
-    model = load_model(args.model)
+    model = load_model(args.model, ALGPT2LMHeadModel)
     result = {"model": args.model, "spec": args.spec, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "greedy_steps": args.steps, "prompts": prompts}
     for name in ("float32", "int8"):

@@ -138,6 +138,7 @@ def test_greedy_generation_gives_the_tensorflow_tokens(findings, backend):
 def test_the_command_line_runs_on_each_backend(tmp_path, corpus):
     """`algpt2 --backend B`: train on torch, generate on JAX, evaluate on torch; export refuses."""
     from algpt2_tf.evaluation import evaluate_texts
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model
     from algpt2_tf.tokenizer import GPT2Tokenizer
 
@@ -157,7 +158,7 @@ def test_the_command_line_runs_on_each_backend(tmp_path, corpus):
                   "--train-files", corpus, "--steps", "4", "--seq-len", "32", "--batch-size", "4",
                   "--checkpoint-every", "2", "--log-every", "2", "--verbose", "0", "--out", run)
     assert done.returncode == 0, done.stderr[-3000:]
-    model = load_model(run)  # trained on torch, loaded here on TensorFlow
+    model = load_model(run, ALGPT2LMHeadModel)  # trained on torch, loaded here on TensorFlow
 
     expected = model.generate("The list", max_new_tokens=6, sampler="greedy").text[0]
     done = algpt2("--backend", "jax", "generate", "--model", run, "--prompt", "The list",
@@ -185,6 +186,7 @@ def test_the_command_line_runs_on_each_backend(tmp_path, corpus):
 def test_training_resumes_exactly_on_the_backend_that_wrote_it(tmp_path, corpus, backend):
     """`kill -9` a torch / JAX run after its first checkpoint, rerun: the weights
     of an uninterrupted run."""
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model
 
     config = ALGPT2Config(max_positions=64, hidden_size=32, num_layers=2, num_heads=2,
@@ -206,6 +208,6 @@ def test_training_resumes_exactly_on_the_backend_that_wrote_it(tmp_path, corpus,
     done = kill_at_first_checkpoint_then_rerun(command("part"), tmp_path / "part",
                                                "ckpt-00000002.npz", timeout=300, env=env)
     assert "Resuming from step 2" in done.stdout
-    full, part = load_model(str(tmp_path / "full")), load_model(str(tmp_path / "part"))
+    full, part = load_model(str(tmp_path / "full"), ALGPT2LMHeadModel), load_model(str(tmp_path / "part"), ALGPT2LMHeadModel)
     for a, b in zip(full.get_weights(), part.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-5)

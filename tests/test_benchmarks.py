@@ -235,12 +235,13 @@ def test_cold_start_measures_a_preset_as_a_saved_fresh_model(tmp_path):
     import numpy as np
 
     from algpt2_tf import ALGPT2Config
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    first = load_model(cold_start.saved_preset("algpt2-tiny", str(tmp_path / "a")))
-    second = load_model(cold_start.saved_preset("algpt2-tiny", str(tmp_path / "b")))
+    first = load_model(cold_start.saved_preset("algpt2-tiny", str(tmp_path / "a")), ALGPT2LMHeadModel)
+    second = load_model(cold_start.saved_preset("algpt2-tiny", str(tmp_path / "b")), ALGPT2LMHeadModel)
     assert first.config.to_dict() == ALGPT2Config.from_preset("algpt2-tiny").to_dict()
     for a, b in zip(first.get_weights(), second.get_weights()):
         np.testing.assert_array_equal(a, b)

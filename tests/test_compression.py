@@ -140,7 +140,7 @@ def test_compress_command_reports_perplexity_at_init(tmp_path, teacher_run, corp
     report = json.loads((out / "compress.json").read_text())
     assert report["lora_rank"] == 4
     assert set(report["evaluation"]) == {"teacher", "student", "random_init"}
-    student = load_model(str(out))
+    student = load_model(str(out), ALGPT2LMHeadModel)
     assert student.config.embedding_size == 16 and student.config.lora_rank == 4
     assert report["student_parameters"] == student.count_params()
 
@@ -181,7 +181,7 @@ def test_distillation_with_weight_zero_equals_plain_training(tmp_path, teacher_r
     plain = train(student_options(tmp_path, teacher_run, corpus, "plain"), log=lambda *_: None)
     zero = train(student_options(tmp_path, teacher_run, corpus, "zero", teacher=teacher_run,
                                  distill_weight=0.0), log=lambda *_: None)
-    for a, b in zip(load_model(plain["model"]).get_weights(), load_model(zero["model"]).get_weights()):
+    for a, b in zip(load_model(plain["model"], ALGPT2LMHeadModel).get_weights(), load_model(zero["model"], ALGPT2LMHeadModel).get_weights()):
         np.testing.assert_array_equal(a, b)
     rows = list(csv.DictReader(open(tmp_path / "zero" / "metrics.csv")))
     assert all(float(r["distill_loss"]) > 0 for r in rows if r.get("lm_loss"))
@@ -220,7 +220,7 @@ def test_distillation_resume_after_kill_is_exact(tmp_path, teacher_run, corpus):
            "--verbose", "0", "--seed", "7"]
     done = kill_at_first_checkpoint_then_rerun(cmd, part)
     assert "Resuming from step" in done.stdout and "distilling" in done.stdout
-    for a, b in zip(load_model(full["model"]).get_weights(), load_model(str(part)).get_weights()):
+    for a, b in zip(load_model(full["model"], ALGPT2LMHeadModel).get_weights(), load_model(str(part), ALGPT2LMHeadModel).get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 

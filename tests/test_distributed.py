@@ -17,6 +17,7 @@ import pytest
 
 from conftest import free_port, kill_at_first_checkpoint_then_rerun
 
+from algpt2_tf.causal_lm import ALGPT2LMHeadModel
 from algpt2_tf.saving import load_model
 from algpt2_tf.training import TrainOptions, train
 
@@ -89,7 +90,7 @@ def test_mirrored_training_equals_one_device_and_resumes_exactly(tmp_path, small
     env = dict(ENV, ALGPT2_CACHE=str(tmp_path / "cache"))
     done = kill_at_first_checkpoint_then_rerun(cmd, run_dir, timeout=300, env=env)
     assert "Resuming from step 4" in done.stdout
-    for a, b in zip(load_model(single["model"]).get_weights(), load_model(str(run_dir)).get_weights()):
+    for a, b in zip(load_model(single["model"], ALGPT2LMHeadModel).get_weights(), load_model(str(run_dir), ALGPT2LMHeadModel).get_weights()):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
     rows = {name: open(tmp_path / name / "metrics.csv").read().splitlines()
             for name in ("single", "mirrored")}
@@ -205,7 +206,7 @@ def test_two_jax_processes_train_like_one_write_once_and_resume_after_a_kill(
     closing = final_lines(output)
     assert closing[0] == closing[1] and closing[0].startswith(f"step {steps},")
 
-    for a, b in zip(load_model(str(single_dir)).get_weights(), load_model(str(run_dir)).get_weights()):
+    for a, b in zip(load_model(str(single_dir), ALGPT2LMHeadModel).get_weights(), load_model(str(run_dir), ALGPT2LMHeadModel).get_weights()):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
     # One writer: each training row once (a kill right after a checkpoint can cost that
     # step's validation row, so those are not counted).

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 MODULES = [
-    "algpt2_tf.config", "algpt2_tf.model", "algpt2_tf.tokenizer", "algpt2_tf.generation",
+    "algpt2_tf.config", "algpt2_tf.model", "algpt2_tf.causal_lm", "algpt2_tf.tokenizer",
+    "algpt2_tf.generation",
     "algpt2_tf.prompts", "algpt2_tf.files", "algpt2_tf.experiments.text_metrics",
     "algpt2_tf.layers.adapter", "algpt2_tf.layers.attention", "algpt2_tf.layers.block",
     "algpt2_tf.layers.embedding", "algpt2_tf.layers.heads", "algpt2_tf.layers.linear",

@@ -29,8 +29,9 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keras_model(model_path):
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model
-    return load_model(model_path)
+    return load_model(model_path, ALGPT2LMHeadModel)
 
 
 def run_python(code):
@@ -158,12 +159,13 @@ def test_tflite_quantized(tmp_path, model_path, quantize):
     # The reported agreement is the share of greedy tokens equal to the Keras model's.
     from ai_edge_litert.interpreter import Interpreter
 
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model
 
     prompt = GPT2Tokenizer().encode(PROBE_TEXT[0])
     steps = len(tflite_greedy(Interpreter(model_path=base.path), prompt, 32))
     lite = tflite_greedy(Interpreter(model_path=report.path), prompt, steps)
-    keras_tokens = load_model(model_path).generate([prompt], max_new_tokens=steps,
+    keras_tokens = load_model(model_path, ALGPT2LMHeadModel).generate([prompt], max_new_tokens=steps,
                                                    stop_ids=[]).new_ids[0]
     assert report.greedy_agreement == np.mean(np.equal(lite, keras_tokens))
     assert report.max_abs_diff < 1.0

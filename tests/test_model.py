@@ -273,13 +273,14 @@ def test_package_exports():
     import subprocess
     import sys
 
-    assert sorted(algpt2_tf.__all__) == ["ALGPT2Config", "ALGPT2LMHeadModel", "__version__",
-                                         "list_presets", "list_pretrained"]
+    assert sorted(algpt2_tf.__all__) == ["ALGPT2Backbone", "ALGPT2Config", "ALGPT2LMHeadModel",
+                                         "__version__", "list_presets", "list_pretrained"]
     assert all(hasattr(algpt2_tf, name) for name in algpt2_tf.__all__)
     # Importing the model registers the classes with Keras (a .keras file then loads without
     # custom_objects); `import algpt2_tf` alone imports no TensorFlow or Keras, and reads and
     # changes no environment variable.
     assert keras.saving.get_registered_object("algpt2_tf>ALGPT2LMHeadModel") is ALGPT2LMHeadModel
+    assert keras.saving.get_registered_object("algpt2_tf>ALGPT2Backbone") is algpt2_tf.ALGPT2Backbone
     code = ("import os, sys; before_env = dict(os.environ); import algpt2_tf\n"
             "before = 'tensorflow' in sys.modules or 'keras' in sys.modules\n"
             "same_env = dict(os.environ) == before_env\n"
@@ -287,4 +288,27 @@ def test_package_exports():
             "print(before, same_env, model_class.__module__, 'tensorflow' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert done.stdout.split() == ["False", "True", "algpt2_tf.model", "True"], done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True", "algpt2_tf.causal_lm", "True"], done.stderr[-2000:]
+
+
+def test_a_file_loads_as_the_backbone_or_the_task_whichever_saved_it(tmp_path):
+    """Backbone/task split: one file format; `saving.load_model(path, cls)` picks the class,
+    and only the task generates."""
+    from algpt2_tf import ALGPT2Backbone
+    from algpt2_tf.saving import load_model
+
+    config = ALGPT2Config(vocab_size=97, max_positions=16, hidden_size=16, num_layers=2,
+                          num_heads=2, intermediate_size=32, embedding_size=8)
+    ids = np.array([[5, 6, 7]])
+    for saver in (ALGPT2Backbone, ALGPT2LMHeadModel):
+        model = saver(config)
+        path = str(tmp_path / f"{saver.__name__}.keras")
+        model.save(path)
+        expected = model({"input_ids": ids})["logits"]
+        for cls in (ALGPT2Backbone, ALGPT2LMHeadModel):
+            loaded = load_model(path, cls)
+            assert type(loaded) is cls
+            np.testing.assert_allclose(loaded({"input_ids": ids})["logits"], expected, atol=1e-6)
+        assert not hasattr(load_model(path, ALGPT2Backbone), "generate")
+        task = ALGPT2LMHeadModel.from_preset(path)
+        assert len(task.generate(ids, max_new_tokens=3, stop_ids=[]).new_ids[0]) == 3

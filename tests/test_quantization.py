@@ -91,7 +91,7 @@ def test_keras_int8_export_saves_loads_generates_and_evaluates(tmp_path, float_p
     report = int8_report
     assert report.quantize == "int8"
     assert os.path.getsize(report.path) < 0.4 * os.path.getsize(full.path)
-    float_model, model = load_model(float_path), load_model(report.path)
+    float_model, model = load_model(float_path, ALGPT2LMHeadModel), load_model(report.path, ALGPT2LMHeadModel)
     assert model.quantization == "int8" and float_model.quantization is None
     ids, mask = probe_batch(GPT2Tokenizer())
     reference = small_model()

@@ -166,7 +166,7 @@ def test_one_seeded_top_p_request_gives_the_same_text_through_every_entry_point(
                  "--seed", str(seed)]) == 0
     cli = capsys.readouterr().out.rstrip("\n")
 
-    engine = BatchEngine(load_model(path), max_batch=4, window_s=0.5)
+    engine = BatchEngine(load_model(path, ALGPT2LMHeadModel), max_batch=4, window_s=0.5)
     app = TestClient(create_app(engine, GPT2Tokenizer(), "tiny"))
 
     def complete(text, **settings):

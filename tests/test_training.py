@@ -11,6 +11,7 @@ from conftest import kill_at_first_checkpoint_then_rerun
 
 from algpt2_tf import ALGPT2Config
 from algpt2_tf.cli import main
+from algpt2_tf.causal_lm import ALGPT2LMHeadModel
 from algpt2_tf.saving import load_model
 from algpt2_tf.training import TrainOptions, WarmupDecay, train
 
@@ -35,7 +36,7 @@ def lm_loss_curve(run_dir):
 
 
 def weights(path):
-    return load_model(path).get_weights()
+    return load_model(path, ALGPT2LMHeadModel).get_weights()
 
 
 def test_training_writes_everything(tmp_path, small_config, corpus):
@@ -49,7 +50,7 @@ def test_training_writes_everything(tmp_path, small_config, corpus):
     assert float(train_rows[-1]["lm_loss"]) < float(train_rows[0]["lm_loss"])
     assert any(r.get("val_lm_loss") for r in rows)
     assert os.listdir(run / "logs")  # TensorBoard
-    model = load_model(str(run))
+    model = load_model(str(run), ALGPT2LMHeadModel)
     assert model.config.hidden_size == 32
 
 
@@ -119,7 +120,7 @@ def test_mixed_precision_training(tmp_path, small_config, corpus, monkeypatch):
     lines = []
     result = train(options(tmp_path, small_config, corpus, mixed_precision="bf16", steps=4),
                    log=lines.append)
-    model = load_model(result["model"])
+    model = load_model(result["model"], ALGPT2LMHeadModel)
     assert model.embedding.token_embeddings.dtype == "float32"
     assert keras.config.dtype_policy().name == "float32"
     warned = [line for line in lines if "no bfloat16 units" in line]

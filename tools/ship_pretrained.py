@@ -127,6 +127,7 @@ def main():
     from algpt2_tf.experiments.runner import held_out_metrics, held_out_texts
     from algpt2_tf.experiments.spec import load_spec
     from algpt2_tf.pretrained import PRETRAINED_DIR, evaluation, held_out_slice, pretrained_dir
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model, load_tokenizer_for
 
     if args.recard:
@@ -151,7 +152,7 @@ def main():
     eval_spec = load_spec(args.eval_spec) if args.eval_spec else spec
     texts = held_out_texts(eval_spec)
     tokenizer = load_tokenizer_for(model_dir)
-    model = load_model(model_dir)
+    model = load_model(model_dir, ALGPT2LMHeadModel)
     figures.update(
         parameters=int(model.count_params()), config=model.config.to_dict(),
         eval_spec=args.eval_spec or args.spec,
@@ -159,7 +160,7 @@ def main():
         protocol={"seq_len": eval_spec.eval_seq_len, "stride": eval_spec.eval_stride},
         compared=compared(args.compare), compare_args=args.compare or [])
     if (figures.get("baseline") or {}).get("run"):  # --recard --run --baseline: measured here
-        baseline = load_model(figures["baseline"]["run"])
+        baseline = load_model(figures["baseline"]["run"], ALGPT2LMHeadModel)
         figures["baseline"]["eval"] = held_out_metrics(
             eval_spec, baseline, load_tokenizer_for(figures["baseline"]["run"]), texts)
         del baseline

@@ -1,7 +1,8 @@
 """Hugging Face GPT-2 checkpoints in and out.
 
-- `from_hf(path)`: a Hugging Face GPT-2 folder (`config.json` +
-  `model.safetensors`, any size) as our GPT-2-mode model (+ its tokenizer).
+- `from_hf(path, cls)`: a Hugging Face GPT-2 folder (`config.json` +
+  `model.safetensors`, any size) as our GPT-2-mode model (+ its tokenizer);
+  `ALGPT2LMHeadModel.from_preset(path)` calls it with its own class.
 - `import_hf(path, out)`: the same, written as a run folder (`model.keras`,
   `config.json`, `tokenizer/`), so `generate`, `evaluate`, `export` and
   `serve` work on it.
@@ -74,23 +75,29 @@ def _read_checkpoint(path):
     return config, tensors, {**hf_config.GPT2_DEFAULTS, **values}
 
 
-def _load_checked(path):
+def _load_checked(path, cls=None):
     """`(model, HF config dict, max |logits - reference|)` of a Hugging Face folder:
-    read, checked, built, and compared with the NumPy GPT-2."""
-    from algpt2_tf.model import ALGPT2LMHeadModel
+    read, checked, built as `cls` (default `ALGPT2Backbone`), and compared with the NumPy
+    GPT-2."""
+    from algpt2_tf.model import ALGPT2Backbone  # Keras: imported when a model is converted
 
     config, tensors, values = _read_checkpoint(path)
     gpt2_weights.check_gpt2_tensors(config, tensors, source=path)  # before allocating anything
-    model = ALGPT2LMHeadModel(config)
+    model = (cls or ALGPT2Backbone)(config)
     gpt2_weights.load_gpt2_tensors(model, tensors, source=path)
     return model, values, _check_against_reference(model, tensors, values, path)
 
 
-def from_hf(path):
+def from_hf(path, cls=None):
     """Loads a Hugging Face GPT-2 folder as `(model, tokenizer)`.
 
     `tokenizer` is a `GPT2Tokenizer`, or `None` when the folder has no
     tokenizer files (`vocab.json` + `merges.txt`, or `tokenizer.json`).
+
+    Args:
+        path: the folder.
+        cls: the model's class: `ALGPT2LMHeadModel` (with `generate`; what its
+            `from_preset` passes) or the default `ALGPT2Backbone`, the network alone.
 
     Raises:
         FileNotFoundError: no folder, no `config.json`, or no safetensors
@@ -103,11 +110,11 @@ def from_hf(path):
     >>> from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
     >>> folder = tempfile.mkdtemp() + "/gpt2-tiny"
     >>> report = to_hf(ALGPT2LMHeadModel(ALGPT2Config.from_preset("gpt2-tiny")), folder)
-    >>> model, tokenizer = from_hf(folder)
+    >>> model, tokenizer = from_hf(folder, ALGPT2LMHeadModel)
     >>> model.config.embedding_size is None, tokenizer.vocab_size
     (True, 50257)
     """
-    model, _, _ = _load_checked(path)
+    model, _, _ = _load_checked(path, cls)
     tokenizer = None
     if hf_tokenizer.has_tokenizer(path):
         tokenizer = hf_tokenizer.import_tokenizer(path, tempfile.mkdtemp(prefix="algpt2-tokenizer-"))
@@ -212,7 +219,7 @@ def to_hf(model, out, tokenizer=None):
     `gpt2_weights.py`); its SOP head is dropped with a warning.
 
     Args:
-        model: an `ALGPT2LMHeadModel` (any mode).
+        model: an `ALGPT2LMHeadModel` or `ALGPT2Backbone` (any mode).
         out: a folder that does not exist yet (or is empty).
         tokenizer: a `GPT2Tokenizer`, default the shipped GPT-2 one when the
             model's vocabulary can hold it, else none.
@@ -254,10 +261,11 @@ def to_hf(model, out, tokenizer=None):
 
 def export_hf(model_path, out):
     """`to_hf` for a saved model (`model.keras` or a run folder) and the tokenizer saved beside it."""
+    from algpt2_tf.model import ALGPT2Backbone  # Keras: imported when a model is converted
     from algpt2_tf.saving import load_model, resolve_model_path
     from algpt2_tf.tokenizer import GPT2Tokenizer
 
-    model = load_model(model_path)
+    model = load_model(model_path, ALGPT2Backbone)
     directory = os.path.join(os.path.dirname(resolve_model_path(model_path)), "tokenizer")
     return to_hf(model, out, GPT2Tokenizer(directory) if os.path.isdir(directory) else None)
 

@@ -229,6 +229,7 @@ def judge_experiment(out, spec_path, judges, dest=None, log=print, baseline=None
     from algpt2_tf.experiments.scaling import family_and_budget
     from algpt2_tf.experiments.spec import load_spec
     from algpt2_tf.files import atomic_write_json, atomic_write_text
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model
     from algpt2_tf.tokenizer import GPT2Tokenizer
 
@@ -249,7 +250,7 @@ def judge_experiment(out, spec_path, judges, dest=None, log=print, baseline=None
         "own": {name: r["eval"][name]["word_perplexity"] for name in groups},
         "generation": r.get("generation"), "judges": {}} for r in runs}
     for judge in judges:
-        model = load_model(_judge_run_dir(out, results, judge))
+        model = load_model(_judge_run_dir(out, results, judge), ALGPT2LMHeadModel)
         log(f"Judging {len(runs)} runs' samples with {judge}")
         for r in runs:
             continuations = [s["continuation"] for s in r["samples"]]

@@ -331,6 +331,7 @@ class Experiment:
         """`(folder, summary)` of the arm's student as `compression.compress` initializes it
         from its teacher arm's model, evaluated before any training (`ARM/init/`)."""
         from algpt2_tf.compression import compress_to_run
+        from algpt2_tf.causal_lm import ALGPT2LMHeadModel
         from algpt2_tf.saving import load_model
 
         teacher = arm.compress["from"]
@@ -344,7 +345,7 @@ class Experiment:
         eval_path = os.path.join(init_dir, "init_eval.json")
         if not os.path.exists(eval_path):
             self.log(f"  {arm.name}: evaluating the initialized student")
-            model = load_model(init_dir)
+            model = load_model(init_dir, ALGPT2LMHeadModel)
             atomic_write_json(eval_path, self._held_out_metrics(model, self.tokenizer,
                                                                 self.eval_texts))
         return init_dir, {**arm.compress, "init_eval": read_json(eval_path)}
@@ -354,6 +355,7 @@ class Experiment:
 
     def _evaluate(self, result, tokenizer, eval_texts, train_args):
         """Adds held-out metrics and generation statistics to a trained run's result."""
+        from algpt2_tf.causal_lm import ALGPT2LMHeadModel
         from algpt2_tf.saving import load_model
 
         if "eval" in result:
@@ -368,7 +370,7 @@ class Experiment:
         self.log(f"  {result['arm']} lr {result['learning_rate']:g} seed {result['seed']}: "
                  "evaluating and sampling")
         keras.backend.clear_session()
-        model = load_model(run_dir)
+        model = load_model(run_dir, ALGPT2LMHeadModel)
         result = dict(result, eval=self._held_out_metrics(model, tokenizer, eval_texts))
         gen = spec.generation
         if gen["prompts"]:

@@ -19,6 +19,7 @@ from algpt2_tf.export.formats import FORMATS, QUANTIZATIONS
 from algpt2_tf.export.greedy import greedy_continuation
 from algpt2_tf.files import staging_directory
 from algpt2_tf.prompts import left_pad
+from algpt2_tf.saving import load_model, load_tokenizer_for
 
 PROBE_TEXT = ["The quick brown fox jumps over the lazy dog.", "Hello"]
 GREEDY_TOKENS = 32
@@ -62,22 +63,16 @@ def probe_batch(tokenizer):
 
 def export_model(model_path, format, out, version=None, quantize="none", max_length=None,
                  overwrite=False, log=print):
-    """Exports, verifies and moves into `out/VERSION/`; returns an `ExportReport`.
+    """Loads the model at `model_path` (a `.keras` file, a training run directory or a
+    pretrained name) with its tokenizer and `export`s it; returns the `ExportReport`."""
+    from algpt2_tf.model import ALGPT2Backbone  # Keras: imported when a model is exported
 
-    Args:
-        model_path: a `.keras` file or a training run directory.
-        format: "keras", "savedmodel" or "tflite".
-        out: the model's folder, e.g. `saved_models/algpt2`.
-        version: the version number (default: the next one).
-        quantize: "none", "fp16" (TFLite only) or "int8" (TFLite's own int8;
-            for `.keras` and SavedModel, the Keras int8 of
-            `ALGPT2LMHeadModel.quantize`).
-        max_length: the cache length of `generate` / TFLite decoding
-            (default: min(256, max_positions)).
-        overwrite: replace an existing version.
-    """
-    from algpt2_tf.saving import load_model, load_tokenizer_for
+    _check_options(format, quantize, version)
+    return export(load_model(model_path, ALGPT2Backbone), load_tokenizer_for(model_path), format,
+                  out, version, quantize, max_length, overwrite, log, source=model_path)
 
+
+def _check_options(format, quantize, version):
     if format not in FORMATS:
         raise ValueError(f"Unknown format {format!r}; choose one of {', '.join(FORMATS)}.")
     if quantize not in QUANTIZATIONS:
@@ -86,12 +81,34 @@ def export_model(model_path, format, out, version=None, quantize="none", max_len
         raise ValueError("--quantize fp16 applies to the tflite format only.")
     if version is not None and (not isinstance(version, int) or version < 1):
         raise ValueError(f"version must be a positive integer, got {version!r}.")
-    model = load_model(model_path)
+
+
+def export(model, tokenizer, format, out, version=None, quantize="none", max_length=None,
+           overwrite=False, log=print, source="the model"):
+    """Exports an in-memory model, verifies it and moves it into `out/VERSION/`; returns an
+    `ExportReport`. A Keras int8 export (`quantize="int8"`, keras or savedmodel) quantizes
+    `model` in place; every other export leaves it as it was.
+
+    Args:
+        model: an `ALGPT2Backbone` or `ALGPT2LMHeadModel`.
+        tokenizer: its `GPT2Tokenizer` (saved with the export; the probes use it).
+        format: "keras", "savedmodel" or "tflite".
+        out: the model's folder, e.g. `saved_models/algpt2`.
+        version: the version number (default: the next one).
+        quantize: "none", "fp16" (TFLite only) or "int8" (TFLite's own int8;
+            for `.keras` and SavedModel, the Keras int8 of
+            `ALGPT2Backbone.quantize`).
+        max_length: the cache length of `generate` / TFLite decoding
+            (default: min(256, max_positions)).
+        overwrite: replace an existing version.
+        log: where progress lines go.
+        source: what the model is, for error messages.
+    """
+    _check_options(format, quantize, version)
     if model.quantization is not None and (format == "tflite" or quantize != "none"):
-        raise ValueError(f"{model_path} is already quantized ({model.quantization}); export it "
+        raise ValueError(f"{source} is already quantized ({model.quantization}); export it "
                          f"as it is (keras or savedmodel), or export the float32 model to tflite "
                          f"with --quantize int8.")
-    tokenizer = load_tokenizer_for(model_path)
     limit = model.config.max_positions
     max_length = max_length or min(256, limit)
     if not 2 <= max_length <= limit:
@@ -147,9 +164,12 @@ def _keras_logits(model, ids, mask):
 def _greedy_probe(model, tokenizer, max_length):
     """The first probe text's ids and the Keras model's greedy continuation of it
     (`GREEDY_TOKENS`, or what `max_length` leaves)."""
+    from algpt2_tf import generation  # TensorFlow: imported when a model is exported
+
     prompt = tokenizer.encode(PROBE_TEXT[0])
     steps = min(GREEDY_TOKENS, max_length - len(prompt))
-    return prompt, model.generate([prompt], max_new_tokens=steps, stop_ids=[]).new_ids[0]
+    return prompt, generation.generate(model, [prompt], max_new_tokens=steps,
+                                       stop_ids=[]).new_ids[0]
 
 
 def _reference(model, tokenizer, max_length):
@@ -174,8 +194,10 @@ def _export_keras(model, tokenizer, staging, quantize, max_length, log):
 
 
 def _greedy_text(model, tokenizer, prompts, steps):
-    out = model.generate(list(prompts), max_new_tokens=steps, sampler="greedy", tokenizer=tokenizer)
-    return out.text
+    from algpt2_tf import generation  # TensorFlow: imported when a model is exported
+
+    return generation.generate(model, list(prompts), max_new_tokens=steps, sampler="greedy",
+                               tokenizer=tokenizer).text
 
 
 def _export_savedmodel(model, tokenizer, staging, quantize, max_length, log):

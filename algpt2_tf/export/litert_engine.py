@@ -29,18 +29,22 @@ Example (builds a small model's entry, then decodes without TensorFlow):
 True
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
-import tempfile
+import sys
+import weakref
 
 import numpy as np
 
-from algpt2_tf.files import cache_root, file_digest
-from algpt2_tf.sampling import SamplingParams, host_decode
+from algpt2_tf.export.api import export
+from algpt2_tf.files import cache_root, file_digest, new_directory
+from algpt2_tf.prompts import GenerationOutput, check_prompts
+from algpt2_tf.sampling import SamplingParams, host_decode, row_seed
+from algpt2_tf.saving import load_model, load_tokenizer_for, resolve_model_path
+from algpt2_tf.tokenizer import GPT2Tokenizer
 
 BUILD_VERSION = 1
 """Bumped when the export changes what a build holds: older entries are not used."""
@@ -88,9 +92,9 @@ def _current(folder, key):
         return None
 
 
-def _entry(key, cache, source, keras_file, quantize, max_length, build, log):
-    """The current entry for `key`, else (with `build`) what `_build` makes of the `.keras`
-    file `keras_file()` yields, after removing what a cut-off or damaged build left."""
+def _entry(key, cache, source, load, quantize, max_length, build, log):
+    """The current entry for `key`, else (with `build`) what `_build` makes of the model and
+    tokenizer `load()` gives, after removing what a cut-off or damaged build left."""
     folder = os.path.join(cache or cache_root(), "litert", key)
     found = _current(folder, key)
     if found is not None or not build:
@@ -100,8 +104,8 @@ def _entry(key, cache, source, keras_file, quantize, max_length, build, log):
         shutil.rmtree(folder)
     log(f"Building the LiteRT {'float32' if quantize == 'none' else quantize} engine of "
         f"{source} (once; cached in {folder})")
-    with keras_file() as path:
-        _build(path, folder, key, quantize, max_length, log)
+    model, tokenizer = load()
+    _build(model, tokenizer, source, folder, key, quantize, max_length, log)
     return _current(folder, key)
 
 
@@ -120,11 +124,16 @@ def cached_build(model_path, quantize="none", max_length=None, cache=None, build
         build: make the entry when there is no current one (imports TensorFlow).
         log: where progress lines go.
     """
-    from algpt2_tf.saving import resolve_model_path
-
     path = resolve_model_path(model_path)
-    return _entry(build_key(path, quantize, max_length), cache, path,
-                  lambda: contextlib.nullcontext(path), quantize, max_length, build, log)
+    return _entry(build_key(path, quantize, max_length), cache, os.path.abspath(path),
+                  lambda: _loaded(path), quantize, max_length, build, log)
+
+
+def _loaded(path):
+    """The network and tokenizer of a `.keras` file (imports Keras: only to build)."""
+    from algpt2_tf.model import ALGPT2Backbone
+
+    return load_model(path, ALGPT2Backbone), load_tokenizer_for(path)
 
 
 def weights_digest(model):
@@ -138,39 +147,30 @@ def weights_digest(model):
 
 
 def model_build(model, quantize="none", max_length=None, cache=None, log=print):
-    """`cached_build` for an in-memory `ALGPT2LMHeadModel` (`model.generate(...,
-    engine="litert")`): keyed by `weights_digest`, so a model changed since its last
-    build is built again, never served stale. Builds through a temporary `.keras` file."""
+    """`cached_build` for an in-memory model (`model.generate(..., engine="litert")`):
+    keyed by `weights_digest`, so a model changed since its last build is built again,
+    never served stale. Its stop id is GPT-2's `<|endoftext|>` (the default tokenizer)."""
     if model.quantization is not None:
         raise ValueError(f"The LiteRT engine builds from a float32 model; this one is quantized "
                          f"({model.quantization}). Pass quantize='int8' to a float32 model.")
-    @contextlib.contextmanager
-    def saved():
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save(os.path.join(tmp, "model.keras"))
-            yield os.path.join(tmp, "model.keras")
-
     return _entry(_key("model:" + weights_digest(model), quantize, max_length), cache,
-                  "the in-memory model", saved, quantize, max_length, True, log)
+                  "the in-memory model", lambda: (model, GPT2Tokenizer()), quantize, max_length,
+                  True, log)
 
 
-def _build(path, folder, key, quantize, max_length, log):
-    from algpt2_tf.export.api import export_model  # TensorFlow: only to build
-    from algpt2_tf.files import new_directory
-    from algpt2_tf.saving import load_model, load_tokenizer_for
-
+def _build(model, tokenizer, source, folder, key, quantize, max_length, log):
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     with new_directory(folder) as tmp:
-        report = export_model(path, "tflite", os.path.join(tmp, "export"), quantize=quantize,
-                              max_length=max_length, log=log)
+        report = export(model, tokenizer, "tflite", os.path.join(tmp, "export"),
+                        quantize=quantize, max_length=max_length, log=log)
         os.replace(report.path, os.path.join(tmp, "model.tflite"))
         shutil.rmtree(os.path.join(tmp, "export"))
-        config = load_model(path).config
+        config = model.config
         meta = {"key": key, "quantize": quantize,
                 "max_length": max_length or min(256, config.max_positions),
-                "vocab_size": config.vocab_size, "eos_id": load_tokenizer_for(path).eos_id,
+                "vocab_size": config.vocab_size, "eos_id": tokenizer.eos_id,
                 "tflite_bytes": os.path.getsize(os.path.join(tmp, "model.tflite")),
-                "source": os.path.abspath(path)}
+                "source": source}
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
 
@@ -233,3 +233,41 @@ class LiteRTGenerator:
 
         self.decoder = None
         gc.collect()
+
+
+class RowByRow:
+    """A `LiteRTGenerator` (batch 1) behind `generation.Generator.generate`'s batch
+    signature, so `generation.generate` decodes through it: row `r` runs alone with seed
+    `seed + r`, as it would in a batch of the XLA loop.
+
+    Args:
+        generator: a `LiteRTGenerator`.
+    """
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def generate(self, prompts, max_new_tokens, params, seed=0, stop_ids=()):
+        """`GenerationOutput` (without text) of every row; every row is checked first."""
+        prompts = check_prompts(prompts, self.generator.build.vocab_size)
+        for prompt in prompts:
+            self.generator.check(prompt, max_new_tokens)
+        new_ids = [self.generator.generate(prompt, max_new_tokens, params,
+                                           row_seed(seed or 0, row), stop_ids)
+                   for row, prompt in enumerate(prompts)]
+        return GenerationOutput(ids=[p + n for p, n in zip(prompts, new_ids)], new_ids=new_ids)
+
+
+_MODEL_GENERATORS = weakref.WeakKeyDictionary()
+"""model -> its `LiteRTGenerator` (of the build made from its weights when last used)."""
+
+
+def model_decoder(model, quantize="none", cache=None):
+    """`RowByRow` of an in-memory model's LiteRT build (`model_build`: made on first use,
+    made again when a weight has changed since; progress lines go to stderr)."""
+    build = model_build(model, quantize, cache=cache,
+                        log=lambda line: print(line, file=sys.stderr))
+    found = _MODEL_GENERATORS.get(model)
+    if found is None or found.build.key != build.key:
+        found = _MODEL_GENERATORS[model] = LiteRTGenerator(build)
+    return RowByRow(found)

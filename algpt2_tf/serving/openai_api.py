@@ -618,6 +618,7 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
     import uvicorn
 
     warning = check_binding(host, api_key, insecure_no_auth)
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model, load_tokenizer_for
     from algpt2_tf.serving.batching import BatchEngine
 
@@ -640,7 +641,7 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
         if quantize != "none":
             raise ValueError("quantize applies to the litert engine; serve a Keras int8 model "
                              "(algpt2 quantize) with the xla engine.")
-        engine = BatchEngine(load_model(model_path), max_batch=max_batch, window_s=window_s,
+        engine = BatchEngine(load_model(model_path, ALGPT2LMHeadModel), max_batch=max_batch, window_s=window_s,
                              max_queue=max_queue, batching=batching, tricks=tricks)
         warmed = (f"; compiled the first batch shapes in {engine.warm_up():.1f} s"
                   if warm_up else "")
