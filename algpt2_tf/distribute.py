@@ -20,7 +20,7 @@ function of `(seed, s)`, so a resume stays exact, and each replica reads its
 own slice of every global batch (a `tf.distribute` strategy slices it; with
 several JAX processes, `Distributed.local_batches` keeps this process's
 rows). Each replica's loss is its share of the global batch's loss
-(`ALGPT2LMHeadModel.compute_loss`; under JAX the step sees the global batch
+(`ALGPT2Backbone.compute_loss`; under JAX the step sees the global batch
 at once), so the summed gradient is the global batch's gradient.
 
 Variables are replicated, so checkpoints and `model.keras` are written once,

@@ -32,7 +32,7 @@ class Linear(keras.layers.Dense):
 
         Keras' default int8 also quantizes each input row on the fly; this
         layer keeps its inputs float, so the only error is the weights'
-        rounding (see `ALGPT2LMHeadModel.quantize`).
+        rounding (see `ALGPT2Backbone.quantize`).
         """
         if mode != "int8":
             raise NotImplementedError(f"Linear supports int8 quantization only, not {mode!r}.")
