@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from algpt2_tf import xla_cache
+from algpt2_tf.runtime import xla_cache
 
 
 class UsageError(ValueError):
@@ -41,8 +41,8 @@ def _info(args):
 
 # ------------------------------------------------------------------ tokenizer
 def _tokenizer_train(args):
-    from algpt2_tf.data import read_documents
-    from algpt2_tf.files import expand_files
+    from algpt2_tf.training.data import read_documents
+    from algpt2_tf.runtime.files import expand_files
     from algpt2_tf.tokenizer import train_tokenizer
 
     paths = expand_files(args.files)
@@ -56,7 +56,7 @@ def _tokenizer_train(args):
 
 
 def _prepare(args):
-    from algpt2_tf.data import default_cache_dir, prepare_corpus
+    from algpt2_tf.training.data import default_cache_dir, prepare_corpus
     from algpt2_tf.tokenizer import GPT2Tokenizer
 
     tokenizer = GPT2Tokenizer(args.tokenizer)
@@ -69,7 +69,7 @@ def _prepare(args):
 
 
 def _train(args):
-    from algpt2_tf.training import TrainOptions, TrainingDiverged, train
+    from algpt2_tf.training.trainer import TrainOptions, TrainingDiverged, train
 
     values = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__}
     if "preset" not in values:
@@ -84,8 +84,8 @@ def _train(args):
 
 def _texts(patterns, empty_message):
     """The documents of the files matching `patterns`; a usage error when there are none."""
-    from algpt2_tf.data import read_documents
-    from algpt2_tf.files import expand_files
+    from algpt2_tf.training.data import read_documents
+    from algpt2_tf.runtime.files import expand_files
 
     texts = list(read_documents(expand_files(patterns)))
     if not texts:
@@ -133,7 +133,7 @@ def _evaluate(args):
 
 # ------------------------------------------------------------------ generate
 def _generate(args):
-    from algpt2_tf.sampling import sampling_params
+    from algpt2_tf.generation.sampling import sampling_params
     from algpt2_tf.saving import load_tokenizer_for
 
     _positive(args, "max_new_tokens")
@@ -150,7 +150,7 @@ def _generate(args):
         import itertools
 
         from algpt2_tf.export.litert_engine import LiteRTGenerator
-        from algpt2_tf.tf_startup import LITERT_NOISE, quiet_stderr
+        from algpt2_tf.runtime.tf_startup import LITERT_NOISE, quiet_stderr
 
         weights = "float32" if build.quantize == "none" else build.quantize
         print(f"algpt2 generate: engine litert ({weights} build {build.folder})",
@@ -164,13 +164,13 @@ def _generate(args):
         with quiet_stderr(LITERT_NOISE):  # and its teardown
             generator.close()
         return
-    from algpt2_tf.tf_startup import import_tensorflow_quietly
+    from algpt2_tf.runtime.tf_startup import import_tensorflow_quietly
 
     compile_cache = xla_cache.use()  # before TensorFlow reads its flags
     import_tensorflow_quietly()
     tricks = _decode_process_settings()  # before anything compiles
-    from algpt2_tf import backend
-    from algpt2_tf.generation import generator_for
+    from algpt2_tf.runtime import backend
+    from algpt2_tf.generation.generator import generator_for
     from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model
 
@@ -208,7 +208,7 @@ def _litert_build(args):
         return cached_build(args.model, args.quantize, build=False)
     build = cached_build(args.model, args.quantize, build=False)
     if build is None:
-        from algpt2_tf.tf_startup import import_tensorflow_quietly
+        from algpt2_tf.runtime.tf_startup import import_tensorflow_quietly
 
         import_tensorflow_quietly()
         build = cached_build(args.model, args.quantize,
@@ -273,7 +273,7 @@ def _add_generation_commands(sub):
 
 # -------------------------------------------------------------------- export
 def _needs_tensorflow(what):
-    from algpt2_tf import backend
+    from algpt2_tf.runtime import backend
 
     if not backend.is_tensorflow():
         raise UsageError(f"{what} needs the TensorFlow backend (this run uses "
@@ -338,7 +338,7 @@ def _add_convert_command(sub):
 
 # ------------------------------------------------------------------ compress
 def _compress(args):
-    from algpt2_tf.compression import compress_to_run
+    from algpt2_tf.training.compression import compress_to_run
 
     overrides = None
     if args.overrides:
@@ -356,7 +356,7 @@ def _compress(args):
 
 
 def _add_compress_command(sub):
-    from algpt2_tf.compression import INITS
+    from algpt2_tf.training.compression import INITS
 
     p = sub.add_parser("compress", help="initialize an ALGPT2 from a trained GPT-2 (then train "
                        "it with --init-model and --teacher)")
@@ -496,7 +496,7 @@ def _add_serving_commands(sub):
 
 
 def _add_training_commands(sub):
-    from algpt2_tf.train_options import (DEFAULT_STEPS, OPTIMIZERS, SCHEDULES, TrainOptions,
+    from algpt2_tf.training.options import (DEFAULT_STEPS, OPTIMIZERS, SCHEDULES, TrainOptions,
                                          default_values)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
@@ -650,7 +650,7 @@ def _add_experiment_commands(sub):
 
 # ---------------------------------------------------------------------- launch
 def _launch(args):
-    from algpt2_tf.launch import launch_local
+    from algpt2_tf.training.launch import launch_local
 
     command = args.algpt2_args[1:] if args.algpt2_args[:1] == ["--"] else args.algpt2_args
     if not command:
@@ -724,8 +724,8 @@ def _decode_process_settings():
     read once here and passed to the code they change), with their process setting applied
     before anything compiles: 512-bit vector code on AVX-512 CPUs (`wide_vectors`; the
     user's own XLA_FLAGS choice wins)."""
-    from algpt2_tf.decode_tricks import DecodeTricks
-    from algpt2_tf.xla_flags import prefer_wide_vectors
+    from algpt2_tf.generation.decode_tricks import DecodeTricks
+    from algpt2_tf.runtime.xla_flags import prefer_wide_vectors
 
     try:
         tricks = DecodeTricks.from_environment()
@@ -750,7 +750,7 @@ def main(argv=None):
         return 2
     if args.command not in ("info", "launch", "generate"):  # info: the presets alone;
         # generate: imports TensorFlow only for the path that needs it
-        from algpt2_tf.tf_startup import import_tensorflow_quietly
+        from algpt2_tf.runtime.tf_startup import import_tensorflow_quietly
 
         import_tensorflow_quietly()
     try:

@@ -13,7 +13,7 @@ import math
 import keras
 import numpy as np
 
-from algpt2_tf import backend
+from algpt2_tf.runtime import backend
 from algpt2_tf.losses import IGNORE_INDEX, token_nll
 
 

@@ -10,7 +10,9 @@ backbone/task split). A saved file is an ALGPT2 model whichever of the two saved
 import keras
 from keras import ops
 
-from algpt2_tf import backend, losses
+from algpt2_tf import losses
+
+from algpt2_tf.runtime import backend
 from algpt2_tf.config import ALGPT2Config
 from algpt2_tf.layers.adapter import LayerAdapter
 from algpt2_tf.layers.block import DecoderBlock

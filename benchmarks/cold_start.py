@@ -10,7 +10,7 @@ the benchmark's own:
 
 - `xla`: `--engine xla` (imports TensorFlow, loads the model, compiles the loop);
 - `xla second`: the same again, its compiled programs read from the cache folder
-  (`algpt2_tf.xla_cache`);
+  (`algpt2_tf.runtime.xla_cache`);
 - `litert first`: `--engine litert` on an empty cache (builds the LiteRT engine once);
 - `litert cached`: `--engine auto` once the build is cached (no TensorFlow).
 
@@ -144,7 +144,7 @@ def main():
     parser.add_argument("--out", help="results path without extension (default: "
                                       "benchmarks/results/cold_start_<cpu>)")
     args = parser.parse_args()
-    from algpt2_tf.cpu_info import cpu_info
+    from algpt2_tf.runtime.cpu_info import cpu_info
 
     cpu = cpu_info()
     rounds = 1 if args.quick else args.rounds

@@ -14,10 +14,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 CORE = {"algpt2_tf.config", "algpt2_tf.model", "algpt2_tf.layers"}
 OUTSIDE_THE_CORE = ("algpt2_tf.causal_lm", "algpt2_tf.saving", "algpt2_tf.generation",
-                    "algpt2_tf.host_loop_generation", "algpt2_tf.token_choice", "algpt2_tf.training", "algpt2_tf.train_options",
-                    "algpt2_tf.data", "algpt2_tf.distribute", "algpt2_tf.convert",
-                    "algpt2_tf.export", "algpt2_tf.serving", "algpt2_tf.experiments",
-                    "algpt2_tf.compression", "algpt2_tf.distillation", "algpt2_tf.cli")
+                    "algpt2_tf.training", "algpt2_tf.convert", "algpt2_tf.export",
+                    "algpt2_tf.serving", "algpt2_tf.experiments", "algpt2_tf.cli")
 
 
 def module_name(path):

@@ -11,10 +11,10 @@ from conftest import kill_at_first_checkpoint_then_rerun, randomize_weights, tin
 
 from algpt2_tf import ALGPT2LMHeadModel
 from algpt2_tf.cli import main
-from algpt2_tf.compression import compress, student_config, truncated_svd
+from algpt2_tf.training.compression import compress, student_config, truncated_svd
 from algpt2_tf.convert.gpt2_weights import DELTA_OF, LAYER_TENSORS, resolve
 from algpt2_tf.saving import load_model
-from algpt2_tf.training import TrainOptions, train
+from algpt2_tf.training.trainer import TrainOptions, train
 
 
 @pytest.fixture(autouse=True)

@@ -287,7 +287,7 @@ def test_convert_from_hf_checks_shapes_before_allocating(tmp_path, capsys):
 
 def test_train_resumes_from_the_previous_checkpoint_when_the_newest_is_truncated(
         tmp_path, small_config, corpus, monkeypatch):
-    from algpt2_tf.training import TrainOptions, train
+    from algpt2_tf.training.trainer import TrainOptions, train
 
     monkeypatch.setenv("ALGPT2_CACHE", str(tmp_path / "cache"))
     values = dict(out=str(tmp_path / "run"), preset=None, config=small_config,

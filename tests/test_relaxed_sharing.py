@@ -114,7 +114,7 @@ def test_cached_decode_equals_full_recompute(name, rng):
     for _ in range(12):
         ids.append(int(np.argmax(model(np.array([ids]))["logits"].numpy()[0, -1])))
     for jit in (False, True):
-        from algpt2_tf.generation import Generator
+        from algpt2_tf.generation.generator import Generator
 
         got = Generator(model, jit_compile=jit).generate([prompt], max_new_tokens=12).new_ids[0]
         assert got == ids[len(prompt):]

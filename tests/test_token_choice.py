@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from algpt2_tf import sampling
-from algpt2_tf.generation import Generator
-from algpt2_tf.host_loop_generation import HostLoopGenerator
-from algpt2_tf.sampling import SamplingParams, pick_tokens, row_seed, sampling_params
+from algpt2_tf.generation import sampling
+from algpt2_tf.generation.generator import Generator
+from algpt2_tf.generation.host_loop import HostLoopGenerator
+from algpt2_tf.generation.sampling import SamplingParams, pick_tokens, row_seed, sampling_params
 from algpt2_tf.serving.batching import BatchEngine
-from algpt2_tf.token_choice import SAMPLE_BLOCK, choose_tokens, inverse_cdf_sample, row_uniforms
+from algpt2_tf.generation.token_choice import SAMPLE_BLOCK, choose_tokens, inverse_cdf_sample, row_uniforms
 from conftest import decode_test_model
 
 

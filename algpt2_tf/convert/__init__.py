@@ -25,7 +25,7 @@ import numpy as np
 
 from algpt2_tf.convert import gpt2_weights, hf_config, hf_tokenizer, safetensors_io
 from algpt2_tf.convert.numpy_gpt2 import gpt2_logits
-from algpt2_tf.files import new_directory, require_new_directory
+from algpt2_tf.runtime.files import new_directory, require_new_directory
 
 class ConversionWarning(UserWarning):
     """Something of the model that the converted format cannot hold (it is left out)."""
@@ -150,7 +150,7 @@ def import_hf(path, out):
     Raises:
         As `from_hf`, and `FileExistsError` for an existing, non-empty `out`.
     """
-    from algpt2_tf.files import atomic_write_json
+    from algpt2_tf.runtime.files import atomic_write_json
 
     require_new_directory(out)
     model, values, diff = _load_checked(path)

@@ -228,7 +228,7 @@ def judge_experiment(out, spec_path, judges, dest=None, log=print, baseline=None
     from algpt2_tf.experiments.runner import held_out_texts
     from algpt2_tf.experiments.scaling import family_and_budget
     from algpt2_tf.experiments.spec import load_spec
-    from algpt2_tf.files import atomic_write_json, atomic_write_text
+    from algpt2_tf.runtime.files import atomic_write_json, atomic_write_text
     from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model
     from algpt2_tf.tokenizer import GPT2Tokenizer
@@ -346,7 +346,7 @@ def quality_plot(rows, judges, names, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from algpt2_tf.files import atomic_path
+    from algpt2_tf.runtime.files import atomic_path
 
     fig, axes = plt.subplots(len(judges), len(names), figsize=(5 * len(names), 4 * len(judges)),
                              squeeze=False)

@@ -16,7 +16,7 @@ import os
 import statistics
 
 from algpt2_tf.experiments.spec import arm_seeds
-from algpt2_tf.files import atomic_path, atomic_write_json, atomic_write_text, read_json
+from algpt2_tf.runtime.files import atomic_path, atomic_write_json, atomic_write_text, read_json
 
 GENERATION_COLUMNS = ("distinct_1", "distinct_2", "distinct_3", "repeated_4gram_fraction",
                       "mean_length_tokens")
@@ -77,7 +77,7 @@ def _mean_spread(values):
 
 def summarize(spec, results):
     """One row per arm (in spec order) at its chosen learning rate; arms with no result are left out."""
-    from algpt2_tf.train_options import TrainOptions
+    from algpt2_tf.training.options import TrainOptions
 
     tokens_per_step = spec["budget"]["seq_len"] * spec["budget"]["batch_size"]
     steps_per_epoch = (spec.get("options") or {}).get("checkpoint_every",

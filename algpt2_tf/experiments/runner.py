@@ -24,7 +24,7 @@ import keras
 from algpt2_tf.experiments.report import best_by_valid_loss
 from algpt2_tf.experiments.spec import SpecError, arm_seeds
 from algpt2_tf.experiments.text_metrics import text_metrics
-from algpt2_tf.files import atomic_path, atomic_write_json, atomic_write_text, read_json
+from algpt2_tf.runtime.files import atomic_path, atomic_write_json, atomic_write_text, read_json
 
 _WIKITEXT_HEADING = re.compile(r"^ = [^=].* = $")
 
@@ -54,7 +54,7 @@ def article_share(articles, share):
 def separated_documents(path, separator):
     """The documents of a file whose documents are separated by lines equal to `separator`
     (surrounding spaces ignored), each stripped of the blank lines around it."""
-    from algpt2_tf.data import read_documents
+    from algpt2_tf.training.data import read_documents
 
     documents, current = [], []
     for line in next(read_documents([path])).split("\n"):
@@ -69,8 +69,8 @@ def separated_documents(path, separator):
 
 def source_texts(source):
     """The documents of one `FileSource`."""
-    from algpt2_tf.data import read_documents
-    from algpt2_tf.files import expand_files
+    from algpt2_tf.training.data import read_documents
+    from algpt2_tf.runtime.files import expand_files
 
     if source.separator is not None:
         return separated_documents(source.path, source.separator)
@@ -128,7 +128,7 @@ def run_dir_name(learning_rate, seed):
 
 
 def default_learning_rate(spec, arm):
-    from algpt2_tf.train_options import TrainOptions
+    from algpt2_tf.training.options import TrainOptions
 
     return float(arm.options.get("learning_rate",
                                  spec.options.get("learning_rate", TrainOptions.learning_rate)))
@@ -268,7 +268,7 @@ class Experiment:
 
     def _train(self, arm, learning_rate, seed, config_path, config, tokenizer_dir, train_files):
         """Trains one run (or finds it trained); returns its result (no evaluation yet)."""
-        from algpt2_tf.training import TrainOptions, train
+        from algpt2_tf.training.trainer import TrainOptions, train
 
         spec = self.spec
         steps = spec.arm_steps(arm)
@@ -330,7 +330,7 @@ class Experiment:
     def _compressed_init(self, arm, config):
         """`(folder, summary)` of the arm's student as `compression.compress` initializes it
         from its teacher arm's model, evaluated before any training (`ARM/init/`)."""
-        from algpt2_tf.compression import compress_to_run
+        from algpt2_tf.training.compression import compress_to_run
         from algpt2_tf.causal_lm import ALGPT2LMHeadModel
         from algpt2_tf.saving import load_model
 

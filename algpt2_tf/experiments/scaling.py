@@ -36,7 +36,7 @@ import re
 import statistics
 
 from algpt2_tf.experiments.report import load_results, summarize
-from algpt2_tf.files import atomic_path, atomic_write_json, atomic_write_text
+from algpt2_tf.runtime.files import atomic_path, atomic_write_json, atomic_write_text
 
 TARGETS = (1.2, 1.05)
 _BUDGET = re.compile(r"^(?P<family>.+)_(?P<multiple>\d+)x(_lr[0-9.e-]+)?$")

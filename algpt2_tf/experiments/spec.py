@@ -222,7 +222,7 @@ def _files(value, base_dir, where):
 
 
 def _options(value, where, allowed):
-    from algpt2_tf.train_options import TrainOptions
+    from algpt2_tf.training.options import TrainOptions
 
     _mapping(value, where, allowed)
     # Type and range checks are TrainOptions' own (see resolve_options).
@@ -407,7 +407,7 @@ def _earlier_arm(value, arms, where):
 
 def _compress(item, arms, base_config, where):
     """`compress: {from, init}`, checked against the teacher arm's shape."""
-    from algpt2_tf.compression import INITS, student_config
+    from algpt2_tf.training.compression import INITS, student_config
 
     value = item.get("compress")
     if value is None:

@@ -23,7 +23,7 @@ from algpt2_tf.export.greedy import greedy_continuation
 
 def default_weight_cache(model_path):
     """`$ALGPT2_CACHE/xnnpack/<digest of the path, size and mtime>.cache`."""
-    from algpt2_tf.files import cache_root
+    from algpt2_tf.runtime.files import cache_root
 
     stat = os.stat(model_path)
     key = f"{os.path.abspath(model_path)}:{stat.st_size}:{stat.st_mtime_ns}"

@@ -40,9 +40,9 @@ import weakref
 import numpy as np
 
 from algpt2_tf.export.api import export
-from algpt2_tf.files import cache_root, file_digest, new_directory
-from algpt2_tf.prompts import GenerationOutput, check_prompts
-from algpt2_tf.sampling import SamplingParams, host_decode, row_seed
+from algpt2_tf.runtime.files import cache_root, file_digest, new_directory
+from algpt2_tf.generation.prompts import GenerationOutput, check_prompts
+from algpt2_tf.generation.sampling import SamplingParams, host_decode, row_seed
 from algpt2_tf.saving import load_model, load_tokenizer_for, resolve_model_path
 from algpt2_tf.tokenizer import GPT2Tokenizer
 

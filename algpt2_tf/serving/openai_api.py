@@ -48,8 +48,8 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from algpt2_tf import xla_cache
-from algpt2_tf.sampling import SamplingParams, row_seed
+from algpt2_tf.runtime import xla_cache
+from algpt2_tf.generation.sampling import SamplingParams, row_seed
 from algpt2_tf.serving.batching import MAX_LOGPROBS, QueueFull, Request
 from algpt2_tf.serving.request_body import (BodyTimeout, BodyTooLarge, RequireAPIKey,
                                             check_binding, read_limited)

@@ -205,7 +205,7 @@ def compress_to_run(teacher_path, out, preset="algpt2", overrides=None, init="av
     import os
     import shutil
 
-    from algpt2_tf.files import atomic_write_json, new_directory, require_new_directory
+    from algpt2_tf.runtime.files import atomic_write_json, new_directory, require_new_directory
     from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model, load_tokenizer_for, resolve_model_path
 

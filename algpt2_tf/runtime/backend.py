@@ -24,7 +24,7 @@ here:
   request, an XLA `tf.function` on TensorFlow.
 
 - `replicas_in_sync`, `sum_over_replicas`: the replicas of a
-  `tf.distribute` strategy (`algpt2_tf/distribute.py`); 1 and the value
+  `tf.distribute` strategy (`algpt2_tf/training/distribute.py`); 1 and the value
   itself without one, and on PyTorch and JAX (whose data parallelism computes
   one global loss).
 

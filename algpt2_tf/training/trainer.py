@@ -26,12 +26,14 @@ import zipfile
 import keras
 import numpy as np
 
-from algpt2_tf import backend, distribute
-from algpt2_tf import data as data_lib
+from algpt2_tf.runtime import backend
+
+from algpt2_tf.training import distribute
+from algpt2_tf.training import data as data_lib
 from algpt2_tf.config import ALGPT2Config
-from algpt2_tf.files import atomic_path, atomic_write_json, atomic_write_text, cache_root
-from algpt2_tf.train_options import DEFAULT_STEPS, TrainOptions  # noqa: F401  (re-exported)
-from algpt2_tf.xla_flags import enable_elementwise_fusion
+from algpt2_tf.runtime.files import atomic_path, atomic_write_json, atomic_write_text, cache_root
+from algpt2_tf.training.options import DEFAULT_STEPS, TrainOptions  # noqa: F401  (re-exported)
+from algpt2_tf.runtime.xla_flags import enable_elementwise_fusion
 
 NO_DECAY = ["gamma", "beta", "bias", "embeddings"]
 """Variable-name fragments excluded from weight decay: LayerNorm, biases, embeddings."""
@@ -391,7 +393,7 @@ def _inputs(options):
     config = load_model_config(options, tokenizer, init_model)
     teacher = None
     if options.teacher:
-        from algpt2_tf.distillation import load_teacher
+        from algpt2_tf.training.distillation import load_teacher
 
         teacher = load_teacher(options.teacher, config.vocab_size, tokenizer,
                                options.teacher_precision)
@@ -404,7 +406,7 @@ def _set_precision(options, log):
     """The run's dtype policy (undone by `train` when it ends), with a warning where bf16
     training would be slow on this CPU."""
     if options.mixed_precision == "bf16" and not keras.distribution.list_devices("gpu"):
-        from algpt2_tf.cpu_info import bf16_training_warning
+        from algpt2_tf.runtime.cpu_info import bf16_training_warning
 
         warning = bf16_training_warning()
         if warning:
