@@ -13,11 +13,10 @@ import os
 import keras
 
 from algpt2_tf import convert
-
-from algpt2_tf.generation import generator
 from algpt2_tf.config import ALGPT2Config, list_presets
 from algpt2_tf.convert.hf_config import config_from_hf, read_hf_config
 from algpt2_tf.export import litert_engine
+from algpt2_tf.generation import generator
 from algpt2_tf.model import ALGPT2Backbone
 from algpt2_tf.pretrained import list_pretrained
 from algpt2_tf.saving import load_model

@@ -204,9 +204,9 @@ def worker_backend(case):
     import keras
     import numpy as np
 
-    from algpt2_tf.runtime import backend
     from algpt2_tf.generation.generator import generator_for
     from algpt2_tf.generation.host_loop import HostLoopGenerator
+    from algpt2_tf.runtime import backend
 
     assert backend.name() == case["backend"], (backend.name(), case["backend"])
     model = _our_model(case["preset"], None, False)

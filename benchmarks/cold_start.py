@@ -28,15 +28,15 @@ average during the run. `--quick`: one round (the slow tier's smoke test).
 
 import argparse
 import json
-import socket
-import urllib.request
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import bench  # noqa: E402  (the worker protocol and keras-hub's model)
 from case_process import write_results  # noqa: E402
 
-from algpt2_tf.runtime.cpu_info import cpu_family, cpu_info, cpu_summary  # noqa: E402
 from algpt2_tf.generation.decode_tricks import DecodeTricks  # noqa: E402
+from algpt2_tf.runtime.cpu_info import cpu_family, cpu_info, cpu_summary  # noqa: E402
 
 MODELS = ("algpt2", "gpt2")
 BATCHES = (1, 8)

@@ -3,13 +3,12 @@ import dataclasses
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import decode_test_model, tiny_config
 
 from algpt2_tf import ALGPT2LMHeadModel
-
 from algpt2_tf.generation import decode_tricks
 from algpt2_tf.generation.decode_tricks import DecodeTricks
 from algpt2_tf.generation.generator import Generator
-from conftest import decode_test_model, tiny_config
 
 EXACT = DecodeTricks.names()
 

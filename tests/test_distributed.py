@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import free_port, kill_at_first_checkpoint_then_rerun
 
 from algpt2_tf.causal_lm import ALGPT2LMHeadModel

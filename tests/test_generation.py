@@ -4,13 +4,13 @@ import weakref
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import decode_test_model, tiny_config
 
 from algpt2_tf import ALGPT2LMHeadModel
 from algpt2_tf.generation import generator
 from algpt2_tf.generation.generator import Generator, SamplingParams, cache_lengths, sampling_params
-from algpt2_tf.generation.token_choice import (apply_repetition_penalty, choose_tokens, filter_logits,
-                                    first_argmax)
-from conftest import decode_test_model, tiny_config
+from algpt2_tf.generation.token_choice import (apply_repetition_penalty, choose_tokens,
+                                               filter_logits, first_argmax)
 
 
 @pytest.fixture(params=["algpt2", "gpt2"], scope="module")

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import saved_with_litert_build
 
 from algpt2_tf import ALGPT2LMHeadModel

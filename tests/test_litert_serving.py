@@ -10,9 +10,8 @@ import time
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
-
 from conftest import free_port, saved_with_litert_build
+from fastapi.testclient import TestClient
 
 from algpt2_tf.generation.sampling import SamplingParams
 from algpt2_tf.serving.batching import BatchEngine

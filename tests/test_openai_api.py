@@ -7,7 +7,6 @@ import httpx
 import keras
 import numpy as np
 import pytest
-
 from conftest import free_port, tiny_config
 
 from algpt2_tf import ALGPT2LMHeadModel

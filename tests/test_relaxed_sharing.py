@@ -3,10 +3,10 @@
 import keras
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
 from algpt2_tf.layers import DecoderBlock
-from conftest import tiny_config
 
 OPTIONS = {
     "norms": dict(per_layer_norms=True),

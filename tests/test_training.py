@@ -6,12 +6,11 @@ import sys
 import keras
 import numpy as np
 import pytest
-
 from conftest import kill_at_first_checkpoint_then_rerun
 
 from algpt2_tf import ALGPT2Config
-from algpt2_tf.cli import main
 from algpt2_tf.causal_lm import ALGPT2LMHeadModel
+from algpt2_tf.cli import main
 from algpt2_tf.saving import load_model
 from algpt2_tf.training.trainer import TrainOptions, WarmupDecay, train
 

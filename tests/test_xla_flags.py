@@ -8,7 +8,7 @@ import pytest
 
 from algpt2_tf.runtime import xla_flags
 from algpt2_tf.runtime.xla_flags import (ELEMENTWISE_FUSION_FLAGS, WIDE_VECTORS_FLAG,
-                                 enable_elementwise_fusion, prefer_wide_vectors)
+                                         enable_elementwise_fusion, prefer_wide_vectors)
 
 
 def test_enable_elementwise_fusion_sets_tf_xla_flags(monkeypatch):
@@ -73,10 +73,10 @@ def test_generator_compiles_512_bit_vector_code(tmp_path):
 
 
 def test_a_generator_changes_no_process_setting(monkeypatch):
+    from conftest import tiny_config
+
     from algpt2_tf import ALGPT2LMHeadModel
     from algpt2_tf.generation.generator import Generator
-
-    from conftest import tiny_config
 
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     before = dict(os.environ)

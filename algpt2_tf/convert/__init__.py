@@ -25,7 +25,10 @@ import numpy as np
 
 from algpt2_tf.convert import gpt2_weights, hf_config, hf_tokenizer, safetensors_io
 from algpt2_tf.convert.numpy_gpt2 import gpt2_logits
-from algpt2_tf.runtime.files import new_directory, require_new_directory
+from algpt2_tf.runtime.files import atomic_write_json, new_directory, require_new_directory
+from algpt2_tf.saving import load_model, resolve_model_path
+from algpt2_tf.tokenizer import GPT2Tokenizer
+
 
 class ConversionWarning(UserWarning):
     """Something of the model that the converted format cannot hold (it is left out)."""
@@ -150,8 +153,6 @@ def import_hf(path, out):
     Raises:
         As `from_hf`, and `FileExistsError` for an existing, non-empty `out`.
     """
-    from algpt2_tf.runtime.files import atomic_write_json
-
     require_new_directory(out)
     model, values, diff = _load_checked(path)
     config = model.config
@@ -227,8 +228,6 @@ def to_hf(model, out, tokenizer=None):
     Returns:
         An `HFExportReport`.
     """
-    from algpt2_tf.tokenizer import GPT2Tokenizer
-
     require_new_directory(out)
     config = model.config
     if tokenizer is None and config.vocab_size >= 50257:
@@ -262,8 +261,6 @@ def to_hf(model, out, tokenizer=None):
 def export_hf(model_path, out):
     """`to_hf` for a saved model (`model.keras` or a run folder) and the tokenizer saved beside it."""
     from algpt2_tf.model import ALGPT2Backbone  # Keras: imported when a model is converted
-    from algpt2_tf.saving import load_model, resolve_model_path
-    from algpt2_tf.tokenizer import GPT2Tokenizer
 
     model = load_model(model_path, ALGPT2Backbone)
     directory = os.path.join(os.path.dirname(resolve_model_path(model_path)), "tokenizer")

@@ -212,10 +212,10 @@ def markdown(spec, rows, trends, baseline):
 
 
 def plot(rows, trends, baseline, path):
-    import matplotlib
+    import matplotlib  # deferred: imports matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: imports matplotlib
 
     sets = list(rows[0]["sets"]) if rows else []
     families = sorted({r["family"] for r in rows} - {baseline})

@@ -17,8 +17,8 @@ import numpy as np
 
 from algpt2_tf.export.formats import FORMATS, QUANTIZATIONS
 from algpt2_tf.export.greedy import greedy_continuation
-from algpt2_tf.runtime.files import staging_directory
 from algpt2_tf.generation.prompts import left_pad
+from algpt2_tf.runtime.files import staging_directory
 from algpt2_tf.saving import load_model, load_tokenizer_for
 
 PROBE_TEXT = ["The quick brown fox jumps over the lazy dog.", "Hello"]
@@ -180,7 +180,7 @@ def _reference(model, tokenizer, max_length):
 
 
 def _export_keras(model, tokenizer, staging, quantize, max_length, log):
-    import keras
+    import keras  # deferred: imports Keras
 
     path = os.path.join(staging, "model.keras")
     model.save(path)
@@ -201,7 +201,7 @@ def _greedy_text(model, tokenizer, prompts, steps):
 
 
 def _export_savedmodel(model, tokenizer, staging, quantize, max_length, log):
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: imports TensorFlow
     import tensorflow_text  # noqa: F401  (registers the ops the SavedModel uses)
 
     from algpt2_tf.export import savedmodel  # TensorFlow: imported when this format is asked for
@@ -243,7 +243,7 @@ def tflite_greedy(interpreter, prompt_ids, steps):
 
 
 def _export_tflite(model, tokenizer, staging, quantize, max_length, log):
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter  # deferred: imports LiteRT
 
     from algpt2_tf.export import tflite  # TensorFlow: imported when this format is asked for
 

@@ -36,7 +36,7 @@ class Linear(keras.layers.Dense):
         """
         if mode != "int8":
             raise NotImplementedError(f"Linear supports int8 quantization only, not {mode!r}.")
-        from keras import quantizers
+        from keras import quantizers  # deferred: imports Keras
 
         weight_only = quantizers.Int8QuantizationConfig(
             weight_quantizer=quantizers.AbsMaxQuantizer(axis=0), activation_quantizer=None)

@@ -38,21 +38,26 @@ queue, 504 past the per-request time limit.
 
 import asyncio
 import json
+import logging
+import os
 import secrets
 import sys
 import time
 import uuid
 from typing import List, Optional, Union
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from algpt2_tf.runtime import xla_cache
+from algpt2_tf.export.litert_engine import cached_build
 from algpt2_tf.generation.sampling import SamplingParams, row_seed
+from algpt2_tf.runtime import xla_cache
+from algpt2_tf.saving import load_model, load_tokenizer_for
 from algpt2_tf.serving.batching import MAX_LOGPROBS, QueueFull, Request
-from algpt2_tf.serving.request_body import (BodyTimeout, BodyTooLarge, RequireAPIKey,
-                                            check_binding, read_limited)
+from algpt2_tf.serving.request_body import (BodyTimeout, BodyTooLarge, RequireAPIKey, check_binding,
+                                            read_limited)
 
 MAX_N = 16
 MAX_STOPS = 4
@@ -590,7 +595,6 @@ def choose_engine(engine, model_path, quantize="none", max_batch=16, batching=Tr
     are returned as they are."""
     if engine != "auto":
         return engine
-    from algpt2_tf.export.litert_engine import cached_build
 
     one_at_a_time = max_batch == 1 or not batching
     if one_at_a_time and cached_build(model_path, quantize, cache=cache, build=False):
@@ -612,15 +616,11 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
     warm-up and when the server stops, so the next start reads them. `engine="litert"` serves
     the model's LiteRT build (`quantize`: its weights; built once and cached,
     `litert_engine.cached_build`) one request at a time (`litert_serving`)."""
-    import logging
-    import os
-
-    import uvicorn
+    import uvicorn  # deferred: imports uvicorn
 
     warning = check_binding(host, api_key, insecure_no_auth)
-    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
-    from algpt2_tf.saving import load_model, load_tokenizer_for
-    from algpt2_tf.serving.batching import BatchEngine
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras
+    from algpt2_tf.serving.batching import BatchEngine  # deferred: imports TensorFlow, Keras
 
     if engine not in ("auto", "xla", "litert"):
         raise ValueError(f"engine must be auto, xla or litert, got {engine!r}.")
@@ -628,7 +628,7 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
     tokenizer = load_tokenizer_for(model_path)
     name = model_name or os.path.basename(os.path.normpath(model_path)).removesuffix(".keras")
     if engine == "litert":
-        from algpt2_tf.export.litert_engine import cached_build
+        # Deferred: imports TensorFlow, Keras.
         from algpt2_tf.serving.litert_serving import LiteRTEngine
 
         build = cached_build(model_path, quantize,

@@ -35,7 +35,7 @@ import tensorflow_text  # noqa: F401  (ops used by the generate signature)
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from algpt2_tf.serving.request_body import (BodyTimeout, BodyTooLarge, RequireAPIKey,
+from algpt2_tf.serving.request_body import (BodyTimeout, BodyTooLarge, RequireAPIKey, check_binding,
                                             read_limited)
 
 log = logging.getLogger("algpt2.serve")
@@ -372,6 +372,7 @@ def run_cancelable(signature, inputs, cancel):
 
 def _cancellation_manager():
     try:
+        # Deferred: imports TensorFlow.
         from tensorflow.python.eager.cancellation import CancellationManager
     except ImportError:  # a TensorFlow without it: timeouts answer 504, the work finishes
         return None
@@ -492,9 +493,7 @@ def serve(model_base_path, model_name, host="127.0.0.1", port=8501, max_request_
           insecure_no_auth=False):
     """Runs the server until interrupted (see `create_app` for the limits; beyond loopback
     only with `api_key` or `insecure_no_auth`, `request_body.check_binding`)."""
-    import uvicorn
-
-    from algpt2_tf.serving.request_body import check_binding
+    import uvicorn  # deferred: imports uvicorn
 
     warning = check_binding(host, api_key, insecure_no_auth)
     manager = ModelManager(model_name, model_base_path, poll_seconds)
