@@ -15,7 +15,7 @@ MODULES = [
     "algpt2_tf.generation.prompts", "algpt2_tf.runtime.files", "algpt2_tf.experiments.text_metrics",
     "algpt2_tf.layers.adapter", "algpt2_tf.layers.attention", "algpt2_tf.layers.block",
     "algpt2_tf.layers.embedding", "algpt2_tf.layers.heads", "algpt2_tf.layers.linear",
-    "algpt2_tf.export.litert", "algpt2_tf.convert", "algpt2_tf.losses",
+    "algpt2_tf.export.litert", "algpt2_tf.convert.hf", "algpt2_tf.losses",
     "algpt2_tf.generation.host_loop", "algpt2_tf.serving.batching", "algpt2_tf.pretrained",
     "algpt2_tf.runtime.cpu_info", "algpt2_tf.generation.decode_tricks", "algpt2_tf.training.launch",
     "algpt2_tf.experiments.quality", "algpt2_tf.experiments.scaling", "algpt2_tf.generation.sampling",
