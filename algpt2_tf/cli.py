@@ -7,9 +7,11 @@ info` answer without it (see `algpt2_command.py`).
 """
 
 import argparse
+import itertools
 import json
 import os
 import sys
+import warnings
 
 from algpt2_tf.runtime import xla_cache
 
@@ -157,8 +159,6 @@ def _generate(args):
     stop_ids = [tokenizer.eos_id] + list(args.stop_id or [])
     build = _litert_build(args)
     if build is not None:  # no TensorFlow in this process unless the build was made now
-        import itertools  # deferred: the command's own module (`--help` stays fast)
-
         from algpt2_tf.export.litert_engine import LiteRTGenerator  # deferred: imports NumPy
         # Deferred: the command's own module (`--help` stays fast).
         from algpt2_tf.runtime.tf_startup import LITERT_NOISE, quiet_stderr
@@ -324,7 +324,6 @@ def _add_export_command(sub):
 
 # ------------------------------------------------------------------- convert
 def _convert(args):
-    import warnings  # deferred: the command's own module (`--help` stays fast)
 
     from algpt2_tf import convert  # deferred: imports Keras, NumPy
 
@@ -729,8 +728,6 @@ BACKENDS = ("tensorflow", "torch", "jax")
 
 def _choose_backend(name):
     """Sets KERAS_BACKEND before Keras starts (the `algpt2` script imports it late)."""
-    import os  # deferred: the command's own module (`--help` stays fast)
-
     keras = sys.modules.get("keras")
     if keras is not None and keras.backend.backend() != name:
         raise UsageError(f"--backend {name}: Keras already started with "
