@@ -2,7 +2,7 @@
 
 Importing `algpt2_tf` imports no TensorFlow, so `algpt2 --help` and `algpt2
 info` answer at once; every other command imports TensorFlow itself (quietly,
-see `algpt2_tf.tf_startup`).
+see `algpt2_tf.runtime.tf_startup`).
 """
 
 import os
@@ -17,7 +17,7 @@ def main():
         code = cli_main()
         sys.stdout.flush()
         if "ai_edge_litert" in sys.modules:  # the process ends here: LiteRT's exit logs are noise
-            from algpt2_tf.tf_startup import silence_native_teardown
+            from algpt2_tf.runtime.tf_startup import silence_native_teardown
 
             silence_native_teardown()
     except BrokenPipeError:  # `algpt2 info | head`: the reader left; not an error

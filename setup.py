@@ -37,7 +37,7 @@ setup(
         # the reference that tests/test_convert.py compares our conversions with.
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "hypothesis>=6",
                 "httpx>=0.27", "torch==2.13.0", "transformers>=5,<6", "openai>=1.40"],
-        # Keras 3's other backends (KERAS_BACKEND=torch|jax); see algpt2_tf/backend.py.
+        # Keras 3's other backends (KERAS_BACKEND=torch|jax); see algpt2_tf/runtime/backend.py.
         "torch": ["torch==2.13.0"],
         "jax": ["jax>=0.4.30"],
         # The engines benchmarks/peers.py measures against (skipped when absent).

@@ -20,11 +20,11 @@ __all__ = ["ALGPT2Backbone", "ALGPT2Config", "ALGPT2LMHeadModel", "list_presets"
 def __getattr__(name):
     # PEP 562: the model (and so Keras and its backend) is imported on first use only.
     if name == "ALGPT2LMHeadModel":
-        from algpt2_tf.causal_lm import ALGPT2LMHeadModel
+        from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras
 
         return ALGPT2LMHeadModel
     if name == "ALGPT2Backbone":
-        from algpt2_tf.model import ALGPT2Backbone
+        from algpt2_tf.model import ALGPT2Backbone  # deferred: imports Keras
 
         return ALGPT2Backbone
     raise AttributeError(f"module 'algpt2_tf' has no attribute {name!r}")

@@ -12,10 +12,11 @@ import os
 
 import keras
 
-from algpt2_tf import convert, generation
+from algpt2_tf import convert
 from algpt2_tf.config import ALGPT2Config, list_presets
 from algpt2_tf.convert.hf_config import config_from_hf, read_hf_config
 from algpt2_tf.export import litert_engine
+from algpt2_tf.generation import generator
 from algpt2_tf.model import ALGPT2Backbone
 from algpt2_tf.pretrained import list_pretrained
 from algpt2_tf.saving import load_model
@@ -45,8 +46,8 @@ class ALGPT2LMHeadModel(ALGPT2Backbone):
 
         Args:
             prompts, max_new_tokens, sampler, seed, tokenizer, **kwargs: see
-                `algpt2_tf.generation.generate` (on torch and JAX the XLA engine is
-                `algpt2_tf.host_loop_generation`).
+                `algpt2_tf.generation.generator.generate` (on torch and JAX the XLA engine is
+                `algpt2_tf.generation.host_loop`).
             engine: "xla" (the compiled Keras model) or "litert" (its LiteRT build, made
                 once per set of weights and cached: `litert_engine`; the same tokens for a
                 float32 build, about 2x faster at batch 1, `benchmarks/README.md`).
@@ -61,7 +62,7 @@ class ALGPT2LMHeadModel(ALGPT2Backbone):
             raise ValueError("quantize applies to engine='litert'; for the Keras model, use "
                              "model.quantize('int8').")
         decoder = litert_engine.model_decoder(self, quantize) if engine == "litert" else None
-        return generation.generate(self, prompts, max_new_tokens=max_new_tokens, sampler=sampler,
+        return generator.generate(self, prompts, max_new_tokens=max_new_tokens, sampler=sampler,
                                    seed=seed, tokenizer=tokenizer, decoder=decoder, **kwargs)
 
     @classmethod

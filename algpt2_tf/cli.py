@@ -7,11 +7,13 @@ info` answer without it (see `algpt2_command.py`).
 """
 
 import argparse
+import itertools
 import json
 import os
 import sys
+import warnings
 
-from algpt2_tf import xla_cache
+from algpt2_tf.runtime import xla_cache
 
 
 class UsageError(ValueError):
@@ -20,6 +22,7 @@ class UsageError(ValueError):
 
 # ----------------------------------------------------------------------- info
 def _info(args):
+    # Deferred: the command's own module (`--help` stays fast).
     from algpt2_tf.config import ALGPT2Config, list_presets
 
     if args.preset:
@@ -34,6 +37,7 @@ def _info(args):
         rows.append(f"| {name} | {c.hidden_size} | {c.num_layers} | {c.num_heads} | "
                     f"{c.embedding_size or '-'} | {c.num_layer_groups} | {c.num_parameters():,} |")
     print("\n".join(rows))
+    # Deferred: the command's own module (`--help` stays fast).
     from algpt2_tf.pretrained import list_pretrained
 
     print(f"\nPretrained (--model NAME): {', '.join(list_pretrained()) or 'none'}")
@@ -41,9 +45,11 @@ def _info(args):
 
 # ------------------------------------------------------------------ tokenizer
 def _tokenizer_train(args):
-    from algpt2_tf.data import read_documents
-    from algpt2_tf.files import expand_files
+    # Deferred: the command's own module (`--help` stays fast).
+    from algpt2_tf.runtime.files import expand_files
+    # Deferred: the command's own module (`--help` stays fast).
     from algpt2_tf.tokenizer import train_tokenizer
+    from algpt2_tf.training.data import read_documents  # deferred: imports TensorFlow, Keras, NumPy
 
     paths = expand_files(args.files)
     documents = list(read_documents(paths))
@@ -56,8 +62,10 @@ def _tokenizer_train(args):
 
 
 def _prepare(args):
-    from algpt2_tf.data import default_cache_dir, prepare_corpus
+    # Deferred: the command's own module (`--help` stays fast).
     from algpt2_tf.tokenizer import GPT2Tokenizer
+    # Deferred: imports TensorFlow, Keras, NumPy.
+    from algpt2_tf.training.data import default_cache_dir, prepare_corpus
 
     tokenizer = GPT2Tokenizer(args.tokenizer)
     out = args.out or default_cache_dir(args.files, tokenizer, args.valid_fraction)
@@ -69,7 +77,8 @@ def _prepare(args):
 
 
 def _train(args):
-    from algpt2_tf.training import TrainOptions, TrainingDiverged, train
+    # Deferred: imports TensorFlow, Keras, NumPy.
+    from algpt2_tf.training.trainer import TrainingDiverged, TrainOptions, train
 
     values = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__}
     if "preset" not in values:
@@ -84,8 +93,9 @@ def _train(args):
 
 def _texts(patterns, empty_message):
     """The documents of the files matching `patterns`; a usage error when there are none."""
-    from algpt2_tf.data import read_documents
-    from algpt2_tf.files import expand_files
+    # Deferred: the command's own module (`--help` stays fast).
+    from algpt2_tf.runtime.files import expand_files
+    from algpt2_tf.training.data import read_documents  # deferred: imports TensorFlow, Keras, NumPy
 
     texts = list(read_documents(expand_files(patterns)))
     if not texts:
@@ -113,8 +123,9 @@ def _writable_file(path, flag):
 
 
 def _evaluate(args):
-    from algpt2_tf.evaluation import evaluate_texts
-    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras, NumPy
+    from algpt2_tf.evaluation import evaluate_texts  # deferred: imports Keras, NumPy
+    # Deferred: the command's own module (`--help` stays fast).
     from algpt2_tf.saving import load_model, load_tokenizer_for
 
     _positive(args, "seq_len", "stride", "batch_size")
@@ -133,7 +144,8 @@ def _evaluate(args):
 
 # ------------------------------------------------------------------ generate
 def _generate(args):
-    from algpt2_tf.sampling import sampling_params
+    from algpt2_tf.generation.sampling import sampling_params  # deferred: imports NumPy
+    # Deferred: the command's own module (`--help` stays fast).
     from algpt2_tf.saving import load_tokenizer_for
 
     _positive(args, "max_new_tokens")
@@ -147,10 +159,9 @@ def _generate(args):
     stop_ids = [tokenizer.eos_id] + list(args.stop_id or [])
     build = _litert_build(args)
     if build is not None:  # no TensorFlow in this process unless the build was made now
-        import itertools
-
-        from algpt2_tf.export.litert_engine import LiteRTGenerator
-        from algpt2_tf.tf_startup import LITERT_NOISE, quiet_stderr
+        from algpt2_tf.export.litert_engine import LiteRTGenerator  # deferred: imports NumPy
+        # Deferred: the command's own module (`--help` stays fast).
+        from algpt2_tf.runtime.tf_startup import LITERT_NOISE, quiet_stderr
 
         weights = "float32" if build.quantize == "none" else build.quantize
         print(f"algpt2 generate: engine litert ({weights} build {build.folder})",
@@ -164,14 +175,17 @@ def _generate(args):
         with quiet_stderr(LITERT_NOISE):  # and its teardown
             generator.close()
         return
-    from algpt2_tf.tf_startup import import_tensorflow_quietly
+    # Deferred: the command's own module (`--help` stays fast).
+    from algpt2_tf.runtime.tf_startup import import_tensorflow_quietly
 
     compile_cache = xla_cache.use()  # before TensorFlow reads its flags
     import_tensorflow_quietly()
     tricks = _decode_process_settings()  # before anything compiles
-    from algpt2_tf import backend
-    from algpt2_tf.generation import generator_for
-    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras, NumPy
+    # Deferred: imports TensorFlow, Keras, NumPy.
+    from algpt2_tf.generation.generator import generator_for
+    from algpt2_tf.runtime import backend  # deferred: imports Keras, NumPy
+    # Deferred: the command's own module (`--help` stays fast).
     from algpt2_tf.saving import load_model
 
     model = load_model(args.model, ALGPT2LMHeadModel)
@@ -197,7 +211,7 @@ def _litert_build(args):
     """The LiteRT build `generate` runs on, or None for the Keras/XLA path: `--engine
     litert` builds it when missing; `auto` uses it only when a current one is cached
     (and the Keras backend is TensorFlow's, the default)."""
-    from algpt2_tf.export.litert_engine import cached_build
+    from algpt2_tf.export.litert_engine import cached_build  # deferred: imports NumPy
 
     if args.engine == "xla":
         return None
@@ -208,7 +222,8 @@ def _litert_build(args):
         return cached_build(args.model, args.quantize, build=False)
     build = cached_build(args.model, args.quantize, build=False)
     if build is None:
-        from algpt2_tf.tf_startup import import_tensorflow_quietly
+        # Deferred: the command's own module (`--help` stays fast).
+        from algpt2_tf.runtime.tf_startup import import_tensorflow_quietly
 
         import_tensorflow_quietly()
         build = cached_build(args.model, args.quantize,
@@ -273,7 +288,7 @@ def _add_generation_commands(sub):
 
 # -------------------------------------------------------------------- export
 def _needs_tensorflow(what):
-    from algpt2_tf import backend
+    from algpt2_tf.runtime import backend  # deferred: imports Keras, NumPy
 
     if not backend.is_tensorflow():
         raise UsageError(f"{what} needs the TensorFlow backend (this run uses "
@@ -281,7 +296,7 @@ def _needs_tensorflow(what):
 
 
 def _export(args):
-    from algpt2_tf.export import export_model
+    from algpt2_tf.export import export_model  # deferred: imports NumPy
 
     _needs_tensorflow("export")
     report = export_model(args.model, args.format, args.out, version=args.version,
@@ -291,7 +306,7 @@ def _export(args):
 
 
 def _add_export_command(sub):
-    from algpt2_tf.export.formats import FORMATS, QUANTIZATIONS
+    from algpt2_tf.export.formats import FORMATS, QUANTIZATIONS  # deferred: imports NumPy
 
     p = sub.add_parser("export", help="export .keras, a TF Serving SavedModel or TFLite")
     p.add_argument("--model", required=True, help="model.keras or a run directory")
@@ -309,9 +324,8 @@ def _add_export_command(sub):
 
 # ------------------------------------------------------------------- convert
 def _convert(args):
-    import warnings
 
-    from algpt2_tf import convert
+    from algpt2_tf import convert  # deferred: imports Keras, NumPy
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", convert.ConversionWarning)
@@ -338,7 +352,7 @@ def _add_convert_command(sub):
 
 # ------------------------------------------------------------------ compress
 def _compress(args):
-    from algpt2_tf.compression import compress_to_run
+    from algpt2_tf.training.compression import compress_to_run  # deferred: imports NumPy
 
     overrides = None
     if args.overrides:
@@ -356,7 +370,7 @@ def _compress(args):
 
 
 def _add_compress_command(sub):
-    from algpt2_tf.compression import INITS
+    from algpt2_tf.training.compression import INITS  # deferred: imports NumPy
 
     p = sub.add_parser("compress", help="initialize an ALGPT2 from a trained GPT-2 (then train "
                        "it with --init-model and --teacher)")
@@ -394,6 +408,7 @@ def _serve(args):
                   insecure_no_auth=args.insecure_no_auth)
     if args.model is not None:
         _needs_tensorflow("serve")
+        # Deferred: imports TensorFlow, Keras, FastAPI, NumPy.
         from algpt2_tf.serving.openai_api import serve
 
         if args.max_batch < 1 or not args.batch_window_ms >= 0 or args.max_queue < 1:
@@ -410,6 +425,7 @@ def _serve(args):
     if args.model_name is None:
         raise UsageError("--model-base-path needs --model-name.")
     _needs_tensorflow("serve (SavedModels)")
+    # Deferred: imports TensorFlow, tensorflow-text, FastAPI, orjson, NumPy.
     from algpt2_tf.serving.server import serve
 
     serve(args.model_base_path, args.model_name, port=args.port or 8501,
@@ -417,8 +433,9 @@ def _serve(args):
 
 
 def _client(args):
-    import numpy as np
+    import numpy as np  # deferred: imports NumPy
 
+    # Deferred: the command's own module (`--help` stays fast).
     from algpt2_tf.serving.client import ServingClient, ServingClientError
 
     client = ServingClient(args.url, args.model_name, args.version, timeout=args.timeout)
@@ -496,8 +513,9 @@ def _add_serving_commands(sub):
 
 
 def _add_training_commands(sub):
-    from algpt2_tf.train_options import (DEFAULT_STEPS, OPTIMIZERS, SCHEDULES, TrainOptions,
-                                         default_values)
+    # Deferred: imports NumPy.
+    from algpt2_tf.training.options import (DEFAULT_STEPS, OPTIMIZERS, SCHEDULES, TrainOptions,
+                                            default_values)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
@@ -590,13 +608,13 @@ def _add_training_commands(sub):
 
 # ---------------------------------------------------------------- experiments
 def _experiment_run(args):
-    from algpt2_tf.experiments.runner import run_experiment
+    from algpt2_tf.experiments.runner import run_experiment  # deferred: imports Keras, NumPy
 
     run_experiment(args.spec, args.out, verbose=args.verbose)
 
 
 def _experiment_report(args):
-    from algpt2_tf.experiments.report import copy_report, write_report
+    from algpt2_tf.experiments.report import copy_report, write_report  # deferred: imports NumPy
 
     write_report(args.dir)
     if args.copy_to:
@@ -604,13 +622,13 @@ def _experiment_report(args):
 
 
 def _experiment_scaling(args):
-    from algpt2_tf.experiments.scaling import write_scaling_report
+    from algpt2_tf.experiments.scaling import write_scaling_report  # deferred: imports NumPy
 
     write_scaling_report(args.dir, args.baseline, dest=args.out)
 
 
 def _experiment_quality(args):
-    from algpt2_tf.experiments.quality import judge_experiment
+    from algpt2_tf.experiments.quality import judge_experiment  # deferred: imports NumPy
 
     judge_experiment(args.dir, args.spec, args.judges, dest=args.out, baseline=args.baseline,
                      equal_on=args.equal_on)
@@ -650,7 +668,8 @@ def _add_experiment_commands(sub):
 
 # ---------------------------------------------------------------------- launch
 def _launch(args):
-    from algpt2_tf.launch import launch_local
+    # Deferred: the command's own module (`--help` stays fast).
+    from algpt2_tf.training.launch import launch_local
 
     command = args.algpt2_args[1:] if args.algpt2_args[:1] == ["--"] else args.algpt2_args
     if not command:
@@ -709,8 +728,6 @@ BACKENDS = ("tensorflow", "torch", "jax")
 
 def _choose_backend(name):
     """Sets KERAS_BACKEND before Keras starts (the `algpt2` script imports it late)."""
-    import os
-
     keras = sys.modules.get("keras")
     if keras is not None and keras.backend.backend() != name:
         raise UsageError(f"--backend {name}: Keras already started with "
@@ -724,8 +741,10 @@ def _decode_process_settings():
     read once here and passed to the code they change), with their process setting applied
     before anything compiles: 512-bit vector code on AVX-512 CPUs (`wide_vectors`; the
     user's own XLA_FLAGS choice wins)."""
-    from algpt2_tf.decode_tricks import DecodeTricks
-    from algpt2_tf.xla_flags import prefer_wide_vectors
+    # Deferred: imports TensorFlow, Keras, NumPy.
+    from algpt2_tf.generation.decode_tricks import DecodeTricks
+    # Deferred: the command's own module (`--help` stays fast).
+    from algpt2_tf.runtime.xla_flags import prefer_wide_vectors
 
     try:
         tricks = DecodeTricks.from_environment()
@@ -750,7 +769,7 @@ def main(argv=None):
         return 2
     if args.command not in ("info", "launch", "generate"):  # info: the presets alone;
         # generate: imports TensorFlow only for the path that needs it
-        from algpt2_tf.tf_startup import import_tensorflow_quietly
+        from algpt2_tf.runtime.tf_startup import import_tensorflow_quietly
 
         import_tensorflow_quietly()
     try:

@@ -13,8 +13,8 @@ import math
 import keras
 import numpy as np
 
-from algpt2_tf import backend
 from algpt2_tf.losses import IGNORE_INDEX, token_nll
+from algpt2_tf.runtime import backend
 
 
 def sliding_windows(ids, seq_len, stride):

@@ -10,13 +10,14 @@ backbone/task split). A saved file is an ALGPT2 model whichever of the two saved
 import keras
 from keras import ops
 
-from algpt2_tf import backend, losses
+from algpt2_tf import losses
 from algpt2_tf.config import ALGPT2Config
 from algpt2_tf.layers.adapter import LayerAdapter
 from algpt2_tf.layers.block import DecoderBlock
 from algpt2_tf.layers.embedding import FactorizedEmbedding
 from algpt2_tf.layers.heads import SOPHead, TiedLMHead
 from algpt2_tf.layers.linear import Linear
+from algpt2_tf.runtime import backend
 
 NEG_INF = -1e9
 """Additive attention bias of a hidden key (finite, so fully hidden rows stay NaN-free)."""

@@ -6,12 +6,13 @@ without it); only `load_model` imports it.
 
 import os
 
+from algpt2_tf.pretrained import list_pretrained, pretrained_dir
+from algpt2_tf.tokenizer import GPT2Tokenizer
+
 
 def resolve_model_path(path):
     """`path` itself if it is a `.keras` file; `path/model.keras` for a run directory;
     a shipped pretrained model's file for its name (`algpt2_tf.pretrained`)."""
-    from algpt2_tf.pretrained import list_pretrained, pretrained_dir
-
     if not os.path.exists(path) and path in list_pretrained():
         path = pretrained_dir(path)
     if os.path.isdir(path):
@@ -55,8 +56,6 @@ def load_model(path, cls):
 def load_tokenizer_for(path):
     """The tokenizer saved beside a model (`tokenizer/` next to model.keras),
     else the shipped GPT-2 tokenizer."""
-    from algpt2_tf.tokenizer import GPT2Tokenizer
-
     model_dir = os.path.dirname(resolve_model_path(path))
     directory = os.path.join(model_dir, "tokenizer")
     return GPT2Tokenizer(directory if os.path.isdir(directory) else None)

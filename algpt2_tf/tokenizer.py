@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from importlib import resources
 
 EOS_TOKEN = "<|endoftext|>"
@@ -62,6 +63,7 @@ class GPT2Tokenizer:
     """
 
     def __init__(self, directory=None):
+        # Deferred: imports tokenizers.
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
         self.directory = os.path.abspath(directory or default_tokenizer_dir())
@@ -116,7 +118,7 @@ class GPT2Tokenizer:
 
     def in_graph(self, sequence_length=None):
         """The keras-hub `BytePairTokenizer` twin: same ids, runs in a TF graph."""
-        import keras_hub
+        import keras_hub  # deferred: imports keras-hub
 
         # `_allow_python_workflow=False`: always the tf-text path (the one a
         # SavedModel runs), never keras-hub's eager shortcut, whose Llama-3
@@ -128,8 +130,6 @@ class GPT2Tokenizer:
 
     def save(self, directory):
         """Writes `vocab.json`, `merges.txt` (and `tokenizer.json`) to `directory`."""
-        import shutil
-
         os.makedirs(directory, exist_ok=True)
         for path in (self.vocab_path, self.merges_path):
             target = os.path.join(directory, os.path.basename(path))
@@ -150,6 +150,7 @@ def train_tokenizer(texts, vocab_size, out_dir, min_frequency=2):
         out_dir: output directory.
         min_frequency: the least count of a pair to be merged.
     """
+    # Deferred: imports tokenizers.
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if not isinstance(vocab_size, int) or vocab_size < 257:

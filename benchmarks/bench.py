@@ -90,7 +90,7 @@ def worker_train(case):
     StepTimer = _step_timer_class()
 
     if case.get("fuse"):
-        from algpt2_tf.xla_flags import enable_elementwise_fusion
+        from algpt2_tf.runtime.xla_flags import enable_elementwise_fusion
 
         enable_elementwise_fusion()  # before the first graph is built
     if case["precision"] == "bf16":
@@ -169,7 +169,7 @@ def worker_decode(case):
         def run():
             model.generate(inputs, max_length=total, stop_token_ids=None)
     else:
-        from algpt2_tf.generation import Generator
+        from algpt2_tf.generation.generator import Generator
 
         preset = case["model"].removesuffix("-int8")
         model = _our_model(preset, shape, case["quick"])
@@ -177,7 +177,7 @@ def worker_decode(case):
             model.quantize("int8")  # Keras' own int8 (ALGPT2LMHeadModel.quantize)
         tricks = None
         if "tricks" in case:  # benchmarks/decode_tricks.py: switches as "name=0,..."
-            from algpt2_tf.decode_tricks import DecodeTricks
+            from algpt2_tf.generation.decode_tricks import DecodeTricks
 
             tricks = DecodeTricks().with_switches(case["tricks"])
         generator = Generator(model, tricks=tricks)
@@ -204,9 +204,9 @@ def worker_backend(case):
     import keras
     import numpy as np
 
-    from algpt2_tf import backend
-    from algpt2_tf.generation import generator_for
-    from algpt2_tf.host_loop_generation import HostLoopGenerator
+    from algpt2_tf.generation.generator import generator_for
+    from algpt2_tf.generation.host_loop import HostLoopGenerator
+    from algpt2_tf.runtime import backend
 
     assert backend.name() == case["backend"], (backend.name(), case["backend"])
     model = _our_model(case["preset"], None, False)
@@ -367,7 +367,7 @@ def process_settings(case):
     bf16 = case.get("precision") == "bf16" or bool(case.get("fuse"))
     wide = True
     if "tricks" in case:
-        from algpt2_tf.decode_tricks import DecodeTricks
+        from algpt2_tf.generation.decode_tricks import DecodeTricks
 
         wide = DecodeTricks().with_switches(case["tricks"]).wide_vectors
     return case.get("backend", "tensorflow"), bf16, wide
@@ -584,7 +584,7 @@ def main():
                                     r.get("first_call_s", 0.0) for r in runs[i])})
     rows = summarize(results, peak, args.quick)
     by_backend = backend_rows(results)
-    from algpt2_tf.cpu_info import cpu_info, cpu_summary
+    from algpt2_tf.runtime.cpu_info import cpu_info, cpu_summary
 
     info = cpu_info()
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": info, "quick": args.quick,

@@ -10,7 +10,7 @@ the benchmark's own:
 
 - `xla`: `--engine xla` (imports TensorFlow, loads the model, compiles the loop);
 - `xla second`: the same again, its compiled programs read from the cache folder
-  (`algpt2_tf.xla_cache`);
+  (`algpt2_tf.runtime.xla_cache`);
 - `litert first`: `--engine litert` on an empty cache (builds the LiteRT engine once);
 - `litert cached`: `--engine auto` once the build is cached (no TensorFlow).
 
@@ -28,15 +28,15 @@ average during the run. `--quick`: one round (the slow tier's smoke test).
 
 import argparse
 import json
-import socket
-import urllib.request
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -144,7 +144,7 @@ def main():
     parser.add_argument("--out", help="results path without extension (default: "
                                       "benchmarks/results/cold_start_<cpu>)")
     args = parser.parse_args()
-    from algpt2_tf.cpu_info import cpu_info
+    from algpt2_tf.runtime.cpu_info import cpu_info
 
     cpu = cpu_info()
     rounds = 1 if args.quick else args.rounds

@@ -122,7 +122,7 @@ def run(preset, new_tokens, quick):
     import numpy as np
     import tensorflow as tf
 
-    from algpt2_tf.generation import Generator
+    from algpt2_tf.generation.generator import Generator
 
     model = bench._our_model(preset, bench.TINY, quick)  # quick: the harness on a tiny shape
     config = model.config
@@ -164,7 +164,7 @@ def markdown(report, summary):
 
 
 def main():
-    from algpt2_tf.cpu_info import cpu_family, cpu_info, cpu_summary
+    from algpt2_tf.runtime.cpu_info import cpu_family, cpu_info, cpu_summary
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="algpt2")

@@ -3,7 +3,7 @@
 
 For `algpt2` and `gpt2` (GPT-2 124M shapes), batch 1 and 8, greedy decoding
 of 128 tokens after a 16-token prompt: every trick of
-`algpt2_tf.decode_tricks.DecodeTricks` on (the defaults), each one off alone,
+`algpt2_tf.generation.decode_tricks.DecodeTricks` on (the defaults), each one off alone,
 and all off; keras-hub's GPT-2 in the same run as the reference. Each
 measurement is a fresh process (`bench.py --worker`; `wide_vectors` is
 process-wide), the variants alternate, and figures are medians of
@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import bench  # noqa: E402  (the worker protocol and keras-hub's model)
 from case_process import write_results  # noqa: E402
 
-from algpt2_tf.cpu_info import cpu_family, cpu_info, cpu_summary  # noqa: E402
-from algpt2_tf.decode_tricks import DecodeTricks  # noqa: E402
+from algpt2_tf.generation.decode_tricks import DecodeTricks  # noqa: E402
+from algpt2_tf.runtime.cpu_info import cpu_family, cpu_info, cpu_summary  # noqa: E402
 
 MODELS = ("algpt2", "gpt2")
 BATCHES = (1, 8)

@@ -3,7 +3,7 @@
 
 For each preset, the same training step (AdamW, global batch x seq-len
 tokens, float32, synthetic ids) runs as one process and as two processes of
-one `jax-data-parallel` run (`algpt2_tf.launch.launch_local`, each process
+one `jax-data-parallel` run (`algpt2_tf.training.launch.launch_local`, each process
 half of every global batch; gradients all-reduced over gloo). A step's time
 is the median of the steps after the warm-up ones. Efficiency = tokens/s of
 2 processes / tokens/s of 1. Each measurement is a fresh set of processes;
@@ -38,7 +38,7 @@ PRESETS = ("algpt2", "gpt2")
 def worker(args):
     """One process of a measured run: prints one JSON line (the chief)."""
     os.environ.setdefault("KERAS_BACKEND", "jax")
-    from algpt2_tf import distribute
+    from algpt2_tf.training import distribute
 
     dist = distribute.start("jax-data-parallel", cluster=distribute.Cluster.resolve(),
                             batch_size=args.batch)
@@ -86,7 +86,7 @@ def worker(args):
 
 def measure(preset, processes, args):
     """Runs one measured run; returns the chief's result."""
-    from algpt2_tf.launch import launch_local
+    from algpt2_tf.training.launch import launch_local
 
     argv = ["--worker", "--preset", preset, "--batch", str(args.batch),
             "--seq-len", str(args.seq_len), "--steps", str(args.steps),
@@ -105,7 +105,7 @@ def measure(preset, processes, args):
 
 def markdown(report):
     """The results table: a CPU line, one row per preset, then how it was measured."""
-    from algpt2_tf.cpu_info import cpu_summary
+    from algpt2_tf.runtime.cpu_info import cpu_summary
 
     lines = [f"CPU: {cpu_summary(report['cpu'])}", "",
              "| preset | trainable params | gradient MB / step | 1 process tok/s | "
@@ -140,7 +140,7 @@ def main():
         return worker(args)
     if args.quick:
         args.repeats, args.steps, args.warmup, args.seq_len = 1, 3, 1, 32
-    from algpt2_tf.cpu_info import cpu_family, cpu_info
+    from algpt2_tf.runtime.cpu_info import cpu_family, cpu_info
 
     info = cpu_info()
     rows = []

@@ -17,8 +17,9 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from algpt2_tf.cpu_info import cpu_info, cpu_summary  # noqa: E402
 from case_process import parse_args, run_in_process  # noqa: E402
+
+from algpt2_tf.runtime.cpu_info import cpu_info, cpu_summary  # noqa: E402
 
 ROWS, COLS = 3072, 768
 CASES = [dict(matrices=n, threads=0) for n in (1, 2, 3, 4, 6)] + [dict(matrices=1, threads=1)]
@@ -32,7 +33,7 @@ def run_case(matrices, threads, steps):
     import numpy as np
     import tensorflow as tf
 
-    from algpt2_tf.xla_flags import prefer_wide_vectors
+    from algpt2_tf.runtime.xla_flags import prefer_wide_vectors
 
     prefer_wide_vectors()  # as Generator does
     tf.config.threading.set_intra_op_parallelism_threads(threads)

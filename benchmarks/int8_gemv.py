@@ -32,8 +32,9 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from algpt2_tf.cpu_info import cpu_info, cpu_summary  # noqa: E402
 from case_process import parse_args, run_in_process  # noqa: E402
+
+from algpt2_tf.runtime.cpu_info import cpu_info, cpu_summary  # noqa: E402
 
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # an algpt2 block's kernels
 YNN_DOTS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"

@@ -159,7 +159,7 @@ def main():
     if args.case:
         print(json.dumps(worker_ct2(json.loads(args.case))))
         return
-    from algpt2_tf.cpu_info import cpu_info
+    from algpt2_tf.runtime.cpu_info import cpu_info
 
     cpu = cpu_info()
     rounds = 1 if args.quick else args.rounds

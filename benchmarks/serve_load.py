@@ -30,8 +30,8 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from algpt2_tf.cpu_info import cpu_info  # noqa: E402
-from algpt2_tf.launch import free_port  # noqa: E402
+from algpt2_tf.runtime.cpu_info import cpu_info  # noqa: E402
+from algpt2_tf.training.launch import free_port  # noqa: E402
 
 
 def export_small_model(folder):

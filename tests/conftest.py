@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from algpt2_tf import ALGPT2Config  # noqa: E402
-from algpt2_tf.launch import free_port  # noqa: E402,F401  (tests import it from here)
+from algpt2_tf.training.launch import free_port  # noqa: E402,F401  (tests import it from here)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from algpt2_tf.cpu_info import cpu_info, cpu_summary
+from algpt2_tf.runtime.cpu_info import cpu_info, cpu_summary
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
@@ -100,7 +100,7 @@ def test_benchmark_gpu_variant_plan_and_guard():
 @pytest.mark.slow
 def test_decode_tricks_quick(tmp_path):
     """`benchmarks/decode_tricks.py --quick`: every switch off in turn, plus keras-hub, once."""
-    from algpt2_tf.decode_tricks import DecodeTricks
+    from algpt2_tf.generation.decode_tricks import DecodeTricks
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "tricks"

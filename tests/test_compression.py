@@ -11,10 +11,10 @@ from conftest import kill_at_first_checkpoint_then_rerun, randomize_weights, tin
 
 from algpt2_tf import ALGPT2LMHeadModel
 from algpt2_tf.cli import main
-from algpt2_tf.compression import compress, student_config, truncated_svd
 from algpt2_tf.convert.gpt2_weights import DELTA_OF, LAYER_TENSORS, resolve
 from algpt2_tf.saving import load_model
-from algpt2_tf.training import TrainOptions, train
+from algpt2_tf.training.compression import compress, student_config, truncated_svd
+from algpt2_tf.training.trainer import TrainOptions, train
 
 
 @pytest.fixture(autouse=True)
@@ -234,9 +234,9 @@ def test_vocabulary_mismatch_is_refused(tmp_path, teacher_run, corpus, capsys, r
     assert "vocab_size 97, the student 50257" in err
     assert not (tmp_path / "run").exists()
     # Same size, another tokenizer: refused too.
-    from algpt2_tf.tokenizer import train_tokenizer
-
     from pydoc_data import topics
+
+    from algpt2_tf.tokenizer import train_tokenizer
 
     other = tmp_path / "other_teacher"
     other.mkdir()

@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from algpt2_tf import cpu_info
-from algpt2_tf.cpu_info import (bf16_training_warning, cpu_family, cpu_info as read_cpu_info,
-                                cpu_summary, has_avx512, has_bf16_units)
+from algpt2_tf.runtime import cpu_info
+from algpt2_tf.runtime.cpu_info import bf16_training_warning, cpu_family
+from algpt2_tf.runtime.cpu_info import cpu_info as read_cpu_info
+from algpt2_tf.runtime.cpu_info import cpu_summary, has_avx512, has_bf16_units
 
 XEON = """processor\t: 0
 vendor_id\t: GenuineIntel

@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from algpt2_tf import data
 from algpt2_tf.losses import IGNORE_INDEX
 from algpt2_tf.tokenizer import GPT2Tokenizer
+from algpt2_tf.training import data
 
 
 @pytest.fixture(scope="module")

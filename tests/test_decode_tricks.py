@@ -3,11 +3,12 @@ import dataclasses
 import numpy as np
 import pytest
 import tensorflow as tf
-
-from algpt2_tf import ALGPT2LMHeadModel, decode_tricks
-from algpt2_tf.decode_tricks import DecodeTricks
-from algpt2_tf.generation import Generator
 from conftest import decode_test_model, tiny_config
+
+from algpt2_tf import ALGPT2LMHeadModel
+from algpt2_tf.generation import decode_tricks
+from algpt2_tf.generation.decode_tricks import DecodeTricks
+from algpt2_tf.generation.generator import Generator
 
 EXACT = DecodeTricks.names()
 
@@ -66,9 +67,9 @@ def test_only_a_decode_loop_runs_a_trick_and_serving_runs_the_same_ones(monkeypa
 def test_exact_tricks_on_give_the_tokens_of_all_tricks_off(monkeypatch):
     """The fast tier's twin of the matrix below: one model, two prompts, 8 tokens through a
     growing cache, every exact trick on against every trick off."""
-    from algpt2_tf import generation
+    from algpt2_tf.generation import generator
 
-    monkeypatch.setattr(generation, "CACHE_SEGMENT", 16)
+    monkeypatch.setattr(generator, "CACHE_SEGMENT", 16)
     model = decode_test_model("algpt2", max_positions=128)
     prompts = [[5, 17, 42], [9, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13]]
     expected = Generator(model, tricks=DecodeTricks().off()).generate(prompts, 8).new_ids
@@ -80,9 +81,9 @@ def test_exact_tricks_on_give_the_tokens_of_all_tricks_off(monkeypatch):
 def test_every_exact_trick_on_or_off_gives_the_same_tokens(model, prompts, monkeypatch):
     # A 16-slot first cache: the 16-token padded prompts decode through 32- and
     # 64-slot caches, so the growing cache grows while decoding.
-    from algpt2_tf import generation
+    from algpt2_tf.generation import generator
 
-    monkeypatch.setattr(generation, "CACHE_SEGMENT", 16)
+    monkeypatch.setattr(generator, "CACHE_SEGMENT", 16)
     expected = Generator(model, tricks=DecodeTricks().off()).generate(prompts, 40).new_ids
     variants = [DecodeTricks()] + [dataclasses.replace(DecodeTricks(), **{name: False})
                                    for name in EXACT]

@@ -1,4 +1,4 @@
-"""Data-parallel training (`algpt2_tf/distribute.py`): 2 logical CPU devices under `mirrored`,
+"""Data-parallel training (`algpt2_tf/training/distribute.py`): 2 logical CPU devices under `mirrored`,
 and 2 local JAX processes under `jax-data-parallel` (`algpt2 launch`), give the single-device
 run's gradients, weights and metrics, write once, and resume exactly."""
 
@@ -14,19 +14,18 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import free_port, kill_at_first_checkpoint_then_rerun
 
 from algpt2_tf.causal_lm import ALGPT2LMHeadModel
 from algpt2_tf.saving import load_model
-from algpt2_tf.training import TrainOptions, train
+from algpt2_tf.training.trainer import TrainOptions, train
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 ONE_STEP = """
 import json
 import numpy as np
-from algpt2_tf.distribute import make_strategy, scope
+from algpt2_tf.training.distribute import make_strategy, scope
 strategy = make_strategy("mirrored", 2)  # before TensorFlow runs anything
 import keras
 from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel

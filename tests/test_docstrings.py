@@ -11,16 +11,16 @@ import pytest
 
 MODULES = [
     "algpt2_tf.config", "algpt2_tf.model", "algpt2_tf.causal_lm", "algpt2_tf.tokenizer",
-    "algpt2_tf.generation",
-    "algpt2_tf.prompts", "algpt2_tf.files", "algpt2_tf.experiments.text_metrics",
+    "algpt2_tf.generation.generator",
+    "algpt2_tf.generation.prompts", "algpt2_tf.runtime.files", "algpt2_tf.experiments.text_metrics",
     "algpt2_tf.layers.adapter", "algpt2_tf.layers.attention", "algpt2_tf.layers.block",
     "algpt2_tf.layers.embedding", "algpt2_tf.layers.heads", "algpt2_tf.layers.linear",
-    "algpt2_tf.export.litert", "algpt2_tf.convert", "algpt2_tf.losses",
-    "algpt2_tf.host_loop_generation", "algpt2_tf.serving.batching", "algpt2_tf.pretrained",
-    "algpt2_tf.cpu_info", "algpt2_tf.decode_tricks", "algpt2_tf.launch",
-    "algpt2_tf.experiments.quality", "algpt2_tf.experiments.scaling", "algpt2_tf.sampling",
-    "algpt2_tf.token_choice", "algpt2_tf.serving.litert_serving",
-    "algpt2_tf.export.litert_engine", "algpt2_tf.xla_cache",
+    "algpt2_tf.export.litert", "algpt2_tf.convert.hf", "algpt2_tf.losses",
+    "algpt2_tf.generation.host_loop", "algpt2_tf.serving.batching", "algpt2_tf.pretrained",
+    "algpt2_tf.runtime.cpu_info", "algpt2_tf.generation.decode_tricks", "algpt2_tf.training.launch",
+    "algpt2_tf.experiments.quality", "algpt2_tf.experiments.scaling", "algpt2_tf.generation.sampling",
+    "algpt2_tf.generation.token_choice", "algpt2_tf.serving.litert_serving",
+    "algpt2_tf.export.litert_engine", "algpt2_tf.runtime.xla_cache",
 ]
 
 

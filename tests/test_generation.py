@@ -4,13 +4,13 @@ import weakref
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import decode_test_model, tiny_config
 
 from algpt2_tf import ALGPT2LMHeadModel
-from algpt2_tf import generation
-from algpt2_tf.generation import Generator, SamplingParams, cache_lengths, sampling_params
-from algpt2_tf.token_choice import (apply_repetition_penalty, choose_tokens, filter_logits,
-                                    first_argmax)
-from conftest import decode_test_model, tiny_config
+from algpt2_tf.generation import generator
+from algpt2_tf.generation.generator import Generator, SamplingParams, cache_lengths, sampling_params
+from algpt2_tf.generation.token_choice import (apply_repetition_penalty, choose_tokens,
+                                               filter_logits, first_argmax)
 
 
 @pytest.fixture(params=["algpt2", "gpt2"], scope="module")
@@ -83,7 +83,7 @@ def test_cache_lengths_double_up_to_max_length():
 def test_growing_cache_gives_the_same_tokens(model, monkeypatch, jit):
     # Cache lengths 4, 8, 16, 32, 64: the prompt bucket (16) skips the first
     # three loops, then the cache grows twice while decoding.
-    monkeypatch.setattr(generation, "CACHE_SEGMENT", 4)
+    monkeypatch.setattr(generator, "CACHE_SEGMENT", 4)
     prompts = [[5, 17, 42], [9, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
     out = Generator(model, jit_compile=jit).generate(prompts, max_new_tokens=30)
     assert out.new_ids == [naive_greedy(model, p, 30) for p in prompts]
@@ -99,7 +99,7 @@ def test_batch_equals_one_by_one(model):
 
 def test_the_host_loop_gives_the_xla_loops_greedy_tokens(model):
     # The torch / JAX decode loop (here on TensorFlow): same steps, same picks.
-    from algpt2_tf.host_loop_generation import HostLoopGenerator
+    from algpt2_tf.generation.host_loop import HostLoopGenerator
 
     prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
     expected = Generator(model).generate(prompts, 10, SamplingParams(top_k=1), 0, ()).new_ids
@@ -231,7 +231,7 @@ def test_the_generator_cache_does_not_keep_a_model_alive():
     they (a strong reference from the cache let every test worker grow past 10 GB)."""
     model = ALGPT2LMHeadModel(tiny_config())
     model.generate([[1, 2, 3]], max_new_tokens=3, stop_ids=[])
-    list(generation.generator_for(model).stream([1, 2], 2))
+    list(generator.generator_for(model).stream([1, 2], 2))
     alive = weakref.ref(model)
     del model
     gc.collect()

@@ -15,11 +15,10 @@ import httpx
 import keras
 import numpy as np
 import pytest
+from conftest import free_port, tiny_config
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import free_port, tiny_config
 
 from algpt2_tf import ALGPT2LMHeadModel
 from algpt2_tf.cli import main
@@ -269,9 +268,9 @@ def test_evaluate_checks_its_options_before_evaluating(saved, tmp_path, capsys):
 
 
 def test_convert_from_hf_checks_shapes_before_allocating(tmp_path, capsys):
-    from algpt2_tf.convert import to_hf
-
     from conftest import gpt2_tiny_config
+
+    from algpt2_tf.convert import to_hf
 
     folder = tmp_path / "hf"
     to_hf(ALGPT2LMHeadModel(gpt2_tiny_config()), str(folder))
@@ -287,7 +286,7 @@ def test_convert_from_hf_checks_shapes_before_allocating(tmp_path, capsys):
 
 def test_train_resumes_from_the_previous_checkpoint_when_the_newest_is_truncated(
         tmp_path, small_config, corpus, monkeypatch):
-    from algpt2_tf.training import TrainOptions, train
+    from algpt2_tf.training.trainer import TrainOptions, train
 
     monkeypatch.setenv("ALGPT2_CACHE", str(tmp_path / "cache"))
     values = dict(out=str(tmp_path / "run"), preset=None, config=small_config,

@@ -8,13 +8,12 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import saved_with_litert_build
 
 from algpt2_tf import ALGPT2LMHeadModel
 from algpt2_tf.cli import main
 from algpt2_tf.export.litert_engine import LiteRTGenerator, build_key, cached_build
-from algpt2_tf.sampling import sampling_params
+from algpt2_tf.generation.sampling import sampling_params
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,10 @@ import time
 import httpx
 import numpy as np
 import pytest
+from conftest import free_port, saved_with_litert_build
 from fastapi.testclient import TestClient
 
-from conftest import free_port, saved_with_litert_build
-
-from algpt2_tf.sampling import SamplingParams
+from algpt2_tf.generation.sampling import SamplingParams
 from algpt2_tf.serving.batching import BatchEngine
 from algpt2_tf.serving.litert_serving import LiteRTEngine
 from algpt2_tf.serving.openai_api import create_app

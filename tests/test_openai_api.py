@@ -7,11 +7,10 @@ import httpx
 import keras
 import numpy as np
 import pytest
-
 from conftest import free_port, tiny_config
 
 from algpt2_tf import ALGPT2LMHeadModel
-from algpt2_tf.generation import Generator, SamplingParams
+from algpt2_tf.generation.generator import Generator, SamplingParams
 from algpt2_tf.serving.batching import BatchEngine, Request
 from algpt2_tf.tokenizer import GPT2Tokenizer
 

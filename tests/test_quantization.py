@@ -131,7 +131,7 @@ def test_cli_generates_with_an_int8_model_and_refuses_to_requantize_it(tmp_path,
 
 
 def test_the_batching_server_engine_serves_a_quantized_model():
-    from algpt2_tf.generation import SamplingParams
+    from algpt2_tf.generation.generator import SamplingParams
     from algpt2_tf.serving.batching import BatchEngine
 
     model = small_model()

@@ -3,10 +3,10 @@
 import keras
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
 from algpt2_tf.layers import DecoderBlock
-from conftest import tiny_config
 
 OPTIONS = {
     "norms": dict(per_layer_norms=True),
@@ -114,7 +114,7 @@ def test_cached_decode_equals_full_recompute(name, rng):
     for _ in range(12):
         ids.append(int(np.argmax(model(np.array([ids]))["logits"].numpy()[0, -1])))
     for jit in (False, True):
-        from algpt2_tf.generation import Generator
+        from algpt2_tf.generation.generator import Generator
 
         got = Generator(model, jit_compile=jit).generate([prompt], max_new_tokens=12).new_ids[0]
         assert got == ids[len(prompt):]

@@ -4,14 +4,15 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-
-from algpt2_tf import sampling
-from algpt2_tf.generation import Generator
-from algpt2_tf.host_loop_generation import HostLoopGenerator
-from algpt2_tf.sampling import SamplingParams, pick_tokens, row_seed, sampling_params
-from algpt2_tf.serving.batching import BatchEngine
-from algpt2_tf.token_choice import SAMPLE_BLOCK, choose_tokens, inverse_cdf_sample, row_uniforms
 from conftest import decode_test_model
+
+from algpt2_tf.generation import sampling
+from algpt2_tf.generation.generator import Generator
+from algpt2_tf.generation.host_loop import HostLoopGenerator
+from algpt2_tf.generation.sampling import SamplingParams, pick_tokens, row_seed, sampling_params
+from algpt2_tf.generation.token_choice import (SAMPLE_BLOCK, choose_tokens, inverse_cdf_sample,
+                                               row_uniforms)
+from algpt2_tf.serving.batching import BatchEngine
 
 
 def reference_sample(logits, u):
@@ -141,6 +142,7 @@ def test_one_seeded_top_p_request_gives_the_same_text_through_every_entry_point(
     import concurrent.futures
 
     import keras
+    from conftest import tiny_config
     from fastapi.testclient import TestClient
 
     from algpt2_tf import ALGPT2LMHeadModel
@@ -148,7 +150,6 @@ def test_one_seeded_top_p_request_gives_the_same_text_through_every_entry_point(
     from algpt2_tf.saving import load_model
     from algpt2_tf.serving.openai_api import create_app
     from algpt2_tf.tokenizer import GPT2Tokenizer
-    from conftest import tiny_config
 
     keras.utils.set_random_seed(11)
     model = ALGPT2LMHeadModel(tiny_config(vocab_size=50257, max_positions=64, sop_head=False,

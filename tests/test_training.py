@@ -6,14 +6,13 @@ import sys
 import keras
 import numpy as np
 import pytest
-
 from conftest import kill_at_first_checkpoint_then_rerun
 
 from algpt2_tf import ALGPT2Config
-from algpt2_tf.cli import main
 from algpt2_tf.causal_lm import ALGPT2LMHeadModel
+from algpt2_tf.cli import main
 from algpt2_tf.saving import load_model
-from algpt2_tf.training import TrainOptions, WarmupDecay, train
+from algpt2_tf.training.trainer import TrainOptions, WarmupDecay, train
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +57,7 @@ def test_a_crash_after_a_checkpoint_then_a_rerun_equals_uninterrupted(tmp_path, 
                                                                      corpus, monkeypatch):
     """The fast tier's twin of the `kill -9` test below: the run dies in-process right after
     its first checkpoint; the same options then resume to the weights of an unbroken run."""
-    from algpt2_tf.training import CheckpointManager
+    from algpt2_tf.training.trainer import CheckpointManager
 
     full = train(options(tmp_path, small_config, corpus, out="full", steps=8), log=lambda *_: None)
     save = CheckpointManager.save
@@ -111,7 +110,7 @@ def test_sop_training_and_grad_accum(tmp_path, small_config, corpus):
 
 
 def test_mixed_precision_training(tmp_path, small_config, corpus, monkeypatch):
-    from algpt2_tf import cpu_info
+    from algpt2_tf.runtime import cpu_info
 
     # As on an AMD Zen 3 (AVX2, no bfloat16 units): training warns, once, naming the CPU.
     zen3 = {"vendor": "AuthenticAMD", "model_name": "AMD EPYC 7B13", "family": 25, "model": 1,
@@ -191,7 +190,7 @@ def test_fused_bf16_training_clusters_elementwise_ops_only(tmp_path, small_confi
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, small_config, corpus):
-    from algpt2_tf.training import TrainingDiverged
+    from algpt2_tf.training.trainer import TrainingDiverged
 
     with pytest.raises(TrainingDiverged, match="last good checkpoint"):
         train(options(tmp_path, small_config, corpus, learning_rate=1e9, clip_norm=None,
@@ -216,7 +215,7 @@ def test_schedule_warmup_then_decay():
 
 def test_weight_decay_skips_norms_biases_and_embeddings(tmp_path, small_config, corpus):
     from algpt2_tf import ALGPT2LMHeadModel
-    from algpt2_tf.training import make_optimizer
+    from algpt2_tf.training.trainer import make_optimizer
 
     opt = make_optimizer(options(tmp_path, small_config, corpus), 10)
     model = ALGPT2LMHeadModel(ALGPT2Config.from_json_file(small_config))

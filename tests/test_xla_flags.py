@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from algpt2_tf import xla_flags
-from algpt2_tf.xla_flags import (ELEMENTWISE_FUSION_FLAGS, WIDE_VECTORS_FLAG,
-                                 enable_elementwise_fusion, prefer_wide_vectors)
+from algpt2_tf.runtime import xla_flags
+from algpt2_tf.runtime.xla_flags import (ELEMENTWISE_FUSION_FLAGS, WIDE_VECTORS_FLAG,
+                                         enable_elementwise_fusion, prefer_wide_vectors)
 
 
 def test_enable_elementwise_fusion_sets_tf_xla_flags(monkeypatch):
@@ -43,8 +43,8 @@ import sys
 sys.path.insert(0, {tests!r})
 from conftest import tiny_config
 from algpt2_tf import ALGPT2LMHeadModel
-from algpt2_tf.generation import Generator
-from algpt2_tf.xla_flags import prefer_wide_vectors
+from algpt2_tf.generation.generator import Generator
+from algpt2_tf.runtime.xla_flags import prefer_wide_vectors
 prefer_wide_vectors()  # the explicit process setting (the algpt2 command applies it)
 Generator(ALGPT2LMHeadModel(tiny_config())).generate([[1, 2, 3]], max_new_tokens=2)
 """
@@ -73,10 +73,10 @@ def test_generator_compiles_512_bit_vector_code(tmp_path):
 
 
 def test_a_generator_changes_no_process_setting(monkeypatch):
-    from algpt2_tf import ALGPT2LMHeadModel
-    from algpt2_tf.generation import Generator
-
     from conftest import tiny_config
+
+    from algpt2_tf import ALGPT2LMHeadModel
+    from algpt2_tf.generation.generator import Generator
 
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     before = dict(os.environ)

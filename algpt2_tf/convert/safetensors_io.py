@@ -27,7 +27,7 @@ def _numpy_dtype(name, path):
     if name not in _DTYPES:
         raise ValueError(f"{path}: unsupported safetensors dtype {name!r}.")
     if name == "BF16":
-        import ml_dtypes
+        import ml_dtypes  # deferred: imports ml_dtypes
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(_DTYPES[name])
@@ -106,7 +106,7 @@ def read_folder(directory):
 
 def write_file(path, tensors, metadata=None):
     """Writes `{name: array}` as one safetensors file (`metadata`: str -> str)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save_file  # deferred: imports safetensors
 
     save_file({name: np.ascontiguousarray(value) for name, value in tensors.items()}, path,
               metadata=metadata)

@@ -24,6 +24,13 @@ import os
 
 import numpy as np
 
+from algpt2_tf.experiments.report import best_by_valid_loss, load_results
+from algpt2_tf.experiments.scaling import family_and_budget
+from algpt2_tf.experiments.spec import load_spec
+from algpt2_tf.runtime.files import atomic_path, atomic_write_json, atomic_write_text
+from algpt2_tf.saving import load_model
+from algpt2_tf.tokenizer import GPT2Tokenizer
+
 
 def paragraphs(text):
     """The paragraphs of a text (blocks separated by blank lines), whitespace-joined."""
@@ -92,7 +99,7 @@ def generative_perplexity(judge, tokenizer, prompts, continuations, batch_size=1
         continuations: the sampled text after each prompt.
         batch_size: sequences per forward pass.
     """
-    import keras
+    import keras  # deferred: imports Keras
 
     limit = judge.config.max_positions
     rows = []
@@ -144,8 +151,7 @@ def prompt_groups(prompts, eval_texts):
 
 def _judge_run_dir(out, results, arm):
     """The run folder of `arm` at its chosen rate (the best validation loss of its first seed)."""
-    from algpt2_tf.experiments.report import best_by_valid_loss
-    from algpt2_tf.experiments.runner import run_dir_name
+    from algpt2_tf.experiments.runner import run_dir_name  # deferred: imports Keras
 
     runs = [r for r in results if r["arm"] == arm]
     if not runs:
@@ -224,14 +230,8 @@ def judge_experiment(out, spec_path, judges, dest=None, log=print, baseline=None
         equal_on: the held-out set whose own perplexity is that comparison's axis for every
             set's samples (default: each set's own).
     """
-    from algpt2_tf.experiments.report import load_results
-    from algpt2_tf.experiments.runner import held_out_texts
-    from algpt2_tf.experiments.scaling import family_and_budget
-    from algpt2_tf.experiments.spec import load_spec
-    from algpt2_tf.files import atomic_write_json, atomic_write_text
-    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
-    from algpt2_tf.saving import load_model
-    from algpt2_tf.tokenizer import GPT2Tokenizer
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras
+    from algpt2_tf.experiments.runner import held_out_texts  # deferred: imports Keras
 
     source, results = load_results(out)
     spec = load_spec(spec_path)
@@ -341,12 +341,10 @@ def quality_markdown(rows, judges, groups, runs, prompts, gaps=None, baseline=No
 
 
 def quality_plot(rows, judges, names, path):
-    import matplotlib
+    import matplotlib  # deferred: imports matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from algpt2_tf.files import atomic_path
+    import matplotlib.pyplot as plt  # deferred: imports matplotlib
 
     fig, axes = plt.subplots(len(judges), len(names), figsize=(5 * len(names), 4 * len(judges)),
                              squeeze=False)

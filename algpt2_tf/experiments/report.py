@@ -13,10 +13,12 @@ import glob
 import io
 import math
 import os
+import shutil
 import statistics
 
 from algpt2_tf.experiments.spec import arm_seeds
-from algpt2_tf.files import atomic_path, atomic_write_json, atomic_write_text, read_json
+from algpt2_tf.runtime.files import atomic_path, atomic_write_json, atomic_write_text, read_json
+from algpt2_tf.training.options import TrainOptions
 
 GENERATION_COLUMNS = ("distinct_1", "distinct_2", "distinct_3", "repeated_4gram_fraction",
                       "mean_length_tokens")
@@ -77,8 +79,6 @@ def _mean_spread(values):
 
 def summarize(spec, results):
     """One row per arm (in spec order) at its chosen learning rate; arms with no result are left out."""
-    from algpt2_tf.train_options import TrainOptions
-
     tokens_per_step = spec["budget"]["seq_len"] * spec["budget"]["batch_size"]
     steps_per_epoch = (spec.get("options") or {}).get("checkpoint_every",
                                                       TrainOptions.checkpoint_every)
@@ -286,10 +286,10 @@ def _csv(rows):
 
 
 def _plots(out, rows):
-    import matplotlib
+    import matplotlib  # deferred: imports matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: imports matplotlib
 
     fig, ax = plt.subplots(figsize=(10, 5.5))
     styles = ("-", "--", ":", "-.")  # the colour cycle has 10 colours: past 10 arms, a new dash
@@ -330,8 +330,6 @@ def _save(fig, path):
 
 def copy_report(out, destination):
     """Copies the report files (not the runs) to `destination`, e.g. `experiments/results/NAME`."""
-    import shutil
-
     os.makedirs(destination, exist_ok=True)
     for name in ("results.json", "results.csv", "results.md", "loss.png", "ppl_vs_params.png",
                  "spec.json"):

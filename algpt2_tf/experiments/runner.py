@@ -15,16 +15,24 @@ skips finished runs and resumes an unfinished one from its last checkpoint
 interval.
 """
 
+import csv
+import json
 import os
 import re
 import time
 
 import keras
 
-from algpt2_tf.experiments.report import best_by_valid_loss
-from algpt2_tf.experiments.spec import SpecError, arm_seeds
+from algpt2_tf.config import ALGPT2Config
+from algpt2_tf.experiments.report import best_by_valid_loss, write_report
+from algpt2_tf.experiments.spec import SpecError, arm_seeds, load_spec
 from algpt2_tf.experiments.text_metrics import text_metrics
-from algpt2_tf.files import atomic_path, atomic_write_json, atomic_write_text, read_json
+from algpt2_tf.runtime.files import (atomic_path, atomic_write_json, atomic_write_text,
+                                     expand_files, read_json)
+from algpt2_tf.saving import load_model
+from algpt2_tf.tokenizer import GPT2Tokenizer, train_tokenizer
+from algpt2_tf.training.compression import compress_to_run
+from algpt2_tf.training.options import TrainOptions
 
 _WIKITEXT_HEADING = re.compile(r"^ = [^=].* = $")
 
@@ -54,7 +62,7 @@ def article_share(articles, share):
 def separated_documents(path, separator):
     """The documents of a file whose documents are separated by lines equal to `separator`
     (surrounding spaces ignored), each stripped of the blank lines around it."""
-    from algpt2_tf.data import read_documents
+    from algpt2_tf.training.data import read_documents  # deferred: imports TensorFlow, Keras
 
     documents, current = [], []
     for line in next(read_documents([path])).split("\n"):
@@ -69,8 +77,7 @@ def separated_documents(path, separator):
 
 def source_texts(source):
     """The documents of one `FileSource`."""
-    from algpt2_tf.data import read_documents
-    from algpt2_tf.files import expand_files
+    from algpt2_tf.training.data import read_documents  # deferred: imports TensorFlow, Keras
 
     if source.separator is not None:
         return separated_documents(source.path, source.separator)
@@ -87,7 +94,7 @@ def held_out_texts(spec):
 
 def held_out_metrics(spec, model, tokenizer, eval_texts):
     """`{set: metrics}` of `model` on every evaluation set, with the spec's protocol."""
-    from algpt2_tf.evaluation import evaluate_texts
+    from algpt2_tf.evaluation import evaluate_texts  # deferred: imports Keras
 
     found = {}
     for name, texts in eval_texts.items():
@@ -113,8 +120,6 @@ def materialize_train_files(spec, data_dir):
             name = f"{os.path.basename(source.path)}.articles-{start:g}-{end:g}.jsonl"
         path = os.path.join(data_dir, name)
         if not os.path.exists(path):
-            import json
-
             os.makedirs(data_dir, exist_ok=True)
             lines = "".join(json.dumps({"text": t}) + "\n" for t in source_texts(source))
             atomic_write_text(path, lines)
@@ -128,8 +133,6 @@ def run_dir_name(learning_rate, seed):
 
 
 def default_learning_rate(spec, arm):
-    from algpt2_tf.train_options import TrainOptions
-
     return float(arm.options.get("learning_rate",
                                  spec.options.get("learning_rate", TrainOptions.learning_rate)))
 
@@ -193,8 +196,6 @@ class Experiment:
 
     def tokenizer_dir(self):
         """The tokenizer folder of every arm (`None`: the shipped GPT-2 BPE)."""
-        from algpt2_tf.tokenizer import train_tokenizer
-
         wanted = self.spec.tokenizer
         if wanted is None or isinstance(wanted, str):
             return wanted
@@ -209,8 +210,6 @@ class Experiment:
 
     def arm_config(self, arm, vocab_size):
         """Writes and returns the path of the arm's config (the tokenizer's vocabulary size)."""
-        from algpt2_tf.config import ALGPT2Config
-
         values = {**self.spec.base_config.to_dict(), **arm.config, "vocab_size": vocab_size}
         if arm.config.get("intermediate_size") is None and "hidden_size" in arm.config:
             values["intermediate_size"] = None  # follow the arm's hidden size
@@ -224,8 +223,6 @@ class Experiment:
     # ------------------------------------------------------------------ runs
     def run(self):
         """Trains, evaluates and samples every run that has no result yet; returns all results."""
-        from algpt2_tf.tokenizer import GPT2Tokenizer
-
         spec = self.spec
         self.check_folder()
         tokenizer_dir = self.tokenizer_dir()
@@ -268,7 +265,8 @@ class Experiment:
 
     def _train(self, arm, learning_rate, seed, config_path, config, tokenizer_dir, train_files):
         """Trains one run (or finds it trained); returns its result (no evaluation yet)."""
-        from algpt2_tf.training import TrainOptions, train
+        # Deferred: imports TensorFlow, Keras.
+        from algpt2_tf.training.trainer import TrainOptions, train
 
         spec = self.spec
         steps = spec.arm_steps(arm)
@@ -330,9 +328,7 @@ class Experiment:
     def _compressed_init(self, arm, config):
         """`(folder, summary)` of the arm's student as `compression.compress` initializes it
         from its teacher arm's model, evaluated before any training (`ARM/init/`)."""
-        from algpt2_tf.compression import compress_to_run
-        from algpt2_tf.causal_lm import ALGPT2LMHeadModel
-        from algpt2_tf.saving import load_model
+        from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras
 
         teacher = arm.compress["from"]
         init_dir = os.path.join(self.out, "arms", arm.name, "init")
@@ -355,8 +351,7 @@ class Experiment:
 
     def _evaluate(self, result, tokenizer, eval_texts, train_args):
         """Adds held-out metrics and generation statistics to a trained run's result."""
-        from algpt2_tf.causal_lm import ALGPT2LMHeadModel
-        from algpt2_tf.saving import load_model
+        from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras
 
         if "eval" in result:
             return result
@@ -399,8 +394,6 @@ def training_curve(metrics_path, tokens_per_step):
     checkpoint interval): the curve keeps those values as logged, and the
     report turns them into per-interval means (`report.interval_means`).
     """
-    import csv
-
     curve, valid_curve = [], []
     with open(metrics_path, newline="") as f:
         for row in csv.DictReader(f):
@@ -416,9 +409,6 @@ def training_curve(metrics_path, tokens_per_step):
 
 def run_experiment(spec_path, out, log=print, verbose=1):
     """`algpt2 experiment run`: validates the spec, runs what is missing, writes the report."""
-    from algpt2_tf.experiments.report import write_report
-    from algpt2_tf.experiments.spec import load_spec
-
     spec = load_spec(spec_path)
     Experiment(spec, out, log=log, verbose=verbose).run()
     return write_report(out, log=log)

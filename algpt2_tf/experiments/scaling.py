@@ -36,7 +36,7 @@ import re
 import statistics
 
 from algpt2_tf.experiments.report import load_results, summarize
-from algpt2_tf.files import atomic_path, atomic_write_json, atomic_write_text
+from algpt2_tf.runtime.files import atomic_path, atomic_write_json, atomic_write_text
 
 TARGETS = (1.2, 1.05)
 _BUDGET = re.compile(r"^(?P<family>.+)_(?P<multiple>\d+)x(_lr[0-9.e-]+)?$")
@@ -212,10 +212,10 @@ def markdown(spec, rows, trends, baseline):
 
 
 def plot(rows, trends, baseline, path):
-    import matplotlib
+    import matplotlib  # deferred: imports matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: imports matplotlib
 
     sets = list(rows[0]["sets"]) if rows else []
     families = sorted({r["family"] for r in rows} - {baseline})

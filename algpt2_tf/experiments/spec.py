@@ -50,6 +50,8 @@ import os
 from typing import Any, Dict, List, Optional
 
 from algpt2_tf.config import ALGPT2Config, list_presets
+from algpt2_tf.training.compression import INITS, student_config
+from algpt2_tf.training.options import TrainOptions
 
 ARM_OPTIONS = ("learning_rate", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay",
                "optimizer", "clip_norm", "mixed_precision", "jit_compile", "fuse_elementwise",
@@ -150,7 +152,7 @@ def load_spec(path):
         text = f.read()
     try:
         if path.endswith((".yaml", ".yml")):
-            import yaml
+            import yaml  # deferred: imports PyYAML
 
             raw = yaml.safe_load(text)
         else:
@@ -222,8 +224,6 @@ def _files(value, base_dir, where):
 
 
 def _options(value, where, allowed):
-    from algpt2_tf.train_options import TrainOptions
-
     _mapping(value, where, allowed)
     # Type and range checks are TrainOptions' own (see resolve_options).
     try:
@@ -407,8 +407,6 @@ def _earlier_arm(value, arms, where):
 
 def _compress(item, arms, base_config, where):
     """`compress: {from, init}`, checked against the teacher arm's shape."""
-    from algpt2_tf.compression import INITS, student_config
-
     value = item.get("compress")
     if value is None:
         return None

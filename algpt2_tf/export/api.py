@@ -17,8 +17,8 @@ import numpy as np
 
 from algpt2_tf.export.formats import FORMATS, QUANTIZATIONS
 from algpt2_tf.export.greedy import greedy_continuation
-from algpt2_tf.files import staging_directory
-from algpt2_tf.prompts import left_pad
+from algpt2_tf.generation.prompts import left_pad
+from algpt2_tf.runtime.files import staging_directory
 from algpt2_tf.saving import load_model, load_tokenizer_for
 
 PROBE_TEXT = ["The quick brown fox jumps over the lazy dog.", "Hello"]
@@ -164,11 +164,11 @@ def _keras_logits(model, ids, mask):
 def _greedy_probe(model, tokenizer, max_length):
     """The first probe text's ids and the Keras model's greedy continuation of it
     (`GREEDY_TOKENS`, or what `max_length` leaves)."""
-    from algpt2_tf import generation  # TensorFlow: imported when a model is exported
+    from algpt2_tf.generation import generator  # TensorFlow: imported when a model is exported
 
     prompt = tokenizer.encode(PROBE_TEXT[0])
     steps = min(GREEDY_TOKENS, max_length - len(prompt))
-    return prompt, generation.generate(model, [prompt], max_new_tokens=steps,
+    return prompt, generator.generate(model, [prompt], max_new_tokens=steps,
                                        stop_ids=[]).new_ids[0]
 
 
@@ -180,7 +180,7 @@ def _reference(model, tokenizer, max_length):
 
 
 def _export_keras(model, tokenizer, staging, quantize, max_length, log):
-    import keras
+    import keras  # deferred: imports Keras
 
     path = os.path.join(staging, "model.keras")
     model.save(path)
@@ -194,14 +194,14 @@ def _export_keras(model, tokenizer, staging, quantize, max_length, log):
 
 
 def _greedy_text(model, tokenizer, prompts, steps):
-    from algpt2_tf import generation  # TensorFlow: imported when a model is exported
+    from algpt2_tf.generation import generator  # TensorFlow: imported when a model is exported
 
-    return generation.generate(model, list(prompts), max_new_tokens=steps, sampler="greedy",
+    return generator.generate(model, list(prompts), max_new_tokens=steps, sampler="greedy",
                                tokenizer=tokenizer).text
 
 
 def _export_savedmodel(model, tokenizer, staging, quantize, max_length, log):
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: imports TensorFlow
     import tensorflow_text  # noqa: F401  (registers the ops the SavedModel uses)
 
     from algpt2_tf.export import savedmodel  # TensorFlow: imported when this format is asked for
@@ -243,7 +243,7 @@ def tflite_greedy(interpreter, prompt_ids, steps):
 
 
 def _export_tflite(model, tokenizer, staging, quantize, max_length, log):
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter  # deferred: imports LiteRT
 
     from algpt2_tf.export import tflite  # TensorFlow: imported when this format is asked for
 

@@ -7,7 +7,7 @@ without TensorFlow.
 
 import numpy as np
 
-from algpt2_tf.sampling import SamplingParams, host_decode
+from algpt2_tf.generation.sampling import SamplingParams, host_decode
 
 
 def greedy_continuation(decode, logits, position, steps):

@@ -19,12 +19,11 @@ from ai_edge_litert.cpu_options import CpuOptions
 from ai_edge_litert.options import Options
 
 from algpt2_tf.export.greedy import greedy_continuation
+from algpt2_tf.runtime.files import cache_root
 
 
 def default_weight_cache(model_path):
     """`$ALGPT2_CACHE/xnnpack/<digest of the path, size and mtime>.cache`."""
-    from algpt2_tf.files import cache_root
-
     stat = os.stat(model_path)
     key = f"{os.path.abspath(model_path)}:{stat.st_size}:{stat.st_mtime_ns}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]

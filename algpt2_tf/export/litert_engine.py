@@ -30,6 +30,7 @@ True
 """
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -40,9 +41,9 @@ import weakref
 import numpy as np
 
 from algpt2_tf.export.api import export
-from algpt2_tf.files import cache_root, file_digest, new_directory
-from algpt2_tf.prompts import GenerationOutput, check_prompts
-from algpt2_tf.sampling import SamplingParams, host_decode, row_seed
+from algpt2_tf.generation.prompts import GenerationOutput, check_prompts
+from algpt2_tf.generation.sampling import SamplingParams, host_decode, row_seed
+from algpt2_tf.runtime.files import cache_root, file_digest, new_directory
 from algpt2_tf.saving import load_model, load_tokenizer_for, resolve_model_path
 from algpt2_tf.tokenizer import GPT2Tokenizer
 
@@ -131,7 +132,7 @@ def cached_build(model_path, quantize="none", max_length=None, cache=None, build
 
 def _loaded(path):
     """The network and tokenizer of a `.keras` file (imports Keras: only to build)."""
-    from algpt2_tf.model import ALGPT2Backbone
+    from algpt2_tf.model import ALGPT2Backbone  # deferred: imports Keras
 
     return load_model(path, ALGPT2Backbone), load_tokenizer_for(path)
 
@@ -184,7 +185,7 @@ class LiteRTGenerator:
     """
 
     def __init__(self, build, num_threads=None):
-        from algpt2_tf.export.litert import LiteRTDecoder
+        from algpt2_tf.export.litert import LiteRTDecoder  # deferred: imports LiteRT
 
         self.build = build
         self.decoder = LiteRTDecoder(build.model_path,
@@ -229,8 +230,6 @@ class LiteRTGenerator:
 
     def close(self):
         """Frees the LiteRT model and its buffers now (LiteRT logs as it tears them down)."""
-        import gc
-
         self.decoder = None
         gc.collect()
 

@@ -2,7 +2,7 @@
 
 `generate` tokenizes in the graph with keras-hub's `BytePairTokenizer` (the
 tf-text path, the same ids as `GPT2Tokenizer`), left-pads the batch, runs the
-KV-cache decode loop of `algpt2_tf.generation` as plain TensorFlow ops (no
+KV-cache decode loop of `algpt2_tf.generation.generator` as plain TensorFlow ops (no
 XLA, so any TF Serving build runs it) and detokenizes in the graph. Loading
 needs `import tensorflow_text` first (for its ops), not `algpt2_tf`.
 
@@ -18,8 +18,8 @@ Signatures:
 
 import tensorflow as tf
 
-from algpt2_tf.decode_tricks import DecodePlan, DecodeTricks
-from algpt2_tf.generation import decode
+from algpt2_tf.generation.decode_tricks import DecodePlan, DecodeTricks
+from algpt2_tf.generation.generator import decode
 from algpt2_tf.tokenizer import EOS_TOKEN
 
 PAD_ID = -1

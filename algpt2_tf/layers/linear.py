@@ -13,7 +13,7 @@ class Linear(keras.layers.Dense):
     products through a row-major copy of the kernel) and adds its bias with
     `plan.add_bias` (as a subtraction, which XLA:CPU does not fuse into the slower
     "output fusion" of the product). Both are bit-identical to `x @ kernel + bias`; their
-    measured gains are in `algpt2_tf.decode_tricks`. Without a plan (training, evaluation,
+    measured gains are in `algpt2_tf.generation.decode_tricks`. Without a plan (training, evaluation,
     `model(...)`) it is a plain Dense.
 
     Args:
@@ -36,7 +36,7 @@ class Linear(keras.layers.Dense):
         """
         if mode != "int8":
             raise NotImplementedError(f"Linear supports int8 quantization only, not {mode!r}.")
-        from keras import quantizers
+        from keras import quantizers  # deferred: imports Keras
 
         weight_only = quantizers.Int8QuantizationConfig(
             weight_quantizer=quantizers.AbsMaxQuantizer(axis=0), activation_quantizer=None)

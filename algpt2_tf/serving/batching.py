@@ -46,12 +46,11 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from algpt2_tf.decode_tricks import DecodePlan, DecodeTricks
-from algpt2_tf.generation import (PROMPT_BUCKET, SamplingParams, cache_lengths, grow_caches,
-                                  prefill, round_up, sample_and_advance)
+from algpt2_tf.generation.decode_tricks import DecodePlan, DecodeTricks
+from algpt2_tf.generation.generator import (PROMPT_BUCKET, SamplingParams, cache_lengths,
+                                            grow_caches, prefill, round_up, sample_and_advance)
+from algpt2_tf.generation.prompts import check_fits, check_max_new_tokens, check_prompts, left_pad
 from algpt2_tf.layers.attention import write_slots
-from algpt2_tf.prompts import check_fits, check_max_new_tokens, check_prompts, left_pad
-
 
 MAX_LOGPROBS = 5
 """The most alternatives a token's log-probabilities list (OpenAI's completions limit)."""

@@ -38,21 +38,25 @@ queue, 504 past the per-request time limit.
 
 import asyncio
 import json
+import os
 import secrets
 import sys
 import time
 import uuid
 from typing import List, Optional, Union
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from algpt2_tf import xla_cache
-from algpt2_tf.sampling import SamplingParams, row_seed
+from algpt2_tf.export.litert_engine import cached_build
+from algpt2_tf.generation.sampling import SamplingParams, row_seed
+from algpt2_tf.runtime import xla_cache
+from algpt2_tf.saving import load_model, load_tokenizer_for
 from algpt2_tf.serving.batching import MAX_LOGPROBS, QueueFull, Request
-from algpt2_tf.serving.request_body import (BodyTimeout, BodyTooLarge, RequireAPIKey,
-                                            check_binding, read_limited)
+from algpt2_tf.serving.request_body import (BodyTimeout, BodyTooLarge, RequireAPIKey, check_binding,
+                                            read_limited, run_app)
 
 MAX_N = 16
 MAX_STOPS = 4
@@ -590,7 +594,6 @@ def choose_engine(engine, model_path, quantize="none", max_batch=16, batching=Tr
     are returned as they are."""
     if engine != "auto":
         return engine
-    from algpt2_tf.export.litert_engine import cached_build
 
     one_at_a_time = max_batch == 1 or not batching
     if one_at_a_time and cached_build(model_path, quantize, cache=cache, build=False):
@@ -612,15 +615,9 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
     warm-up and when the server stops, so the next start reads them. `engine="litert"` serves
     the model's LiteRT build (`quantize`: its weights; built once and cached,
     `litert_engine.cached_build`) one request at a time (`litert_serving`)."""
-    import logging
-    import os
-
-    import uvicorn
-
     warning = check_binding(host, api_key, insecure_no_auth)
-    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
-    from algpt2_tf.saving import load_model, load_tokenizer_for
-    from algpt2_tf.serving.batching import BatchEngine
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras
+    from algpt2_tf.serving.batching import BatchEngine  # deferred: imports TensorFlow, Keras
 
     if engine not in ("auto", "xla", "litert"):
         raise ValueError(f"engine must be auto, xla or litert, got {engine!r}.")
@@ -628,7 +625,7 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
     tokenizer = load_tokenizer_for(model_path)
     name = model_name or os.path.basename(os.path.normpath(model_path)).removesuffix(".keras")
     if engine == "litert":
-        from algpt2_tf.export.litert_engine import cached_build
+        # Deferred: imports TensorFlow, Keras.
         from algpt2_tf.serving.litert_serving import LiteRTEngine
 
         build = cached_build(model_path, quantize,
@@ -641,26 +638,19 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
         if quantize != "none":
             raise ValueError("quantize applies to the litert engine; serve a Keras int8 model "
                              "(algpt2 quantize) with the xla engine.")
-        engine = BatchEngine(load_model(model_path, ALGPT2LMHeadModel), max_batch=max_batch, window_s=window_s,
-                             max_queue=max_queue, batching=batching, tricks=tricks)
+        engine = BatchEngine(load_model(model_path, ALGPT2LMHeadModel), max_batch=max_batch,
+                             window_s=window_s, max_queue=max_queue, batching=batching,
+                             tricks=tricks)
         warmed = (f"; compiled the first batch shapes in {engine.warm_up():.1f} s"
                   if warm_up else "")
         if compile_cache:
             xla_cache.record(compile_cache)
-    try:
-        app = create_app(engine, tokenizer, name, api_key, max_request_bytes, timeout_s,
-                         max_response_bytes)
-    except ValueError:
-        engine.close()
-        raise
-    if warning:
-        logging.getLogger("algpt2.serve").warning(warning)
-        print(warning, file=sys.stderr, flush=True)
-    print(f"Serving {name} on http://{host}:{port}/v1 (OpenAI completions API; "
-          f"batching {'up to ' + str(max_batch) if batching else 'off'}{warmed})", flush=True)
-    try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
-    finally:
+    def close():
         engine.close()
         if compile_cache:
             xla_cache.record(compile_cache)
+
+    run_app(lambda: create_app(engine, tokenizer, name, api_key, max_request_bytes, timeout_s,
+                               max_response_bytes), close, host, port,
+            f"Serving {name} on http://{host}:{port}/v1 (OpenAI completions API; "
+            f"batching {'up to ' + str(max_batch) if batching else 'off'}{warmed})", warning)

@@ -1,9 +1,12 @@
-"""What both servers check before a request reaches the model: the body (size and read
-time), the API key, and whether the server may listen beyond loopback."""
+"""What both servers share: the checks before a request reaches the model (the body's size
+and read time, the API key, whether the server may listen beyond loopback) and `run_app`,
+which serves an app until interrupted."""
 
 import asyncio
 import ipaddress
+import logging
 import secrets
+import sys
 
 
 class BodyTooLarge(Exception):
@@ -86,3 +89,25 @@ class RequireAPIKey:
                 await self.reject()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def run_app(make_app, close, host, port, banner, warning=None):
+    """Serves the FastAPI app `make_app()` makes on `host:port` until interrupted, then
+    calls `close()` (also when `make_app` refuses its settings with a `ValueError`).
+    `warning` (from `check_binding`) goes to the log and stderr, `banner` to stdout once
+    the app exists (the line a user, or a test, waits for)."""
+    import uvicorn  # deferred: imports uvicorn
+
+    try:
+        app = make_app()
+    except ValueError:
+        close()
+        raise
+    if warning:
+        logging.getLogger("algpt2.serve").warning(warning)
+        print(warning, file=sys.stderr, flush=True)
+    print(banner, flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        close()

@@ -25,7 +25,6 @@ import base64
 import json
 import logging
 import os
-import sys
 import threading
 
 import numpy as np
@@ -35,8 +34,8 @@ import tensorflow_text  # noqa: F401  (ops used by the generate signature)
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from algpt2_tf.serving.request_body import (BodyTimeout, BodyTooLarge, RequireAPIKey,
-                                            read_limited)
+from algpt2_tf.serving.request_body import (BodyTimeout, BodyTooLarge, RequireAPIKey, check_binding,
+                                            read_limited, run_app)
 
 log = logging.getLogger("algpt2.serve")
 
@@ -372,6 +371,7 @@ def run_cancelable(signature, inputs, cancel):
 
 def _cancellation_manager():
     try:
+        # Deferred: imports TensorFlow.
         from tensorflow.python.eager.cancellation import CancellationManager
     except ImportError:  # a TensorFlow without it: timeouts answer 504, the work finishes
         return None
@@ -492,23 +492,9 @@ def serve(model_base_path, model_name, host="127.0.0.1", port=8501, max_request_
           insecure_no_auth=False):
     """Runs the server until interrupted (see `create_app` for the limits; beyond loopback
     only with `api_key` or `insecure_no_auth`, `request_body.check_binding`)."""
-    import uvicorn
-
-    from algpt2_tf.serving.request_body import check_binding
-
     warning = check_binding(host, api_key, insecure_no_auth)
     manager = ModelManager(model_name, model_base_path, poll_seconds)
-    try:
-        app = create_app(manager, max_request_bytes, timeout_seconds, api_key, max_response_bytes)
-    except ValueError:
-        manager.stop()
-        raise
-    if warning:
-        log.warning(warning)
-        print(warning, file=sys.stderr, flush=True)
-    print(f"Serving {model_name} version {manager.current.version} on http://{host}:{port} "
-          f"(REST: /v1/models/{model_name})", flush=True)
-    try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
-    finally:
-        manager.stop()
+    run_app(lambda: create_app(manager, max_request_bytes, timeout_seconds, api_key,
+                               max_response_bytes), manager.stop, host, port,
+            f"Serving {model_name} version {manager.current.version} on http://{host}:{port} "
+            f"(REST: /v1/models/{model_name})", warning)

@@ -22,11 +22,11 @@ trained (`make bench` gives each backend's decode speed).
 import numpy as np
 from keras import ops
 
-from algpt2_tf import backend
+from algpt2_tf.generation.prompts import (GenerationOutput, check_fits, check_max_new_tokens,
+                                          check_prompts, left_pad)
+from algpt2_tf.generation.sampling import SamplingParams, host_decode, row_seed
 from algpt2_tf.model import position_ids_from_mask
-from algpt2_tf.prompts import (GenerationOutput, check_fits, check_max_new_tokens, check_prompts,
-                               left_pad)
-from algpt2_tf.sampling import SamplingParams, host_decode, row_seed
+from algpt2_tf.runtime import backend
 
 
 def tensors(*arrays):

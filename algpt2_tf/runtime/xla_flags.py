@@ -9,7 +9,7 @@ changes nothing. The callers in this package (`algpt2 train
 """
 import os
 
-from algpt2_tf.cpu_info import has_avx512
+from algpt2_tf.runtime.cpu_info import has_avx512
 
 ELEMENTWISE_FUSION_FLAGS = ("--tf_xla_auto_jit=2", "--tf_xla_cpu_global_jit",
                             "--tf_xla_ops_to_cluster=PW,PWRED,MISC")

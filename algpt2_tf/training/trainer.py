@@ -22,16 +22,22 @@ import math
 import os
 import re
 import zipfile
+from pydoc_data import topics
 
 import keras
 import numpy as np
 
-from algpt2_tf import backend, distribute
-from algpt2_tf import data as data_lib
 from algpt2_tf.config import ALGPT2Config
-from algpt2_tf.files import atomic_path, atomic_write_json, atomic_write_text, cache_root
-from algpt2_tf.train_options import DEFAULT_STEPS, TrainOptions  # noqa: F401  (re-exported)
-from algpt2_tf.xla_flags import enable_elementwise_fusion
+from algpt2_tf.runtime import backend
+from algpt2_tf.runtime.cpu_info import bf16_training_warning
+from algpt2_tf.runtime.files import atomic_path, atomic_write_json, atomic_write_text, cache_root
+from algpt2_tf.runtime.xla_flags import enable_elementwise_fusion
+from algpt2_tf.saving import load_model
+from algpt2_tf.tokenizer import GPT2Tokenizer
+from algpt2_tf.training import data as data_lib
+from algpt2_tf.training import distribute
+from algpt2_tf.training.distillation import load_teacher
+from algpt2_tf.training.options import DEFAULT_STEPS, TrainOptions  # noqa: F401  (re-exported)
 
 NO_DECAY = ["gamma", "beta", "bias", "embeddings"]
 """Variable-name fragments excluded from weight decay: LayerNorm, biases, embeddings."""
@@ -289,8 +295,6 @@ def truncate_metrics(path, step):
 def default_corpus_files(directory):
     """Writes the documentation text every Python carries (`pydoc_data.topics`)
     as a small offline corpus and returns its path."""
-    from pydoc_data import topics
-
     path = os.path.join(directory, "pydoc_topics.txt")
     if not os.path.exists(path):
         os.makedirs(directory, exist_ok=True)
@@ -348,7 +352,7 @@ def _quiet(*_):
 
 def _compiled_model(config, options, init_model, teacher, total_steps):
     """The model to train and its built optimizer (inside the strategy's scope, if any)."""
-    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras
 
     model = ALGPT2LMHeadModel(config)
     if init_model is not None:
@@ -379,20 +383,15 @@ def total_steps_of(options, batches_per_epoch):
 def _inputs(options):
     """What a run starts from, read and checked before the run folder is touched:
     `(tokenizer, init_model, config, teacher, data)`."""
-    from algpt2_tf.tokenizer import GPT2Tokenizer
-
     tokenizer = GPT2Tokenizer(options.tokenizer)
     init_model = None
     if options.init_model:
-        from algpt2_tf.causal_lm import ALGPT2LMHeadModel
-        from algpt2_tf.saving import load_model
+        from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras
 
         init_model = load_model(options.init_model, ALGPT2LMHeadModel)
     config = load_model_config(options, tokenizer, init_model)
     teacher = None
     if options.teacher:
-        from algpt2_tf.distillation import load_teacher
-
         teacher = load_teacher(options.teacher, config.vocab_size, tokenizer,
                                options.teacher_precision)
     data = data_lib.training_data(options, tokenizer, default_files=default_corpus_files(
@@ -404,8 +403,6 @@ def _set_precision(options, log):
     """The run's dtype policy (undone by `train` when it ends), with a warning where bf16
     training would be slow on this CPU."""
     if options.mixed_precision == "bf16" and not keras.distribution.list_devices("gpu"):
-        from algpt2_tf.cpu_info import bf16_training_warning
-
         warning = bf16_training_warning()
         if warning:
             log(warning)
@@ -448,7 +445,7 @@ def _fit(model, options, dist, data, valid_ds, manager, start_step, total_steps,
 def _write_final(config, weights, final_path, log):
     """The final model: a clean float32 copy (no optimizer state, loads anywhere), written
     atomically."""
-    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras
 
     final = ALGPT2LMHeadModel(config)
     final.set_weights(weights)

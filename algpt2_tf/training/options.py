@@ -65,7 +65,7 @@ class TrainOptions:
                          "coordinator", "num_processes", "process_id", "connect_timeout")
 
     def validate(self):
-        from algpt2_tf.distribute import check
+        from algpt2_tf.training.distribute import check  # deferred: imports NumPy (--help)
 
         check(self.distribute, self.replicas)
         positive = ("seq_len", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",

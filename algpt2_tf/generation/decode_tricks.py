@@ -58,7 +58,7 @@ import os
 import tensorflow as tf
 from keras import ops
 
-from algpt2_tf.token_choice import first_argmax, plain_argmax
+from algpt2_tf.generation.token_choice import first_argmax, plain_argmax
 
 ENVIRONMENT_VARIABLE = "ALGPT2_DECODE_TRICKS"
 

@@ -23,8 +23,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from algpt2_tf.files import atomic_path, atomic_write_json, cache_root, expand_files
 from algpt2_tf.losses import IGNORE_INDEX
+from algpt2_tf.runtime.files import atomic_path, atomic_write_json, cache_root, expand_files
 
 CACHE_VERSION = 1
 

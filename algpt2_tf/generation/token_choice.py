@@ -29,7 +29,7 @@ Example:
 import numpy as np
 import tensorflow as tf
 
-from algpt2_tf.sampling import HASH_MULTIPLIERS, STEP_MULTIPLIER
+from algpt2_tf.generation.sampling import HASH_MULTIPLIERS, STEP_MULTIPLIER
 
 SAMPLE_BLOCK = 256
 """The block width of `inverse_cdf_sample`'s two-level cumulative sum."""

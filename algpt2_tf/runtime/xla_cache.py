@@ -34,7 +34,7 @@ import glob
 import json
 import os
 
-from algpt2_tf.files import atomic_write_json, cache_root, file_digest
+from algpt2_tf.runtime.files import atomic_write_json, cache_root, file_digest
 
 FLAG = "--tf_xla_persistent_cache_directory="
 MANIFEST = "manifest.json"

@@ -24,7 +24,7 @@ here:
   request, an XLA `tf.function` on TensorFlow.
 
 - `replicas_in_sync`, `sum_over_replicas`: the replicas of a
-  `tf.distribute` strategy (`algpt2_tf/distribute.py`); 1 and the value
+  `tf.distribute` strategy (`algpt2_tf/training/distribute.py`); 1 and the value
   itself without one, and on PyTorch and JAX (whose data parallelism computes
   one global loss).
 
@@ -49,7 +49,7 @@ def replicas_in_sync():
     """How many replicas compute this step's loss side by side (1 without a strategy)."""
     if not is_tensorflow():
         return 1
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: imports TensorFlow
 
     return tf.distribute.get_strategy().num_replicas_in_sync
 
@@ -58,7 +58,7 @@ def sum_over_replicas(value):
     """`value` summed over the replicas of the current `tf.distribute` step."""
     if replicas_in_sync() == 1:
         return value
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: imports TensorFlow
 
     return tf.distribute.get_replica_context().all_reduce("SUM", value)
 
@@ -66,7 +66,7 @@ def sum_over_replicas(value):
 def traced(function):
     """`function` as a TensorFlow graph function on TensorFlow, unchanged elsewhere."""
     if is_tensorflow():
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: imports TensorFlow
 
         return tf.function(function, reduce_retracing=True)
     return function
@@ -96,7 +96,7 @@ def compiled_inference(function, variables, torch_compile=False):
         raise ValueError("compiled_inference needs the model's variables: build the model "
                          "(call it once) first.")
     if name() == "jax":
-        import jax
+        import jax  # deferred: imports JAX
 
         def pure(values, *args):
             with keras.StatelessScope(state_mapping=list(zip(variables, values))):
@@ -105,14 +105,14 @@ def compiled_inference(function, variables, torch_compile=False):
         jitted = jax.jit(pure)
         return lambda *args: jitted([v.value for v in variables], *args)
     if name() == "torch":
-        import torch
+        import torch  # deferred: imports torch
 
         def no_grad(*args):
             with torch.no_grad():
                 return function(*args)
 
         return torch.compile(no_grad, dynamic=False) if torch_compile else no_grad
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: imports TensorFlow
 
     return tf.function(function, jit_compile=True, reduce_retracing=True)
 
@@ -120,11 +120,11 @@ def compiled_inference(function, variables, torch_compile=False):
 def _being_traced(tensor):
     """Whether `tensor` is symbolic (inside a `tf.function` or `jax.jit`): no values yet."""
     if name() == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: imports TensorFlow
 
         return not tf.executing_eagerly()
     if name() == "jax":
-        import jax
+        import jax  # deferred: imports JAX
 
         return isinstance(tensor, jax.core.Tracer)
     return False  # PyTorch runs eagerly
@@ -143,7 +143,7 @@ def checked_inputs(input_ids, attention_mask, vocab_size, max_positions):
     if _being_traced(input_ids):
         if not is_tensorflow():
             return input_ids, attention_mask  # under jax.jit: see the module docstring
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: imports TensorFlow
 
         checks = [
             tf.debugging.assert_non_negative(input_ids, message="input_ids must be >= 0"),

@@ -10,6 +10,8 @@ import glob
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 
 
 def file_digest(path):
@@ -61,8 +63,6 @@ def atomic_path(path, suffix=""):
         os.replace(tmp, path)
     except BaseException:
         if os.path.isdir(tmp):
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.exists(tmp):
             os.remove(tmp)
@@ -81,8 +81,6 @@ def staging_directory(prefix, parent):
     under the current umask: `tempfile.mkdtemp` makes it private (0700), and a folder
     renamed into place from it would stay unreadable to other users (TF Serving running
     as another user, say)."""
-    import tempfile
-
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     umask = os.umask(0)
     os.umask(umask)
@@ -99,9 +97,6 @@ def new_directory(path):
     Raises:
         FileExistsError: `path` exists and is not an empty folder.
     """
-    import shutil
-    import tempfile
-
     require_new_directory(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)

@@ -74,12 +74,12 @@ def import_tensorflow_quietly():
     TF_CPP_MIN_LOG_LEVEL. Returns the `tensorflow` module.
     """
     if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") is not None:
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: imports TensorFlow
 
         return tf
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # after start-up: the cuInit error, oneDNN notes
     with quiet_stderr(STARTUP_NOISE):
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: imports TensorFlow
 
         tf.config.list_physical_devices()
     return tf

@@ -25,11 +25,15 @@ exact for any of our models), then:
 """
 
 import dataclasses
+import os
+import shutil
 import warnings
 
 import numpy as np
 
 from algpt2_tf.config import ALGPT2Config
+from algpt2_tf.runtime.files import atomic_write_json, new_directory, require_new_directory
+from algpt2_tf.saving import load_model, load_tokenizer_for, resolve_model_path
 
 INITS = ("average", "stepwise")
 
@@ -88,7 +92,7 @@ def truncated_svd(matrix, rank):
 
 
 def _teacher_tensors(teacher):
-    from algpt2_tf.convert.gpt2_weights import export_tensors
+    from algpt2_tf.convert.gpt2_weights import export_tensors  # deferred: imports Keras
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the teacher's SOP head is not needed
@@ -106,8 +110,9 @@ def compress(teacher, config, init="average"):
         config: the student's config (see `student_config`).
         init: `average` or `stepwise` (the first layer of each block's group).
     """
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras
+    # Deferred: imports Keras.
     from algpt2_tf.convert.gpt2_weights import DELTA_OF, LAYER_TENSORS, resolve
-    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
 
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}.")
@@ -202,12 +207,7 @@ def compress_to_run(teacher_path, out, preset="algpt2", overrides=None, init="av
     With `eval_texts`, the teacher, the student and a randomly initialized
     student are evaluated on them first (held-out perplexity right after init).
     """
-    import os
-    import shutil
-
-    from algpt2_tf.files import atomic_write_json, new_directory, require_new_directory
-    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
-    from algpt2_tf.saving import load_model, load_tokenizer_for, resolve_model_path
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras
 
     require_new_directory(out)
     if not os.path.exists(teacher_path):
@@ -217,7 +217,7 @@ def compress_to_run(teacher_path, out, preset="algpt2", overrides=None, init="av
     student = compress(teacher, config, init)
     evaluation = {}
     if eval_texts:
-        from algpt2_tf.evaluation import evaluate_texts
+        from algpt2_tf.evaluation import evaluate_texts  # deferred: imports Keras
 
         tokenizer = load_tokenizer_for(teacher_path)
         length = min(seq_len, config.max_positions)

@@ -16,6 +16,8 @@ checks the teacher.
 import json
 import os
 
+from algpt2_tf.saving import load_model, load_tokenizer_for
+
 PRECISIONS = ("float32", "bf16")
 """How the teacher computes: float32, or bfloat16 weights and activations (logits stay float32)."""
 
@@ -40,8 +42,7 @@ def load_teacher(path, vocab_size, tokenizer, precision="float32"):
         ValueError: a different vocabulary size, or a tokenizer whose
             vocabulary or merges differ from `tokenizer`'s.
     """
-    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
-    from algpt2_tf.saving import load_model, load_tokenizer_for
+    from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras
 
     if precision not in PRECISIONS:
         raise ValueError(f"--teacher-precision must be one of {PRECISIONS}, got {precision!r}.")

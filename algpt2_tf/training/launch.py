@@ -15,7 +15,7 @@ README shows Slurm and Kubernetes recipes) instead.
 Example (any `algpt2` arguments; `info` is quick):
 
 >>> import io
->>> from algpt2_tf.launch import launch_local
+>>> from algpt2_tf.training.launch import launch_local
 >>> output = io.StringIO()
 >>> launch_local(["info", "--preset", "algpt2-tiny"], nproc=2, out=output)
 0

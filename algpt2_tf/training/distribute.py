@@ -144,7 +144,7 @@ class Distributed:
         """
         if self.num_processes == 1:
             return compute()
-        from jax.experimental import multihost_utils
+        from jax.experimental import multihost_utils  # deferred: imports JAX
 
         result = 0
         if self.is_chief:
@@ -162,7 +162,7 @@ class Distributed:
         """This process's rows of every global batch of `dataset` (all of them with one process)."""
         if self.num_processes == 1 or dataset is None:
             return dataset
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: imports TensorFlow
 
         rows = batch_size // self.num_processes
         first = self.process_id * rows
@@ -172,7 +172,7 @@ class Distributed:
     def to_numpy(self, value):
         """A variable's (or array's) value as numpy; replicated JAX arrays that span
         other processes give this process's copy."""
-        import keras
+        import keras  # deferred: imports Keras
 
         value = getattr(value, "value", value)
         if not getattr(value, "is_fully_addressable", True):
@@ -182,7 +182,7 @@ class Distributed:
     def finish(self):
         """Leaves the Keras distribution, so models made next are plain local ones."""
         if self.kind == "jax-data-parallel":
-            import keras
+            import keras  # deferred: imports Keras
 
             keras.distribution.set_distribution(None)
 
@@ -196,7 +196,7 @@ def make_strategy(kind, replicas=None):
     check(kind, replicas)
     if kind != "mirrored":
         return None
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: imports TensorFlow
 
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
@@ -241,7 +241,7 @@ def start(kind, replicas=None, cluster=None, batch_size=None):
             raise ValueError("--coordinator, --num-processes and --process-id need "
                              "--distribute jax-data-parallel.")
         return Distributed(kind, strategy=make_strategy(kind, replicas))
-    import keras
+    import keras  # deferred: imports Keras
 
     if keras.backend.backend() != "jax":
         raise ValueError(f"--distribute jax-data-parallel needs the JAX backend (this run uses "
@@ -251,7 +251,7 @@ def start(kind, replicas=None, cluster=None, batch_size=None):
                          f"{cluster.num_processes} processes.")
     if cluster.num_processes > 1:
         _join(cluster)
-    import jax
+    import jax  # deferred: imports JAX
 
     keras.distribution.set_distribution(keras.distribution.DataParallel(
         devices=jax.devices(), auto_shard_dataset=False))  # local_batches shards
@@ -264,7 +264,7 @@ def _join(cluster):
     JAX aborts the process (a C++ fatal error and a stack trace) when the
     others do not come; a timer says why first and exits with status 2.
     """
-    import jax
+    import jax  # deferred: imports JAX
 
     message = (f"algpt2 train: error: process {cluster.process_id} of {cluster.num_processes} "
                f"could not meet the others at the coordinator {cluster.coordinator} within "

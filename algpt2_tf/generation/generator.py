@@ -30,15 +30,16 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from algpt2_tf import backend
-from algpt2_tf.decode_tricks import DecodePlan, DecodeTricks
-from algpt2_tf.host_loop_generation import HostLoopGenerator
+from algpt2_tf.generation.decode_tricks import DecodePlan, DecodeTricks
+from algpt2_tf.generation.host_loop import HostLoopGenerator
+from algpt2_tf.generation.prompts import (GenerationOutput, check_fits,  # noqa: F401
+                                          check_max_new_tokens, check_prompts, left_pad)
+from algpt2_tf.generation.sampling import (SAMPLERS, SamplingParams,  # noqa: F401 (the API)
+                                           row_seed, sampling_params)
+from algpt2_tf.generation.token_choice import choose_tokens
 from algpt2_tf.model import position_ids_from_mask
-from algpt2_tf.prompts import (GenerationOutput, check_fits, check_max_new_tokens,  # noqa: F401
-                               check_prompts, left_pad)
-from algpt2_tf.sampling import (SAMPLERS, SamplingParams, row_seed,  # noqa: F401 (the API)
-                                sampling_params)
-from algpt2_tf.token_choice import choose_tokens
+from algpt2_tf.runtime import backend
+from algpt2_tf.tokenizer import GPT2Tokenizer
 
 PROMPT_BUCKET = 16
 LENGTH_BUCKET = 64
@@ -386,8 +387,6 @@ def generate(model, prompts, max_new_tokens=32, sampler="greedy", seed=None, tok
     >>> model.generate("The meaning of life is", max_new_tokens=20, sampler="top_p", seed=1).text == out.text
     True
     """
-    from algpt2_tf.tokenizer import GPT2Tokenizer
-
     params = sampling_params(sampler, temperature, top_k, top_p, repetition_penalty)
     is_text = isinstance(prompts, str) or (
         isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts))
