@@ -58,6 +58,7 @@ def make_the_files_they_name(work):
            "".join(json.dumps({"text": TEXT * 5}) + "\n" for _ in range(8)))
     gpt2 = ALGPT2LMHeadModel(gpt2_tiny_config(vocab_size=50257, max_positions=64))
     to_hf(gpt2, os.path.join(work, "hf", "gpt2-small"), GPT2Tokenizer())
+    os.makedirs(os.path.join(work, "runs", "gpt2-teacher"))
     gpt2.save(os.path.join(work, "runs", "gpt2-teacher", "model.keras"))
     comparison = os.path.join(work, "experiments", "runs", "algpt2_vs_gpt2", "arms", "algpt2",
                               "lr-0.004_seed-0")
