@@ -51,15 +51,18 @@ def make_the_files_they_name(work):
     from algpt2_tf.convert import to_hf
     from algpt2_tf.tokenizer import GPT2Tokenizer
 
-    for name in ("held_out.txt", "pydoc_sample.txt", "wiki.valid.raw", "corpus/a.txt",
-                 "books/a.txt", "books/b.txt"):
+    for name in ("held_out.txt", "pydoc_sample.txt", "wiki.valid.raw", "corpus/a.txt"):
         _write(os.path.join(work, name), TEXT * 40)
+    for name in ("books/a.txt", "books/b.txt"):  # 5% of them holds a batch of 8 x 256 tokens
+        _write(os.path.join(work, name), TEXT * 600)
     _write(os.path.join(work, "more", "c.jsonl"),
            "".join(json.dumps({"text": TEXT * 5}) + "\n" for _ in range(8)))
-    gpt2 = ALGPT2LMHeadModel(gpt2_tiny_config(vocab_size=50257, max_positions=64))
+    gpt2 = ALGPT2LMHeadModel(gpt2_tiny_config(vocab_size=50257, max_positions=128))
     to_hf(gpt2, os.path.join(work, "hf", "gpt2-small"), GPT2Tokenizer())
-    os.makedirs(os.path.join(work, "runs", "gpt2-teacher"))
-    gpt2.save(os.path.join(work, "runs", "gpt2-teacher", "model.keras"))
+    os.makedirs(os.path.join(work, "runs", "gpt2-teacher"))  # as wide as the student's E=128
+    ALGPT2LMHeadModel(gpt2_tiny_config(vocab_size=50257, max_positions=128, hidden_size=128)).save(
+        os.path.join(work, "runs", "gpt2-teacher", "model.keras"))
+    GPT2Tokenizer().save(os.path.join(work, "runs", "gpt2-teacher", "tokenizer"))  # as a run has
     comparison = os.path.join(work, "experiments", "runs", "algpt2_vs_gpt2", "arms", "algpt2",
                               "lr-0.004_seed-0")
     os.makedirs(comparison)
