@@ -245,7 +245,7 @@ class ALGPT2Backbone(keras.Model):
     _distillation = None
 
     def set_teacher(self, teacher, weight=1.0, temperature=1.0):
-        """Trains against `teacher` too (see `distillation.py`); `None` stops it.
+        """Trains against `teacher` too (see `training/distillation.py`); `None` stops it.
 
         The teacher is not one of this model's layers: its weights are not
         saved, checkpointed or trained with it.

@@ -1,6 +1,6 @@
 """Generation on the torch and JAX backends: a compiled cached step in a Python loop.
 
-`generation.py`'s decode loop is one XLA-compiled TensorFlow function. On
+`generator.py`'s decode loop is one XLA-compiled TensorFlow function. On
 the other Keras backends, `HostLoopGenerator` runs the same steps with the
 model's backend-agnostic `forward_with_cache` (prefill the left-padded
 prompts, then one token per step into a cache per virtual layer), compiled
