@@ -22,7 +22,6 @@ from test_docs import PAGES, shown_commands
 
 SHRINK = {
     ("train",): ["--steps", "2"],
-    ("launch",): ["--steps", "2"],  # after `--`: the train command's
 }
 """Arguments appended to a command that starts with the key (steps, not the recipe)."""
 
@@ -30,6 +29,8 @@ RUN_ELSEWHERE = {
     ("serve",): "runs until stopped: tests/test_serving.py and tests/test_openai_api.py start it",
     ("client",): "needs a running server: tests/test_serving.py runs it against one",
     ("experiment", "run"): "hours of training: tests/test_experiments.py runs a small spec",
+    ("launch",): "two JAX processes of the full preset: tests/test_distributed.py launches two JAX "
+                 "processes training with --distribute jax-data-parallel, kills one and resumes",
     ("experiment", "quality"): "needs the judges' weights (not in git): tests/test_experiments.py "
                                "runs the quality step on a small experiment",
 }
@@ -148,5 +149,5 @@ def test_the_plan_runs_almost_every_command():
     assert len(plan) >= 25
     assert sum(1 for *_, reason in plan if reason is None) >= 20
     for page, number, argv, reason in plan:
-        if _matches(argv, ("train",)) or _matches(argv, ("launch",)):
+        if _matches(argv, ("train",)):
             assert argv[-2:] == ["--steps", "2"], (page, number)
