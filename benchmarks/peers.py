@@ -13,11 +13,13 @@ median of `--rounds` rounds:
 - CTranslate2 int8 and float32 of what `algpt2 convert --to-hf` makes of the model (an
   expanded GPT-2: its only way to run an ALGPT2), `intra_threads` = cores, its own
   quantization (`[peers]` extra);
+- ONNX Runtime float32 and int8 of the same HF export: one decode step with a KV cache
+  exported by `torch.onnx` (the usual exporter, `optimum-onnx`, pins transformers 4.x), the
+  int8 model by ONNX Runtime's `quantize_dynamic`; all graph optimizations, intra-op threads
+  = cores, the cache fed back as NumPy arrays (`[peers]` extra);
 - keras-hub's GPT-2 (`gpt2` only: keras-hub has no ALGPT2).
 
-ONNX Runtime is not measured yet: the usual ONNX export of GPT-2 with a KV cache
-(`optimum-onnx`) pins transformers 4.x, which conflicts with this project's transformers 5;
-the table says so. A peer that is not installed is skipped with a line saying so.
+A peer that is not installed is skipped with a line saying so.
 Writes `benchmarks/results/peers_<cpu>.{json,md}` with the CPU and the load average before
 and after. `--quick`: tiny shapes, batch 1, one round (the slow tier's smoke test; not a measurement).
 """
@@ -107,6 +109,96 @@ def worker_ct2(case):
     return {"tokens_per_s": made / seconds, "tokens": made, "peak_rss_mb": bench.peak_rss_mb()}
 
 
+# ------------------------------------------------------------------ ONNX Runtime
+def onnx_file(preset, quantization, quick, root):
+    """The ONNX model (one decode step with a KV cache) of the preset's HF export, made once
+    per run with `torch.onnx`; int8: ONNX Runtime's own dynamic quantization of it."""
+    out = os.path.join(root, f"onnx-{preset}-{quantization}.onnx")
+    if os.path.exists(out):
+        return out
+    if quantization == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(onnx_file(preset, "float32", quick, root), out,
+                         weight_type=QuantType.QInt8)
+        return out
+    hf = os.path.join(root, f"hf-{preset}")
+    if not os.path.isdir(hf):
+        hf_folder(preset, quick, hf)
+    export_onnx_step(hf, out)
+    return out
+
+
+def export_onnx_step(hf, out):
+    """Exports the HF GPT-2 in `hf` as one step: (input_ids, past keys and values of every layer)
+    -> (the last position's logits, the keys and values with this step's appended)."""
+    import torch
+    from transformers import DynamicCache, GPT2LMHeadModel
+
+    lm = GPT2LMHeadModel.from_pretrained(hf, attn_implementation="eager").eval()
+    layers, heads = lm.config.n_layer, lm.config.n_head
+    head_dim = lm.config.n_embd // heads
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, *past):
+            cache = DynamicCache()
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.lm(input_ids=input_ids, past_key_values=cache, use_cache=True,
+                          logits_to_keep=1)
+            kept = out.past_key_values.layers
+            return (out.logits[:, -1], *[t for layer in kept for t in (layer.keys, layer.values)])
+
+    past_names = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+    present_names = [f"present_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+    example = (torch.zeros((1, 2), dtype=torch.long),
+               *[torch.zeros((1, heads, 3, head_dim)) for _ in past_names])
+    axes = {"input_ids": {0: "batch", 1: "new"}, "logits": {0: "batch"}}
+    axes.update({name: {0: "batch", 2: "past"} for name in past_names})
+    axes.update({name: {0: "batch", 2: "total"} for name in present_names})
+    with torch.no_grad():
+        torch.onnx.export(Step(), example, out, input_names=["input_ids", *past_names],
+                          output_names=["logits", *present_names], dynamic_axes=axes,
+                          opset_version=17, dynamo=False)
+
+
+def worker_ort(case):
+    """Greedy decode with an ONNX Runtime session (all graph optimizations, intra-op threads
+    = cores), the KV cache fed back step by step."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = os.cpu_count()
+    session = ort.InferenceSession(case["path"], options, providers=["CPUExecutionProvider"])
+    past_inputs = [i for i in session.get_inputs() if i.name.startswith("past_")]
+    heads, head_dim = past_inputs[0].shape[1], past_inputs[0].shape[3]
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, 50000, (case["batch"], case["prompt"])).astype(np.int64)
+
+    def run():
+        feed = {i.name: np.zeros((case["batch"], heads, 0, head_dim), np.float32)
+                for i in past_inputs}
+        ids, made = prompt, 0
+        for _ in range(case["new_tokens"]):
+            logits, *present = session.run(None, {"input_ids": ids, **feed})
+            ids = logits.argmax(-1)[:, None].astype(np.int64)
+            feed = dict(zip(feed, present))
+            made += ids.size
+        return made
+
+    run()  # warm-up
+    start = time.perf_counter()
+    made = run()
+    seconds = time.perf_counter() - start
+    return {"tokens_per_s": made / seconds, "tokens": made, "peak_rss_mb": bench.peak_rss_mb()}
+
+
 # ------------------------------------------------------------------ the plan
 def plan(quick):
     """`[(label, case)]`: every case of the table, in the order a round runs them."""
@@ -129,6 +221,10 @@ def plan(quick):
                 cases.append((f"{preset} b{batch} | CTranslate2 {quantization} (HF export)",
                               dict(common, kind="ct2", preset=preset,
                                    quantization=quantization)))
+            for quantization in ("int8", "float32"):
+                cases.append((f"{preset} b{batch} | ONNX Runtime {quantization} (HF export)",
+                              dict(common, kind="ort", preset=preset,
+                                   quantization=quantization)))
             if preset == "gpt2":
                 cases.append((f"{preset} b{batch} | keras-hub GPT-2",
                               dict(common, kind="decode", model="peer")))
@@ -138,6 +234,9 @@ def plan(quick):
 def run_case(case, root):
     if case["kind"] == "ct2":
         path = ct2_folder(case["preset"], case["quantization"], case["quick"], root)
+        return run_in_process(__file__, dict(case, path=path))
+    if case["kind"] == "ort":
+        path = onnx_file(case["preset"], case["quantization"], case["quick"], root)
         return run_in_process(__file__, dict(case, path=path))
     return bench.measure(case)
 
@@ -154,10 +253,11 @@ def main():
     parser.add_argument("--match", help="only the cases whose label contains this text")
     parser.add_argument("--out", help="results path without extension (default: "
                                       "benchmarks/results/peers_<cpu>)")
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one CTranslate2 case
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one peer's case
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(worker_ct2(json.loads(args.case))))
+        case = json.loads(args.case)
+        print(json.dumps((worker_ct2 if case["kind"] == "ct2" else worker_ort)(case)))
         return
     from algpt2_tf.runtime.cpu_info import cpu_info
 
@@ -167,13 +267,14 @@ def main():
     cases = [(label, case) for label, case in plan(args.quick)
              if not args.match or args.match in label]
     for module, kind, why in (("ctranslate2", "ct2", "pip install -e '.[peers]'"),
+                              ("onnxruntime", "ort", "pip install -e '.[peers]'"),
+                              ("onnx", "ort", "pip install -e '.[peers]'"),
+                              ("torch", "ort", "the export runs through torch.onnx"),
                               ("keras_hub", "peer", "pip install keras-hub")):
         if not peer_available(module):
             skipped.append(f"{module} is not installed ({why}): its cases are skipped")
             cases = [(label, case) for label, case in cases
                      if case["kind"] != kind and case.get("model") != kind]
-    skipped.append("ONNX Runtime: not measured (an ONNX export of GPT-2 with a KV cache needs "
-                   "optimum-onnx, which pins transformers 4.x)")
     for line in skipped:
         print(f"peers.py: {line}", file=sys.stderr)
     load_before = os.getloadavg()

@@ -217,11 +217,46 @@ def test_peers_quick(tmp_path):
     engines = {label.split(" | ")[1] for label in report["cases"]}
     assert {"ours Keras/XLA float32", "ours Keras int8", "ours LiteRT float32", "ours LiteRT int8",
             "CTranslate2 int8 (HF export)", "CTranslate2 float32 (HF export)",
+            "ONNX Runtime int8 (HF export)", "ONNX Runtime float32 (HF export)",
             "keras-hub GPT-2"} <= engines
     for case in report["cases"].values():
         assert len(case["tokens_per_s"]) == 1 and case["median"] > 0
     table = (tmp_path / "peers.md").read_text()
-    assert "| algpt2 b1 | CTranslate2 int8 (HF export) |" in table and "ONNX Runtime" in table
+    assert "| algpt2 b1 | CTranslate2 int8 (HF export) |" in table
+    assert "| gpt2 b1 | ONNX Runtime int8 (HF export) |" in table
+
+
+def test_peers_onnx_step_decodes_as_the_hf_model(tmp_path):
+    """The ONNX Runtime peer's model is the HF export's: from an empty cache (the prefill) and
+    then one token at a time with the cache fed back, its last-position logits equal the HF
+    model's on the whole sequence, batch 2."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import peers
+    finally:
+        sys.path.remove(BENCHMARKS)
+    path = peers.onnx_file("algpt2", "float32", True, str(tmp_path))
+    lm = GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf-algpt2")).eval()
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    past = [i for i in session.get_inputs() if i.name.startswith("past_")]
+    feed = {i.name: np.zeros((2, past[0].shape[1], 0, past[0].shape[3]), np.float32)
+            for i in past}
+    sequence = np.random.default_rng(1).integers(0, lm.config.vocab_size, (2, 6))
+    step_ids = sequence
+    for _ in range(4):
+        logits, *present = session.run(None, {"input_ids": step_ids.astype(np.int64), **feed})
+        with torch.no_grad():
+            expected = lm(torch.tensor(sequence)).logits[:, -1].numpy()
+        np.testing.assert_allclose(logits, expected, atol=1e-4)
+        step_ids = logits.argmax(-1)[:, None]
+        sequence = np.concatenate([sequence, step_ids], axis=1)
+        feed = dict(zip(feed, present))
 
 
 def test_cold_start_measures_a_preset_as_a_saved_fresh_model(tmp_path):
@@ -245,3 +280,55 @@ def test_cold_start_measures_a_preset_as_a_saved_fresh_model(tmp_path):
     assert first.config.to_dict() == ALGPT2Config.from_preset("algpt2-tiny").to_dict()
     for a, b in zip(first.get_weights(), second.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_compare_revisions_table_and_guard(tmp_path):
+    """`compare_revisions.py`: medians per checkout and after / before for the cases both
+    measured every round; a path that is no checkout is refused before anything runs."""
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import compare_revisions
+    finally:
+        sys.path.remove(BENCHMARKS)
+    runs = {"before": [{"decode: a": 10.0, "only before": 1.0}, {"decode: a": 30.0},
+                       {"decode: a": 20.0}],
+            "after": [{"decode: a": 22.0}, {"decode: a": 18.0}, {"decode: a": 40.0}]}
+    rows = compare_revisions.summarize(runs)
+    assert [r["case"] for r in rows] == ["decode: a"]
+    assert rows[0]["before_median"] == 20.0 and rows[0]["after_median"] == 22.0
+    assert abs(rows[0]["ratio"] - 1.1) < 1e-9
+    assert "| decode: a | 20.0 (10.0, 30.0, 20.0) | 22.0 (22.0, 18.0, 40.0) | 1.100x |" in \
+        compare_revisions.markdown(rows)
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "compare_revisions.py"),
+                           str(tmp_path), os.path.dirname(BENCHMARKS)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no benchmarks/bench.py there" in done.stderr
+
+
+@pytest.mark.slow
+def test_compare_revisions_quick(tmp_path):
+    """One round of this checkout against itself: bench.py's tiny batch-1 decode and the
+    served step of a tiny model, each measured in both, with the ratio."""
+    repo = os.path.dirname(BENCHMARKS)
+    out = tmp_path / "cmp"
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "compare_revisions.py"),
+                           repo, repo, "--rounds", "1", "--quick", "--only", "decode",
+                           "--match", "^algpt2 batch=1$", "--serve-preset", "algpt2-tiny",
+                           "--serve-tokens", "4", "--serve-requests", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "cmp.json").read_text())
+    cases = {r["case"]: r for r in report["rows"]}
+    assert set(cases) == {"decode: algpt2 batch=1", compare_revisions_served()}
+    for row in cases.values():
+        assert row["before_median"] > 0 and row["after_median"] > 0 and row["ratio"] > 0
+    assert "after / before" in (tmp_path / "cmp.md").read_text()
+
+
+def compare_revisions_served():
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import compare_revisions
+    finally:
+        sys.path.remove(BENCHMARKS)
+    return compare_revisions.SERVED
