@@ -67,3 +67,16 @@ def test_every_command_shown_parses(path):
 
 def test_the_pages_show_commands():
     assert sum(len(shown_commands(p)) for p in PAGES) >= 20  # the extractor finds them
+
+
+def test_the_readme_layout_names_every_module_once():
+    """The README's Layout is the package: one line per module, none missing, none gone."""
+    with open(PAGES[0], encoding="utf-8") as f:
+        text = f.read()
+    block = text.split("## Layout", 1)[1].split("```")[1]
+    listed = [line.split()[0] for line in block.splitlines()[2:] if line.strip()]
+    package = os.path.join(REPO, "algpt2_tf")
+    modules = sorted(os.path.relpath(p, package).replace(os.sep, "/")
+                     for p in glob.glob(os.path.join(package, "**", "*.py"), recursive=True)
+                     if os.path.basename(p) != "__init__.py")
+    assert sorted(listed) == modules
