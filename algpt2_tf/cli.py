@@ -391,6 +391,20 @@ def _add_compress_command(sub):
 
 
 # --------------------------------------------------------------------- serve
+def _xla_serving_settings(what):
+    """A server on TensorFlow: the compiled-program cache (`xla_cache.use`, before TensorFlow
+    reads its flags), TensorFlow imported quietly, the decode tricks and their process
+    setting; `(tricks, compile_cache)`. The LiteRT engine needs none of it."""
+    # Deferred: the command's own module (`--help` stays fast).
+    from algpt2_tf.runtime.tf_startup import import_tensorflow_quietly
+
+    compile_cache = xla_cache.use()
+    import_tensorflow_quietly()
+    tricks = _decode_process_settings()
+    _needs_tensorflow(what)
+    return tricks, compile_cache
+
+
 def _serve(args):
     if (args.model is None) == (args.model_base_path is None):
         raise UsageError("serve needs --model MODEL (the OpenAI-compatible API) or "
@@ -407,24 +421,27 @@ def _serve(args):
                   max_response_bytes=args.max_response_bytes,
                   insecure_no_auth=args.insecure_no_auth)
     if args.model is not None:
-        _needs_tensorflow("serve")
-        # Deferred: imports TensorFlow, Keras, FastAPI, NumPy.
-        from algpt2_tf.serving.openai_api import serve
+        # Deferred: imports FastAPI, NumPy (TensorFlow only for the xla engine, below).
+        from algpt2_tf.serving.openai_api import choose_engine, serve
 
         if args.max_batch < 1 or not args.batch_window_ms >= 0 or args.max_queue < 1:
             raise UsageError("--max-batch and --max-queue must be >= 1 and --batch-window-ms "
                              ">= 0.")
         if args.quantize != "none" and args.engine == "xla":
             raise UsageError("--quantize applies to --engine litert.")
+        engine = choose_engine(args.engine, args.model, args.quantize, args.max_batch,
+                               not args.no_batching)
+        tricks, compile_cache = _xla_serving_settings("serve") if engine == "xla" else (None,
+                                                                                         None)
         serve(args.model, port=args.port or 8000, model_name=args.model_name,
               max_batch=args.max_batch, window_s=args.batch_window_ms / 1000,
               max_queue=args.max_queue, batching=not args.no_batching, timeout_s=args.timeout,
-              warm_up=not args.no_warm_up, engine=args.engine, quantize=args.quantize,
-              tricks=args.tricks, compile_cache=args.compile_cache, **limits)
+              warm_up=not args.no_warm_up, engine=engine, quantize=args.quantize,
+              tricks=tricks, compile_cache=compile_cache, **limits)
         return
     if args.model_name is None:
         raise UsageError("--model-base-path needs --model-name.")
-    _needs_tensorflow("serve (SavedModels)")
+    _xla_serving_settings("serve (SavedModels)")
     # Deferred: imports TensorFlow, tensorflow-text, FastAPI, orjson, NumPy.
     from algpt2_tf.serving.server import serve
 
@@ -761,14 +778,11 @@ def main(argv=None):
     try:  # process settings, before anything imports Keras or compiles
         if args.backend:
             _choose_backend(args.backend)
-        if args.command == "serve":
-            args.tricks = _decode_process_settings()
-            args.compile_cache = xla_cache.use()
     except UsageError as e:
         print(f"algpt2: error: {e}", file=sys.stderr)
         return 2
-    if args.command not in ("info", "launch", "generate"):  # info: the presets alone;
-        # generate: imports TensorFlow only for the path that needs it
+    if args.command not in ("info", "launch", "generate", "serve"):  # info: the presets alone;
+        # generate and serve: import TensorFlow only for the engine that needs it
         from algpt2_tf.runtime.tf_startup import import_tensorflow_quietly
 
         import_tensorflow_quietly()

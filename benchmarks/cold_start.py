@@ -19,7 +19,8 @@ seeded fresh initialization, saved once to the benchmark's folder with the GPT-2
 
 And `algpt2 serve --model M` (the OpenAI server, XLA engine, default batch shapes warmed
 up): seconds from the command's start until `/v1/models` answers, on an empty cache folder
-(`serve first start`) and again on the one it left (`serve second start`).
+(`serve first start`) and again on the one it left (`serve second start`); and
+`--engine litert` on the round's cached LiteRT build (`serve litert cached`).
 
 Rounds alternate the `xla` and `litert cached` cases (the first build runs once per
 round, on a fresh cache); the table gives each case's median and the machine's load
@@ -58,15 +59,16 @@ def run_once(model, engine, cache):
     return wall, done.stderr
 
 
-def serve_ready_s(model, cache, timeout=600):
-    """Seconds from starting `algpt2 serve --model M` until `/v1/models` answers."""
+def serve_ready_s(model, cache, engine="xla", timeout=600):
+    """Seconds from starting `algpt2 serve --model M --engine E` until `/v1/models` answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, ALGPT2_CACHE=cache)
     started = time.perf_counter()
-    server = subprocess.Popen(["algpt2", "serve", "--model", model, "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(["algpt2", "serve", "--model", model, "--engine", engine, "--port",
+                               str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
     try:
         while time.perf_counter() - started < timeout:
             if server.poll() is not None:
@@ -86,7 +88,8 @@ def measure(model, rounds, serve=True):
     """Every case `rounds` times, alternating; returns `{case: [wall seconds, ...]}`."""
     found = {"litert first": [], "xla": [], "xla second": [], "litert cached": []}
     if serve:
-        found.update({"serve first start": [], "serve second start": []})
+        found.update({"serve first start": [], "serve second start": [],
+                      "serve litert cached": []})
     root = tempfile.mkdtemp(prefix="algpt2-cold-")
     try:
         for r in range(rounds):
@@ -98,7 +101,8 @@ def measure(model, rounds, serve=True):
             if "engine litert" not in err:
                 raise RuntimeError(f"--engine auto did not take the cached LiteRT build:\n{err}")
             found["litert cached"].append(wall)
-            if serve:
+            if serve:  # the LiteRT build of this round's cache: no TensorFlow, one request at a time
+                found["serve litert cached"].append(serve_ready_s(model, cache, "litert"))
                 cache = os.path.join(root, f"serve{r}")  # empty: nothing compiled yet
                 found["serve first start"].append(serve_ready_s(model, cache))
                 found["serve second start"].append(serve_ready_s(model, cache))

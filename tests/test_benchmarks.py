@@ -198,7 +198,8 @@ def test_cold_start_quick(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "cold.json").read_text())
     assert set(report["cases"]) == {"litert first", "xla", "xla second", "litert cached",
-                                    "serve first start", "serve second start"}
+                                    "serve first start", "serve second start",
+                                    "serve litert cached"}
     for name, case in report["cases"].items():
         assert len(case["wall_s"]) == 1 and case["median_wall_s"] > 0
         assert name.startswith("serve") or case["peak_rss_mb"] > 0

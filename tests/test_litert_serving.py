@@ -5,6 +5,7 @@ it cannot do with a 400 that says so."""
 import json
 import os
 import subprocess
+import sys
 import time
 
 import httpx
@@ -79,17 +80,22 @@ def test_what_the_build_cannot_do_is_a_400_that_says_so(served):
     assert len(tokens) == 4 and reason == "length"
 
 
-def test_algpt2_serve_engine_litert_answers_a_client(served):
-    """`algpt2 serve --model M --engine litert` (the build cached by the fixture is reused)."""
+def test_algpt2_serve_engine_litert_answers_a_client(served, tmp_path):
+    """`algpt2 serve --model M --engine litert` (the build cached by the fixture is reused)
+    answers as the xla engine does, and never imports TensorFlow or Keras (Python's own
+    `-X importtime` list of the server's imports)."""
     from algpt2_tf.cli import main
 
     folder, cache, _, apps = served
     assert main(["serve", "--model", str(folder / "tiny.keras"), "--quantize", "int8"]) == 2
     port = free_port()
     env = dict(os.environ, ALGPT2_CACHE=cache)
-    proc = subprocess.Popen(["algpt2", "serve", "--model", str(folder / "tiny.keras"),
-                             "--engine", "litert", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    imports = tmp_path / "imports.txt"
+    with open(imports, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "algpt2_tf.cli",
+                                 "serve", "--model", str(folder / "tiny.keras"), "--engine",
+                                 "litert", "--port", str(port)], env=env,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         assert "LiteRT float32 engine" in proc.stdout.readline()
         deadline = time.time() + 60
@@ -108,6 +114,10 @@ def test_algpt2_serve_engine_litert_answers_a_client(served):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    modules = {line.rsplit("|", 1)[-1].strip() for line in imports.read_text().splitlines()
+               if line.startswith("import time:")}
+    assert "algpt2_tf.serving.litert_serving" in modules
+    assert not {"tensorflow", "keras"} & modules
 
 
 def test_engine_auto_serves_litert_one_request_at_a_time_when_a_build_is_cached(served,

@@ -11,7 +11,8 @@ from conftest import free_port, tiny_config
 
 from algpt2_tf import ALGPT2LMHeadModel
 from algpt2_tf.generation.generator import Generator, SamplingParams
-from algpt2_tf.serving.batching import BatchEngine, Request
+from algpt2_tf.serving.batching import BatchEngine
+from algpt2_tf.serving.requests import Request
 from algpt2_tf.tokenizer import GPT2Tokenizer
 
 openai = pytest.importorskip("openai")
@@ -293,7 +294,7 @@ def test_errors_have_openais_shape_and_status(server, client):
 
 
 def test_a_full_queue_answers_429(model):
-    from algpt2_tf.serving.batching import QueueFull
+    from algpt2_tf.serving.requests import QueueFull
 
     engine = BatchEngine(model, max_batch=1, window_s=0.0, max_queue=2)
     started, release = threading.Event(), threading.Event()
@@ -325,7 +326,7 @@ def test_a_full_queue_answers_429(model):
 def test_the_server_answers_429_when_the_queue_is_full(model):
     from fastapi.testclient import TestClient
 
-    from algpt2_tf.serving.batching import QueueFull
+    from algpt2_tf.serving.requests import QueueFull
     from algpt2_tf.serving.openai_api import create_app
 
     engine = BatchEngine(model, max_queue=4)

@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 from algpt2_tf.export.litert_engine import LiteRTGenerator
-from algpt2_tf.serving.batching import RequestQueue, TokenLogprob
+from algpt2_tf.serving.requests import RequestQueue, TokenLogprob
 
 
 def token_logprob(logits, token, k):
@@ -50,7 +50,7 @@ def token_logprob(logits, token, k):
 
 
 class LiteRTEngine(RequestQueue):
-    """Runs queued `batching.Request`s one by one on a LiteRT build (module docstring).
+    """Runs queued `requests.Request`s one by one on a LiteRT build (module docstring).
 
     Args:
         build: a `litert_engine.LiteRTBuild` (`cached_build`).

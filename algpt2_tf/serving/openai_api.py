@@ -54,7 +54,7 @@ from algpt2_tf.export.litert_engine import cached_build
 from algpt2_tf.generation.sampling import SamplingParams, row_seed
 from algpt2_tf.runtime import xla_cache
 from algpt2_tf.saving import load_model, load_tokenizer_for
-from algpt2_tf.serving.batching import MAX_LOGPROBS, QueueFull, Request
+from algpt2_tf.serving.requests import MAX_LOGPROBS, QueueFull, Request
 from algpt2_tf.serving.request_body import (BodyTimeout, BodyTooLarge, RequireAPIKey, check_binding,
                                             read_limited, run_app)
 
@@ -616,17 +616,13 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
     the model's LiteRT build (`quantize`: its weights; built once and cached,
     `litert_engine.cached_build`) one request at a time (`litert_serving`)."""
     warning = check_binding(host, api_key, insecure_no_auth)
-    from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras
-    from algpt2_tf.serving.batching import BatchEngine  # deferred: imports TensorFlow, Keras
-
     if engine not in ("auto", "xla", "litert"):
         raise ValueError(f"engine must be auto, xla or litert, got {engine!r}.")
     engine = choose_engine(engine, model_path, quantize, max_batch, batching)
     tokenizer = load_tokenizer_for(model_path)
     name = model_name or os.path.basename(os.path.normpath(model_path)).removesuffix(".keras")
-    if engine == "litert":
-        # Deferred: imports TensorFlow, Keras.
-        from algpt2_tf.serving.litert_serving import LiteRTEngine
+    if engine == "litert":  # no TensorFlow unless the build is made now
+        from algpt2_tf.serving.litert_serving import LiteRTEngine  # deferred: imports LiteRT
 
         build = cached_build(model_path, quantize,
                              log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -638,6 +634,9 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
         if quantize != "none":
             raise ValueError("quantize applies to the litert engine; serve a Keras int8 model "
                              "(algpt2 quantize) with the xla engine.")
+        from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras
+        from algpt2_tf.serving.batching import BatchEngine  # deferred: imports TensorFlow, Keras
+
         engine = BatchEngine(load_model(model_path, ALGPT2LMHeadModel), max_batch=max_batch,
                              window_s=window_s, max_queue=max_queue, batching=batching,
                              tricks=tricks)
