@@ -403,6 +403,24 @@ def test_warm_up_compiles_what_a_batch_with_a_join_runs(model):
     assert engine.joined == 1 and set(engine._functions) == compiled
 
 
+def test_background_warm_up_serves_at_once_and_compiles_the_rest(model):
+    """`warm_up(background=True)` returns once a lone request's functions are compiled; the
+    wider joins compile while a request is served (its tokens equal the foreground engine's),
+    `then` runs after them, and at the end the same functions exist as after a full warm-up."""
+    full = BatchEngine(model, max_batch=4, window_s=0.0)
+    full.warm_up()
+    expected = full.generate([5, 6, 7], 6, SamplingParams(1.0), 3)
+    full.close()
+    engine = BatchEngine(model, max_batch=4, window_s=0.0)
+    after = []
+    engine.warm_up(background=True, then=lambda: after.append(set(engine._functions)))
+    assert ("join", 64, 16, 1) in engine._functions and ("steps", 64, False) in engine._functions
+    assert engine.generate([5, 6, 7], 6, SamplingParams(1.0), 3) == expected
+    assert engine.warmed.wait(120)
+    engine.close()
+    assert after == [set(full._functions)] and set(engine._functions) == set(full._functions)
+
+
 def test_a_batch_compacts_its_cache_so_a_late_request_joins(model):
     """A request whose tokens would not fit after the current slot joins once the batch
     drops the slots its running rows no longer use, and gets the tokens it gets alone."""

@@ -38,6 +38,7 @@ can be cancelled at any time (a closed stream frees its row at the next step).
 """
 
 import collections
+import threading
 import time
 
 import numpy as np
@@ -96,6 +97,9 @@ class BatchEngine(RequestQueue):
         self.batches_run = 0
         self.joined = 0  # requests that joined a running batch
         self._functions = {}
+        self._functions_lock = threading.Lock()
+        self.warmed = threading.Event()  # set when `warm_up` has compiled everything
+        self._warming = None
         self._start(max_queue, "algpt2-batch-engine")
 
     # -------------------------------------------------------------- public
@@ -116,7 +120,7 @@ class BatchEngine(RequestQueue):
                                                         top_values[i, :k].tolist())))
                 for i in range(n - 1)]
 
-    def warm_up(self, prompt_tokens=PROMPT_BUCKET):
+    def warm_up(self, prompt_tokens=PROMPT_BUCKET, background=False, then=None):
         """Compiles what a batch in the first cache segment runs, so no client
         waits on a compile: the joins of prompts of up to `prompt_tokens`
         tokens (at every row count of `join_widths`; a batch starts with
@@ -124,23 +128,55 @@ class BatchEngine(RequestQueue):
         compaction's shift. Call it before serving (`algpt2 serve` does unless
         `--no-warm-up`); returns the seconds it took.
 
+        With `background`, it compiles what a lone request runs (the one-row
+        join, the steps, the shift) and returns; the wider joins compile on a
+        thread of their own while the engine serves (a batch that needs one
+        first waits for it), and `then()` runs when they are done (with the
+        whole warm-up otherwise). `warmed` is set once everything is compiled.
+
         Why: a first join inside a served batch compiled for 3.5 s on
-        algpt2-tiny, stalling every row of that batch (benchmarks/serve_load.py).
+        algpt2-tiny, stalling every row of that batch (benchmarks/serve_load.py);
+        in the background, `algpt2 serve --model algpt2` answers about 6 s sooner
+        (five joins of 1.1-2.3 s each on Zen 5, benchmarks/README.md).
         """
         start = time.perf_counter()
         size, length = self.max_batch, cache_lengths(self.model.config.max_positions)[0]
         prompt_len = min(round_up(prompt_tokens, PROMPT_BUCKET), length - 1)
         ids, mask = np.zeros((size, prompt_len), np.int32), np.ones((size, prompt_len), np.int32)
-        state = self._empty_state(length)
-        for width in join_widths(size):
-            state = self._function("join", length, prompt_len, width)(
+
+        def join(width, state):
+            return self._function("join", length, prompt_len, width)(
                 state, np.zeros(width, np.int32), ids[:width], mask[:width], np.int32(prompt_len))
+
+        state = join(1, self._empty_state(length))
         self._function("steps", length, False)(
             np.int32(1), np.int32(prompt_len), np.zeros(size, np.int32),
             tuple(self._filler_params(size)), state)
         if size > 1:
             self._function("shift", length)(state, np.int32(1))
+
+        def wider_joins():
+            warm = state
+            for width in join_widths(size)[1:]:
+                warm = join(width, warm)
+            self.warmed.set()
+            if then is not None:
+                then()
+
+        if background:
+            self._warming = threading.Thread(target=wider_joins, name="algpt2-warm-up",
+                                             daemon=True)
+            self._warming.start()
+        else:
+            wider_joins()
         return time.perf_counter() - start
+
+    def close(self):
+        """Stops the worker after what it is running (requests still waiting end
+        "cancelled"), and waits for a background warm-up to end."""
+        super().close()
+        if self._warming is not None:
+            self._warming.join()
 
     # -------------------------------------------------------------- worker
     def _take_batch(self):
@@ -348,15 +384,17 @@ class BatchEngine(RequestQueue):
         return DecodePlan(self.model, self.tricks, one_row=self.max_batch == 1)
 
     def _function(self, kind, *shape):
-        """The compiled function `kind` for cache `shape` (built on first use)."""
+        """The compiled function `kind` for cache `shape` (built on first use; the worker and a
+        background warm-up may ask at once, and get the same one)."""
         key = (kind,) + shape
-        if key not in self._functions:
-            build = {"grow": self._build_grow,
-                     "shift": self._build_shift,
-                     "join": self._build_join, "steps": self._build_steps,
-                     "score": self._build_score}[kind]
-            self._functions[key] = build(*shape)
-        return self._functions[key]
+        with self._functions_lock:
+            if key not in self._functions:
+                build = {"grow": self._build_grow,
+                         "shift": self._build_shift,
+                         "join": self._build_join, "steps": self._build_steps,
+                         "score": self._build_score}[kind]
+                self._functions[key] = build(*shape)
+            return self._functions[key]
 
     def _build_score(self, length):
         """`ids [1, length] -> (logprob [1, length - 1], top ids, top logprobs)`: each

@@ -607,8 +607,9 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
           insecure_no_auth=False, engine="xla", quantize="none", tricks=None,
           compile_cache=None):
     """Loads a model (run folder, .keras file, HF folder or preset name) and
-    serves it until interrupted; with `warm_up`, compiles the common batch
-    shapes first (`BatchEngine.warm_up`). Beyond loopback only with `api_key`
+    serves it until interrupted; with `warm_up`, compiles what a lone request
+    runs before it listens and the wider batch shapes while it serves
+    (`BatchEngine.warm_up(background=True)`). Beyond loopback only with `api_key`
     or `insecure_no_auth` (`request_body.check_binding`). `tricks`: the xla engine's decode
     speed tricks (`DecodeTricks`, default this CPU's). `compile_cache`: the folder of XLA's
     compiled programs in use (`xla_cache.use`), whose new entries are recorded after the
@@ -640,10 +641,15 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
         engine = BatchEngine(load_model(model_path, ALGPT2LMHeadModel), max_batch=max_batch,
                              window_s=window_s, max_queue=max_queue, batching=batching,
                              tricks=tricks)
-        warmed = (f"; compiled the first batch shapes in {engine.warm_up():.1f} s"
-                  if warm_up else "")
-        if compile_cache:
-            xla_cache.record(compile_cache)
+        record = (lambda: xla_cache.record(compile_cache)) if compile_cache else None
+        if warm_up:  # what a lone request runs now, the wider joins while it serves
+            warmed = (f"; compiled the batch-1 shapes in "
+                      f"{engine.warm_up(background=True, then=record):.1f} s, the wider joins "
+                      "compiling in the background")
+        else:
+            warmed = ""
+            if record:
+                record()
     def close():
         engine.close()
         if compile_cache:
