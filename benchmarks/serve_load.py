@@ -10,7 +10,8 @@ requests/s per signature (reported, not asserted).
 
 With `--openai`, it serves a Keras model over the OpenAI-compatible API
 instead (`algpt2 serve --model`), once with batching and once without
-(`--no-batching`), and every client streams its completions: requests/s,
+(`--no-batching`), with `--litert` also on the LiteRT engine (`--engine litert`,
+one request at a time), and every client streams its completions: requests/s,
 generated tokens/s, p50 / p99 latency and p50 / p99 time to first token.
 
     python benchmarks/serve_load.py --openai [--preset algpt2-tiny] [--max-new-tokens 16]
@@ -106,11 +107,11 @@ def run_openai(url, body, clients, requests):
             "ttft_p50_ms": percentile_ms(firsts, 0.5), "ttft_p99_ms": percentile_ms(firsts, 0.99)}
 
 
-def start_server(args, port, ready_url):
+def start_server(args, port, ready_url, env=None):
     server = subprocess.Popen([sys.executable, "-m", "algpt2_tf.cli", "serve", *args,
-                               "--port", str(port)],
+                               "--port", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
+    deadline = time.time() + 600  # --engine litert builds its engine first (90 s for algpt2)
     while True:
         try:
             urllib.request.urlopen(ready_url, timeout=2).read()
@@ -133,10 +134,15 @@ def main_openai(args):
         body = {"model": "model", "prompt": "The quick brown fox", "stream": True,
                 "max_tokens": args.max_new_tokens, "temperature": 1.0, "seed": 0,
                 "stream_options": {"include_usage": True}}
-        for mode, extra in (("unbatched", ["--no-batching"]), ("batched", [])):
+        modes = [("unbatched", ["--engine", "xla", "--no-batching"]),
+                 ("batched", ["--engine", "xla"])]
+        if args.litert:
+            modes.append(("litert", ["--engine", "litert"]))
+        env = dict(os.environ, ALGPT2_CACHE=os.path.join(tmp, "cache"))
+        for mode, extra in modes:
             port = free_port()
             server = start_server(["--model", path, *extra], port,
-                                  f"http://127.0.0.1:{port}/v1/models")
+                                  f"http://127.0.0.1:{port}/v1/models", env)
             try:
                 url = f"http://127.0.0.1:{port}/v1/completions"
                 run_openai(url, body, args.clients, 1)  # compile every batch shape first
@@ -147,6 +153,11 @@ def main_openai(args):
     report["batched_vs_unbatched_tokens_per_s"] = (report["batched"]["tokens_per_s"]
                                                    / report["unbatched"]["tokens_per_s"])
     report["batched_vs_unbatched_p99"] = report["batched"]["p99_ms"] / report["unbatched"]["p99_ms"]
+    if args.litert:
+        report["litert_vs_unbatched_tokens_per_s"] = (report["litert"]["tokens_per_s"]
+                                                      / report["unbatched"]["tokens_per_s"])
+        report["litert_vs_unbatched_p99"] = (report["litert"]["p99_ms"]
+                                             / report["unbatched"]["p99_ms"])
     report["cpu"] = cpu_info()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -155,14 +166,17 @@ def main_openai(args):
           f"{args.max_new_tokens} tokens:\n")
     print("| serving | requests/s | tokens/s | p50 ms | p99 ms | TTFT p50 ms | TTFT p99 ms | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for mode in ("unbatched", "batched"):
+    for mode, _ in modes:
         r = report[mode]
         print(f"| {mode} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:.1f} | {r['p50_ms']:.0f} | "
               f"{r['p99_ms']:.0f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
               f"{r['errors']} |")
     print(f"\nbatched / unbatched: {report['batched_vs_unbatched_tokens_per_s']:.2f}x tokens/s, "
           f"p99 latency {report['batched_vs_unbatched_p99']:.2f}x")
-    return 0 if report["batched"]["errors"] == report["unbatched"]["errors"] == 0 else 1
+    if args.litert:
+        print(f"litert / xla unbatched: {report['litert_vs_unbatched_tokens_per_s']:.2f}x "
+              f"tokens/s, p99 latency {report['litert_vs_unbatched_p99']:.2f}x")
+    return 0 if all(report[mode]["errors"] == 0 for mode, _ in modes) else 1
 
 
 def run(url, body, clients, requests):
@@ -183,6 +197,8 @@ def main():
     parser.add_argument("--openai", action="store_true",
                         help="the OpenAI-compatible API, batching on and off")
     parser.add_argument("--preset", default="algpt2-tiny", help="--openai: the served model")
+    parser.add_argument("--litert", action="store_true",
+                        help="--openai: also --engine litert (one request at a time)")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.openai:

@@ -333,3 +333,21 @@ def compare_revisions_served():
     finally:
         sys.path.remove(BENCHMARKS)
     return compare_revisions.SERVED
+
+
+@pytest.mark.slow
+def test_serve_load_openai_with_litert_quick(tmp_path):
+    """`serve_load.py --openai --litert` on a tiny model: the xla engine batched and not, and
+    the LiteRT engine, each answering every streamed request, with the ratios."""
+    out = tmp_path / "serve.json"
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "serve_load.py"), "--openai",
+                           "--litert", "--preset", "algpt2-tiny", "--clients", "1",
+                           "--requests", "2", "--max-new-tokens", "4", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for mode in ("unbatched", "batched", "litert"):
+        assert report[mode]["requests"] == 2 and report[mode]["errors"] == 0
+        assert report[mode]["tokens_per_s"] > 0
+    assert report["litert_vs_unbatched_tokens_per_s"] > 0
+    assert "| litert |" in done.stdout
