@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from algpt2_tf.runtime.cpu_info import cpu_info, cpu_summary  # noqa: E402
 from bench import label  # noqa: E402  (benchmarks/bench.py, beside this file)
+from case_process import write_results  # noqa: E402
 
 DEFAULT_MATCH = r"^(algpt2 (batch=1|batch=8|precision=fp32 batch=4 xla)|gpt2 batch=1)$"
 SERVED = "served batch-1 step (OpenAI API, unbatched)"
@@ -122,14 +123,9 @@ def main():
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": info, "commits": commits,
               "rounds": args.rounds, "match": args.match, "serve_preset": args.serve_preset,
               "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    table = (f"CPU: {cpu_summary(info)}; before {commits['before']}, after {commits['after']}, "
-             f"{args.rounds} alternating rounds\n\n" + markdown(rows))
-    with open(args.out + ".md", "w") as f:
-        f.write(table)
-    print(table)
+    write_results(args.out, report,
+                  f"CPU: {cpu_summary(info)}; before {commits['before']}, after "
+                  f"{commits['after']}, {args.rounds} alternating rounds\n\n" + markdown(rows))
     return 0
 
 
