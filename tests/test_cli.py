@@ -123,6 +123,23 @@ def test_generate_keeps_its_compiled_programs_and_compiles_a_damaged_one_again(t
     assert os.path.getsize(folder / damaged) > 10
 
 
+def test_the_compiled_program_cache_keeps_its_newest_entries_under_its_bound(tmp_path):
+    """`xla_cache.record` drops the least recently written entries past `max_bytes` (from the
+    folder and the manifest), so `prepare`'s hashing at each start stays bounded; what it keeps
+    still checks out."""
+    from algpt2_tf.runtime import xla_cache
+
+    for i in range(4):
+        path = tmp_path / f"xla_compile_cache__{i}__1__XLA_CPU_JIT.pb"
+        path.write_bytes(bytes([i]) * 100)
+        os.utime(path, ns=(10**18 + i, 10**18 + i))  # entry 0 the oldest
+    assert xla_cache.record(str(tmp_path), max_bytes=250) == 2
+    kept = sorted(p.name for p in tmp_path.glob("xla_compile_cache__*.pb"))
+    assert kept == [f"xla_compile_cache__{i}__1__XLA_CPU_JIT.pb" for i in (2, 3)]
+    assert sorted(json.loads((tmp_path / "manifest.json").read_text())) == kept
+    assert xla_cache.prepare(str(tmp_path)) == 2
+
+
 @pytest.mark.slow
 def test_main_job_trains_on_the_default_corpus(tmp_path):
     """The README's main job, shortened: no data argument, the built-in corpus."""
