@@ -136,8 +136,9 @@ class BatchEngine(RequestQueue):
 
         Why: a first join inside a served batch compiled for 3.5 s on
         algpt2-tiny, stalling every row of that batch (benchmarks/serve_load.py);
-        in the background, `algpt2 serve --model algpt2` answers about 6 s sooner
-        (five joins of 1.1-2.3 s each on Zen 5, benchmarks/README.md).
+        in the background, `algpt2 serve --model algpt2` answers without the joins
+        of 2-16 rows (1.1-2.3 s each in one probe on a loaded Zen 5; the quiet
+        `benchmarks/cold_start.py` figures predate this).
         """
         start = time.perf_counter()
         size, length = self.max_batch, cache_lengths(self.model.config.max_positions)[0]
