@@ -66,16 +66,22 @@ def hf_folder(preset, quick, out):
     return out
 
 
+def hf_export(preset, quick, root):
+    """`root/hf-PRESET`, the HF export every peer runs (made once per run)."""
+    hf = os.path.join(root, f"hf-{preset}")
+    if not os.path.isdir(hf):
+        hf_folder(preset, quick, hf)
+    return hf
+
+
 def ct2_folder(preset, quantization, quick, root):
     """The CTranslate2 model of the preset's HF export (made once per run)."""
     out = os.path.join(root, f"ct2-{preset}-{quantization}")
     if not os.path.isdir(out):
         import ctranslate2.converters
 
-        hf = os.path.join(root, f"hf-{preset}")
-        if not os.path.isdir(hf):
-            hf_folder(preset, quick, hf)
-        ctranslate2.converters.TransformersConverter(hf).convert(out, quantization=quantization)
+        ctranslate2.converters.TransformersConverter(hf_export(preset, quick, root)).convert(
+            out, quantization=quantization)
     return out
 
 
@@ -124,10 +130,7 @@ def onnx_file(preset, quantization, quick, root):
         quantize_dynamic(onnx_file(preset, "float32", quick, root), out,
                          weight_type=QuantType.QInt8)
         return out
-    hf = os.path.join(root, f"hf-{preset}")
-    if not os.path.isdir(hf):
-        hf_folder(preset, quick, hf)
-    export_onnx_step(hf, out)
+    export_onnx_step(hf_export(preset, quick, root), out)
     return out
 
 
