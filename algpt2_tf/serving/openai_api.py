@@ -643,9 +643,10 @@ def serve(model_path, host="127.0.0.1", port=8000, model_name=None, api_key=None
                              tricks=tricks)
         record = (lambda: xla_cache.record(compile_cache)) if compile_cache else None
         if warm_up:  # what a lone request runs now, the wider joins while it serves
-            warmed = (f"; compiled the batch-1 shapes in "
-                      f"{engine.warm_up(background=True, then=record):.1f} s, the wider joins "
-                      "compiling in the background")
+            seconds = engine.warm_up(background=True, then=record)
+            warmed = f"; compiled the batch-1 shapes in {seconds:.1f} s"
+            if engine.max_batch > 1:
+                warmed += ", the wider joins compiling in the background"
         else:
             warmed = ""
             if record:
