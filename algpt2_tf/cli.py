@@ -123,14 +123,15 @@ def _writable_file(path, flag):
 
 
 def _evaluate(args):
-    from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras, NumPy
     from algpt2_tf.evaluation import evaluate_texts  # deferred: imports Keras, NumPy
+    # The network alone: the task class would import TensorFlow for generation on any backend.
+    from algpt2_tf.model import ALGPT2Backbone  # deferred: imports Keras, NumPy
     # Deferred: the command's own module (`--help` stays fast).
     from algpt2_tf.saving import load_model, load_tokenizer_for
 
     _positive(args, "seq_len", "stride", "batch_size")
     _writable_file(args.json, "--json")
-    model = load_model(args.model, ALGPT2LMHeadModel)
+    model = load_model(args.model, ALGPT2Backbone)
     tokenizer = load_tokenizer_for(args.model)
     texts = _texts(args.files, "The files hold no text to evaluate.")
     result = evaluate_texts(model, tokenizer, texts, seq_len=args.seq_len, stride=args.stride,

@@ -46,7 +46,7 @@ def evaluate_texts(model, tokenizer, texts, seq_len=None, stride=None, batch_siz
     """Scores texts with `model`; returns the metrics dict.
 
     Args:
-        model: an `ALGPT2LMHeadModel`.
+        model: an `ALGPT2Backbone` (or the task, `ALGPT2LMHeadModel`).
         tokenizer: its `GPT2Tokenizer`.
         texts: strings, each scored as its own sequence.
         seq_len: window length (default: the model's `max_positions`).

@@ -81,3 +81,30 @@ def test_evaluate_bad_input(tmp_path, capsys):
     assert main(["evaluate", "--model", str(tmp_path / "m.keras"), "--files",
                  str(tmp_path / "a.txt"), "--seq-len", "999", "--quiet"]) == 2
     assert "max_positions" in capsys.readouterr().err
+
+
+def test_evaluate_on_jax_imports_no_tensorflow(tmp_path):
+    """`algpt2 --backend jax evaluate` loads the network alone: the same perplexity as
+    here, and TensorFlow never imported (checked with `sys.modules` in its process)."""
+    import os
+    import subprocess
+    import sys
+
+    model = small_model()
+    model.save(str(tmp_path / "m.keras"))
+    text = "The quick brown fox jumps over the lazy dog. " * 4
+    (tmp_path / "text.txt").write_text(text)
+    code = ("import json, sys\nfrom algpt2_tf.cli import main\n"
+            f"main(['--backend', 'jax', 'evaluate', '--model', {str(tmp_path / 'm.keras')!r}, "
+            f"'--files', {str(tmp_path / 'text.txt')!r}, '--seq-len', '32', '--quiet'])\n"
+            "print(json.dumps({'tensorflow': 'tensorflow' in sys.modules}))")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", ALGPT2_CACHE=str(tmp_path / "cache"))
+    env.pop("KERAS_BACKEND", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = done.stdout.strip().splitlines()
+    assert json.loads(printed[-1]) == {"tensorflow": False}
+    expected = evaluate_texts(model, GPT2Tokenizer(), [text], seq_len=32, verbose=0)
+    got = json.loads("\n".join(printed[:-1]))
+    assert got["token_perplexity"] == pytest.approx(expected["token_perplexity"], rel=1e-4)

@@ -34,6 +34,13 @@ def keras_model(model_path):
     return load_model(model_path, ALGPT2LMHeadModel)
 
 
+@pytest.fixture(scope="module")
+def tflite_report(tmp_path_factory, model_path):
+    """The float32 TFLite export of `model_path` (cache length 64), made once for the file."""
+    return export_model(model_path, "tflite", str(tmp_path_factory.mktemp("lite")), max_length=64,
+                        log=lambda *_: None)
+
+
 def run_python(code):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
@@ -96,11 +103,10 @@ print(json.dumps({{"algpt2_imported": any(m.startswith("algpt2_tf") for m in sys
     assert "signature_def['generate']" in shown.stdout
 
 
-def test_tflite_float32_matches_keras_and_decodes_identically(tmp_path, model_path, keras_model):
+def test_tflite_float32_matches_keras_and_decodes_identically(tflite_report, keras_model):
     from ai_edge_litert.interpreter import Interpreter
 
-    report = export_model(model_path, "tflite", str(tmp_path / "lite"), max_length=64,
-                          log=lambda *_: None)
+    report = tflite_report
     interpreter = Interpreter(model_path=report.path)
     assert set(interpreter.get_signature_list()) == {"prefill", "decode", "logits"}
     prompt = GPT2Tokenizer().encode("In the beginning")
@@ -119,12 +125,11 @@ def test_tflite_float32_matches_keras_and_decodes_identically(tmp_path, model_pa
                 if b.data is not None and len(b.data) >= 1024 and not np.any(b.data)]
 
 
-def test_litert_compiled_model_with_weight_cache_decodes_identically(tmp_path, model_path,
+def test_litert_compiled_model_with_weight_cache_decodes_identically(tmp_path, tflite_report,
                                                                      keras_model):
     from algpt2_tf.export.litert import LiteRTDecoder
 
-    report = export_model(model_path, "tflite", str(tmp_path / "lite"), max_length=64,
-                          log=lambda *_: None)
+    report = tflite_report
     cache = str(tmp_path / "xnnpack" / "weights.cache")
     prompt = GPT2Tokenizer().encode("In the beginning")
     expected = keras_model.generate([prompt], max_new_tokens=32, stop_ids=[]).new_ids[0]
@@ -151,22 +156,18 @@ def test_tflite_without_sharing():
 
 
 @pytest.mark.parametrize("quantize", ["fp16", "int8"])
-def test_tflite_quantized(tmp_path, model_path, quantize):
-    base = export_model(model_path, "tflite", str(tmp_path / "f32"), max_length=64, log=lambda *_: None)
+def test_tflite_quantized(tmp_path, model_path, tflite_report, keras_model, quantize):
+    base = tflite_report
     report = export_model(model_path, "tflite", str(tmp_path / quantize), quantize=quantize,
                           max_length=64, log=lambda *_: None)
     assert report.size_bytes < 0.7 * base.size_bytes
     # The reported agreement is the share of greedy tokens equal to the Keras model's.
     from ai_edge_litert.interpreter import Interpreter
 
-    from algpt2_tf.causal_lm import ALGPT2LMHeadModel
-    from algpt2_tf.saving import load_model
-
     prompt = GPT2Tokenizer().encode(PROBE_TEXT[0])
     steps = len(tflite_greedy(Interpreter(model_path=base.path), prompt, 32))
     lite = tflite_greedy(Interpreter(model_path=report.path), prompt, steps)
-    keras_tokens = load_model(model_path, ALGPT2LMHeadModel).generate([prompt], max_new_tokens=steps,
-                                                   stop_ids=[]).new_ids[0]
+    keras_tokens = keras_model.generate([prompt], max_new_tokens=steps, stop_ids=[]).new_ids[0]
     assert report.greedy_agreement == np.mean(np.equal(lite, keras_tokens))
     assert report.max_abs_diff < 1.0
 

