@@ -46,10 +46,9 @@ def _info(args):
 # ------------------------------------------------------------------ tokenizer
 def _tokenizer_train(args):
     # Deferred: the command's own module (`--help` stays fast).
-    from algpt2_tf.runtime.files import expand_files
+    from algpt2_tf.runtime.files import expand_files, read_documents
     # Deferred: the command's own module (`--help` stays fast).
     from algpt2_tf.tokenizer import train_tokenizer
-    from algpt2_tf.training.data import read_documents  # deferred: imports TensorFlow, Keras, NumPy
 
     paths = expand_files(args.files)
     documents = list(read_documents(paths))
@@ -94,8 +93,7 @@ def _train(args):
 def _texts(patterns, empty_message):
     """The documents of the files matching `patterns`; a usage error when there are none."""
     # Deferred: the command's own module (`--help` stays fast).
-    from algpt2_tf.runtime.files import expand_files
-    from algpt2_tf.training.data import read_documents  # deferred: imports TensorFlow, Keras, NumPy
+    from algpt2_tf.runtime.files import expand_files, read_documents
 
     texts = list(read_documents(expand_files(patterns)))
     if not texts:
@@ -217,8 +215,7 @@ def _litert_build(args):
     if args.engine == "xla":
         return None
     if args.engine == "auto":
-        chosen = args.backend or os.environ.get("KERAS_BACKEND", "tensorflow")
-        if chosen != "tensorflow":
+        if _backend_chosen(args) != "tensorflow":
             return None
         return cached_build(args.model, args.quantize, build=False)
     build = cached_build(args.model, args.quantize, build=False)
@@ -773,6 +770,11 @@ def _decode_process_settings():
     return tricks
 
 
+def _backend_chosen(args):
+    """The Keras backend this run uses: `--backend`, else `$KERAS_BACKEND`, else TensorFlow."""
+    return args.backend or os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -782,8 +784,10 @@ def main(argv=None):
     except UsageError as e:
         print(f"algpt2: error: {e}", file=sys.stderr)
         return 2
-    if args.command not in ("info", "launch", "generate", "serve"):  # info: the presets alone;
-        # generate and serve: import TensorFlow only for the engine that needs it
+    # info: the presets alone; generate and serve: TensorFlow only for the engine that needs it;
+    # evaluate: only on TensorFlow's backend.
+    if args.command not in ("info", "launch", "generate", "serve") and not (
+            args.command == "evaluate" and _backend_chosen(args) != "tensorflow"):
         from algpt2_tf.runtime.tf_startup import import_tensorflow_quietly
 
         import_tensorflow_quietly()

@@ -28,7 +28,7 @@ from algpt2_tf.experiments.report import best_by_valid_loss, write_report
 from algpt2_tf.experiments.spec import SpecError, arm_seeds, load_spec
 from algpt2_tf.experiments.text_metrics import text_metrics
 from algpt2_tf.runtime.files import (atomic_path, atomic_write_json, atomic_write_text,
-                                     expand_files, read_json)
+                                     expand_files, read_documents, read_json)
 from algpt2_tf.saving import load_model
 from algpt2_tf.tokenizer import GPT2Tokenizer, train_tokenizer
 from algpt2_tf.training.compression import compress_to_run
@@ -62,8 +62,6 @@ def article_share(articles, share):
 def separated_documents(path, separator):
     """The documents of a file whose documents are separated by lines equal to `separator`
     (surrounding spaces ignored), each stripped of the blank lines around it."""
-    from algpt2_tf.training.data import read_documents  # deferred: imports TensorFlow, Keras
-
     documents, current = [], []
     for line in next(read_documents([path])).split("\n"):
         if line.strip() == separator.strip():
@@ -77,8 +75,6 @@ def separated_documents(path, separator):
 
 def source_texts(source):
     """The documents of one `FileSource`."""
-    from algpt2_tf.training.data import read_documents  # deferred: imports TensorFlow, Keras
-
     if source.separator is not None:
         return separated_documents(source.path, source.separator)
     if source.wikitext_articles is None:

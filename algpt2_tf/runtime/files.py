@@ -1,4 +1,4 @@
-"""Files: finding inputs, the cache folder, and writing so that a kill never leaves a torn file.
+"""Files: finding and reading inputs, the cache folder, and writing so that a kill never leaves a torn file.
 
 Every file this package writes goes through `atomic_path` (or the helpers on
 top of it): the content is written to a temporary path beside the target and
@@ -126,3 +126,36 @@ def atomic_write_json(path, value):
 def read_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def _decode(path, data):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r}). "
+            "Convert the file to UTF-8 first; algpt2 does not guess or replace characters.") from None
+
+
+def read_documents(paths, text_key="text"):
+    """Yields the documents of text files: a `.txt` file is one document, a
+    `.jsonl` file one document per line (its `text_key` field). Invalid
+    UTF-8 is an error that names the file and byte, never silently replaced."""
+    for path in paths:
+        with open(path, "rb") as f:
+            data = f.read()
+        text = _decode(path, data)
+        if path.endswith(".jsonl"):
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: invalid JSON ({e.msg}).") from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                    raise ValueError(f"{path}:{number}: no string field {text_key!r}.")
+                if record[text_key].strip():
+                    yield record[text_key]
+        elif text.strip():
+            yield text

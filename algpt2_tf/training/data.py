@@ -24,43 +24,10 @@ import numpy as np
 import tensorflow as tf
 
 from algpt2_tf.losses import IGNORE_INDEX
-from algpt2_tf.runtime.files import atomic_path, atomic_write_json, cache_root, expand_files
+from algpt2_tf.runtime.files import (atomic_path, atomic_write_json, cache_root, expand_files,
+                                     read_documents)
 
 CACHE_VERSION = 1
-
-
-# ------------------------------------------------------------------ reading
-def _decode(path, data):
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{path} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r}). "
-            "Convert the file to UTF-8 first; algpt2 does not guess or replace characters.") from None
-
-
-def read_documents(paths, text_key="text"):
-    """Yields the documents of text files: a `.txt` file is one document, a
-    `.jsonl` file one document per line (its `text_key` field). Invalid
-    UTF-8 is an error that names the file and byte, never silently replaced."""
-    for path in paths:
-        with open(path, "rb") as f:
-            data = f.read()
-        text = _decode(path, data)
-        if path.endswith(".jsonl"):
-            for number, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: invalid JSON ({e.msg}).") from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                    raise ValueError(f"{path}:{number}: no string field {text_key!r}.")
-                if record[text_key].strip():
-                    yield record[text_key]
-        elif text.strip():
-            yield text
 
 
 # ------------------------------------------------------------------- caching
