@@ -10,8 +10,8 @@ requests/s per signature (reported, not asserted).
 
 With `--openai`, it serves a Keras model over the OpenAI-compatible API
 instead (`algpt2 serve --model`), once with batching and once without
-(`--no-batching`), with `--litert` also on the LiteRT engine (`--engine litert`,
-one request at a time), and every client streams its completions: requests/s,
+(`--no-batching`), with `--litert` also on the LiteRT engine (`--engine litert
+--quantize Q`, one request at a time), and every client streams its completions: requests/s,
 generated tokens/s, p50 / p99 latency and p50 / p99 time to first token.
 
     python benchmarks/serve_load.py --openai [--preset algpt2-tiny] [--max-new-tokens 16]
@@ -126,7 +126,7 @@ def start_server(args, port, ready_url, env=None):
 def main_openai(args):
     from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
 
-    report = {"preset": args.preset, "clients": args.clients,
+    report = {"preset": args.preset, "clients": args.clients, "litert_quantize": args.quantize,
               "requests_per_client": args.requests, "max_new_tokens": args.max_new_tokens}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.keras")
@@ -137,7 +137,7 @@ def main_openai(args):
         modes = [("unbatched", ["--engine", "xla", "--no-batching"]),
                  ("batched", ["--engine", "xla"])]
         if args.litert:
-            modes.append(("litert", ["--engine", "litert"]))
+            modes.append(("litert", ["--engine", "litert", "--quantize", args.quantize]))
         env = dict(os.environ, ALGPT2_CACHE=os.path.join(tmp, "cache"))
         for mode, extra in modes:
             port = free_port()
@@ -199,6 +199,8 @@ def main():
     parser.add_argument("--preset", default="algpt2-tiny", help="--openai: the served model")
     parser.add_argument("--litert", action="store_true",
                         help="--openai: also --engine litert (one request at a time)")
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        help="--litert: the LiteRT build's weights")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.openai:
