@@ -788,6 +788,7 @@ def main(argv=None):
     # evaluate: only on TensorFlow's backend.
     if args.command not in ("info", "launch", "generate", "serve") and not (
             args.command == "evaluate" and _backend_chosen(args) != "tensorflow"):
+        # Deferred: the command's own module (`--help` stays fast).
         from algpt2_tf.runtime.tf_startup import import_tensorflow_quietly
 
         import_tensorflow_quietly()
