@@ -174,6 +174,9 @@ def _generate(args):
         with quiet_stderr(LITERT_NOISE):  # and its teardown
             generator.close()
         return
+    if _backend_chosen(args) != "tensorflow":
+        _generate_host_loop(args, prompt, ids, params, stop_ids, tokenizer)
+        return
     # Deferred: the command's own module (`--help` stays fast).
     from algpt2_tf.runtime.tf_startup import import_tensorflow_quietly
 
@@ -183,20 +186,10 @@ def _generate(args):
     from algpt2_tf.causal_lm import ALGPT2LMHeadModel  # deferred: imports TensorFlow, Keras, NumPy
     # Deferred: imports TensorFlow, Keras, NumPy.
     from algpt2_tf.generation.generator import generator_for
-    from algpt2_tf.runtime import backend  # deferred: imports Keras, NumPy
     # Deferred: the command's own module (`--help` stays fast).
     from algpt2_tf.saving import load_model
 
     model = load_model(args.model, ALGPT2LMHeadModel)
-    if not backend.is_tensorflow():  # torch / JAX: the host loop, printed when done
-        print(f"algpt2 generate: engine host loop ({backend.name()})", file=sys.stderr)
-        out = model.generate([ids], max_new_tokens=args.max_new_tokens, sampler=args.sampler,
-                             seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                             stop_ids=stop_ids)
-        new = [t for t in out.new_ids[0] if t not in stop_ids]
-        sys.stdout.write(prompt + tokenizer.decode(new) + "\n")
-        return
     generator = generator_for(model, tricks)
     generator.buckets(len(ids), args.max_new_tokens)  # validates the length before any output
     print("algpt2 generate: engine xla", file=sys.stderr)
@@ -204,6 +197,21 @@ def _generate(args):
                                            stop_ids), tokenizer, stop_ids)
     if compile_cache:  # this process's compiled programs are complete: trust them next time
         xla_cache.record(compile_cache)
+
+
+def _generate_host_loop(args, prompt, ids, params, stop_ids, tokenizer):
+    """torch / JAX: the network and the host loop, printed when done (no TensorFlow)."""
+    from algpt2_tf.generation.host_loop import HostLoopGenerator  # deferred: imports Keras, NumPy
+    from algpt2_tf.model import ALGPT2Backbone  # deferred: imports Keras, NumPy
+    # Deferred: the command's own module (`--help` stays fast).
+    from algpt2_tf.saving import load_model
+
+    model = load_model(args.model, ALGPT2Backbone)
+    print(f"algpt2 generate: engine host loop ({_backend_chosen(args)})", file=sys.stderr)
+    out = HostLoopGenerator(model).generate([ids], args.max_new_tokens, params, args.seed,
+                                            stop_ids)
+    new = [t for t in out.new_ids[0] if t not in stop_ids]
+    sys.stdout.write(prompt + tokenizer.decode(new) + "\n")
 
 
 def _litert_build(args):

@@ -83,9 +83,10 @@ def test_evaluate_bad_input(tmp_path, capsys):
     assert "max_positions" in capsys.readouterr().err
 
 
-def test_evaluate_on_jax_imports_no_tensorflow(tmp_path):
-    """`algpt2 --backend jax evaluate` loads the network alone: the same perplexity as
-    here, and TensorFlow never imported (checked with `sys.modules` in its process)."""
+def test_generate_and_evaluate_on_jax_import_no_tensorflow(tmp_path):
+    """`algpt2 --backend jax generate` (the host loop) and `evaluate` load the network alone:
+    the greedy text and the perplexity of this process's TensorFlow model, and TensorFlow
+    never imported in theirs (checked with `sys.modules`)."""
     import os
     import subprocess
     import sys
@@ -94,8 +95,11 @@ def test_evaluate_on_jax_imports_no_tensorflow(tmp_path):
     model.save(str(tmp_path / "m.keras"))
     text = "The quick brown fox jumps over the lazy dog. " * 4
     (tmp_path / "text.txt").write_text(text)
+    path = str(tmp_path / "m.keras")
     code = ("import json, sys\nfrom algpt2_tf.cli import main\n"
-            f"main(['--backend', 'jax', 'evaluate', '--model', {str(tmp_path / 'm.keras')!r}, "
+            f"main(['--backend', 'jax', 'generate', '--model', {path!r}, '--prompt', 'The fox', "
+            "'--max-new-tokens', '6', '--sampler', 'greedy'])\n"
+            f"main(['--backend', 'jax', 'evaluate', '--model', {path!r}, "
             f"'--files', {str(tmp_path / 'text.txt')!r}, '--seq-len', '32', '--quiet'])\n"
             "print(json.dumps({'tensorflow': 'tensorflow' in sys.modules}))")
     env = dict(os.environ, JAX_PLATFORMS="cpu", ALGPT2_CACHE=str(tmp_path / "cache"))
@@ -105,6 +109,8 @@ def test_evaluate_on_jax_imports_no_tensorflow(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     printed = done.stdout.strip().splitlines()
     assert json.loads(printed[-1]) == {"tensorflow": False}
+    assert "engine host loop (jax)" in done.stderr
+    assert printed[0] == model.generate("The fox", max_new_tokens=6, sampler="greedy").text[0]
     expected = evaluate_texts(model, GPT2Tokenizer(), [text], seq_len=32, verbose=0)
-    got = json.loads("\n".join(printed[:-1]))
+    got = json.loads("\n".join(printed[1:-1]))
     assert got["token_perplexity"] == pytest.approx(expected["token_perplexity"], rel=1e-4)
