@@ -1,4 +1,4 @@
-"""Files: finding and reading inputs, the cache folder, and writing so that a kill never leaves a torn file.
+"""Files: finding and reading inputs, the cache folder, and writing that a kill never tears.
 
 Every file this package writes goes through `atomic_path` (or the helpers on
 top of it): the content is written to a temporary path beside the target and
