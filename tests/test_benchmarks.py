@@ -227,6 +227,45 @@ def test_peers_quick(tmp_path):
     assert "| gpt2 b1 | ONNX Runtime int8 (HF export) |" in table
 
 
+def peers_module():
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import peers
+    finally:
+        sys.path.remove(BENCHMARKS)
+    return peers
+
+
+def test_peers_plan_and_table():
+    """The fast twin of the peers' quick run: the plan holds every engine at both batch sizes
+    (LiteRT at batch 1, keras-hub on `gpt2` only), and the table gives each case's ratio to
+    the fastest peer of its model and batch, ours never counted as a peer."""
+    peers = peers_module()
+    full = dict(peers.plan(quick=False))
+    for group in ("algpt2 b1", "algpt2 b8", "gpt2 b1", "gpt2 b8"):
+        engines = {label.split(" | ")[1] for label in full if label.startswith(group + " |")}
+        assert {"ours Keras/XLA float32", "ours Keras int8", "CTranslate2 int8 (HF export)",
+                "ONNX Runtime int8 (HF export)", "ONNX Runtime float32 (HF export)"} <= engines
+        assert ("ours LiteRT int8" in engines) == (group == "algpt2 b1")  # GPT2_LITERT_SKIPPED
+        assert ("keras-hub GPT-2" in engines) == group.startswith("gpt2")
+    assert all(case["prompt"] == 16 and case["new_tokens"] == 128 for case in full.values())
+    quick = dict(peers.plan(quick=True))
+    assert {case["batch"] for case in quick.values()} == {1} and "gpt2 b1 | ours LiteRT int8" in quick
+    rows = {"gpt2 b1 | ours Keras/XLA float32": 90.0, "gpt2 b1 | ONNX Runtime int8 (HF export)": 200.0,
+            "gpt2 b1 | CTranslate2 int8 (HF export)": 100.0, "algpt2 b1 | ours LiteRT int8": 400.0,
+            "algpt2 b1 | CTranslate2 int8 (HF export)": 160.0}
+    rows = {label: {"median": v, "tokens_per_s": [v], "peak_rss_mb": 100} for label, v in rows.items()}
+    report = {"prompt_tokens": 16, "new_tokens": 128, "rounds": 1, "quick": False,
+              "cpu": cpu_info(), "load_average_before": (0, 0, 0), "load_average_after": (1, 1, 1),
+              "skipped": ["x is not installed"]}
+    table = peers.markdown(rows, report)
+    assert "| gpt2 b1 | ours Keras/XLA float32 | 90.0 | 90.0 | 0.45 | 100 |" in table
+    assert "| gpt2 b1 | ONNX Runtime int8 (HF export) | 200.0 | 200.0 | 1.00 |" in table
+    assert "| algpt2 b1 | ours LiteRT int8 | 400.0 | 400.0 | 2.50 |" in table
+    assert table.rstrip().endswith("- x is not installed")
+
+
+@pytest.mark.slow  # 36-50 s, most of it importing torch and transformers
 def test_peers_onnx_step_decodes_as_the_hf_model(tmp_path):
     """The ONNX Runtime peer's model is the HF export's: from an empty cache (the prefill) and
     then one token at a time with the cache fed back, its last-position logits equal the HF
@@ -237,11 +276,7 @@ def test_peers_onnx_step_decodes_as_the_hf_model(tmp_path):
     import torch
     from transformers import GPT2LMHeadModel
 
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        import peers
-    finally:
-        sys.path.remove(BENCHMARKS)
+    peers = peers_module()
     path = peers.onnx_file("algpt2", "float32", True, str(tmp_path))
     lm = GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf-algpt2")).eval()
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])

@@ -105,6 +105,9 @@ def op_types(generator, batch):
     return types
 
 
+# A trick's switch changes the same ops in either shape: `gpt2` in the slow tier.
+@pytest.mark.parametrize("model", ["algpt2", pytest.param("gpt2", marks=pytest.mark.slow)],
+                         indirect=True)
 def test_switches_change_the_traced_graph(model):
     def without(name):
         return op_types(Generator(model, tricks=dataclasses.replace(DecodeTricks(), **{name: False})), 1)

@@ -16,14 +16,22 @@ from algpt2_tf.tokenizer import GPT2Tokenizer
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
+    """A model with every option of the architecture (factorized embedding, two blocks in
+    cycle order, per-layer norms, rank-2 deltas, an SOP head), every weight random (the
+    zero-initialised deltas too, so an export that dropped them would fail), saved: every
+    export test of this file runs on it (the plain shared model's exports are tested by
+    the LiteRT engine's and the quantization tests)."""
     import keras
+    from conftest import randomize_weights
 
     keras.utils.set_random_seed(5)
-    config = ALGPT2Config(max_positions=96, hidden_size=32, num_layers=3, num_heads=2,
-                          intermediate_size=64, embedding_size=16, sop_head=True,
-                          initializer_range=0.1)
+    config = ALGPT2Config(max_positions=96, hidden_size=32, num_layers=4, num_heads=2,
+                          intermediate_size=64, embedding_size=16, num_layer_groups=2,
+                          group_order="cycle", per_layer_norms=True, lora_rank=2,
+                          sop_head=True)
+    model = randomize_weights(ALGPT2LMHeadModel(config), np.random.default_rng(5), scale=0.1)
     path = str(tmp_path_factory.mktemp("model") / "m.keras")
-    ALGPT2LMHeadModel(config).save(path)
+    model.save(path)
     return path
 
 

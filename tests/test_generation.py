@@ -18,6 +18,14 @@ def model(request):
     return decode_test_model(request.param)
 
 
+# The decode loop's own behaviour (batching, streaming, traces, seeds, stops) does not depend on
+# the model's shape: the fast tier runs it on the `algpt2` model, the slow tier on `gpt2` too.
+# The model-level checks (cached logits, greedy with and without the cache, the host loop, the
+# growing cache without XLA) run on both in the fast tier.
+LOOP_MODELS = pytest.mark.parametrize(
+    "model", ["algpt2", pytest.param("gpt2", marks=pytest.mark.slow)], indirect=True)
+
+
 def full_logits(model, ids, mask=None):
     inputs = {"input_ids": np.asarray(ids, np.int32)}
     if mask is not None:
@@ -79,7 +87,10 @@ def test_cache_lengths_double_up_to_max_length():
     assert cache_lengths(1024) == [64, 128, 256, 512, 1024]
 
 
-@pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.parametrize("model, jit", [
+    ("algpt2", True), ("gpt2", False),
+    pytest.param("algpt2", False, marks=pytest.mark.slow),
+    pytest.param("gpt2", True, marks=pytest.mark.slow)], indirect=["model"])
 def test_growing_cache_gives_the_same_tokens(model, monkeypatch, jit):
     # Cache lengths 4, 8, 16, 32, 64: the prompt bucket (16) skips the first
     # three loops, then the cache grows twice while decoding.
@@ -89,6 +100,7 @@ def test_growing_cache_gives_the_same_tokens(model, monkeypatch, jit):
     assert out.new_ids == [naive_greedy(model, p, 30) for p in prompts]
 
 
+@LOOP_MODELS
 def test_batch_equals_one_by_one(model):
     generator = Generator(model)
     prompts = [[5, 17, 42, 8, 3], [9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
@@ -106,6 +118,7 @@ def test_the_host_loop_gives_the_xla_loops_greedy_tokens(model):
     assert HostLoopGenerator(model).generate(prompts, 10).new_ids == expected
 
 
+@LOOP_MODELS
 def test_stream_equals_generate(model):
     generator = Generator(model)
     prompt = [4, 8, 15, 16, 23, 42]
@@ -114,6 +127,7 @@ def test_stream_equals_generate(model):
         assert list(generator.stream(prompt, 15, params, seed=5)) == expected
 
 
+@LOOP_MODELS
 def test_compiled_once_per_bucket(model):
     generator = Generator(model)
     generator.generate([[1, 2, 3]], max_new_tokens=8)
@@ -125,6 +139,7 @@ def test_compiled_once_per_bucket(model):
     assert generator.trace_count == 2
 
 
+@LOOP_MODELS
 def test_seeded_sampling_is_reproducible(model):
     generator = Generator(model)
     params = sampling_params("sample", temperature=1.5)
@@ -134,6 +149,7 @@ def test_seeded_sampling_is_reproducible(model):
     assert a == b and a != c
 
 
+@LOOP_MODELS
 def test_stops_at_stop_ids(model):
     generator = Generator(model)
     free = generator.generate([[5, 17, 42]], max_new_tokens=10).new_ids[0]
@@ -142,6 +158,7 @@ def test_stops_at_stop_ids(model):
     assert out[0] == free[:free.index(stop) + 1] == out[1]
 
 
+@LOOP_MODELS
 def test_temperature_zero_is_greedy(model):
     generator = Generator(model)
     greedy = generator.generate([[3, 1, 4]], 10).new_ids

@@ -146,47 +146,5 @@ def test_training_updates_the_adapters(rng):
     assert not unchanged
 
 
-def every_option_model(tmp_path):
-    """A relaxed, grouped model (two blocks in cycle order, per-layer norms, rank-2 deltas),
-    saved; returns `(model, path)`."""
-    model = randomized(ALGPT2Config(
-        vocab_size=50257, max_positions=64, hidden_size=32, num_layers=4, num_heads=2,
-        intermediate_size=64, embedding_size=16, num_layer_groups=2, group_order="cycle",
-        per_layer_norms=True, lora_rank=2, sop_head=False), seed=3)
-    path = str(tmp_path / "m.keras")
-    model.save(path)
-    return model, path
-
-
-PROMPT = [464, 3290, 318]
-
-
-def test_tflite_export_of_a_model_with_every_option(tmp_path):
-    """The TFLite export of a relaxed, grouped model decodes Keras' greedy tokens."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    from algpt2_tf.export import export_model, tflite_greedy
-
-    model, path = every_option_model(tmp_path)
-    report = export_model(path, "tflite", str(tmp_path / "lite"), max_length=32,
-                          log=lambda *_: None)
-    assert report.greedy_agreement == 1.0 and report.max_abs_diff < 1e-4
-    interpreter = Interpreter(model_path=report.path)
-    expected = model.generate([PROMPT], max_new_tokens=10, stop_ids=[]).new_ids[0]
-    assert tflite_greedy(interpreter, PROMPT, 10) == expected
-
-
-def test_savedmodel_export_of_a_model_with_every_option(tmp_path):
-    """The SavedModel export of a relaxed, grouped model gives Keras' logits."""
-    import tensorflow as tf
-
-    from algpt2_tf.export import export_model
-
-    model, path = every_option_model(tmp_path)
-    saved = export_model(path, "savedmodel", str(tmp_path / "sm"), max_length=32,
-                         log=lambda *_: None)
-    loaded = tf.saved_model.load(saved.path)
-    ids = np.array([PROMPT], np.int32)
-    logits = loaded.signatures["serving_default"](input_ids=tf.constant(ids),
-                                                  attention_mask=tf.ones_like(ids))["logits"]
-    np.testing.assert_allclose(logits.numpy(), model(ids)["logits"].numpy(), atol=1e-5)
+# The exports (SavedModel, TFLite float32/fp16/int8, .keras) of a model with every option:
+# tests/test_export.py, whose model has them all.
