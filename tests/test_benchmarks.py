@@ -1,5 +1,6 @@
 """The benchmark scripts' quick modes (the figures themselves come from full runs, see benchmarks/)."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -10,6 +11,15 @@ import pytest
 from algpt2_tf.runtime.cpu_info import cpu_info, cpu_summary
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def benchmark_script(name):
+    """The module of `benchmarks/<name>.py` (the scripts import one another by plain name)."""
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(BENCHMARKS)
 
 
 @pytest.mark.slow
@@ -227,20 +237,11 @@ def test_peers_quick(tmp_path):
     assert "| gpt2 b1 | ONNX Runtime int8 (HF export) |" in table
 
 
-def peers_module():
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        import peers
-    finally:
-        sys.path.remove(BENCHMARKS)
-    return peers
-
-
 def test_peers_plan_and_table():
     """The fast twin of the peers' quick run: the plan holds every engine at both batch sizes
     (LiteRT at batch 1, both models, keras-hub on `gpt2` only), and the table gives each case's ratio to
     the fastest peer of its model and batch, ours never counted as a peer."""
-    peers = peers_module()
+    peers = benchmark_script("peers")
     full = dict(peers.plan(quick=False))
     for group in ("algpt2 b1", "algpt2 b8", "gpt2 b1", "gpt2 b8"):
         engines = {label.split(" | ")[1] for label in full if label.startswith(group + " |")}
@@ -276,7 +277,7 @@ def test_peers_onnx_step_decodes_as_the_hf_model(tmp_path):
     import torch
     from transformers import GPT2LMHeadModel
 
-    peers = peers_module()
+    peers = benchmark_script("peers")
     path = peers.onnx_file("algpt2", "float32", True, str(tmp_path))
     lm = GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf-algpt2")).eval()
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -298,11 +299,7 @@ def test_peers_onnx_step_decodes_as_the_hf_model(tmp_path):
 def test_cold_start_measures_a_preset_as_a_saved_fresh_model(tmp_path):
     """`cold_start.py --preset NAME` saves a seeded fresh model of the preset (in a child
     process) that `algpt2` commands load: the same weights every time."""
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        import cold_start
-    finally:
-        sys.path.remove(BENCHMARKS)
+    cold_start = benchmark_script("cold_start")
     import numpy as np
 
     from algpt2_tf import ALGPT2Config
@@ -321,11 +318,7 @@ def test_cold_start_measures_a_preset_as_a_saved_fresh_model(tmp_path):
 def test_compare_revisions_table_and_guard(tmp_path):
     """`compare_revisions.py`: medians per checkout and after / before for the cases both
     measured every round; a path that is no checkout is refused before anything runs."""
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        import compare_revisions
-    finally:
-        sys.path.remove(BENCHMARKS)
+    compare_revisions = benchmark_script("compare_revisions")
     runs = {"before": [{"decode: a": 10.0, "only before": 1.0}, {"decode: a": 30.0},
                        {"decode: a": 20.0}],
             "after": [{"decode: a": 22.0}, {"decode: a": 18.0}, {"decode: a": 40.0}]}
@@ -362,12 +355,7 @@ def test_compare_revisions_quick(tmp_path):
 
 
 def compare_revisions_served():
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        import compare_revisions
-    finally:
-        sys.path.remove(BENCHMARKS)
-    return compare_revisions.SERVED
+    return benchmark_script("compare_revisions").SERVED
 
 
 @pytest.mark.slow

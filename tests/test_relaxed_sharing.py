@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
+from algpt2_tf import ALGPT2LMHeadModel
 from algpt2_tf.layers import DecoderBlock
 
 OPTIONS = {
