@@ -206,6 +206,35 @@ def test_a_bf16_teacher_distills_too(tmp_path, teacher_run, corpus):
     assert 0 <= float(rows[0]["distill_loss"]) < 1e-2
 
 
+def test_distillation_resumes_exactly_after_a_crash(tmp_path, teacher_run, corpus, monkeypatch):
+    """The fast tier's twin of the `kill -9` test below: a distilling run dies in-process right
+    after its first checkpoint; the same options resume to the weights of an unbroken run."""
+    from algpt2_tf.training.trainer import CheckpointManager
+
+    distill = dict(teacher=teacher_run, distill_weight=0.5, distill_temperature=2.0)
+    full = train(student_options(tmp_path, teacher_run, corpus, "full", **distill),
+                 log=lambda *_: None)
+    save = CheckpointManager.save
+
+    def crash_after_step_4(self, step, model, optimizer):
+        written = save(self, step, model, optimizer)
+        if step == 4:
+            raise RuntimeError("the machine went away")
+        return written
+
+    monkeypatch.setattr(CheckpointManager, "save", crash_after_step_4)
+    with pytest.raises(RuntimeError, match="went away"):
+        train(student_options(tmp_path, teacher_run, corpus, "part", **distill), log=lambda *_: None)
+    monkeypatch.setattr(CheckpointManager, "save", save)
+    part = train(student_options(tmp_path, teacher_run, corpus, "part", **distill),
+                 log=lambda *_: None)
+    assert part["resumed_from"] == 4
+    for a, b in zip(load_model(full["model"], ALGPT2LMHeadModel).get_weights(),
+                    load_model(part["model"], ALGPT2LMHeadModel).get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_distillation_resume_after_kill_is_exact(tmp_path, teacher_run, corpus):
     steps = 24
     full = train(student_options(tmp_path, teacher_run, corpus, "full", teacher=teacher_run,

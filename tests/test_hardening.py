@@ -348,12 +348,14 @@ def test_openai_answers_correctly_after_the_fuzz(http, model):
     assert r.json()["usage"]["completion_tokens"] == len(alone)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-@given(flag=st.sampled_from(["--seed", "--max-new-tokens", "--temperature", "--top-k",
-                             "--top-p", "--repetition-penalty"]),
-       value=st.text(min_size=1, max_size=8).filter(lambda v: not v.startswith("-"))
-       | st.sampled_from(["nan", "-1", "1e99", "0", "-0", "inf", "99999999999"]))
-def test_fuzz_generate_options_never_traceback(saved, flag, value, capsys):
+GENERATE_OPTIONS = dict(
+    flag=st.sampled_from(["--seed", "--max-new-tokens", "--temperature", "--top-k", "--top-p",
+                          "--repetition-penalty"]),
+    value=st.text(min_size=1, max_size=8).filter(lambda v: not v.startswith("-"))
+    | st.sampled_from(["nan", "-1", "1e99", "0", "-0", "inf", "99999999999"]))
+
+
+def check_generate_option(saved, flag, value, capsys):
     try:
         code = main(["generate", "--model", saved, "--prompt", "Hi", "--max-new-tokens", "2",
                      flag, value])
@@ -361,6 +363,21 @@ def test_fuzz_generate_options_never_traceback(saved, flag, value, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert code in (0, 2) and "Traceback" not in err, (flag, value, err)
+
+
+# Each example that passes the checks loads the model and generates (0.5-1 s): the fast tier
+# draws 20, the slow tier 80 more.
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(**GENERATE_OPTIONS)
+def test_fuzz_generate_options_never_traceback(saved, flag, value, capsys):
+    check_generate_option(saved, flag, value, capsys)
+
+
+@pytest.mark.slow
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(**GENERATE_OPTIONS)
+def test_fuzz_generate_options_never_traceback_longer(saved, flag, value, capsys):
+    check_generate_option(saved, flag, value, capsys)
 
 
 # ------------------------------------------------------------------ soak
