@@ -249,8 +249,9 @@ def worker_backend(case):
 
 
 def worker_tflite(case):
-    """Converts, then decodes in a child process, so that the peak RSS
-    reported is the interpreter's and not the converter's."""
+    """Converts (a cache of `max_length` slots, default prompt + new tokens), then decodes in
+    a child process, so that the peak RSS reported is the interpreter's and not the
+    converter's."""
     import tempfile
 
     from algpt2_tf.export.tflite import convert
@@ -260,7 +261,8 @@ def worker_tflite(case):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.tflite")
         with open(path, "wb") as f:
-            f.write(convert(model, case["prompt"] + case["new_tokens"], case["quantize"]))
+            f.write(convert(model, case.get("max_length") or case["prompt"] + case["new_tokens"],
+                            case["quantize"]))
         return measure(dict(case, kind="tflite_run", path=path))
 
 

@@ -43,10 +43,10 @@ class ServingModule(tf.Module):
         self.text_tokenizer = tokenizer.in_graph()
         self.eos_id = tokenizer.eos_id
         self.max_length = max_length
-        self.serving_default = tf.function(self._logits, input_signature=[
+        self.serving_default = tf.function(self._logits, autograph=False, input_signature=[
             tf.TensorSpec([None, None], tf.int32, name="input_ids"),
             tf.TensorSpec([None, None], tf.int32, name="attention_mask")])
-        self.generate = tf.function(self._generate, input_signature=[
+        self.generate = tf.function(self._generate, autograph=False, input_signature=[
             tf.TensorSpec([None], tf.string, name="prompts"),
             tf.TensorSpec([], tf.int32, name="max_new_tokens"),
             tf.TensorSpec([], tf.float32, name="temperature"),

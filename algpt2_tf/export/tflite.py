@@ -25,6 +25,7 @@ import tensorflow as tf
 from ai_edge_litert import schema_py_generated as schema
 
 from algpt2_tf.export.formats import QUANTIZATIONS
+from algpt2_tf.generation.decode_tricks import DecodePlan, DecodeTricks
 from algpt2_tf.model import position_ids_from_mask
 
 
@@ -47,9 +48,9 @@ class TFLiteModule(tf.Module):
 
         ids_spec = tf.TensorSpec([1, None], tf.int32, name="input_ids")
         mask_spec = tf.TensorSpec([1, None], tf.int32, name="attention_mask")
-        self.prefill = tf.function(self._prefill, input_signature=[ids_spec, mask_spec])
-        self.logits = tf.function(self._logits, input_signature=[ids_spec, mask_spec])
-        self.decode = tf.function(self._decode, input_signature=[
+        self.prefill = tf.function(self._prefill, autograph=False, input_signature=[ids_spec, mask_spec])
+        self.logits = tf.function(self._logits, autograph=False, input_signature=[ids_spec, mask_spec])
+        self.decode = tf.function(self._decode, autograph=False, input_signature=[
             tf.TensorSpec([1, 1], tf.int32, name="input_id"),
             tf.TensorSpec([1], tf.int32, name="position")])
 
@@ -68,7 +69,11 @@ class TFLiteModule(tf.Module):
 
     def _run(self, ids, positions, key_mask, index):
         caches = [(k.read_value(), v.read_value()) for k, v in self.caches]
-        logits, caches = self.model.forward_with_cache(ids, positions, key_mask, caches, index)
+        # The XLA loop's speed tricks off (XNNPACK runs the products); the new keys and values
+        # go in with one DYNAMIC_UPDATE_SLICE per cache (`DecodePlan.write_slots`).
+        plan = DecodePlan(self.model, DecodeTricks().off(), slice_writes=True)
+        logits, caches = self.model.forward_with_cache(ids, positions, key_mask, caches, index,
+                                                       plan=plan)
         for (k_var, v_var), (k, v) in zip(self.caches, caches):
             k_var.assign(k)
             v_var.assign(v)

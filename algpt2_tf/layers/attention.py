@@ -95,14 +95,16 @@ class CausalSelfAttention(keras.layers.Layer):
 
         `adapter`: a `LayerAdapter` whose low-rank deltas are added to the
         q/k/v and output projections, or `None`. `plan`: a decode loop's
-        `DecodePlan` for the projections (see `Linear`), or `None`.
+        `DecodePlan` for the projections (see `Linear`) and the cache writes
+        (`plan.write_slots`), or `None`.
         """
         q, k, v = ops.split(add_delta(self.qkv(x, plan=plan), adapter, "qkv", x), 3, axis=-1)
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         if cache is not None:
             key_cache, value_cache = cache
-            k = write_slots(key_cache, ops.cast(k, key_cache.dtype), cache_index)
-            v = write_slots(value_cache, ops.cast(v, value_cache.dtype), cache_index)
+            write = write_slots if plan is None else plan.write_slots
+            k = write(key_cache, ops.cast(k, key_cache.dtype), cache_index)
+            v = write(value_cache, ops.cast(v, value_cache.dtype), cache_index)
             cache = (k, v)
             k, v = ops.cast(k, q.dtype), ops.cast(v, q.dtype)
         if q.shape[2] == 1:
