@@ -80,6 +80,7 @@ def test_savedmodel_serves_logits_and_text_without_algpt2(tmp_path, model_path, 
     got = run_python(f"""
 import json, sys
 import tensorflow as tf, tensorflow_text
+from tensorflow.python.tools import saved_model_utils  # what `saved_model_cli show` reads
 sm = tf.saved_model.load({str(out / "1")!r})
 logits = sm.signatures["serving_default"](input_ids=tf.constant({ids.tolist()}, tf.int32),
                                           attention_mask=tf.constant({mask.tolist()}, tf.int32))
@@ -93,7 +94,9 @@ sampled = [sm.signatures["generate"](prompts=tf.constant(["Once"]), max_new_toke
 print(json.dumps({{"algpt2_imported": any(m.startswith("algpt2_tf") for m in sys.modules),
                    "logits": logits["logits"].numpy().tolist(),
                    "text": [t.decode("utf-8", "replace") for t in gen["text"].numpy()],
-                   "ids": gen["token_ids"].numpy().tolist(), "sampled": sampled}}))
+                   "ids": gen["token_ids"].numpy().tolist(), "sampled": sampled,
+                   "signature_defs": sorted(saved_model_utils.get_meta_graph_def(
+                       {str(out / "1")!r}, "serve").signature_def)}}))
 """)
     assert not got["algpt2_imported"]
     expected = keras_model({"input_ids": ids, "attention_mask": mask})["logits"].numpy()
@@ -104,11 +107,8 @@ print(json.dumps({{"algpt2_imported": any(m.startswith("algpt2_tf") for m in sys
     for row, ids_row in zip(got["ids"], greedy.ids):
         assert [t for t in row if t != -1] == ids_row
     assert got["sampled"][0] == got["sampled"][1] and got["sampled"][0].startswith("Once")
-    shown = subprocess.run(["saved_model_cli", "show", "--dir", str(out / "1"), "--all"],
-                           capture_output=True, text=True)
-    assert shown.returncode == 0
-    assert "signature_def['serving_default']" in shown.stdout
-    assert "signature_def['generate']" in shown.stdout
+    # The MetaGraph that `saved_model_cli show --all` lists (one TensorFlow start-up less).
+    assert {"serving_default", "generate"} <= set(got["signature_defs"])
 
 
 def test_tflite_float32_matches_keras_and_decodes_identically(tflite_report, keras_model):
