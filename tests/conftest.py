@@ -128,6 +128,28 @@ def shared_file(*parts):
     return path
 
 
+def crash_after_checkpoint_then_rerun(run, out, monkeypatch, step=4):
+    """The in-process twin of `kill_at_first_checkpoint_then_rerun`: calls `run()` (a
+    `train(...)` writing to `out`) with a crash right after its checkpoint of `step`, checks
+    that it raised and left no final model, then calls `run()` again and returns its result."""
+    from algpt2_tf.training.trainer import CheckpointManager
+
+    save = CheckpointManager.save
+
+    def crash_after_step(self, at, model, optimizer):
+        written = save(self, at, model, optimizer)
+        if at == step:
+            raise RuntimeError("the machine went away")
+        return written
+
+    monkeypatch.setattr(CheckpointManager, "save", crash_after_step)
+    with pytest.raises(RuntimeError, match="went away"):
+        run()
+    monkeypatch.setattr(CheckpointManager, "save", save)
+    assert not os.path.exists(os.path.join(str(out), "model.keras"))
+    return run()
+
+
 def kill_at_first_checkpoint_then_rerun(cmd, run_dir, checkpoint="ckpt-00000004.npz", timeout=180,
                                        env=None):
     """Starts the `algpt2 train` command `cmd`, `kill -9`s it as soon as

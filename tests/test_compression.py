@@ -7,7 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import kill_at_first_checkpoint_then_rerun, randomize_weights, tiny_config
+from conftest import (crash_after_checkpoint_then_rerun, kill_at_first_checkpoint_then_rerun,
+                      randomize_weights, tiny_config)
 
 from algpt2_tf import ALGPT2LMHeadModel
 from algpt2_tf.cli import main
@@ -209,25 +210,12 @@ def test_a_bf16_teacher_distills_too(tmp_path, teacher_run, corpus):
 def test_distillation_resumes_exactly_after_a_crash(tmp_path, teacher_run, corpus, monkeypatch):
     """The fast tier's twin of the `kill -9` test below: a distilling run dies in-process right
     after its first checkpoint; the same options resume to the weights of an unbroken run."""
-    from algpt2_tf.training.trainer import CheckpointManager
-
     distill = dict(teacher=teacher_run, distill_weight=0.5, distill_temperature=2.0)
     full = train(student_options(tmp_path, teacher_run, corpus, "full", **distill),
                  log=lambda *_: None)
-    save = CheckpointManager.save
-
-    def crash_after_step_4(self, step, model, optimizer):
-        written = save(self, step, model, optimizer)
-        if step == 4:
-            raise RuntimeError("the machine went away")
-        return written
-
-    monkeypatch.setattr(CheckpointManager, "save", crash_after_step_4)
-    with pytest.raises(RuntimeError, match="went away"):
-        train(student_options(tmp_path, teacher_run, corpus, "part", **distill), log=lambda *_: None)
-    monkeypatch.setattr(CheckpointManager, "save", save)
-    part = train(student_options(tmp_path, teacher_run, corpus, "part", **distill),
-                 log=lambda *_: None)
+    part = crash_after_checkpoint_then_rerun(
+        lambda: train(student_options(tmp_path, teacher_run, corpus, "part", **distill),
+                      log=lambda *_: None), tmp_path / "part", monkeypatch)
     assert part["resumed_from"] == 4
     for a, b in zip(load_model(full["model"], ALGPT2LMHeadModel).get_weights(),
                     load_model(part["model"], ALGPT2LMHeadModel).get_weights()):

@@ -6,7 +6,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import kill_at_first_checkpoint_then_rerun
+from conftest import crash_after_checkpoint_then_rerun, kill_at_first_checkpoint_then_rerun
 
 from algpt2_tf import ALGPT2Config
 from algpt2_tf.causal_lm import ALGPT2LMHeadModel
@@ -57,23 +57,10 @@ def test_a_crash_after_a_checkpoint_then_a_rerun_equals_uninterrupted(tmp_path, 
                                                                      corpus, monkeypatch):
     """The fast tier's twin of the `kill -9` test below: the run dies in-process right after
     its first checkpoint; the same options then resume to the weights of an unbroken run."""
-    from algpt2_tf.training.trainer import CheckpointManager
-
     full = train(options(tmp_path, small_config, corpus, out="full", steps=8), log=lambda *_: None)
-    save = CheckpointManager.save
-
-    def crash_after_step_4(self, step, model, optimizer):
-        written = save(self, step, model, optimizer)
-        if step == 4:
-            raise RuntimeError("the machine went away")
-        return written
-
-    monkeypatch.setattr(CheckpointManager, "save", crash_after_step_4)
-    with pytest.raises(RuntimeError, match="went away"):
-        train(options(tmp_path, small_config, corpus, out="part", steps=8), log=lambda *_: None)
-    monkeypatch.setattr(CheckpointManager, "save", save)
-    assert not (tmp_path / "part" / "model.keras").exists()
-    part = train(options(tmp_path, small_config, corpus, out="part", steps=8), log=lambda *_: None)
+    part = crash_after_checkpoint_then_rerun(
+        lambda: train(options(tmp_path, small_config, corpus, out="part", steps=8),
+                      log=lambda *_: None), tmp_path / "part", monkeypatch)
     assert part["resumed_from"] == 4
     for a, b in zip(weights(full["model"]), weights(part["model"])):
         np.testing.assert_allclose(a, b, atol=1e-5)
