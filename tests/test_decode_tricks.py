@@ -151,3 +151,18 @@ def test_int8_models_decode_the_same_with_and_without_tricks():
     prompts = [[5, 17, 42]]
     assert (Generator(model).generate(prompts, 20).new_ids
             == Generator(model, tricks=DecodeTricks().off()).generate(prompts, 20).new_ids)
+
+
+def test_slice_writes_put_the_new_slots_where_the_scatter_puts_them(rng):
+    """The TFLite export's cache writes (`DecodePlan(slice_writes=True)`, one dynamic-update-slice)
+    give the cache of the XLA loop's scatter, for a prefill's several slots and a step's one."""
+    from algpt2_tf.layers.attention import write_slots
+
+    cache = rng.normal(size=(2, 3, 8, 4)).astype("float32")
+    sliced = decode_tricks.DecodePlan(None, DecodeTricks().off(), slice_writes=True)
+    for index, count in ((0, 5), (5, 1), (7, 1)):
+        new = rng.normal(size=(2, 3, count, 4)).astype("float32")
+        expected = cache.copy()
+        expected[:, :, index:index + count] = new
+        np.testing.assert_array_equal(np.asarray(sliced.write_slots(cache, new, index)), expected)
+        np.testing.assert_array_equal(np.asarray(write_slots(cache, new, index)), expected)
