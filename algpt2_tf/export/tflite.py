@@ -48,8 +48,11 @@ class TFLiteModule(tf.Module):
 
         ids_spec = tf.TensorSpec([1, None], tf.int32, name="input_ids")
         mask_spec = tf.TensorSpec([1, None], tf.int32, name="attention_mask")
-        self.prefill = tf.function(self._prefill, autograph=False, input_signature=[ids_spec, mask_spec])
-        self.logits = tf.function(self._logits, autograph=False, input_signature=[ids_spec, mask_spec])
+        # autograph=False: the signatures have no Python control flow on tensors to convert
+        # (as in savedmodel.py, where it took a small model's export from 31.6 to 23.5 s).
+        specs = [ids_spec, mask_spec]
+        self.prefill = tf.function(self._prefill, autograph=False, input_signature=specs)
+        self.logits = tf.function(self._logits, autograph=False, input_signature=specs)
         self.decode = tf.function(self._decode, autograph=False, input_signature=[
             tf.TensorSpec([1, 1], tf.int32, name="input_id"),
             tf.TensorSpec([1], tf.int32, name="position")])
