@@ -277,26 +277,20 @@ def worker_tflite_run(case):
     ids = np.random.default_rng(0).integers(0, 50000, (1, prompt)).astype("int32")
     # The decoders need no TensorFlow, and importing the package imports none: it does not
     # count in this process's peak RSS.
-    from algpt2_tf.export.greedy import greedy_continuation
+    from algpt2_tf.export.greedy import InterpreterSteps, greedy_continuation
 
     if case.get("runtime") == "compiled":
         from algpt2_tf.export.litert import LiteRTDecoder
 
         decoder = LiteRTDecoder(case["path"], os.path.join(tempfile.mkdtemp(), "weights.cache"))
-        prefill = lambda: decoder.prefill(ids[0].tolist())  # noqa: E731
-        decode = decoder.decode
     else:
         from ai_edge_litert.interpreter import Interpreter
 
-        interpreter = Interpreter(model_path=case["path"], num_threads=os.cpu_count())
-        runners = [interpreter.get_signature_runner(s) for s in ("prefill", "decode")]
-        prefill = lambda: runners[0](input_ids=ids, attention_mask=np.ones_like(ids))["logits"]  # noqa: E731
-        decode = lambda token, position: runners[1](  # noqa: E731
-            input_id=np.array([[token]], np.int32),
-            position=np.array([position], np.int32))["logits"]
-    logits = prefill()
+        decoder = InterpreterSteps(Interpreter(model_path=case["path"],
+                                               num_threads=os.cpu_count()))
+    logits = decoder.prefill(ids[0].tolist())
     start = time.perf_counter()
-    greedy_continuation(decode, logits, prompt, new)
+    greedy_continuation(decoder.decode, logits, prompt, new)
     assert "tensorflow" not in sys.modules
     return {"tokens_per_s": new / (time.perf_counter() - start)}
 

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from algpt2_tf.export.formats import FORMATS, QUANTIZATIONS
-from algpt2_tf.export.greedy import greedy_continuation
+from algpt2_tf.export.greedy import InterpreterSteps
 from algpt2_tf.generation.prompts import left_pad
 from algpt2_tf.runtime.files import staging_directory
 from algpt2_tf.saving import load_model, load_tokenizer_for
@@ -229,17 +229,8 @@ def _export_savedmodel(model, tokenizer, staging, quantize, max_length, log):
 
 
 def tflite_greedy(interpreter, prompt_ids, steps):
-    """Greedy continuation through the `prefill`/`decode` signatures."""
-    prefill = interpreter.get_signature_runner("prefill")
-    decode = interpreter.get_signature_runner("decode")
-    ids = np.asarray([prompt_ids], np.int32)
-    logits = prefill(input_ids=ids, attention_mask=np.ones_like(ids))["logits"]
-
-    def step(token, position):
-        return decode(input_id=np.array([[token]], np.int32),
-                      position=np.array([position], np.int32))["logits"]
-
-    return greedy_continuation(step, logits, len(prompt_ids), steps)
+    """Greedy continuation through an `Interpreter`'s `prefill`/`decode` signatures."""
+    return InterpreterSteps(interpreter).greedy(prompt_ids, steps)
 
 
 def _export_tflite(model, tokenizer, staging, quantize, max_length, log):

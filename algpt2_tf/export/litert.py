@@ -18,7 +18,7 @@ from ai_edge_litert.compiled_model import CompiledModel
 from ai_edge_litert.cpu_options import CpuOptions
 from ai_edge_litert.options import Options
 
-from algpt2_tf.export.greedy import greedy_continuation
+from algpt2_tf.export.greedy import greedy_continuation, is_cache
 from algpt2_tf.runtime.files import cache_root
 
 
@@ -63,25 +63,41 @@ class LiteRTDecoder:
             xnnpack_weight_cache_path=self.weight_cache_path))
         self.model = CompiledModel.from_file(model_path, options=options)
         self.signatures = self.model.get_signature_list()
+        # One buffer per cache, the input and the output of both steps: the new slots are
+        # written in place (see `tflite.py`). Zeros first: a NaN in a masked slot would
+        # still reach the attention's weighted sum.
+        details = self.model.get_input_tensor_details("decode")
+        self.caches = {}
+        for name in filter(is_cache, self.signatures["decode"]["inputs"]):
+            self.caches[name] = self.model.create_input_buffer_by_name("decode", name)
+            self.caches[name].write(np.zeros(details[name]["shape"], np.float32))
         self._decode_buffers = self._buffers("decode")  # fixed shapes: made once
 
     def _buffers(self, signature):
-        index = self.model.get_signature_index(signature)
+        """The input and output buffer lists of `signature`, the caches bound to both."""
+        names = self.signatures[signature]
+        inputs = [self.caches[name] if is_cache(name)
+                  else self.model.create_input_buffer_by_name(signature, name)
+                  for name in names["inputs"]]
+        outputs = [self.caches[name] if is_cache(name)
+                   else self.model.create_output_buffer_by_name(signature, name)
+                   for name in names["outputs"]]
         shape = self.model.get_output_tensor_details(signature)["logits"]["shape"]
-        return (index, self.model.create_input_buffers(index),
-                self.model.create_output_buffers(index), shape)
+        return (self.model.get_signature_index(signature), inputs, outputs,
+                outputs[names["outputs"].index("logits")], shape)
 
     def _run(self, signature, feeds):
         if signature == "prefill":  # the prompt length varies: resize, then fresh buffers
             for name, value in feeds.items():
                 self.model.resize_input_tensor_by_name(signature, name, value.shape)
-            index, inputs, outputs, shape = self._buffers(signature)
+            index, inputs, outputs, logits, shape = self._buffers(signature)
         else:
-            index, inputs, outputs, shape = self._decode_buffers
+            index, inputs, outputs, logits, shape = self._decode_buffers
         for buffer, name in zip(inputs, self.signatures[signature]["inputs"]):
-            buffer.write(feeds[name])
+            if name in feeds:
+                buffer.write(feeds[name])
         self.model.run_by_index(index, inputs, outputs)
-        return outputs[0].read(int(np.prod(shape)), np.float32).reshape(shape)
+        return logits.read(int(np.prod(shape)), np.float32).reshape(shape)
 
     def prefill(self, prompt_ids):
         """Writes the prompt into the cache; returns the next-token logits `[1, vocab]`."""
