@@ -11,6 +11,7 @@ from ai_edge_litert import schema_py_generated as schema
 from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
 from algpt2_tf.cli import main
 from algpt2_tf.export import PROBE_TEXT, export_model, probe_batch, tflite_greedy
+from algpt2_tf.export.greedy import InterpreterSteps, cache_names
 from algpt2_tf.tokenizer import GPT2Tokenizer
 
 
@@ -123,10 +124,13 @@ def test_tflite_float32_matches_keras_and_decodes_identically(tflite_report, ker
     np.testing.assert_allclose(lite["logits"], keras_model(ids)["logits"].numpy(), atol=1e-4)
     expected = keras_model.generate([prompt], max_new_tokens=32, stop_ids=[]).new_ids[0]
     assert tflite_greedy(interpreter, prompt, 32) == expected
-    # Prefill again: the cache is rewritten, not appended to.
-    assert tflite_greedy(interpreter, prompt, 32) == expected
+    # Prefill again into the used cache: the prompt's slots are rewritten, the stale ones masked.
+    steps = InterpreterSteps(interpreter)
+    assert steps.greedy(prompt[1:], 40) and steps.greedy(prompt, 32) == expected
     assert report.greedy_agreement == 1.0 and report.max_abs_diff < 1e-4
-    # The caches' zero initial values are FILL ops, not buffers in the file.
+    # The cache is the steps' input and output, not state stored in the file.
+    assert {n for n in interpreter.get_signature_runner("decode").get_input_details()
+            if n.startswith(("keys_", "values_"))} == set(cache_names(keras_model.config.num_layers))
     with open(report.path, "rb") as f:
         flatbuffer = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(f.read(), 0))
     assert not [b for b in flatbuffer.buffers
@@ -141,8 +145,19 @@ def test_litert_compiled_model_with_weight_cache_decodes_identically(tmp_path, t
     cache = str(tmp_path / "xnnpack" / "weights.cache")
     prompt = GPT2Tokenizer().encode("In the beginning")
     expected = keras_model.generate([prompt], max_new_tokens=32, stop_ids=[]).new_ids[0]
-    assert LiteRTDecoder(report.path, weight_cache_path=cache).greedy(prompt, 32) == expected
+    decoder = LiteRTDecoder(report.path, weight_cache_path=cache)
+    assert decoder.greedy(prompt, 32) == expected
     assert os.path.getsize(cache) > 0
+    # The steps wrote their caches in place: the bound buffers hold what the classic
+    # Interpreter gets back from the same steps.
+    from ai_edge_litert.interpreter import Interpreter
+
+    steps = InterpreterSteps(Interpreter(model_path=report.path))
+    steps.greedy(prompt, 32)
+    for name, array in steps.caches.items():
+        written = decoder.caches[name].read(array.size, np.float32).reshape(array.shape)
+        np.testing.assert_allclose(written, array, atol=1e-5)
+    assert np.abs(array).max() > 0
     # A second decoder reuses the packed weights from the file.
     assert LiteRTDecoder(report.path, weight_cache_path=cache).greedy(prompt, 32) == expected
 
