@@ -11,7 +11,7 @@ from ai_edge_litert import schema_py_generated as schema
 from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
 from algpt2_tf.cli import main
 from algpt2_tf.export import PROBE_TEXT, export_model, probe_batch, tflite_greedy
-from algpt2_tf.export.greedy import InterpreterSteps, cache_names
+from algpt2_tf.export.steps import InterpreterSteps, cache_names
 from algpt2_tf.tokenizer import GPT2Tokenizer
 
 
@@ -162,20 +162,30 @@ def test_litert_compiled_model_with_weight_cache_decodes_identically(tmp_path, t
     assert LiteRTDecoder(report.path, weight_cache_path=cache).greedy(prompt, 32) == expected
 
 
-def test_tflite_without_sharing():
-    """GPT-2-shaped (a block per layer): the same signatures, the same outputs."""
+def test_tflite_without_sharing_decodes_a_batch(tmp_path):
+    """GPT-2-shaped (a block per layer), 3 rows: the same signatures, the same outputs; rows
+    of different lengths (left-padded in one prefill) continue as the Keras model does."""
     from ai_edge_litert.interpreter import Interpreter
     from conftest import gpt2_tiny_config
 
+    from algpt2_tf.export.litert import LiteRTDecoder
     from algpt2_tf.export.tflite import convert
 
     model = ALGPT2LMHeadModel(gpt2_tiny_config())
-    interpreter = Interpreter(model_content=convert(model, 16))
-    ids = np.array([[3, 1, 4, 1, 5]], np.int32)
+    path = tmp_path / "model.tflite"
+    path.write_bytes(convert(model, 24, batch=3))
+    interpreter = Interpreter(model_path=str(path))
+    ids = np.array([[3, 1, 4, 1, 5]] * 3, np.int32)
     lite = interpreter.get_signature_runner("logits")(input_ids=ids, attention_mask=np.ones_like(ids))
     np.testing.assert_allclose(lite["logits"], model(ids)["logits"].numpy(), atol=1e-4)
-    expected = model.generate(ids, max_new_tokens=8, stop_ids=[]).new_ids[0]
-    assert tflite_greedy(interpreter, ids[0].tolist(), 8) == expected
+    prompts = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3]]
+    expected = [model.generate([p], max_new_tokens=8, stop_ids=[]).new_ids[0] for p in prompts]
+    assert InterpreterSteps(interpreter).greedy_rows(prompts, 8) == expected
+    decoder = LiteRTDecoder(str(path), weight_cache_path=str(tmp_path / "weights.cache"))
+    assert decoder.greedy_rows(prompts, 8) == expected
+    assert decoder.greedy_rows(prompts[1:], 8) == expected[1:]  # fewer rows than the build's
+    with pytest.raises(ValueError, match="1 to 3 rows"):
+        decoder.prefill_rows(prompts * 2)
 
 
 @pytest.mark.parametrize("quantize", ["fp16", "int8"])

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from algpt2_tf.export.formats import FORMATS, QUANTIZATIONS
-from algpt2_tf.export.greedy import InterpreterSteps
+from algpt2_tf.export.steps import InterpreterSteps
 from algpt2_tf.generation.prompts import left_pad
 from algpt2_tf.runtime.files import staging_directory
 from algpt2_tf.saving import load_model, load_tokenizer_for

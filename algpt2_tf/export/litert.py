@@ -18,7 +18,7 @@ from ai_edge_litert.compiled_model import CompiledModel
 from ai_edge_litert.cpu_options import CpuOptions
 from ai_edge_litert.options import Options
 
-from algpt2_tf.export.greedy import greedy_continuation, is_cache
+from algpt2_tf.export.steps import Steps, is_cache
 from algpt2_tf.runtime.files import cache_root
 
 
@@ -30,8 +30,8 @@ def default_weight_cache(model_path):
     return os.path.join(cache_root(), "xnnpack", f"{digest}.cache")
 
 
-class LiteRTDecoder:
-    """Greedy-ready access to a model's `prefill` and `decode` signatures.
+class LiteRTDecoder(Steps):
+    """A model's `prefill` and `decode` signatures through LiteRT's `CompiledModel` (`Steps`).
 
     Args:
         model_path: an exported `model.tflite`.
@@ -71,6 +71,7 @@ class LiteRTDecoder:
         for name in filter(is_cache, self.signatures["decode"]["inputs"]):
             self.caches[name] = self.model.create_input_buffer_by_name("decode", name)
             self.caches[name].write(np.zeros(details[name]["shape"], np.float32))
+        self.batch = int(details["position"]["shape"][0])
         self._decode_buffers = self._buffers("decode")  # fixed shapes: made once
 
     def _buffers(self, signature):
@@ -98,17 +99,3 @@ class LiteRTDecoder:
                 buffer.write(feeds[name])
         self.model.run_by_index(index, inputs, outputs)
         return logits.read(int(np.prod(shape)), np.float32).reshape(shape)
-
-    def prefill(self, prompt_ids):
-        """Writes the prompt into the cache; returns the next-token logits `[1, vocab]`."""
-        ids = np.asarray([prompt_ids], np.int32)
-        return self._run("prefill", {"input_ids": ids, "attention_mask": np.ones_like(ids)})
-
-    def decode(self, token, position):
-        """Adds `token` at `position`; returns the next-token logits `[1, vocab]`."""
-        return self._run("decode", {"input_id": np.array([[token]], np.int32),
-                                    "position": np.array([position], np.int32)})
-
-    def greedy(self, prompt_ids, steps):
-        """The greedy continuation of `prompt_ids`, `steps` tokens."""
-        return greedy_continuation(self.decode, self.prefill(prompt_ids), len(prompt_ids), steps)

@@ -1,20 +1,24 @@
 """TFLite export: `logits`, `prefill` and `decode` signatures that carry the KV cache.
 
-Token ids in, logits out (tf-text ops do not run in TFLite). Batch 1, cache
-length `max_length`. Like an ONNX export's `past_key_values`, the cache is
-an input and an output of the steps: one `keys_NN` and one `values_NN`
-tensor `[1, heads, max_length, head_size]` per virtual layer, returned with
-the new slots written:
+Token ids in, logits out (tf-text ops do not run in TFLite). `batch` rows
+(1 by default), cache length `max_length`. Like an ONNX export's
+`past_key_values`, the cache is an input and an output of the steps: one
+`keys_NN` and one `values_NN` tensor `[batch, heads, max_length, head_size]`
+per virtual layer, returned with the new slots written:
 
-    prefill(input_ids [1, T], attention_mask [1, T], caches) -> logits [1, vocab], caches
-        writes the prompt into slots 0..T-1 (right padding only) and returns
-        the next-token logits of the last real token;
-    decode(input_id [1, 1], position [1], caches) -> logits [1, vocab], caches
-        writes the token at slot `position` and attends to slots <= position;
-    logits(input_ids [1, T], attention_mask [1, T]) -> logits [1, T, vocab]
+    prefill(input_ids [batch, T], attention_mask [batch, T], caches)
+            -> logits [batch, vocab], caches
+        writes the prompts, left-padded to a common length T, into slots
+        0..T-1 and returns the next-token logits of their last tokens;
+    decode(input_id [batch, 1], position [batch], caches) -> logits [batch, vocab], caches
+        `position` is each row's count of tokens so far; the new tokens go in at
+        slot `max(position)` (the longest row has no padding) and each row
+        attends to its own `position + 1` slots ending there (batch 1: slots
+        0..position);
+    logits(input_ids [batch, T], attention_mask [batch, T]) -> logits [batch, T, vocab]
         a plain forward pass.
 
-Any runtime can pass the returned caches back in (`greedy.InterpreterSteps`).
+Any runtime can pass the returned caches back in (`steps.InterpreterSteps`).
 `litert.LiteRTDecoder` binds one buffer per cache as both the input and the
 output, so nothing is copied: TFLite's `DYNAMIC_UPDATE_SLICE` writes the new
 slots in place when its input and output share memory. Holding the caches in
@@ -30,7 +34,7 @@ import keras
 import tensorflow as tf
 
 from algpt2_tf.export.formats import QUANTIZATIONS
-from algpt2_tf.export.greedy import cache_names
+from algpt2_tf.export.steps import cache_names
 from algpt2_tf.generation.decode_tricks import DecodePlan, DecodeTricks
 from algpt2_tf.model import position_ids_from_mask
 
@@ -38,7 +42,7 @@ from algpt2_tf.model import position_ids_from_mask
 class TFLiteModule(tf.Module):
     """The three signatures over one model."""
 
-    def __init__(self, model, max_length):
+    def __init__(self, model, max_length, batch=1):
         super().__init__()
         self.model = model
         self.max_length = max_length
@@ -48,10 +52,10 @@ class TFLiteModule(tf.Module):
                                     name=f"weight_{i}") for i, v in enumerate(model.variables)]
         c = model.config
         self.cache_names = cache_names(c.num_layers)
-        caches = [tf.TensorSpec([1, c.num_heads, max_length, c.head_size], tf.float32, name=name)
-                  for name in self.cache_names]
-        ids_spec = tf.TensorSpec([1, None], tf.int32, name="input_ids")
-        mask_spec = tf.TensorSpec([1, None], tf.int32, name="attention_mask")
+        caches = [tf.TensorSpec([batch, c.num_heads, max_length, c.head_size], tf.float32,
+                                name=name) for name in self.cache_names]
+        ids_spec = tf.TensorSpec([batch, None], tf.int32, name="input_ids")
+        mask_spec = tf.TensorSpec([batch, None], tf.int32, name="attention_mask")
         # autograph=False: the signatures have no Python control flow on tensors to convert
         # (as in savedmodel.py, where it took a small model's export from 31.6 to 23.5 s).
         self.prefill = tf.function(self._prefill, autograph=False,
@@ -59,8 +63,8 @@ class TFLiteModule(tf.Module):
         self.logits = tf.function(self._logits, autograph=False,
                                   input_signature=[ids_spec, mask_spec])
         self.decode = tf.function(self._decode, autograph=False, input_signature=[
-            tf.TensorSpec([1, 1], tf.int32, name="input_id"),
-            tf.TensorSpec([1], tf.int32, name="position")] + caches)
+            tf.TensorSpec([batch, 1], tf.int32, name="input_id"),
+            tf.TensorSpec([batch], tf.int32, name="position")] + caches)
 
     def _frozen(self):
         """The model reads its weights from `self.weights` while tracing.
@@ -74,29 +78,30 @@ class TFLiteModule(tf.Module):
         return keras.StatelessScope(state_mapping=[
             (v, w.read_value()) for v, w in zip(self.model.variables, self.weights)])
 
-    def _run(self, ids, positions, key_mask, index, caches, last):
-        """`{"logits": logits at position `last`, name: cache}` after writing `ids`' keys and
-        values at slot `index` of `caches` (`keys_00, values_00, keys_01, ...`)."""
+    def _run(self, ids, positions, key_mask, index, caches):
+        """`{"logits": the last position's logits, name: cache}` after writing `ids`' keys
+        and values at slot `index` of `caches` (`keys_00, values_00, keys_01, ...`)."""
         pairs = list(zip(caches[::2], caches[1::2]))
         # The XLA loop's speed tricks off (XNNPACK runs the products); the new keys and values
         # go in with one DYNAMIC_UPDATE_SLICE per cache (`DecodePlan.write_slots`).
         plan = DecodePlan(self.model, DecodeTricks().off(), slice_writes=True)
         with self._frozen():
             logits, pairs = self.model.forward_with_cache(ids, positions, key_mask, pairs, index,
-                                                          plan=plan)
+                                                          last_logits_only=True, plan=plan)
         outputs = dict(zip(self.cache_names, [cache for pair in pairs for cache in pair]))
-        outputs["logits"] = tf.gather(logits, last, axis=1)
+        outputs["logits"] = logits[:, -1]
         return outputs
 
     def _prefill(self, input_ids, attention_mask, *caches):
         key_mask = tf.pad(attention_mask, [[0, 0], [0, self.max_length - tf.shape(input_ids)[1]]])
-        return self._run(input_ids, position_ids_from_mask(attention_mask), key_mask, 0, caches,
-                         tf.reduce_sum(attention_mask) - 1)
+        return self._run(input_ids, position_ids_from_mask(attention_mask), key_mask, 0, caches)
 
     def _decode(self, input_id, position, *caches):
-        slots = tf.range(self.max_length)
-        visible = tf.cast(tf.expand_dims(slots, 0) <= tf.expand_dims(position, 1), tf.int32)
-        return self._run(input_id, tf.expand_dims(position, 1), visible, position[0], caches, 0)
+        slot = tf.reduce_max(position)
+        slots = tf.range(self.max_length)[tf.newaxis]
+        first = slot - position[:, tf.newaxis]  # each row's first real slot
+        visible = tf.cast((slots >= first) & (slots <= slot), tf.int32)
+        return self._run(input_id, position[:, tf.newaxis], visible, slot, caches)
 
     def _logits(self, input_ids, attention_mask):
         with self._frozen():
@@ -104,11 +109,11 @@ class TFLiteModule(tf.Module):
             return {"logits": self.model(inputs)["logits"]}
 
 
-def convert(model, max_length, quantize="none"):
-    """Returns the `.tflite` flatbuffer bytes."""
+def convert(model, max_length, quantize="none", batch=1):
+    """Returns the `.tflite` flatbuffer bytes of `TFLiteModule(model, max_length, batch)`."""
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}.")
-    module = TFLiteModule(model, max_length)
+    module = TFLiteModule(model, max_length, batch)
     with tempfile.TemporaryDirectory() as tmp:
         tf.saved_model.save(module, tmp, signatures={
             "prefill": module.prefill.get_concrete_function(),
