@@ -1,6 +1,6 @@
 """Decode speed against the engines CPU users pick for GPT-2, in one run.
 
-    python benchmarks/peers.py [--rounds 3] [--quick] [--out PATH]
+    python benchmarks/peers.py [--rounds 3] [--quick] [--match TEXT ...] [--out PATH]
 
 Greedy decoding of a 16-token prompt and 128 new tokens (the prefill counted), batch 1 and
 batch 8, of the `gpt2` and `algpt2` presets (random weights: speed does not depend on their
@@ -8,8 +8,9 @@ values), each case in a fresh process with one warm-up run, the cases alternatin
 median of `--rounds` rounds:
 
 - ours, Keras/XLA float32 and Keras int8 (`bench.py`'s decode worker, all cores);
-- ours, LiteRT float32 and int8 (the TFLite export through LiteRT's `CompiledModel`,
-  `bench.py`'s worker; batch 1: the build decodes one row);
+- ours, LiteRT float32 and int8 (the TFLite export, a build of as many rows as the batch and
+  the 256-slot cache `engine="litert"` builds, through LiteRT's `CompiledModel` with the
+  caches bound in place; `bench.py`'s worker);
 - CTranslate2 int8 and float32 of what `algpt2 convert --to-hf` makes of the model (an
   expanded GPT-2: its only way to run an ALGPT2), `intra_threads` = cores, its own
   quantization (`[peers]` extra);
@@ -214,15 +215,14 @@ def plan(quick):
                           dict(common, kind="decode", model=preset)))
             cases.append((f"{preset} b{batch} | ours Keras int8",
                           dict(common, kind="decode", model=f"{preset}-int8")))
-            if batch == 1:  # the LiteRT build decodes one row
-                for quantize in ("none", "int8"):
-                    name = "float32" if quantize == "none" else "int8"
-                    # The cache `engine="litert"` builds (`min(256, max_positions)` slots), not
-                    # one sized to the request: the cache's slots cost time at every step.
-                    cases.append((f"{preset} b{batch} | ours LiteRT {name}",
-                                  dict(common, kind="tflite_decode", model=preset,
-                                       quantize=quantize, runtime="compiled",
-                                       max_length=None if quick else LITERT_CACHE)))
+            for quantize in ("none", "int8"):  # a build of `batch` rows
+                name = "float32" if quantize == "none" else "int8"
+                # The cache `engine="litert"` builds (`min(256, max_positions)` slots), not
+                # one sized to the request: the cache's slots cost time at every step.
+                cases.append((f"{preset} b{batch} | ours LiteRT {name}",
+                              dict(common, kind="tflite_decode", model=preset,
+                                   quantize=quantize, runtime="compiled",
+                                   max_length=None if quick else LITERT_CACHE)))
             for quantization in ("int8", "float32"):
                 cases.append((f"{preset} b{batch} | CTranslate2 {quantization} (HF export)",
                               dict(common, kind="ct2", preset=preset,
@@ -256,7 +256,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round")
-    parser.add_argument("--match", help="only the cases whose label contains this text")
+    parser.add_argument("--match", action="append",
+                        help="only the cases whose label contains this text (repeat: any of them)")
     parser.add_argument("--out", help="results path without extension (default: "
                                       "benchmarks/results/peers_<cpu>)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one peer's case
@@ -271,7 +272,7 @@ def main():
     rounds = 1 if args.quick else args.rounds
     skipped = []
     cases = [(label, case) for label, case in plan(args.quick)
-             if not args.match or args.match in label]
+             if not args.match or any(text in label for text in args.match)]
     for module, kind, why in (("ctranslate2", "ct2", "pip install -e '.[peers]'"),
                               ("onnxruntime", "ort", "pip install -e '.[peers]'"),
                               ("onnx", "ort", "pip install -e '.[peers]'"),
