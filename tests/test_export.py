@@ -117,7 +117,8 @@ def test_tflite_float32_matches_keras_and_decodes_identically(tflite_report, ker
 
     report = tflite_report
     interpreter = Interpreter(model_path=report.path)
-    assert set(interpreter.get_signature_list()) == {"prefill", "decode", "logits"}
+    assert set(interpreter.get_signature_list()) == {"logits", "prefill_32", "decode_32",
+                                                      "prefill_64", "decode_64"}
     prompt = GPT2Tokenizer().encode("In the beginning")
     ids = np.array([prompt], np.int32)
     lite = interpreter.get_signature_runner("logits")(input_ids=ids, attention_mask=np.ones_like(ids))
@@ -129,7 +130,7 @@ def test_tflite_float32_matches_keras_and_decodes_identically(tflite_report, ker
     assert steps.greedy(prompt[1:], 40) and steps.greedy(prompt, 32) == expected
     assert report.greedy_agreement == 1.0 and report.max_abs_diff < 1e-4
     # The cache is the steps' input and output, not state stored in the file.
-    assert {n for n in interpreter.get_signature_runner("decode").get_input_details()
+    assert {n for n in interpreter.get_signature_runner("decode_32").get_input_details()
             if n.startswith(("keys_", "values_"))} == set(cache_names(keras_model.config.num_layers))
     with open(report.path, "rb") as f:
         flatbuffer = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(f.read(), 0))
@@ -154,9 +155,9 @@ def test_litert_compiled_model_with_weight_cache_decodes_identically(tmp_path, t
 
     steps = InterpreterSteps(Interpreter(model_path=report.path))
     steps.greedy(prompt, 32)
-    for name, array in steps.caches.items():
-        written = decoder.caches[name].read(array.size, np.float32).reshape(array.shape)
-        np.testing.assert_allclose(written, array, atol=1e-5)
+    assert decoder.length == steps.length == 64  # moved from the 32-slot caches
+    for name, array in steps.caches[64].items():
+        np.testing.assert_allclose(decoder._read(64, name), array, atol=1e-5)
     assert np.abs(array).max() > 0
     # A second decoder reuses the packed weights from the file.
     assert LiteRTDecoder(report.path, weight_cache_path=cache).greedy(prompt, 32) == expected
@@ -171,19 +172,23 @@ def test_tflite_without_sharing_decodes_a_batch(tmp_path):
     from algpt2_tf.export.litert import LiteRTDecoder
     from algpt2_tf.export.tflite import convert
 
-    model = ALGPT2LMHeadModel(gpt2_tiny_config())
+    model = ALGPT2LMHeadModel(gpt2_tiny_config(max_positions=64))
     path = tmp_path / "model.tflite"
-    path.write_bytes(convert(model, 24, batch=3))
+    path.write_bytes(convert(model, 40, batch=3))  # caches of 32 and 40 slots
     interpreter = Interpreter(model_path=str(path))
     ids = np.array([[3, 1, 4, 1, 5]] * 3, np.int32)
     lite = interpreter.get_signature_runner("logits")(input_ids=ids, attention_mask=np.ones_like(ids))
     np.testing.assert_allclose(lite["logits"], model(ids)["logits"].numpy(), atol=1e-4)
     prompts = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3]]
-    expected = [model.generate([p], max_new_tokens=8, stop_ids=[]).new_ids[0] for p in prompts]
-    assert InterpreterSteps(interpreter).greedy_rows(prompts, 8) == expected
+    # 30 tokens after the longest prompt's 5: the caches move from 32 slots to 40 on the way.
+    expected = [model.generate([p], max_new_tokens=30, stop_ids=[]).new_ids[0] for p in prompts]
+    assert InterpreterSteps(interpreter).greedy_rows(prompts, 30) == expected
     decoder = LiteRTDecoder(str(path), weight_cache_path=str(tmp_path / "weights.cache"))
-    assert decoder.greedy_rows(prompts, 8) == expected
-    assert decoder.greedy_rows(prompts[1:], 8) == expected[1:]  # fewer rows than the build's
+    assert decoder.greedy_rows(prompts, 30) == expected
+    assert decoder.length == 40
+    assert decoder.greedy_rows(prompts[1:], 30) == [e[:30] for e in expected[1:]]  # fewer rows
+    with pytest.raises(ValueError, match="exceed the build's cache of 40"):
+        decoder.greedy_rows(prompts, 40)
     with pytest.raises(ValueError, match="1 to 3 rows"):
         decoder.prefill_rows(prompts * 2)
 

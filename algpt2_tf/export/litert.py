@@ -63,37 +63,44 @@ class LiteRTDecoder(Steps):
             xnnpack_weight_cache_path=self.weight_cache_path))
         self.model = CompiledModel.from_file(model_path, options=options)
         self.signatures = self.model.get_signature_list()
-        # One buffer per cache, the input and the output of both steps: the new slots are
-        # written in place (see `tflite.py`). Zeros first: a NaN in a masked slot would
-        # still reach the attention's weighted sum.
-        details = self.model.get_input_tensor_details("decode")
-        self.caches = {}
-        for name in filter(is_cache, self.signatures["decode"]["inputs"]):
-            self.caches[name] = self.model.create_input_buffer_by_name("decode", name)
-            self.caches[name].write(np.zeros(details[name]["shape"], np.float32))
-        self.batch = int(details["position"]["shape"][0])
-        self._decode_buffers = self._buffers("decode")  # fixed shapes: made once
+        decode = next(name for name in self.signatures if name.startswith("decode_"))
+        self._start(self.signatures, self.model.get_input_tensor_details(decode))
+        self._decode_buffers = {}  # decode_N's buffer lists (fixed shapes): made once
 
-    def _buffers(self, signature):
+    def _new_cache(self, name, length):
+        # One buffer per cache, the input and the output of both steps of its length: the
+        # new slots are written in place (see `tflite.py`).
+        return self.model.create_input_buffer_by_name(f"decode_{length}", name)
+
+    def _read(self, length, name):
+        shape = self._cache_shape(name, length)
+        return self.caches[length][name].read(int(np.prod(shape)), np.float32).reshape(shape)
+
+    def _write(self, length, name, array):
+        self.caches[length][name].write(array)
+
+    def _buffers(self, signature, length):
         """The input and output buffer lists of `signature`, the caches bound to both."""
-        names = self.signatures[signature]
-        inputs = [self.caches[name] if is_cache(name)
+        names, caches = self.signatures[signature], self._caches(length)
+        inputs = [caches[name] if is_cache(name)
                   else self.model.create_input_buffer_by_name(signature, name)
                   for name in names["inputs"]]
-        outputs = [self.caches[name] if is_cache(name)
+        outputs = [caches[name] if is_cache(name)
                    else self.model.create_output_buffer_by_name(signature, name)
                    for name in names["outputs"]]
         shape = self.model.get_output_tensor_details(signature)["logits"]["shape"]
         return (self.model.get_signature_index(signature), inputs, outputs,
                 outputs[names["outputs"].index("logits")], shape)
 
-    def _run(self, signature, feeds):
-        if signature == "prefill":  # the prompt length varies: resize, then fresh buffers
+    def _run(self, signature, length, feeds):
+        if signature.startswith("prefill_"):  # the prompt length varies: resize, fresh buffers
             for name, value in feeds.items():
                 self.model.resize_input_tensor_by_name(signature, name, value.shape)
-            index, inputs, outputs, logits, shape = self._buffers(signature)
+            index, inputs, outputs, logits, shape = self._buffers(signature, length)
         else:
-            index, inputs, outputs, logits, shape = self._decode_buffers
+            if signature not in self._decode_buffers:
+                self._decode_buffers[signature] = self._buffers(signature, length)
+            index, inputs, outputs, logits, shape = self._decode_buffers[signature]
         for buffer, name in zip(inputs, self.signatures[signature]["inputs"]):
             if name in feeds:
                 buffer.write(feeds[name])

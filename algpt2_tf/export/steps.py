@@ -1,9 +1,11 @@
-"""Decoding with an exported `.tflite` model's `prefill`/`decode` steps.
+"""Decoding with an exported `.tflite` model's `prefill_N`/`decode_N` steps.
 
 The steps take the KV cache as inputs named by `cache_names` and return it
-updated under the same names (`tflite.py`). `Steps` holds what every runtime
-shares: prompts left-padded into the build's batch, each row's position, and
-the greedy loop (over `sampling.host_decode`, the one NumPy decode loop).
+updated under the same names; they come in several cache lengths N
+(`tflite.py`). `Steps` holds what every runtime shares: prompts left-padded
+into the build's batch, each row's position, the shortest cache length that
+holds the slots so far (the caches move to the next length when they fill),
+and the greedy loop (over `sampling.host_decode`, the one NumPy decode loop).
 `InterpreterSteps` runs them with LiteRT's classic `Interpreter`, passing the
 caches back in as arrays; `litert.LiteRTDecoder` binds them in place. Needs
 numpy alone, so the TFLite runtimes use it without TensorFlow.
@@ -26,13 +28,56 @@ def is_cache(name):
 
 
 class Steps:
-    """The rows of an exported model's steps; a runtime gives `batch` (the build's) and
-    `_run(signature, feeds) -> logits [batch, vocab]`, which keeps the caches."""
+    """The rows of an exported model's steps. A runtime calls `_start` with its signature
+    names and one step's input details, and gives `_run(signature, length, feeds) ->
+    logits [batch, vocab]` over the caches of that length, kept in `self.caches[length]`
+    (`{name: storage}`, made by `_new_cache`) and read and written whole by `_read` and
+    `_write`."""
 
-    batch = 1
+    def _start(self, signature_names, details):
+        self.lengths = sorted(int(name.split("_")[1]) for name in signature_names
+                              if name.startswith("decode_"))
+        self.batch = int(details["position"]["shape"][0])
+        self.cache_shapes = {name: list(d["shape"]) for name, d in details.items()
+                             if is_cache(name)}
+        self.caches = {}
+        self.length = self.lengths[0]
 
-    def _run(self, signature, feeds):
-        raise NotImplementedError
+    @property
+    def max_length(self):
+        """The most slots a row can fill (prompt and new tokens)."""
+        return self.lengths[-1]
+
+    def _cache_shape(self, name, length):
+        shape = list(self.cache_shapes[name])
+        shape[2] = length
+        return shape
+
+    def _caches(self, length):
+        """The caches of `length`, made (zeros) on first use: a NaN in a masked slot would
+        still reach the attention's weighted sum."""
+        if length not in self.caches:
+            self.caches[length] = {}
+            for name in self.cache_shapes:
+                self.caches[length][name] = self._new_cache(name, length)
+                self._write(length, name, np.zeros(self._cache_shape(name, length), np.float32))
+        return self.caches[length]
+
+    def _fitting(self, slots):
+        """The shortest cache length with `slots` slots."""
+        for length in self.lengths:
+            if length >= slots:
+                return length
+        raise ValueError(f"{slots} tokens exceed the build's cache of {self.max_length}.")
+
+    def _move(self, length):
+        """Copies the caches into the longer `length` and decodes there from now on."""
+        old, new = self._caches(self.length), self._caches(length)
+        for name in old:
+            grown = np.zeros(self._cache_shape(name, length), np.float32)
+            grown[:, :, :self.length] = self._read(self.length, name)
+            self._write(length, name, grown)
+        self.length = length
 
     def _full(self, rows):
         """`rows` (an array, one per prompt) repeated to the build's batch: the extra rows
@@ -42,18 +87,22 @@ class Steps:
         return np.concatenate([rows, np.repeat(rows[-1:], self.batch - len(rows), axis=0)])
 
     def prefill_rows(self, prompts):
-        """Writes the prompts (left-padded to the longest) into the cache; returns their
-        next-token logits `[rows, vocab]`. Then `decode_rows` with `positions` = the
-        prompts' lengths, one more at each step."""
+        """Writes the prompts (left-padded to the longest) into the shortest cache that holds
+        them; returns their next-token logits `[rows, vocab]`. Then `decode_rows` with
+        `positions` = the prompts' lengths, one more at each step."""
         ids, mask = left_pad(prompts)
+        self.length = self._fitting(ids.shape[1])
         feeds = {"input_ids": self._full(ids), "attention_mask": self._full(mask)}
-        return self._run("prefill", feeds)[:len(prompts)]
+        return self._run(f"prefill_{self.length}", self.length, feeds)[:len(prompts)]
 
     def decode_rows(self, tokens, positions):
         """Adds each row's token at its position; returns the next-token logits `[rows, vocab]`."""
+        slot = int(np.max(positions))  # the longest row's: the slot all rows write
+        if slot >= self.length:
+            self._move(self._fitting(slot + 1))
         feeds = {"input_id": self._full(np.asarray(tokens, np.int32)[:, None]),
                  "position": self._full(np.asarray(positions, np.int32))}
-        return self._run("decode", feeds)[:len(tokens)]
+        return self._run(f"decode_{self.length}", self.length, feeds)[:len(tokens)]
 
     def prefill(self, prompt_ids):
         """Writes one prompt into the cache; returns the next-token logits `[1, vocab]`."""
@@ -80,7 +129,7 @@ class Steps:
 
 class InterpreterSteps(Steps):
     """The steps through a LiteRT `Interpreter`'s signature runners: the caches go in as
-    arrays and come back as new arrays at every call (zeros at first).
+    arrays and come back as new arrays at every call.
 
     Args:
         interpreter: an `ai_edge_litert.interpreter.Interpreter` of an exported model.
@@ -88,13 +137,22 @@ class InterpreterSteps(Steps):
 
     def __init__(self, interpreter):
         self.runners = {name: interpreter.get_signature_runner(name)
-                        for name in ("prefill", "decode")}
-        details = self.runners["decode"].get_input_details()
-        self.caches = {name: np.zeros(d["shape"], d["dtype"])
-                       for name, d in details.items() if is_cache(name)}
-        self.batch = int(details["position"]["shape"][0])
+                        for name in interpreter.get_signature_list()}
+        decode = next(name for name in self.runners if name.startswith("decode_"))
+        self._start(self.runners, self.runners[decode].get_input_details())
 
-    def _run(self, signature, feeds):
-        outputs = self.runners[signature](**feeds, **self.caches)
-        self.caches = {name: outputs[name] for name in self.caches}
+    def _new_cache(self, name, length):
+        return None
+
+    def _read(self, length, name):
+        return self.caches[length][name]
+
+    def _write(self, length, name, array):
+        self.caches[length][name] = array
+
+    def _run(self, signature, length, feeds):
+        caches = self._caches(length)
+        outputs = self.runners[signature](**feeds, **caches)
+        for name in caches:
+            caches[name] = outputs[name]
         return outputs["logits"]
