@@ -239,7 +239,7 @@ def test_peers_quick(tmp_path):
 
 def test_peers_plan_and_table():
     """The fast twin of the peers' quick run: the plan holds every engine at both batch sizes
-    (LiteRT at batch 1, both models, keras-hub on `gpt2` only), and the table gives each case's ratio to
+    (LiteRT builds of each batch too, keras-hub on `gpt2` only), and the table gives each case's ratio to
     the fastest peer of its model and batch, ours never counted as a peer."""
     peers = benchmark_script("peers")
     full = dict(peers.plan(quick=False))
@@ -247,7 +247,8 @@ def test_peers_plan_and_table():
         engines = {label.split(" | ")[1] for label in full if label.startswith(group + " |")}
         assert {"ours Keras/XLA float32", "ours Keras int8", "CTranslate2 int8 (HF export)",
                 "ONNX Runtime int8 (HF export)", "ONNX Runtime float32 (HF export)"} <= engines
-        assert ("ours LiteRT int8" in engines) == group.endswith("b1")  # it decodes one row
+        assert {"ours LiteRT int8", "ours LiteRT float32"} <= engines
+        assert full[f"{group} | ours LiteRT int8"]["max_length"] == 256  # the engine's cache
         assert ("keras-hub GPT-2" in engines) == group.startswith("gpt2")
     assert all(case["prompt"] == 16 and case["new_tokens"] == 128 for case in full.values())
     quick = dict(peers.plan(quick=True))
