@@ -1,4 +1,4 @@
-"""TFLite export: `logits`, and `prefill_N` / `decode_N` steps that carry the KV cache, per length N.
+"""TFLite export: `logits`, and `prefill_N` / `decode_N` steps carrying the KV cache, per length N.
 
 Token ids in, logits out (tf-text ops do not run in TFLite). `batch` rows
 (1 by default). Like an ONNX export's `past_key_values`, the cache is an
