@@ -229,7 +229,7 @@ def _export_savedmodel(model, tokenizer, staging, quantize, max_length, log):
 
 
 def tflite_greedy(interpreter, prompt_ids, steps):
-    """Greedy continuation through an `Interpreter`'s `prefill`/`decode` signatures."""
+    """Greedy continuation through an `Interpreter`'s `prefill_N`/`decode_N` steps."""
     return InterpreterSteps(interpreter).greedy(prompt_ids, steps)
 
 

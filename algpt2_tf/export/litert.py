@@ -31,7 +31,7 @@ def default_weight_cache(model_path):
 
 
 class LiteRTDecoder(Steps):
-    """A model's `prefill` and `decode` signatures through LiteRT's `CompiledModel` (`Steps`).
+    """A model's `prefill_N`/`decode_N` steps through LiteRT's `CompiledModel` (`Steps`).
 
     Args:
         model_path: an exported `model.tflite`.

@@ -9,7 +9,7 @@ one. An entry is used only when its `meta.json` (written last) names the same
 key and its `model.tflite` has the size recorded there; anything else (a build
 cut off, a damaged file) is removed and built again.
 
-`LiteRTGenerator` decodes with the build's `prefill`/`decode` signatures
+`LiteRTGenerator` decodes with the build's `prefill_N`/`decode_N` steps
 (`litert.LiteRTDecoder`: LiteRT's `CompiledModel`, XNNPACK's weight cache kept
 in the entry) in `sampling.host_decode`, the NumPy decode loop, whose `pick_tokens` is the
 twin of the sampler of every path: the same seed gives the XLA path's tokens. Only the build imports

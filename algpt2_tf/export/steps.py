@@ -72,8 +72,8 @@ class Steps:
 
     def _move(self, length):
         """Copies the caches into the longer `length` and decodes there from now on."""
-        old, new = self._caches(self.length), self._caches(length)
-        for name in old:
+        self._caches(length)
+        for name in self.cache_shapes:
             grown = np.zeros(self._cache_shape(name, length), np.float32)
             grown[:, :, :self.length] = self._read(self.length, name)
             self._write(length, name, grown)

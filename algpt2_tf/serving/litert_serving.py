@@ -3,7 +3,7 @@ request at a time.
 
 `LiteRTEngine` takes the same `Request`s as `batching.BatchEngine` (so the OpenAI server runs
 on either) and decodes each with `litert_engine.LiteRTGenerator`: the build's batch-1
-`prefill`/`decode` signatures and the one sampler's NumPy twin, so a request gets the tokens
+`prefill_N`/`decode_N` steps and the one sampler's NumPy twin, so a request gets the tokens
 the XLA engine gives it (greedy, and sampled with a seed, for a float32 build). Requests
 queue (`max_queue`, then `QueueFull`: HTTP 429) and run in arrival order on one worker
 thread; a cancelled request stops at its next token. Per-token log-probabilities come from
