@@ -46,12 +46,13 @@ def decode_test_model(kind, max_positions=64):
 
 def saved_with_litert_build(folder, name, seed):
     """A tiny model with the GPT-2 vocabulary (so the CLI's tokenizer fits) saved as
-    `folder/name`, and its float32 LiteRT build in `folder/cache`: `(model, cache, build)`."""
+    `folder/name`, and its float32 LiteRT build in `folder/cache`: `(model, cache, build)`.
+    32 positions: one cache length, so a build takes a few seconds."""
     from algpt2_tf import ALGPT2LMHeadModel
     from algpt2_tf.export.litert_engine import cached_build
 
     keras.utils.set_random_seed(seed)
-    model = ALGPT2LMHeadModel(tiny_config(vocab_size=50257, max_positions=64, sop_head=False,
+    model = ALGPT2LMHeadModel(tiny_config(vocab_size=50257, max_positions=32, sop_head=False,
                                           initializer_range=0.2))
     model.save(str(folder / name))
     cache = str(folder / "cache")

@@ -71,15 +71,15 @@ def test_model_generate_on_litert_and_a_weight_changed_since_is_rebuilt(saved, t
         model.generate(prompts, engine="onnx")
     with pytest.raises(ValueError, match="quantize applies to engine='litert'"):
         model.generate(prompts, quantize="int8")
-    with pytest.raises(ValueError, match="exceeds the LiteRT build's cache of 64 tokens"):
-        model.generate([[5] * 60], max_new_tokens=8, engine="litert")
+    with pytest.raises(ValueError, match="exceeds the LiteRT build's cache of 32 tokens"):
+        model.generate([[5] * 28], max_new_tokens=8, engine="litert")
 
 
 def test_limits_are_checked_before_decoding(saved):
     _, _, _, build = saved
     generator = LiteRTGenerator(build)
-    with pytest.raises(ValueError, match="exceeds the LiteRT build's cache of 64 tokens"):
-        generator.generate([1] * 60, 10)
+    with pytest.raises(ValueError, match="exceeds the LiteRT build's cache of 32 tokens"):
+        generator.generate([1] * 28, 10)
     with pytest.raises(ValueError, match=r"Token ids must be in \[0, 50257\)"):
         generator.generate([50257], 2)
 
@@ -157,9 +157,9 @@ def test_auto_takes_xla_until_a_build_exists_and_litert_builds_on_first_use(save
             "--max-new-tokens", "2", "--sampler", "greedy"]
     assert main(argv) == 0
     assert "engine xla" in capsys.readouterr().err
-    assert main(argv + ["--engine", "litert", "--max-new-tokens", "100"]) == 2  # over 64 tokens
+    assert main(argv + ["--engine", "litert", "--max-new-tokens", "40"]) == 2  # over 32 tokens
     assert "exceeds the LiteRT build's cache" in capsys.readouterr().err
     entries = os.listdir(tmp_path / "empty" / "litert")
     assert len(entries) == 1  # built on first use, kept for the next
     meta = json.loads((tmp_path / "empty" / "litert" / entries[0] / "meta.json").read_text())
-    assert meta["quantize"] == "none" and meta["max_length"] == 64
+    assert meta["quantize"] == "none" and meta["max_length"] == 32

@@ -18,6 +18,7 @@ import numpy as np
 from algpt2_tf.export.formats import FORMATS, QUANTIZATIONS
 from algpt2_tf.export.steps import InterpreterSteps
 from algpt2_tf.generation.prompts import left_pad
+from algpt2_tf.generation.sampling import SamplingParams, host_decode
 from algpt2_tf.runtime.files import staging_directory
 from algpt2_tf.saving import load_model, load_tokenizer_for
 
@@ -161,15 +162,30 @@ def _keras_logits(model, ids, mask):
     return model({"input_ids": ids, "attention_mask": mask})["logits"].numpy()
 
 
+def _greedy_ids(model, prompt, steps, stop_ids=()):
+    """The Keras model's greedy continuation of `prompt`, `steps` tokens (fewer after a stop
+    id, which ends it): the whole sequence through the model at every step, eagerly, in the
+    one NumPy decode loop. No KV cache and nothing to compile, so it checks an export's own
+    cached steps against the plain model (a tiny model's reference takes under a second
+    where the compiled loop's first call took about 3 s, Zen 4)."""
+    ids = [int(t) for t in prompt]
+
+    def next_logits(tokens=(), step=None):
+        ids.extend(int(t) for t in tokens)
+        row = np.asarray([ids], np.int32)
+        return _keras_logits(model, row, np.ones_like(row))[:, -1]
+
+    logits = next_logits()
+    return [int(tokens[0]) for tokens, _, _ in host_decode(
+        logits, np.zeros(logits.shape, bool), SamplingParams(top_k=1), [0], steps, stop_ids,
+        next_logits)]
+
+
 def _greedy_probe(model, tokenizer, max_length):
     """The first probe text's ids and the Keras model's greedy continuation of it
     (`GREEDY_TOKENS`, or what `max_length` leaves)."""
-    from algpt2_tf.generation import generator  # TensorFlow: imported when a model is exported
-
     prompt = tokenizer.encode(PROBE_TEXT[0])
-    steps = min(GREEDY_TOKENS, max_length - len(prompt))
-    return prompt, generator.generate(model, [prompt], max_new_tokens=steps,
-                                       stop_ids=[]).new_ids[0]
+    return prompt, _greedy_ids(model, prompt, min(GREEDY_TOKENS, max_length - len(prompt)))
 
 
 def _reference(model, tokenizer, max_length):
@@ -194,10 +210,13 @@ def _export_keras(model, tokenizer, staging, quantize, max_length, log):
 
 
 def _greedy_text(model, tokenizer, prompts, steps):
-    from algpt2_tf.generation import generator  # TensorFlow: imported when a model is exported
-
-    return generator.generate(model, list(prompts), max_new_tokens=steps, sampler="greedy",
-                               tokenizer=tokenizer).text
+    """Each prompt and the Keras model's greedy continuation of it (`_greedy_ids`), as text
+    (the `<|endoftext|>` that ends one left out)."""
+    texts = []
+    for prompt in prompts:
+        new = _greedy_ids(model, tokenizer.encode(prompt), steps, (tokenizer.eos_id,))
+        texts.append(prompt + tokenizer.decode([t for t in new if t != tokenizer.eos_id]))
+    return texts
 
 
 def _export_savedmodel(model, tokenizer, staging, quantize, max_length, log):

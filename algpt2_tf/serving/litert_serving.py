@@ -20,7 +20,7 @@ Example:
 >>> import tempfile
 >>> from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
 >>> from algpt2_tf.export.litert_engine import cached_build
->>> model = ALGPT2LMHeadModel(ALGPT2Config(max_positions=64, hidden_size=32, num_layers=2,
+>>> model = ALGPT2LMHeadModel(ALGPT2Config(max_positions=32, hidden_size=32, num_layers=2,
 ...                                        num_heads=2, intermediate_size=64, embedding_size=16))
 >>> folder = tempfile.mkdtemp()
 >>> model.save(f"{folder}/m.keras")
