@@ -75,6 +75,29 @@ def test_model_generate_on_litert_and_a_weight_changed_since_is_rebuilt(saved, t
         model.generate([[5] * 28], max_new_tokens=8, engine="litert")
 
 
+def test_many_prompts_decode_in_groups_on_batch_builds(saved, tmp_path, monkeypatch):
+    from algpt2_tf.export.litert_engine import batch_for
+
+    monkeypatch.setenv("ALGPT2_CACHE", str(tmp_path))
+    _, model, _, _ = saved
+    assert [batch_for(rows) for rows in (1, 2, 3, 4, 5)] == [1, 2, 4, 4, 4]
+    # Five prompts of different lengths: a group of 4 on a batch-4 build, then one row on a
+    # batch-1 build; row r sampled with seed `row_seed(seed, r)` as in the XLA loop's batch.
+    prompts = [[464 + r] * (1 + r % 4) + [3290] for r in range(5)]
+    options = dict(max_new_tokens=6, stop_ids=[], sampler="top_p", top_p=0.9, seed=4)
+    litert = model.generate(prompts, engine="litert", **options)
+    assert litert.new_ids == model.generate(prompts, **options).new_ids
+    metas = [json.loads((tmp_path / "litert" / entry / "meta.json").read_text())
+             for entry in os.listdir(tmp_path / "litert")]
+    assert sorted(meta["batch"] for meta in metas) == [1, 4]
+    # A row that stops ends there while the others go on (3 rows: the batch-4 build).
+    greedy = model.generate(prompts[:3], max_new_tokens=6, stop_ids=[], engine="litert").new_ids
+    stop = greedy[1][2]
+    stopped = model.generate(prompts[:3], max_new_tokens=6, stop_ids=[stop],
+                             engine="litert").new_ids
+    assert stopped == [row[:row.index(stop) + 1] if stop in row else row for row in greedy]
+
+
 def test_limits_are_checked_before_decoding(saved):
     _, _, _, build = saved
     generator = LiteRTGenerator(build)

@@ -63,17 +63,18 @@ def probe_batch(tokenizer):
 
 
 def export_model(model_path, format, out, version=None, quantize="none", max_length=None,
-                 overwrite=False, log=print):
+                 overwrite=False, log=print, batch=1):
     """Loads the model at `model_path` (a `.keras` file, a training run directory or a
     pretrained name) with its tokenizer and `export`s it; returns the `ExportReport`."""
     from algpt2_tf.model import ALGPT2Backbone  # Keras: imported when a model is exported
 
-    _check_options(format, quantize, version)
+    _check_options(format, quantize, version, batch)
     return export(load_model(model_path, ALGPT2Backbone), load_tokenizer_for(model_path), format,
-                  out, version, quantize, max_length, overwrite, log, source=model_path)
+                  out, version, quantize, max_length, overwrite, log, source=model_path,
+                  batch=batch)
 
 
-def _check_options(format, quantize, version):
+def _check_options(format, quantize, version, batch=1):
     if format not in FORMATS:
         raise ValueError(f"Unknown format {format!r}; choose one of {', '.join(FORMATS)}.")
     if quantize not in QUANTIZATIONS:
@@ -82,10 +83,14 @@ def _check_options(format, quantize, version):
         raise ValueError("--quantize fp16 applies to the tflite format only.")
     if version is not None and (not isinstance(version, int) or version < 1):
         raise ValueError(f"version must be a positive integer, got {version!r}.")
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}.")
+    if batch != 1 and format != "tflite":
+        raise ValueError("batch applies to the tflite format only (the others take any batch).")
 
 
 def export(model, tokenizer, format, out, version=None, quantize="none", max_length=None,
-           overwrite=False, log=print, source="the model"):
+           overwrite=False, log=print, source="the model", batch=1):
     """Exports an in-memory model, verifies it and moves it into `out/VERSION/`; returns an
     `ExportReport`. A Keras int8 export (`quantize="int8"`, keras or savedmodel) quantizes
     `model` in place; every other export leaves it as it was.
@@ -104,8 +109,10 @@ def export(model, tokenizer, format, out, version=None, quantize="none", max_len
         overwrite: replace an existing version.
         log: where progress lines go.
         source: what the model is, for error messages.
+        batch: the rows a TFLite export's steps decode together (1 to `batch` rows run;
+            the other formats take any batch).
     """
-    _check_options(format, quantize, version)
+    _check_options(format, quantize, version, batch)
     if model.quantization is not None and (format == "tflite" or quantize != "none"):
         raise ValueError(f"{source} is already quantized ({model.quantization}); export it "
                          f"as it is (keras or savedmodel), or export the float32 model to tflite "
@@ -129,7 +136,9 @@ def export(model, tokenizer, format, out, version=None, quantize="none", max_len
         if keras_int8:
             float_logits, float_tokens = _reference(model, tokenizer, max_length)
             model.quantize("int8")
-        report = _EXPORTERS[format](model, tokenizer, staging, quantize, max_length, log)
+        options = {"batch": batch} if format == "tflite" else {}
+        report = _EXPORTERS[format](model, tokenizer, staging, quantize, max_length, log,
+                                    **options)
         if keras_int8:
             logits, tokens = _reference(model, tokenizer, max_length)
             report.quantize = "int8"
@@ -252,20 +261,21 @@ def tflite_greedy(interpreter, prompt_ids, steps):
     return InterpreterSteps(interpreter).greedy(prompt_ids, steps)
 
 
-def _export_tflite(model, tokenizer, staging, quantize, max_length, log):
+def _export_tflite(model, tokenizer, staging, quantize, max_length, log, batch=1):
     from ai_edge_litert.interpreter import Interpreter  # deferred: imports LiteRT
 
     from algpt2_tf.export import tflite  # TensorFlow: imported when this format is asked for
 
     path = os.path.join(staging, "model.tflite")
     with open(path, "wb") as f:
-        f.write(tflite.convert(model, max_length, quantize))
+        f.write(tflite.convert(model, max_length, quantize, batch))
     tokenizer.save(os.path.join(staging, "tokenizer"))
     interpreter = Interpreter(model_path=path)
     prompt, keras_tokens = _greedy_probe(model, tokenizer, max_length)
     ids = np.asarray([prompt], np.int32)
+    rows = np.repeat(ids, batch, axis=0)  # the build's batch: the first row is compared
     lite = interpreter.get_signature_runner("logits")(
-        input_ids=ids, attention_mask=np.ones_like(ids))["logits"]
+        input_ids=rows, attention_mask=np.ones_like(rows))["logits"][:1]
     diff = float(np.abs(lite - _keras_logits(model, ids, np.ones_like(ids))).max())
     lite_tokens = tflite_greedy(interpreter, prompt, len(keras_tokens))
     agreement = float(np.mean(np.equal(lite_tokens, keras_tokens)))
