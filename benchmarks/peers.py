@@ -204,12 +204,12 @@ def worker_ort(case):
 
 
 # ------------------------------------------------------------------ the plan
-def plan(quick):
+def plan(quick, batches=(1, 8)):
     """`[(label, case)]`: every case of the table, in the order a round runs them."""
     prompt, new = (QUICK_PROMPT, QUICK_NEW) if quick else (PROMPT, NEW)
     cases = []
     for preset in ("algpt2", "gpt2"):
-        for batch in (1,) if quick else (1, 8):
+        for batch in (1,) if quick else batches:
             common = dict(prompt=prompt, new_tokens=new, batch=batch, quick=quick)
             cases.append((f"{preset} b{batch} | ours Keras/XLA float32",
                           dict(common, kind="decode", model=preset)))
@@ -260,6 +260,8 @@ def main():
                         help="only the cases whose label contains this text (repeat: any of them)")
     parser.add_argument("--out", help="results path without extension (default: "
                                       "benchmarks/results/peers_<cpu>)")
+    parser.add_argument("--batches", default="1,8",
+                        help="the batch sizes, comma-separated (default 1,8)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one peer's case
     args = parser.parse_args()
     if args.case:
@@ -271,7 +273,8 @@ def main():
     cpu = cpu_info()
     rounds = 1 if args.quick else args.rounds
     skipped = []
-    cases = [(label, case) for label, case in plan(args.quick)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    cases = [(label, case) for label, case in plan(args.quick, batches)
              if not args.match or any(text in label for text in args.match)]
     for module, kind, why in (("ctranslate2", "ct2", "pip install -e '.[peers]'"),
                               ("onnxruntime", "ort", "pip install -e '.[peers]'"),

@@ -251,6 +251,8 @@ def test_peers_plan_and_table():
         assert full[f"{group} | ours LiteRT int8"]["max_length"] == 256  # the engine's cache
         assert ("keras-hub GPT-2" in engines) == group.startswith("gpt2")
     assert all(case["prompt"] == 16 and case["new_tokens"] == 128 for case in full.values())
+    batches = {case["batch"] for case in dict(peers.plan(False, batches=(1, 2, 4))).values()}
+    assert batches == {1, 2, 4}  # --batches
     quick = dict(peers.plan(quick=True))
     assert {case["batch"] for case in quick.values()} == {1} and "gpt2 b1 | ours LiteRT int8" in quick
     rows = {"gpt2 b1 | ours Keras/XLA float32": 90.0, "gpt2 b1 | ONNX Runtime int8 (HF export)": 200.0,
