@@ -307,7 +307,7 @@ def _export(args):
     _needs_tensorflow("export")
     report = export_model(args.model, args.format, args.out, version=args.version,
                           quantize=args.quantize, max_length=args.max_length,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, batch=args.batch)
     print(report.summary())
 
 
@@ -325,6 +325,8 @@ def _add_export_command(sub):
     p.add_argument("--max-length", type=int,
                    help="cache length for generate/decode (default: min(256, max_positions))")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    p.add_argument("--batch", type=int, default=1,
+                   help="tflite: the most rows its steps decode together (default 1)")
     p.set_defaults(func=_export)
 
 

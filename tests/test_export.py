@@ -219,6 +219,8 @@ def test_export_bad_input_exits_2_and_leaves_nothing(tmp_path, model_path, capsy
         (["--format", "keras", "--version", "1"], "already exists"),
         (["--format", "tflite", "--max-length", "4096"], "max_positions"),
         (["--format", "keras", "--quantize", "fp16"], "tflite format only"),
+        (["--format", "savedmodel", "--batch", "2"], "tflite format only"),
+        (["--format", "tflite", "--batch", "0"], "batch must be a positive integer"),
     ]
     for extra, message in cases:
         args = ["export", "--model", model_path, "--out", out] + extra
@@ -233,6 +235,14 @@ def test_export_bad_input_exits_2_and_leaves_nothing(tmp_path, model_path, capsy
                  str(blocker / "sub")]) == 2
     assert main(["export", "--model", model_path, "--format", "keras", "--out", str(blocker)]) == 2
     assert "not a directory" in capsys.readouterr().err
+    # --batch: a TFLite export whose steps decode 2 rows together.
+    from ai_edge_litert.interpreter import Interpreter
+
+    lite = str(tmp_path / "lite")
+    assert main(["export", "--model", model_path, "--format", "tflite", "--out", lite,
+                 "--max-length", "32", "--batch", "2"]) == 0
+    steps = InterpreterSteps(Interpreter(model_path=os.path.join(lite, "1", "model.tflite")))
+    assert steps.batch == 2 and steps.lengths == [32]
     # --overwrite replaces version 1 in place.
     assert main(["export", "--model", model_path, "--format", "keras", "--out", out,
                  "--version", "1", "--overwrite"]) == 0
