@@ -48,54 +48,46 @@ def test_sampling_is_seeded_as_on_the_xla_path(saved):
     assert first == xla  # one sampler, one meaning of a seed
 
 
-def test_model_generate_on_litert_and_a_weight_changed_since_is_rebuilt(saved, tmp_path,
-                                                                        monkeypatch):
+def test_model_generate_on_litert_in_groups_and_a_weight_changed_since_is_rebuilt(
+        saved, tmp_path, monkeypatch):
     from algpt2_tf.causal_lm import ALGPT2LMHeadModel
+    from algpt2_tf.export.litert_engine import batch_for
     from algpt2_tf.saving import load_model
 
     monkeypatch.setenv("ALGPT2_CACHE", str(tmp_path))
     folder = saved[0]
     model = load_model(str(folder / "m.keras"), ALGPT2LMHeadModel)  # its own copy: this test changes a weight
-    prompts = [[464, 3290], [40, 1101, 257]]
-    for options in ({}, {"sampler": "top_k", "top_k": 20, "seed": 3}):
-        litert = model.generate(prompts, max_new_tokens=8, stop_ids=[], engine="litert", **options)
-        assert litert.new_ids == model.generate(prompts, max_new_tokens=8, stop_ids=[],
-                                                **options).new_ids
-    assert len(os.listdir(tmp_path / "litert")) == 1  # built once
-    weight = model.lm_head.weights[0] if model.lm_head.weights else model.weights[-1]
-    weight.assign(weight.numpy() * 1.7 + 0.3)
-    after = model.generate(prompts, max_new_tokens=8, stop_ids=[], engine="litert").new_ids
-    assert after == model.generate(prompts, max_new_tokens=8, stop_ids=[]).new_ids
-    assert len(os.listdir(tmp_path / "litert")) == 2  # never the stale build
-    with pytest.raises(ValueError, match="engine must be one of xla, litert"):
-        model.generate(prompts, engine="onnx")
-    with pytest.raises(ValueError, match="quantize applies to engine='litert'"):
-        model.generate(prompts, quantize="int8")
-    with pytest.raises(ValueError, match="exceeds the LiteRT build's cache of 32 tokens"):
-        model.generate([[5] * 28], max_new_tokens=8, engine="litert")
 
+    def batches():
+        return sorted(json.loads((tmp_path / "litert" / entry / "meta.json").read_text())["batch"]
+                      for entry in os.listdir(tmp_path / "litert"))
 
-def test_many_prompts_decode_in_groups_on_batch_builds(saved, tmp_path, monkeypatch):
-    from algpt2_tf.export.litert_engine import batch_for
-
-    monkeypatch.setenv("ALGPT2_CACHE", str(tmp_path))
-    _, model, _, _ = saved
     assert [batch_for(rows) for rows in (1, 2, 3, 4, 5)] == [1, 2, 4, 4, 4]
     # Five prompts of different lengths: a group of 4 on a batch-4 build, then one row on a
     # batch-1 build; row r sampled with seed `row_seed(seed, r)` as in the XLA loop's batch.
     prompts = [[464 + r] * (1 + r % 4) + [3290] for r in range(5)]
-    options = dict(max_new_tokens=6, stop_ids=[], sampler="top_p", top_p=0.9, seed=4)
-    litert = model.generate(prompts, engine="litert", **options)
-    assert litert.new_ids == model.generate(prompts, **options).new_ids
-    metas = [json.loads((tmp_path / "litert" / entry / "meta.json").read_text())
-             for entry in os.listdir(tmp_path / "litert")]
-    assert sorted(meta["batch"] for meta in metas) == [1, 4]
+    for options in ({}, {"sampler": "top_p", "top_p": 0.9, "seed": 4}):
+        litert = model.generate(prompts, max_new_tokens=6, stop_ids=[], engine="litert", **options)
+        assert litert.new_ids == model.generate(prompts, max_new_tokens=6, stop_ids=[],
+                                                **options).new_ids
+    assert batches() == [1, 4]  # each built once
     # A row that stops ends there while the others go on (3 rows: the batch-4 build).
     greedy = model.generate(prompts[:3], max_new_tokens=6, stop_ids=[], engine="litert").new_ids
     stop = greedy[1][2]
     stopped = model.generate(prompts[:3], max_new_tokens=6, stop_ids=[stop],
                              engine="litert").new_ids
     assert stopped == [row[:row.index(stop) + 1] if stop in row else row for row in greedy]
+    weight = model.lm_head.weights[0] if model.lm_head.weights else model.weights[-1]
+    weight.assign(weight.numpy() * 1.7 + 0.3)
+    after = model.generate(prompts[:1], max_new_tokens=6, stop_ids=[], engine="litert").new_ids
+    assert after == model.generate(prompts[:1], max_new_tokens=6, stop_ids=[]).new_ids
+    assert batches() == [1, 1, 4]  # a new batch-1 build: never the stale one
+    with pytest.raises(ValueError, match="engine must be one of xla, litert"):
+        model.generate(prompts, engine="onnx")
+    with pytest.raises(ValueError, match="quantize applies to engine='litert'"):
+        model.generate(prompts, quantize="int8")
+    with pytest.raises(ValueError, match="exceeds the LiteRT build's cache of 32 tokens"):
+        model.generate([[5] * 28], max_new_tokens=8, engine="litert")
 
 
 def test_limits_are_checked_before_decoding(saved):
