@@ -66,7 +66,9 @@ def test_model_generate_on_litert_in_groups_and_a_weight_changed_since_is_rebuil
     # Five prompts of different lengths: a group of 4 on a batch-4 build, then one row on a
     # batch-1 build; row r sampled with seed `row_seed(seed, r)` as in the XLA loop's batch.
     prompts = [[464 + r] * (1 + r % 4) + [3290] for r in range(5)]
-    for options in ({}, {"sampler": "top_p", "top_p": 0.9, "seed": 4}):
+    # (Top-k, not top-p: over this random model's nearly flat 50,257 probabilities, top-p's
+    # running sum of ~45,000 of them in NumPy and in XLA can part at the last bit.)
+    for options in ({}, {"sampler": "top_k", "top_k": 20, "seed": 4}):
         litert = model.generate(prompts, max_new_tokens=6, stop_ids=[], engine="litert", **options)
         assert litert.new_ids == model.generate(prompts, max_new_tokens=6, stop_ids=[],
                                                 **options).new_ids
