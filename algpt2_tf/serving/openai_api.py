@@ -587,16 +587,19 @@ async def streamed(choices, spec, meta, timeout_s):
 
 def choose_engine(engine, model_path, quantize="none", max_batch=16, batching=True,
                   cache=None):
-    """The engine `engine="auto"` serves with: "litert" when the server runs one request at a
-    time (`max_batch` 1 or no batching: LiteRT's batch-1 decode is the fastest measured,
-    `benchmarks/README.md`) and a current LiteRT build of the model is cached (so start-up
-    builds nothing); else "xla" (its batched steps serve concurrent requests). Other values
+    """The engine `engine="auto"` serves with, when a current LiteRT build of the model is
+    cached (so start-up builds nothing): "litert" when the server runs one request at a time
+    (`max_batch` 1 or no batching: LiteRT's batch-1 decode is the fastest measured), and for an
+    int8 build even when it batches (`algpt2`, 16 clients streaming 16 tokens, Zen 4: one
+    request at a time on LiteRT int8 served 391.5 tokens/s with a p99 of 684 ms, XLA's
+    continuous batching 295.2 and 913 ms; `benchmarks/README.md`); else "xla". Other values
     are returned as they are."""
     if engine != "auto":
         return engine
 
     one_at_a_time = max_batch == 1 or not batching
-    if one_at_a_time and cached_build(model_path, quantize, cache=cache, build=False):
+    if ((one_at_a_time or quantize == "int8")
+            and cached_build(model_path, quantize, cache=cache, build=False)):
         return "litert"
     return "xla"
 
