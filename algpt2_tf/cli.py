@@ -507,10 +507,10 @@ def _add_serving_commands(sub):
     p.add_argument("--engine", choices=["auto", "xla", "litert"], default="xla",
                    help="--model: xla (the Keras model, batched decode steps), litert (its "
                         "LiteRT build, made once and cached; one request at a time: fastest "
-                        "at batch 1) or auto (litert with --max-batch 1 or --no-batching when "
-                        "its build is cached and current, else xla)")
+                        "at batch 1) or auto (litert when its build is cached and current and "
+                        "the server runs one request at a time or the build is int8, else xla)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="the LiteRT build's weights (--engine litert)")
+                   help="the LiteRT build's weights (--engine litert or auto)")
     p.add_argument("--no-warm-up", action="store_true",
                    help="start without compiling the first batch shapes (--model; the first "
                         "requests then wait for the compiles)")
