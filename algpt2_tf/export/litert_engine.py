@@ -299,13 +299,15 @@ class ModelDecoder:
         prompts = check_prompts(prompts, self.model.config.vocab_size)
         size = BATCHES[-1]
         groups = [prompts[i:i + size] for i in range(0, len(prompts), size)]
-        generators = [self.generator(batch_for(len(group))) for group in groups]
+        # One lookup per batch size (each digests every weight).
+        generators = {b: self.generator(b) for b in {batch_for(len(g)) for g in groups}}
         for prompt in prompts:
-            generators[0].check(prompt, max_new_tokens)
+            next(iter(generators.values())).check(prompt, max_new_tokens)
         new_ids = []
-        for group, generator in zip(groups, generators):
+        for group in groups:
             seeds = [row_seed(seed or 0, len(new_ids) + r) for r in range(len(group))]
-            new_ids += generator.generate_rows(group, max_new_tokens, params, seeds, stop_ids)
+            new_ids += generators[batch_for(len(group))].generate_rows(
+                group, max_new_tokens, params, seeds, stop_ids)
         return GenerationOutput(ids=[p + n for p, n in zip(prompts, new_ids)], new_ids=new_ids)
 
 
