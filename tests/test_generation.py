@@ -85,6 +85,7 @@ def test_cache_lengths_double_up_to_max_length():
     assert cache_lengths(64) == [64]
     assert cache_lengths(192) == [64, 128, 192]
     assert cache_lengths(1024) == [64, 128, 256, 512, 1024]
+    assert cache_lengths(256, first=32) == [32, 64, 128, 256]  # the TFLite export's steps
 
 
 @pytest.mark.parametrize("model, jit", [

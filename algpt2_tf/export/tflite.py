@@ -4,8 +4,8 @@ Token ids in, logits out (tf-text ops do not run in TFLite). `batch` rows
 (1 by default). Like an ONNX export's `past_key_values`, the cache is an
 input and an output of the steps: one `keys_NN` and one `values_NN` tensor
 `[batch, heads, N, head_size]` per virtual layer, returned with the new
-slots written. The steps come in each length N of `cache_lengths(max_length)`
-(32, 64, 128, ... up to `max_length`):
+slots written. The steps come in each length N of
+`generation.cache_lengths(max_length, first=32)` (32, 64, 128, ... up to `max_length`):
 
     prefill_N(input_ids [batch, T], attention_mask [batch, T], caches)
             -> logits [batch, vocab], caches
@@ -44,14 +44,8 @@ import tensorflow as tf
 from algpt2_tf.export.formats import QUANTIZATIONS
 from algpt2_tf.export.steps import cache_names
 from algpt2_tf.generation.decode_tricks import DecodePlan, DecodeTricks
+from algpt2_tf.generation.generator import cache_lengths
 from algpt2_tf.model import position_ids_from_mask
-
-
-def cache_lengths(max_length):
-    """The cache lengths of an export's steps: 32, 64, 128, ... below `max_length`, then
-    `max_length`."""
-    lengths = [2 ** k for k in range(5, max_length.bit_length()) if 2 ** k < max_length]
-    return lengths + [max_length]
 
 
 class TFLiteModule(tf.Module):
@@ -74,7 +68,7 @@ class TFLiteModule(tf.Module):
         # (as in savedmodel.py, where it took a small model's export from 31.6 to 23.5 s).
         self.functions = {"logits": tf.function(self._logits, autograph=False,
                                                 input_signature=[ids_spec, mask_spec])}
-        for length in cache_lengths(max_length):
+        for length in cache_lengths(max_length, first=32):
             caches = [tf.TensorSpec([batch, c.num_heads, length, c.head_size], tf.float32,
                                     name=name) for name in self.cache_names]
             self.functions[f"prefill_{length}"] = tf.function(

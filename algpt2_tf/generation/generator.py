@@ -55,8 +55,9 @@ def mark_seen(seen, ids, weights):
 
 
 # -------------------------------------------------------------- decode loop
-def cache_lengths(max_length):
-    """The cache lengths `decode` grows through: 64, 128, 256, ... then `max_length`.
+def cache_lengths(max_length, first=CACHE_SEGMENT):
+    """The cache lengths `decode` grows through: `first` (64), 128, 256, ... then
+    `max_length` (the TFLite export's steps start at 32).
 
     A decode step attends over its whole cache, so a cache sized for the
     longest request would make every early step read mostly empty slots. The
@@ -64,7 +65,7 @@ def cache_lengths(max_length):
     each length is one loop in the compiled function, so doubling keeps their
     number logarithmic while a step reads at most twice the slots it needs.
     """
-    lengths, length = [], CACHE_SEGMENT
+    lengths, length = [], first
     while length < max_length:
         lengths.append(length)
         length *= 2
