@@ -150,14 +150,17 @@ def weights_digest(model):
     return digest.hexdigest()
 
 
-def model_build(model, quantize="none", max_length=None, cache=None, log=print, batch=1):
+def model_build(model, quantize="none", max_length=None, cache=None, log=print, batch=1,
+                digest=None):
     """`cached_build` for an in-memory model (`model.generate(..., engine="litert")`):
     keyed by `weights_digest`, so a model changed since its last build is built again,
-    never served stale. Its stop id is GPT-2's `<|endoftext|>` (the default tokenizer)."""
+    never served stale. Its stop id is GPT-2's `<|endoftext|>` (the default tokenizer).
+    `digest`: the model's `weights_digest` when the caller has just taken it."""
     if model.quantization is not None:
         raise ValueError(f"The LiteRT engine builds from a float32 model; this one is quantized "
                          f"({model.quantization}). Pass quantize='int8' to a float32 model.")
-    return _entry(_key("model:" + weights_digest(model), quantize, max_length, batch), cache,
+    digest = digest or weights_digest(model)
+    return _entry(_key("model:" + digest, quantize, max_length, batch), cache,
                   "the in-memory model", lambda: (model, GPT2Tokenizer()), quantize, max_length,
                   batch, True, log)
 
@@ -285,10 +288,11 @@ class ModelDecoder:
     def __init__(self, model, quantize="none", cache=None):
         self.model, self.quantize, self.cache = model, quantize, cache
 
-    def generator(self, batch):
-        """The `LiteRTGenerator` of the model's current build of `batch` rows."""
+    def generator(self, batch, digest=None):
+        """The `LiteRTGenerator` of the model's current build of `batch` rows (`digest`: the
+        model's `weights_digest`, taken now when not given)."""
         build = model_build(self.model, self.quantize, cache=self.cache, batch=batch,
-                            log=lambda line: print(line, file=sys.stderr))
+                            log=lambda line: print(line, file=sys.stderr), digest=digest)
         found = _MODEL_GENERATORS.setdefault(self.model, {})
         if batch not in found or found[batch].build.key != build.key:
             found[batch] = LiteRTGenerator(build)
@@ -299,8 +303,8 @@ class ModelDecoder:
         prompts = check_prompts(prompts, self.model.config.vocab_size)
         size = BATCHES[-1]
         groups = [prompts[i:i + size] for i in range(0, len(prompts), size)]
-        # One lookup per batch size (each digests every weight).
-        generators = {b: self.generator(b) for b in {batch_for(len(g)) for g in groups}}
+        digest = weights_digest(self.model)  # once a call: it reads every weight
+        generators = {b: self.generator(b, digest) for b in {batch_for(len(g)) for g in groups}}
         for prompt in prompts:
             next(iter(generators.values())).check(prompt, max_new_tokens)
         new_ids = []

@@ -12,9 +12,10 @@ the same raw logits as on the XLA engine; scoring a prompt's own tokens (`echo` 
 to use `--engine xla`.
 
 Where it pays: batch-1 requests (`algpt2`, int8 build, one client on Zen 4: 4.22x the XLA
-engine's tokens per second at 0.24x its p99, benchmarks/README.md); concurrent requests wait
-for each other instead of sharing decode steps, so under load the batching XLA engine serves
-more tokens per second.
+engine's tokens per second at 0.24x its p99, benchmarks/README.md). Concurrent requests wait
+for each other instead of sharing decode steps. A float32 build decodes 157.6 tokens/s at
+batch 1 (peers.py), below the batching XLA engine's 295.2 at 16 clients; an int8 build
+served 391.5 there (p99 0.75x), with a later first token (Zen 4).
 
 Example:
 
