@@ -210,6 +210,11 @@ class ALGPT2Backbone(keras.Model):
                 (a prefill needs no more), giving logits `[batch, 1, vocab]`.
             plan: the decode loop's speed tricks for every `Linear` (a
                 `decode_tricks.DecodePlan`: bit-identical products), or `None`.
+                With `plan.host_writes` (the TFLite export) the caches are read
+                only (`None` for a prefill), `key_mask` covers the cache's slots
+                and then the T new tokens, `cache_index` is the cache's length,
+                and the new `(keys, values)` of each layer are returned instead
+                of the caches, for the runtime to write.
         Returns:
             `(logits [batch, T, vocab], new caches)`.
         """

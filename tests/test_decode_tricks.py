@@ -153,16 +153,30 @@ def test_int8_models_decode_the_same_with_and_without_tricks():
             == Generator(model, tricks=DecodeTricks().off()).generate(prompts, 20).new_ids)
 
 
-def test_slice_writes_put_the_new_slots_where_the_scatter_puts_them(rng):
-    """The TFLite export's cache writes (`DecodePlan(slice_writes=True)`, one dynamic-update-slice)
-    give the cache of the XLA loop's scatter, for a prefill's several slots and a step's one."""
-    from algpt2_tf.layers.attention import write_slots
+def test_host_writes_attend_as_the_written_cache_and_return_the_new_slot(rng):
+    """The TFLite export's attention (`DecodePlan(host_writes=True)`): the cache is read, never
+    written; one step attends over its slots and the new key as the XLA loop's attention over
+    the cache with the new slot written, and returns the new keys and values to write."""
+    from algpt2_tf.layers.attention import CausalSelfAttention
+    from algpt2_tf.model import attention_bias
 
-    cache = rng.normal(size=(2, 3, 8, 4)).astype("float32")
-    sliced = decode_tricks.DecodePlan(None, DecodeTricks().off(), slice_writes=True)
-    for index, count in ((0, 5), (5, 1), (7, 1)):
-        new = rng.normal(size=(2, 3, count, 4)).astype("float32")
-        expected = cache.copy()
-        expected[:, :, index:index + count] = new
-        np.testing.assert_array_equal(np.asarray(sliced.write_slots(cache, new, index)), expected)
-        np.testing.assert_array_equal(np.asarray(write_slots(cache, new, index)), expected)
+    layer = CausalSelfAttention(hidden_size=16, num_heads=2)
+    batch, slots, slot = 2, 8, 5
+    x = rng.normal(size=(batch, 1, 16)).astype("float32")
+    # Slots past the new one hold stale values: the mask must hide them.
+    cache = [rng.normal(size=(batch, 2, slots, 8)).astype("float32") for _ in range(2)]
+    visible = np.arange(slots) <= slot
+    visible = np.stack([visible, visible & (np.arange(slots) >= 2)])  # row 1: left-padded
+    written_out, (keys, values) = layer(x, attention_bias(np.array([slot], "int32"), visible),
+                                        cache=cache, cache_index=slot)
+    host = decode_tricks.DecodePlan(None, DecodeTricks().off(), host_writes=True)
+    beside = np.concatenate([visible & (np.arange(slots) < slot), np.ones((batch, 1), bool)], 1)
+    out, (new_keys, new_values) = layer(x, attention_bias(np.array([slots], "int32"), beside),
+                                        cache=cache, cache_index=slots, plan=host)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(written_out), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(new_keys)[:, :, 0], np.asarray(keys)[:, :, slot])
+    np.testing.assert_array_equal(np.asarray(new_values)[:, :, 0],
+                                  np.asarray(values)[:, :, slot])
+    with pytest.raises(ValueError, match="one query per row"):
+        two = attention_bias(np.array([slots, slots + 1], "int32"), beside)
+        layer(np.concatenate([x, x], 1), two, cache=cache, cache_index=slots, plan=host)

@@ -129,9 +129,12 @@ def test_tflite_float32_matches_keras_and_decodes_identically(tflite_report, ker
     steps = InterpreterSteps(interpreter)
     assert steps.greedy(prompt[1:], 28) and steps.greedy(prompt, 24) == expected
     assert report.greedy_agreement == 1.0 and report.max_abs_diff < 1e-4
-    # The cache is the steps' input and output, not state stored in the file.
-    assert {n for n in interpreter.get_signature_runner("decode_32").get_input_details()
+    # The cache is the decode steps' input, not state stored in the file; they return the
+    # new token's keys and values for the runtime to write.
+    decode = interpreter.get_signature_runner("decode_32")
+    assert {n for n in decode.get_input_details()
             if n.startswith(("keys_", "values_"))} == set(cache_names(keras_model.config.num_layers))
+    assert set(decode.get_output_details()) == {"logits", "new_keys_values"}
     with open(report.path, "rb") as f:
         flatbuffer = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(f.read(), 0))
     assert not [b for b in flatbuffer.buffers
@@ -149,14 +152,16 @@ def test_litert_compiled_model_with_weight_cache_decodes_identically(tmp_path, t
     decoder = LiteRTDecoder(report.path, weight_cache_path=cache)
     assert decoder.greedy(prompt, 24) == expected
     assert os.path.getsize(cache) > 0
-    # The steps wrote their caches in place: the bound buffers hold what the classic
-    # Interpreter gets back from the same steps.
+    # The caches were written through views of the buffers the steps read: they hold what
+    # the classic Interpreter's caches (NumPy arrays copied in at each step) hold.
     from ai_edge_litert.interpreter import Interpreter
 
     steps = InterpreterSteps(Interpreter(model_path=report.path))
     steps.greedy(prompt, 24)
     for name, array in steps.caches[32].items():
-        np.testing.assert_allclose(decoder._read(32, name), array, atol=1e-5)
+        buffer = decoder._cache_buffers[32, name]
+        np.testing.assert_allclose(buffer.read(array.size, np.float32).reshape(array.shape),
+                                   array, atol=1e-5)
     assert np.abs(array).max() > 0
     # A second decoder reuses the packed weights from the file.
     assert LiteRTDecoder(report.path, weight_cache_path=cache).greedy(prompt, 24) == expected

@@ -10,9 +10,12 @@ into the runtime (float32 `algpt2` in `make bench`: 212 MB peak instead of
 1192 MB, 179.9 instead of 117.2 tokens/s).
 """
 
+import ctypes
+import functools
 import hashlib
 import os
 
+import ai_edge_litert
 import numpy as np
 from ai_edge_litert.compiled_model import CompiledModel
 from ai_edge_litert.cpu_options import CpuOptions
@@ -20,6 +23,44 @@ from ai_edge_litert.options import Options
 
 from algpt2_tf.export.steps import Steps, is_cache
 from algpt2_tf.runtime.files import cache_root
+
+
+@functools.cache
+def _litert_c_api():
+    """LiteRT's C library from the `ai_edge_litert` wheel, for `LiteRtGetTensorBufferHostMemory`
+    (the Python `TensorBuffer` only copies a whole buffer in or out)."""
+    library = ctypes.CDLL(os.path.join(os.path.dirname(ai_edge_litert.__file__), "libLiteRt.so"))
+    library.LiteRtGetTensorBufferHostMemory.argtypes = [ctypes.c_void_p,
+                                                         ctypes.POINTER(ctypes.c_void_p)]
+    library.LiteRtGetTensorBufferHostMemory.restype = ctypes.c_int
+    capsule_name = ctypes.pythonapi.PyCapsule_GetName
+    capsule_name.argtypes, capsule_name.restype = [ctypes.py_object], ctypes.c_char_p
+    capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    capsule_pointer.restype = ctypes.c_void_p
+    return library, capsule_name, capsule_pointer
+
+
+def host_view(buffer, shape):
+    """A float32 NumPy array `shape` over a host-memory LiteRT `TensorBuffer`: what is written
+    to it is what the model reads, with no copy. It does not keep `buffer` alive: the caller
+    holds both. Raises `RuntimeError` when the buffer has no host memory, or when a value
+    written through the array does not read back through the buffer (a LiteRT build whose C
+    library does not match its Python one)."""
+    library, capsule_name, capsule_pointer = _litert_c_api()
+    capsule = buffer.capsule
+    address = ctypes.c_void_p()
+    status = library.LiteRtGetTensorBufferHostMemory(
+        capsule_pointer(capsule, capsule_name(capsule)), ctypes.byref(address))
+    if status != 0 or not address.value:
+        raise RuntimeError(f"This LiteRT tensor buffer has no host memory (status {status}).")
+    count = int(np.prod(shape))
+    view = np.ctypeslib.as_array((ctypes.c_float * count).from_address(address.value))
+    view[0] = 1.5
+    if buffer.read(1, np.float32)[0] != 1.5:
+        raise RuntimeError("A LiteRT tensor buffer's host memory does not read back through "
+                           "the buffer: this ai_edge_litert build is not supported.")
+    return view.reshape(shape)
 
 
 def default_weight_cache(model_path):
@@ -66,43 +107,42 @@ class LiteRTDecoder(Steps):
         decode = next(name for name in self.signatures if name.startswith("decode_"))
         self._start(self.signatures, self.model.get_input_tensor_details(decode))
         self._decode_buffers = {}  # decode_N's buffer lists (fixed shapes): made once
+        self._cache_buffers = {}  # (length, name): the buffer under each cache's view
 
     def _new_cache(self, name, length):
-        # One buffer per cache, the input and the output of both steps of its length: the
-        # new slots are written in place (see `tflite.py`).
-        return self.model.create_input_buffer_by_name(f"decode_{length}", name)
-
-    def _read(self, length, name):
-        shape = self._cache_shape(name, length)
-        return self.caches[length][name].read(int(np.prod(shape)), np.float32).reshape(shape)
-
-    def _write(self, length, name, array):
-        self.caches[length][name].write(array)
+        # One buffer per cache, an input of the decode steps of its length, written through
+        # a NumPy view of its memory (`host_view`): a step copies nothing. Caches the steps
+        # returned written by a DYNAMIC_UPDATE_SLICE copied every cache once per step (an
+        # input and an output bound to one buffer did not make it in place).
+        buffer = self.model.create_input_buffer_by_name(f"decode_{length}", name)
+        self._cache_buffers[length, name] = buffer
+        return host_view(buffer, self._cache_shape(name, length))
 
     def _buffers(self, signature, length):
-        """The input and output buffer lists of `signature`, the caches bound to both."""
-        names, caches = self.signatures[signature], self._caches(length)
-        inputs = [caches[name] if is_cache(name)
+        """The input and output buffer lists of `signature`, with the caches of `length`."""
+        names = self.signatures[signature]
+        inputs = [self._cache_buffers[length, name] if is_cache(name)
                   else self.model.create_input_buffer_by_name(signature, name)
                   for name in names["inputs"]]
-        outputs = [caches[name] if is_cache(name)
-                   else self.model.create_output_buffer_by_name(signature, name)
+        outputs = [self.model.create_output_buffer_by_name(signature, name)
                    for name in names["outputs"]]
-        shape = self.model.get_output_tensor_details(signature)["logits"]["shape"]
-        return (self.model.get_signature_index(signature), inputs, outputs,
-                outputs[names["outputs"].index("logits")], shape)
+        details = self.model.get_output_tensor_details(signature)
+        read = [(outputs[names["outputs"].index(name)], details[name]["shape"])
+                for name in ("logits", "new_keys_values")]
+        return self.model.get_signature_index(signature), inputs, outputs, read
 
     def _run(self, signature, length, feeds):
-        if signature.startswith("prefill_"):  # the prompt length varies: resize, fresh buffers
+        if length is None:  # the prefill: the prompt length varies, so resize, fresh buffers
             for name, value in feeds.items():
                 self.model.resize_input_tensor_by_name(signature, name, value.shape)
-            index, inputs, outputs, logits, shape = self._buffers(signature, length)
+            index, inputs, outputs, read = self._buffers(signature, length)
         else:
             if signature not in self._decode_buffers:
                 self._decode_buffers[signature] = self._buffers(signature, length)
-            index, inputs, outputs, logits, shape = self._decode_buffers[signature]
+            index, inputs, outputs, read = self._decode_buffers[signature]
         for buffer, name in zip(inputs, self.signatures[signature]["inputs"]):
             if name in feeds:
                 buffer.write(feeds[name])
         self.model.run_by_index(index, inputs, outputs)
-        return logits.read(int(np.prod(shape)), np.float32).reshape(shape)
+        return [buffer.read(int(np.prod(shape)), np.float32).reshape(shape)
+                for buffer, shape in read]

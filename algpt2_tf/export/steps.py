@@ -1,14 +1,16 @@
-"""Decoding with an exported `.tflite` model's `prefill_N`/`decode_N` steps.
+"""Decoding with an exported `.tflite` model's `prefill_N` and `decode_N` steps.
 
-The steps take the KV cache as inputs named by `cache_names` and return it
-updated under the same names; they come in several cache lengths N
-(`tflite.py`). `Steps` holds what every runtime shares: prompts left-padded
+The decode steps read the KV cache, inputs named by `cache_names`, and return
+the new token's keys and values (`new_keys_values`) for the runtime to write
+into it; they come in several cache lengths N (`tflite.py`). A prefill reads
+no cache and returns the prompt's, padded to N slots. `Steps` holds what every runtime shares:
+the caches, as NumPy arrays it writes the new slots into, prompts left-padded
 into the build's batch, each row's position, the shortest cache length that
 holds the slots so far (the caches move to the next length when they fill),
 and the greedy loop (over `sampling.host_decode`, the one NumPy decode loop).
-`InterpreterSteps` runs them with LiteRT's classic `Interpreter`, passing the
-caches back in as arrays; `litert.LiteRTDecoder` binds them in place. Needs
-numpy alone, so the TFLite runtimes use it without TensorFlow.
+`InterpreterSteps` runs them with LiteRT's classic `Interpreter`, copying the
+caches in at each step; `litert.LiteRTDecoder` binds them without a copy.
+Needs numpy alone, so the TFLite runtimes use it without TensorFlow.
 """
 
 import numpy as np
@@ -29,10 +31,11 @@ def is_cache(name):
 
 class Steps:
     """The rows of an exported model's steps. A runtime calls `_start` with its signature
-    names and one step's input details, and gives `_run(signature, length, feeds) ->
-    logits [batch, vocab]` over the caches of that length, kept in `self.caches[length]`
-    (`{name: storage}`, made by `_new_cache`) and read and written whole by `_read` and
-    `_write`."""
+    names and one decode step's input details, makes each cache (`_new_cache(name, length)`:
+    a NumPy array the runtime's step reads, zeros), and gives `_run(signature, length,
+    feeds) -> (logits [batch, vocab], new_keys_values)` (a decode step reads the caches of
+    `length`, a prefill none). The caches are kept in `self.caches[length]` (`{name:
+    array}`); `_store` writes the steps' new keys and values into them in place."""
 
     def _start(self, signature_names, details):
         self.lengths = sorted(int(name.split("_")[1]) for name in signature_names
@@ -40,6 +43,7 @@ class Steps:
         self.batch = int(details["position"]["shape"][0])
         self.cache_shapes = {name: list(d["shape"]) for name, d in details.items()
                              if is_cache(name)}
+        self.names = cache_names(len(self.cache_shapes) // 2)  # new_keys_values' order
         self.caches = {}
         self.length = self.lengths[0]
 
@@ -58,9 +62,9 @@ class Steps:
         still reach the attention's weighted sum."""
         if length not in self.caches:
             self.caches[length] = {}
-            for name in self.cache_shapes:
+            for name in self.names:
                 self.caches[length][name] = self._new_cache(name, length)
-                self._write(length, name, np.zeros(self._cache_shape(name, length), np.float32))
+                self.caches[length][name][...] = 0.0
         return self.caches[length]
 
     def _fitting(self, slots):
@@ -72,12 +76,17 @@ class Steps:
 
     def _move(self, length):
         """Copies the caches into the longer `length` and decodes there from now on."""
-        self._caches(length)
-        for name in self.cache_shapes:
-            grown = np.zeros(self._cache_shape(name, length), np.float32)
-            grown[:, :, :self.length] = self._read(self.length, name)
-            self._write(length, name, grown)
+        grown, old = self._caches(length), self._caches(self.length)
+        for name in self.names:
+            grown[name][:, :, :self.length] = old[name]
         self.length = length
+
+    def _store(self, new_keys_values, index):
+        """Writes a step's `new_keys_values` `[caches, batch, heads, T, head_size]` (one per
+        cache, `self.names` order) at slots `index .. index + T - 1` of every row."""
+        count = new_keys_values.shape[3]
+        for name, new in zip(self.names, new_keys_values):
+            self.caches[self.length][name][:, :, index:index + count] = new
 
     def _full(self, rows):
         """`rows` (an array, one per prompt) repeated to the build's batch: the extra rows
@@ -92,8 +101,11 @@ class Steps:
         `positions` = the prompts' lengths, one more at each step."""
         ids, mask = left_pad(prompts)
         self.length = self._fitting(ids.shape[1])
+        self._caches(self.length)
         feeds = {"input_ids": self._full(ids), "attention_mask": self._full(mask)}
-        return self._run(f"prefill_{self.length}", self.length, feeds)[:len(prompts)]
+        logits, new = self._run(f"prefill_{self.length}", None, feeds)
+        self._store(new, 0)
+        return logits[:len(prompts)]
 
     def decode_rows(self, tokens, positions):
         """Adds each row's token at its position; returns the next-token logits `[rows, vocab]`."""
@@ -102,7 +114,9 @@ class Steps:
             self._move(self._fitting(slot + 1))
         feeds = {"input_id": self._full(np.asarray(tokens, np.int32)[:, None]),
                  "position": self._full(np.asarray(positions, np.int32))}
-        return self._run(f"decode_{self.length}", self.length, feeds)[:len(tokens)]
+        logits, new = self._run(f"decode_{self.length}", self.length, feeds)
+        self._store(new, slot)
+        return logits[:len(tokens)]
 
     def prefill(self, prompt_ids):
         """Writes one prompt into the cache; returns the next-token logits `[1, vocab]`."""
@@ -128,8 +142,8 @@ class Steps:
 
 
 class InterpreterSteps(Steps):
-    """The steps through a LiteRT `Interpreter`'s signature runners: the caches go in as
-    arrays and come back as new arrays at every call.
+    """The steps through a LiteRT `Interpreter`'s signature runners: the caches are NumPy
+    arrays, copied in at every decode step.
 
     Args:
         interpreter: an `ai_edge_litert.interpreter.Interpreter` of an exported model.
@@ -142,17 +156,9 @@ class InterpreterSteps(Steps):
         self._start(self.runners, self.runners[decode].get_input_details())
 
     def _new_cache(self, name, length):
-        return None
-
-    def _read(self, length, name):
-        return self.caches[length][name]
-
-    def _write(self, length, name, array):
-        self.caches[length][name] = array
+        return np.zeros(self._cache_shape(name, length), np.float32)
 
     def _run(self, signature, length, feeds):
-        caches = self._caches(length)
+        caches = self.caches[length] if length else {}
         outputs = self.runners[signature](**feeds, **caches)
-        for name in caches:
-            caches[name] = outputs[name]
-        return outputs["logits"]
+        return outputs["logits"], outputs["new_keys_values"]

@@ -1,41 +1,45 @@
-"""TFLite export: `logits`, and `prefill_N` / `decode_N` steps carrying the KV cache, per length N.
+"""TFLite export: `logits`, and `prefill_N` / `decode_N` steps over a KV cache, per length N.
 
 Token ids in, logits out (tf-text ops do not run in TFLite). `batch` rows
 (1 by default). Like an ONNX export's `past_key_values`, the cache is an
-input and an output of the steps: one `keys_NN` and one `values_NN` tensor
-`[batch, heads, N, head_size]` per virtual layer, returned with the new
-slots written. The steps come in each length N of
+input of the decode steps, one `keys_NN` and one `values_NN` tensor `[batch,
+heads, N, head_size]` per virtual layer, but the steps only read it: they
+return the new keys and values (`new_keys_values`, `[2 * layers, batch,
+heads, T, head_size]` in `keys_00, values_00, keys_01, ...` order) and the
+runtime writes them into its cache. The steps come in each length N of
 `generation.cache_lengths(max_length, first=32)` (32, 64, 128, ... up to `max_length`):
 
-    prefill_N(input_ids [batch, T], attention_mask [batch, T], caches)
-            -> logits [batch, vocab], caches
-        writes the prompts, left-padded to a common length T <= N, into slots
-        0..T-1 and returns the next-token logits of their last tokens;
-    decode_N(input_id [batch, 1], position [batch], caches) -> logits [batch, vocab], caches
+    prefill_N(input_ids [batch, T], attention_mask [batch, T])
+            -> logits [batch, vocab], new_keys_values (T = N: zeros past the prompt)
+        the prompts, left-padded to a common length T <= N, for slots 0..T-1,
+        and the next-token logits of their last tokens;
+    decode_N(input_id [batch, 1], position [batch], caches)
+            -> logits [batch, vocab], new_keys_values (T = 1)
         `position` is each row's count of tokens so far; the new tokens go in at
         slot `max(position)` < N (the longest row has no padding) and each row
-        attends to its own `position + 1` slots ending there (batch 1: slots
-        0..position);
+        attends to its own `position` slots before it (batch 1: slots
+        0..position - 1) and to the new token;
     logits(input_ids [batch, T], attention_mask [batch, T]) -> logits [batch, T, vocab]
         a plain forward pass.
 
 Attention reads all N slots of the cache at every step, so a runtime starts
 in the shortest cache that holds the prompt and moves the caches to the next
 length when the slots run out (`steps.Steps`). Random-weight `algpt2` int8,
-batch 1, AMD EPYC Zen 4 (2026-12-05), 2 rounds: decode steps at N = 32, 64,
-128, 256: 718-774, 569-698, 480-530, 365-368 tokens/s.
+batch 1, AMD EPYC Zen 4 (2026-12-05), 2 rounds, when the steps still wrote
+their caches: decode steps at N = 32, 64, 128, 256: 718-774, 569-698,
+480-530, 365-368 tokens/s.
 
-Any runtime can pass the returned caches back in (`steps.InterpreterSteps`).
-`litert.LiteRTDecoder` binds one buffer per cache as both the input and the
-output, so nothing is copied: TFLite's `DYNAMIC_UPDATE_SLICE` writes the new
-slots in place when its input and output share memory. Holding the caches in
-resource variables instead (`READ_VARIABLE`/`ASSIGN_VARIABLE`) copied every
-cache twice per step: 2 x 18.9 MB for `gpt2` at 256 slots; same CPU, int8 at
-256 slots, 3 rounds: `algpt2` 218-236 -> 388-400 tokens/s, `gpt2` 144-150 ->
-170-205, the same tokens. (A cache of dynamic length, resized by the runtime,
-decoded 247 tokens/s at 256 slots against 367 for a fixed one.)
+Why the runtime writes the cache: steps that returned their caches with the
+new slots written (one `DYNAMIC_UPDATE_SLICE` each) copied every cache once
+per step in LiteRT, even with the input and the output bound to one buffer
+(24 such writes of 256-slot caches alone: 0.9 ms a step, the same with
+separate buffers); held in resource variables they were copied twice.
+`litert.LiteRTDecoder` writes the new slots through NumPy views of the
+buffers the steps read, so a step copies nothing; `steps.InterpreterSteps`
+passes NumPy caches in. GAINS_PLACEHOLDER
 """
 
+import functools
 import tempfile
 
 import keras
@@ -72,7 +76,8 @@ class TFLiteModule(tf.Module):
             caches = [tf.TensorSpec([batch, c.num_heads, length, c.head_size], tf.float32,
                                     name=name) for name in self.cache_names]
             self.functions[f"prefill_{length}"] = tf.function(
-                self._prefill, autograph=False, input_signature=[ids_spec, mask_spec] + caches)
+                functools.partial(self._prefill, length=length), autograph=False,
+                input_signature=[ids_spec, mask_spec])
             self.functions[f"decode_{length}"] = tf.function(
                 self._decode, autograph=False, input_signature=step_specs + caches)
 
@@ -88,31 +93,41 @@ class TFLiteModule(tf.Module):
         return keras.StatelessScope(state_mapping=[
             (v, w.read_value()) for v, w in zip(self.model.variables, self.weights)])
 
-    def _run(self, ids, positions, key_mask, index, caches):
-        """`{"logits": the last position's logits, name: cache}` after writing `ids`' keys
-        and values at slot `index` of `caches` (`keys_00, values_00, keys_01, ...`)."""
-        pairs = list(zip(caches[::2], caches[1::2]))
-        # The XLA loop's speed tricks off (XNNPACK runs the products); the new keys and values
-        # go in with one DYNAMIC_UPDATE_SLICE per cache (`DecodePlan.write_slots`).
-        plan = DecodePlan(self.model, DecodeTricks().off(), slice_writes=True)
+    def _run(self, ids, positions, key_mask, index, pairs):
+        """`{"logits": the last position's logits, "new_keys_values": ...}`: the keys and
+        values of `ids` at every layer, stacked in `cache_names` order, for the runtime to
+        write into its caches. `pairs`: each layer's read-only `(keys, values)` cache, or
+        `None` (a prefill)."""
+        # The XLA loop's speed tricks off (XNNPACK runs the products); the attention reads
+        # the caches and returns the new keys and values (`DecodePlan.host_writes`).
+        plan = DecodePlan(self.model, DecodeTricks().off(), host_writes=True)
         with self._frozen():
-            logits, pairs = self.model.forward_with_cache(ids, positions, key_mask, pairs, index,
-                                                          last_logits_only=True, plan=plan)
-        outputs = dict(zip(self.cache_names, [cache for pair in pairs for cache in pair]))
-        outputs["logits"] = logits[:, -1]
+            logits, new = self.model.forward_with_cache(ids, positions, key_mask, pairs, index,
+                                                        last_logits_only=True, plan=plan)
+        return {"logits": logits[:, -1],
+                "new_keys_values": tf.stack([tensor for pair in new for tensor in pair])}
+
+    def _prefill(self, input_ids, attention_mask, length):
+        outputs = self._run(input_ids, position_ids_from_mask(attention_mask), attention_mask, 0,
+                            [None] * self.model.config.num_layers)
+        # Padded to the cache's `length` slots: an output's size must not depend on the
+        # prompt's (LiteRT sizes output buffers before the run).
+        new = outputs["new_keys_values"]
+        shape = [*new.shape[:3], length, *new.shape[4:]]
+        outputs["new_keys_values"] = tf.reshape(
+            tf.pad(new, [[0, 0], [0, 0], [0, 0], [0, length - tf.shape(new)[3]], [0, 0]]), shape)
         return outputs
 
-    def _prefill(self, input_ids, attention_mask, *caches):
-        length = caches[0].shape[2]
-        key_mask = tf.pad(attention_mask, [[0, 0], [0, length - tf.shape(input_ids)[1]]])
-        return self._run(input_ids, position_ids_from_mask(attention_mask), key_mask, 0, caches)
-
     def _decode(self, input_id, position, *caches):
+        length = caches[0].shape[2]
         slot = tf.reduce_max(position)
-        slots = tf.range(caches[0].shape[2])[tf.newaxis]
+        slots = tf.range(length)[tf.newaxis]
         first = slot - position[:, tf.newaxis]  # each row's first real slot
-        visible = tf.cast((slots >= first) & (slots <= slot), tf.int32)
-        return self._run(input_id, position[:, tf.newaxis], visible, slot, caches)
+        cached = tf.cast((slots >= first) & (slots < slot), tf.int32)
+        # The key mask covers the cache's slots, then the new token (index `length`).
+        key_mask = tf.concat([cached, tf.ones_like(cached[:, :1])], axis=1)
+        pairs = list(zip(caches[::2], caches[1::2]))
+        return self._run(input_id, position[:, tf.newaxis], key_mask, length, pairs)
 
     def _logits(self, input_ids, attention_mask):
         with self._frozen():

@@ -59,7 +59,6 @@ import tensorflow as tf
 from keras import ops
 
 from algpt2_tf.generation.token_choice import first_argmax, plain_argmax
-from algpt2_tf.layers.attention import write_slots
 
 ENVIRONMENT_VARIABLE = "ALGPT2_DECODE_TRICKS"
 
@@ -152,17 +151,18 @@ class DecodePlan:
         one_row: the function runs batch 1 only, where the row-major copies pay (made for
             larger batches, they cost up to 12% at batch 8 and serve no product:
             `benchmarks/results/decode_tricks_*.md`).
-        slice_writes: the attention layers write their new keys and values into the cache
-            with one dynamic-update-slice (see `write_slots`): for the TFLite export only.
+        host_writes: the attention layers read their caches and return the new keys and
+            values instead of writing them (`CausalSelfAttention._attend_beside_cache`): the
+            runtime writes them in place into caches it holds (the TFLite export only).
 
     Make it inside the traced function: with `row_major_copies`, every `Linear` of the model
     gets its copy here, before the loop, so the copies are made once per call (28 MB for
     `algpt2`, 340 MB for `gpt2` in float32) and live for that call only.
     """
 
-    def __init__(self, model, tricks, one_row=False, slice_writes=False):
+    def __init__(self, model, tricks, one_row=False, host_writes=False):
         self.tricks = tricks
-        self.slice_writes = slice_writes
+        self.host_writes = host_writes
         self.copies = {}
         if tricks.row_major_copies and one_row:
             self.copies = {id(layer): RowMajorCopy(layer) for layer in model._flatten_layers()
@@ -180,19 +180,6 @@ class DecodePlan:
         if self.tricks.bias_as_subtraction:
             return ops.subtract(x, ops.negative(bias))
         return ops.add(x, bias)
-
-    def write_slots(self, cache, new, index):
-        """`cache` with `new` written at slots `index ..` of every row: `attention.write_slots`
-        (a scatter of the new rows), or with `slice_writes` one dynamic-update-slice.
-
-        TFLite has no in-place scatter: it converts the scatter to SCATTER_ND, MUL and ADD
-        over the whole cache in every layer, where the slice is one DYNAMIC_UPDATE_SLICE.
-        LiteRT int8 `algpt2` at a 256-slot cache (batch 1, AMD EPYC Zen 4, 2026-12-05,
-        3 alternating rounds): 211-227 tokens/s with the slice, 118-173 with the scatter,
-        the same tokens. XLA and TF Serving keep the scatter (an XLA op outside XLA)."""
-        if self.slice_writes:
-            return ops.slice_update(cache, [0, 0, index, 0], new)
-        return write_slots(cache, new, index)
 
     def argmax(self):
         """The greedy pick of `token_choice.choose_tokens` (`two_reduction_argmax`)."""

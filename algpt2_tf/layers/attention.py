@@ -95,18 +95,30 @@ class CausalSelfAttention(keras.layers.Layer):
 
         `adapter`: a `LayerAdapter` whose low-rank deltas are added to the
         q/k/v and output projections, or `None`. `plan`: a decode loop's
-        `DecodePlan` for the projections (see `Linear`) and the cache writes
-        (`plan.write_slots`), or `None`.
+        `DecodePlan` for the projections (see `Linear`), or `None`. With
+        `plan.host_writes` the cache is read only and the new `(keys, values)`
+        are returned in its place, for the runtime to write.
         """
         q, k, v = ops.split(add_delta(self.qkv(x, plan=plan), adapter, "qkv", x), 3, axis=-1)
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
-        if cache is not None:
-            key_cache, value_cache = cache
-            write = write_slots if plan is None else plan.write_slots
-            k = write(key_cache, ops.cast(k, key_cache.dtype), cache_index)
-            v = write(value_cache, ops.cast(v, value_cache.dtype), cache_index)
+        if plan is not None and plan.host_writes:
+            out = self._attend_beside_cache(q, k, v, cache, attention_bias)
             cache = (k, v)
-            k, v = ops.cast(k, q.dtype), ops.cast(v, q.dtype)
+        else:
+            if cache is not None:
+                key_cache, value_cache = cache
+                k = write_slots(key_cache, ops.cast(k, key_cache.dtype), cache_index)
+                v = write_slots(value_cache, ops.cast(v, value_cache.dtype), cache_index)
+                cache = (k, v)
+                k, v = ops.cast(k, q.dtype), ops.cast(v, q.dtype)
+            out = self._attend(q, k, v, attention_bias, training)
+        out = ops.transpose(out, (0, 2, 1, 3))
+        batch, seq = ops.shape(out)[0], ops.shape(out)[1]
+        out = ops.reshape(out, (batch, seq, self.hidden_size))
+        return add_delta(self.output_dense(out, plan=plan), adapter, "attention_output", out), cache
+
+    def _attend(self, q, k, v, attention_bias, training=None):
+        """`softmax(q k^T / sqrt(head_size) + bias) v`, `[batch, heads, queries, head_size]`."""
         if q.shape[2] == 1:
             # One query per row (decoding): keys @ query reads the key cache in
             # place; query @ keys^T makes XLA copy the whole transposed cache
@@ -117,10 +129,29 @@ class CausalSelfAttention(keras.layers.Layer):
         scores = ops.cast(scores, "float32") * (1.0 / math.sqrt(self.head_size))
         probs = ops.softmax(scores + ops.cast(attention_bias, "float32"), axis=-1)
         probs = self.dropout_layer(ops.cast(probs, v.dtype), training=training)
-        out = ops.transpose(ops.matmul(probs, v), (0, 2, 1, 3))
-        batch, seq = ops.shape(out)[0], ops.shape(out)[1]
-        out = ops.reshape(out, (batch, seq, self.hidden_size))
-        return add_delta(self.output_dense(out, plan=plan), adapter, "attention_output", out), cache
+        return ops.matmul(probs, v)
+
+    def _attend_beside_cache(self, q, k, v, cache, attention_bias):
+        """Attention over a read-only `cache` and the new keys `k`/values `v` beside it
+        (`DecodePlan.host_writes`: the runtime writes them into its cache itself).
+
+        No cache (a prefill): the new keys alone. With one (a decode step, one query per
+        row), `attention_bias` `[batch, 1, 1, slots + 1]` covers the cache's slots, then
+        the new key; the products are broadcast multiplies and sums, which XNNPACK runs
+        over the cache as it lies, where a batch matmul packs it into a matrix first.
+        """
+        if cache is None:
+            return self._attend(q, k, v, attention_bias)
+        if q.shape[2] != 1:
+            raise ValueError(f"Attention beside a cache takes one query per row, got {q.shape[2]}.")
+        keys, values = cache
+        slots = keys.shape[2]
+        scale = 1.0 / math.sqrt(self.head_size)
+        scores = ops.concatenate([ops.expand_dims(ops.sum(keys * q, axis=-1), 2),
+                                  ops.sum(k * q, axis=-1, keepdims=True)], axis=-1)
+        probs = ops.softmax(scores * scale + attention_bias, axis=-1)
+        cached, own = ops.split(probs, [slots], axis=-1)
+        return ops.sum(ops.swapaxes(cached, 2, 3) * values, axis=2, keepdims=True) + own * v
 
     def get_config(self):
         config = super().get_config()
