@@ -293,3 +293,37 @@ def test_algpt2_int8_tflite_size(tmp_path):
     # One int8 copy of the 50257 x 128 table serves the lookup and the tied
     # softmax, and every signature uses the same weights.
     assert report.size_bytes <= 15e6, report.size_bytes
+
+
+def test_host_view_refuses_a_buffer_it_cannot_write_through(monkeypatch):
+    """`litert.host_view` checks that what it writes reads back through the buffer: a buffer
+    without host memory, or a C library that hands out other memory, is a clear error."""
+    import ctypes
+
+    from ai_edge_litert.tensor_buffer import TensorBuffer
+
+    from algpt2_tf.export import litert
+
+    array = np.zeros((2, 3), np.float32)
+    buffer = TensorBuffer.create_from_host_memory(array)
+    view = litert.host_view(buffer, (2, 3))
+    view[1, 2] = 7.0
+    assert buffer.read(6, np.float32)[5] == 7.0
+    library, name, pointer = litert._litert_c_api()
+    elsewhere = np.zeros(6, np.float32)
+
+    class Library:
+        def __init__(self, status, address):
+            self.status, self.address = status, address
+
+        def LiteRtGetTensorBufferHostMemory(self, buffer, address):  # noqa: N802 (C name)
+            ctypes.cast(address, ctypes.POINTER(ctypes.c_void_p))[0] = self.address
+            return self.status
+
+    monkeypatch.setattr(litert, "_litert_c_api", lambda: (Library(1, None), name, pointer))
+    with pytest.raises(RuntimeError, match="no host memory"):
+        litert.host_view(buffer, (2, 3))
+    monkeypatch.setattr(litert, "_litert_c_api",
+                        lambda: (Library(0, elsewhere.ctypes.data), name, pointer))
+    with pytest.raises(RuntimeError, match="does not read back"):
+        litert.host_view(buffer, (2, 3))

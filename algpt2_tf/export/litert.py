@@ -56,8 +56,11 @@ def host_view(buffer, shape):
         raise RuntimeError(f"This LiteRT tensor buffer has no host memory (status {status}).")
     count = int(np.prod(shape))
     view = np.ctypeslib.as_array((ctypes.c_float * count).from_address(address.value))
-    view[0] = 1.5
-    if buffer.read(1, np.float32)[0] != 1.5:
+    kept = view[0]
+    view[0] = probe = 2.0 if kept == 1.0 else 1.0
+    read_back = buffer.read(1, np.float32)[0]
+    view[0] = kept
+    if read_back != probe:
         raise RuntimeError("A LiteRT tensor buffer's host memory does not read back through "
                            "the buffer: this ai_edge_litert build is not supported.")
     return view.reshape(shape)

@@ -36,7 +36,13 @@ per step in LiteRT, even with the input and the output bound to one buffer
 separate buffers); held in resource variables they were copied twice.
 `litert.LiteRTDecoder` writes the new slots through NumPy views of the
 buffers the steps read, so a step copies nothing; `steps.InterpreterSteps`
-passes NumPy caches in. GAINS_PLACEHOLDER
+passes NumPy caches in. Random-weight int8 builds of 256 slots, a 16-token
+prompt and 128 greedy tokens, fresh processes, 3 alternating rounds (AMD
+EPYC Zen 4, 2026-12-05), tokens/s with the copies -> without, round by
+round: `algpt2` batch 1 410 -> 538, 406 -> 513, 335 -> 384; `gpt2` batch 8
+500 -> 646, 448 -> 502, 360 -> 605; `gpt2` batch 1 179 -> 187, 164 -> 163,
+166 -> 177. A decode step of `algpt2` batch 1 went from about 1.2 ms + 8.5 us
+per cache slot to 1.27 ms at 32 slots and 1.93 ms at 256 (3 us a slot).
 """
 
 import functools
