@@ -130,15 +130,19 @@ class LiteRTDecoder(Steps):
         outputs = [self.model.create_output_buffer_by_name(signature, name)
                    for name in names["outputs"]]
         details = self.model.get_output_tensor_details(signature)
-        read = [(outputs[names["outputs"].index(name)], details[name]["shape"])
-                for name in ("logits", "new_keys_values")]
-        return self.model.get_signature_index(signature), inputs, outputs, read
+        logits = outputs[names["outputs"].index("logits")], details["logits"]["shape"]
+        # Read where the step wrote it: `Steps._store` copies it into the caches at once.
+        new = host_view(outputs[names["outputs"].index("new_keys_values")],
+                        details["new_keys_values"]["shape"])
+        return self.model.get_signature_index(signature), inputs, outputs, (logits, new)
 
     def _run(self, signature, length, feeds):
         if length is None:  # the prefill: the prompt length varies, so resize, fresh buffers
             for name, value in feeds.items():
                 self.model.resize_input_tensor_by_name(signature, name, value.shape)
-            index, inputs, outputs, read = self._buffers(signature, length)
+            # Held until the next prefill: the `new_keys_values` returned is a view of one.
+            self._prefill_buffers = self._buffers(signature, length)
+            index, inputs, outputs, read = self._prefill_buffers
         else:
             if signature not in self._decode_buffers:
                 self._decode_buffers[signature] = self._buffers(signature, length)
@@ -147,5 +151,5 @@ class LiteRTDecoder(Steps):
             if name in feeds:
                 buffer.write(feeds[name])
         self.model.run_by_index(index, inputs, outputs)
-        return [buffer.read(int(np.prod(shape)), np.float32).reshape(shape)
-                for buffer, shape in read]
+        (logits, shape), new_keys_values = read
+        return logits.read(int(np.prod(shape)), np.float32).reshape(shape), new_keys_values
