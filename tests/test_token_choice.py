@@ -101,6 +101,24 @@ def test_the_numpy_twin_picks_the_same_tokens(params):
     assert agree >= total - 2  # float32 against float64: a boundary may round apart
 
 
+def test_the_numpy_draw_among_few_tokens_is_the_draw_over_all():
+    """`sampling.inverse_cdf_sample` draws among the drawable tokens alone when they are few
+    (top-k, top-p): the same index as the running sums over the whole vocabulary, at every
+    uniform, the ends of the interval included."""
+    from algpt2_tf.generation.sampling import _inverse_cdf, inverse_cdf_sample
+
+    rng = np.random.default_rng(3)
+    logits = (3 * rng.standard_normal((4, 5000))).astype(np.float64)
+    for row, k in enumerate((1, 2, 50, 2400)):  # 2,400 of 5,000: under half, still compacted
+        kth = np.sort(logits[row])[-k]
+        logits[row] = np.where(logits[row] < kth, -np.inf, logits[row])
+    logits[3, :3] = -700.0  # drawable, but of weight 0 next to the others
+    for uniform in np.concatenate([rng.random(200), [0.0, 1.0 - 2 ** -24]]):
+        uniforms = np.full(4, uniform)
+        np.testing.assert_array_equal(inverse_cdf_sample(logits, uniforms),
+                                      _inverse_cdf(logits, uniforms))
+
+
 @pytest.fixture(scope="module")
 def model():
     return decode_test_model("algpt2")
