@@ -309,6 +309,8 @@ def test_host_view_refuses_a_buffer_it_cannot_write_through(monkeypatch):
     view = litert.host_view(buffer, (2, 3))
     view[1, 2] = 7.0
     assert buffer.read(6, np.float32)[5] == 7.0
+    with pytest.raises(ValueError, match="larger than the buffer"):
+        litert.host_view(buffer, (3, 3))
     library, name, pointer = litert._litert_c_api()
     elsewhere = np.zeros(6, np.float32)
 

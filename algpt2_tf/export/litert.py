@@ -33,11 +33,11 @@ def _litert_c_api():
     library.LiteRtGetTensorBufferHostMemory.argtypes = [ctypes.c_void_p,
                                                          ctypes.POINTER(ctypes.c_void_p)]
     library.LiteRtGetTensorBufferHostMemory.restype = ctypes.c_int
-    capsule_name = ctypes.pythonapi.PyCapsule_GetName
-    capsule_name.argtypes, capsule_name.restype = [ctypes.py_object], ctypes.c_char_p
-    capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-    capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-    capsule_pointer.restype = ctypes.c_void_p
+    # Prototypes of our own: `ctypes.pythonapi`'s shared function objects are left as they are.
+    capsule_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
+        ("PyCapsule_GetName", ctypes.pythonapi))
+    capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+        ("PyCapsule_GetPointer", ctypes.pythonapi))
     return library, capsule_name, capsule_pointer
 
 
@@ -46,7 +46,11 @@ def host_view(buffer, shape):
     to it is what the model reads, with no copy. It does not keep `buffer` alive: the caller
     holds both. Raises `RuntimeError` when the buffer has no host memory, or when a value
     written through the array does not read back through the buffer (a LiteRT build whose C
-    library does not match its Python one)."""
+    library does not match its Python one); `ValueError` when `shape` is larger than it."""
+    count = int(np.prod(shape))
+    if count > int(np.prod(buffer.get_tensor_details()["shape"])):
+        raise ValueError(f"A view of shape {tuple(shape)} is larger than the buffer "
+                         f"{buffer.get_tensor_details()['shape']}.")
     library, capsule_name, capsule_pointer = _litert_c_api()
     capsule = buffer.capsule
     address = ctypes.c_void_p()
@@ -54,7 +58,6 @@ def host_view(buffer, shape):
         capsule_pointer(capsule, capsule_name(capsule)), ctypes.byref(address))
     if status != 0 or not address.value:
         raise RuntimeError(f"This LiteRT tensor buffer has no host memory (status {status}).")
-    count = int(np.prod(shape))
     view = np.ctypeslib.as_array((ctypes.c_float * count).from_address(address.value))
     kept = view[0]
     view[0] = probe = 2.0 if kept == 1.0 else 1.0
