@@ -11,8 +11,8 @@ the same raw logits as on the XLA engine; scoring a prompt's own tokens (`echo` 
 `logprobs`) needs every position's logits, which the build does not return: a 400 that says
 to use `--engine xla`.
 
-Where it pays: batch-1 requests (`algpt2`, int8 build, one client on Zen 4: 4.22x the XLA
-engine's tokens per second at 0.24x its p99, benchmarks/README.md). Concurrent requests wait
+Where it pays: batch-1 requests (`algpt2`, int8 build, one client on Zen 4: 4.82x the XLA
+engine's tokens per second at 0.20x its p99, benchmarks/README.md). Concurrent requests wait
 for each other instead of sharing decode steps. A float32 build decodes 157.6 tokens/s at
 batch 1 (peers.py), below the batching XLA engine's 295.2 at 16 clients; an int8 build
 served 391.5 there (p99 0.75x), with a later first token (Zen 4).
