@@ -29,10 +29,14 @@ from algpt2_tf.runtime.files import cache_root
 def _litert_c_api():
     """LiteRT's C library from the `ai_edge_litert` wheel, for `LiteRtGetTensorBufferHostMemory`
     (the Python `TensorBuffer` only copies a whole buffer in or out)."""
-    library = ctypes.CDLL(os.path.join(os.path.dirname(ai_edge_litert.__file__), "libLiteRt.so"))
-    library.LiteRtGetTensorBufferHostMemory.argtypes = [ctypes.c_void_p,
-                                                         ctypes.POINTER(ctypes.c_void_p)]
-    library.LiteRtGetTensorBufferHostMemory.restype = ctypes.c_int
+    path = os.path.join(os.path.dirname(ai_edge_litert.__file__), "libLiteRt.so")
+    try:
+        library = ctypes.CDLL(path)
+        host_memory = library.LiteRtGetTensorBufferHostMemory
+    except (OSError, AttributeError) as error:
+        raise RuntimeError(f"This ai_edge_litert build has no usable {path}: {error}") from error
+    host_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+    host_memory.restype = ctypes.c_int
     # Prototypes of our own: `ctypes.pythonapi`'s shared function objects are left as they are.
     capsule_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
         ("PyCapsule_GetName", ctypes.pythonapi))
