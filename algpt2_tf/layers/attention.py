@@ -138,7 +138,9 @@ class CausalSelfAttention(keras.layers.Layer):
         No cache (a prefill): the new keys alone. With one (a decode step, one query per
         row), `attention_bias` `[batch, 1, 1, slots + 1]` covers the cache's slots, then
         the new key; the products are broadcast multiplies and sums, which XNNPACK runs
-        over the cache as it lies, where a batch matmul packs it into a matrix first.
+        over the cache as it lies, where a batch matmul packs it into a matrix first (12
+        layers of it in LiteRT, AMD EPYC Zen 4: batch 1 at 256 slots 0.55 ms against 0.67,
+        batch 8 at 128 slots 2.1 ms against 3.0).
         """
         if cache is None:
             return self._attend(q, k, v, attention_bias)
