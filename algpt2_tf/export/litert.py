@@ -51,10 +51,9 @@ def host_view(buffer, shape):
     holds both. Raises `RuntimeError` when the buffer has no host memory, or when a value
     written through the array does not read back through the buffer (a LiteRT build whose C
     library does not match its Python one); `ValueError` when `shape` is larger than it."""
-    count = int(np.prod(shape))
-    if count > int(np.prod(buffer.get_tensor_details()["shape"])):
-        raise ValueError(f"A view of shape {tuple(shape)} is larger than the buffer "
-                         f"{buffer.get_tensor_details()['shape']}.")
+    count, held = int(np.prod(shape)), buffer.get_tensor_details()["shape"]
+    if count > int(np.prod(held)):
+        raise ValueError(f"A view of shape {tuple(shape)} is larger than the buffer {held}.")
     library, capsule_name, capsule_pointer = _litert_c_api()
     capsule = buffer.capsule
     address = ctypes.c_void_p()

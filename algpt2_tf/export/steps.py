@@ -156,7 +156,7 @@ class InterpreterSteps(Steps):
         self._start(self.runners, self.runners[decode].get_input_details())
 
     def _new_cache(self, name, length):
-        return np.zeros(self._cache_shape(name, length), np.float32)
+        return np.empty(self._cache_shape(name, length), np.float32)  # `_caches` zeroes it
 
     def _run(self, signature, length, feeds):
         caches = self.caches[length] if length else {}
