@@ -188,8 +188,15 @@ def test_tflite_without_sharing_decodes_a_batch(tmp_path):
     expected = [model.generate([p], max_new_tokens=30, stop_ids=[]).new_ids[0] for p in prompts]
     assert InterpreterSteps(interpreter).greedy_rows(prompts, 30) == expected
     decoder = LiteRTDecoder(str(path), weight_cache_path=str(tmp_path / "weights.cache"))
+    # Prepared at load: every length's caches and decode buffers, before any request.
+    assert set(decoder.caches) == {32, 40}
+    assert set(decoder._decode_buffers) == {"decode_32", "decode_40"}
     assert decoder.greedy_rows(prompts, 30) == expected
     assert decoder.length == 40
+    lazy = LiteRTDecoder(str(path), weight_cache_path=str(tmp_path / "weights.cache"),
+                         prepare=False)
+    assert not lazy.caches and not lazy._decode_buffers
+    assert lazy.greedy_rows(prompts, 30) == expected
     assert decoder.greedy_rows(prompts[1:], 30) == expected[1:]  # fewer rows than the build's
     with pytest.raises(ValueError, match="exceed the build's cache of 40"):
         decoder.greedy_rows(prompts, 40)

@@ -88,6 +88,14 @@ class LiteRTDecoder(Steps):
         weight_cache_path: XNNPACK's packed-weight cache file (created on
             first use); default `default_weight_cache(model_path)`.
         num_threads: CPU threads (default: all).
+        prepare: make every cache length's caches and step buffers and run each
+            decode step once now, as servers allocate their KV cache at start,
+            instead of at the first request that reaches the length.
+            Random-weight int8 builds of 256 slots, a 2-token warm-up then a 16-token
+            prompt and 128 greedy tokens, fresh processes, 3 alternating rounds (AMD
+            EPYC Zen 4, 2026-12-05), tokens/s without -> with: `algpt2` batch 1 559
+            -> 606, 586 -> 647, 597 -> 663; `gpt2` batch 8 658 -> 724, 659 -> 705,
+            651 -> 717. Loading takes 35 ms more (`algpt2`, batch 1).
 
     Example (exports a small random model first):
     >>> import tempfile
@@ -105,7 +113,7 @@ class LiteRTDecoder(Steps):
     True
     """
 
-    def __init__(self, model_path, weight_cache_path=None, num_threads=None):
+    def __init__(self, model_path, weight_cache_path=None, num_threads=None, prepare=True):
         self.weight_cache_path = weight_cache_path or default_weight_cache(model_path)
         os.makedirs(os.path.dirname(self.weight_cache_path) or ".", exist_ok=True)
         options = Options(cpu_options=CpuOptions(
@@ -117,6 +125,12 @@ class LiteRTDecoder(Steps):
         self._start(self.signatures, self.model.get_input_tensor_details(decode))
         self._decode_buffers = {}  # decode_N's buffer lists (fixed shapes): made once
         self._cache_buffers = {}  # (length, name): the buffer under each cache's view
+        if prepare:
+            for length in self.lengths:
+                self._caches(length)
+                self._run(f"decode_{length}", length, {
+                    "input_id": np.zeros([self.batch, 1], np.int32),
+                    "position": np.zeros([self.batch], np.int32)})  # its outputs are dropped
 
     def _new_cache(self, name, length):
         # One buffer per cache, an input of the decode steps of its length, written through
@@ -143,6 +157,7 @@ class LiteRTDecoder(Steps):
         return self.model.get_signature_index(signature), inputs, outputs, (logits, new)
 
     def _run(self, signature, length, feeds):
+        """Writes `feeds` into the step's input buffers and runs it (`Steps`)."""
         if length is None:  # the prefill: the prompt length varies, so resize, fresh buffers
             for name, value in feeds.items():
                 self.model.resize_input_tensor_by_name(signature, name, value.shape)
