@@ -104,6 +104,8 @@ class ServingModule(tf.Module):
 def save(model, tokenizer, path, max_length):
     """Writes the SavedModel (both signatures) to `path`."""
     module = ServingModule(model, tokenizer, max_length)
+    # The functions themselves, traced once inside the save: concrete functions traced
+    # before it were traced again by it (its context is part of the trace key), which
+    # took a tiny model's save from 4.6 to 7.1 s (AMD EPYC Zen 4, 2026-12-06).
     tf.saved_model.save(module, path, signatures={
-        "serving_default": module.serving_default.get_concrete_function(),
-        "generate": module.generate.get_concrete_function()})
+        "serving_default": module.serving_default, "generate": module.generate})
