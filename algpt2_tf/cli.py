@@ -287,7 +287,7 @@ def _add_generation_commands(sub):
                    help="litert: a cached LiteRT build, made on first use (no TensorFlow at run "
                         "time after that); xla: the Keras model; auto: litert when its build is "
                         "cached and current, else xla")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                    help="the LiteRT build's weights (none: float32, the XLA path's greedy text)")
     p.set_defaults(func=_generate)
 
@@ -320,8 +320,9 @@ def _add_export_command(sub):
     p.add_argument("--out", required=True, help="model folder, e.g. saved_models/algpt2")
     p.add_argument("--version", type=int, help="version number (default: the next one)")
     p.add_argument("--quantize", default="none",
-                   help=f"{', '.join(QUANTIZATIONS)}: fp16 for tflite only; int8 is TFLite's "
-                        "int8 for tflite, Keras' weight-only int8 for keras and savedmodel")
+                   help=f"{', '.join(QUANTIZATIONS)}: fp16 and int4 for tflite only; int8 is "
+                        "TFLite's int8 for tflite, Keras' weight-only int8 for keras and "
+                        "savedmodel")
     p.add_argument("--max-length", type=int,
                    help="cache length for generate/decode (default: min(256, max_positions))")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
@@ -508,8 +509,8 @@ def _add_serving_commands(sub):
                    help="--model: xla (the Keras model, batched decode steps), litert (its "
                         "LiteRT build, made once and cached; one request at a time: fastest "
                         "at batch 1) or auto (litert when its build is cached and current and "
-                        "the server runs one request at a time or the build is int8, else xla)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        "the server runs one request at a time or the build is int8 or int4, else xla)")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                    help="the LiteRT build's weights (--engine litert or auto)")
     p.add_argument("--no-warm-up", action="store_true",
                    help="start without compiling the first batch shapes (--model; the first "

@@ -204,12 +204,13 @@ def test_tflite_without_sharing_decodes_a_batch(tmp_path):
         decoder.prefill_rows(prompts * 2)
 
 
-@pytest.mark.parametrize("quantize", ["fp16", "int8"])
+@pytest.mark.parametrize("quantize", ["fp16", "int8", "int4"])
 def test_tflite_quantized(tmp_path, model_path, tflite_report, keras_model, quantize):
     base = tflite_report
     report = export_model(model_path, "tflite", str(tmp_path / quantize), quantize=quantize,
                           max_length=32, log=lambda *_: None)
-    assert report.size_bytes < 0.7 * base.size_bytes
+    # int4 keeps the tied embedding twice (an int8 table, an int4 matrix: `int4.py`).
+    assert report.size_bytes < (0.95 if quantize == "int4" else 0.7) * base.size_bytes
     # The reported agreement is the share of greedy tokens equal to the Keras model's.
     from ai_edge_litert.interpreter import Interpreter
 
@@ -219,6 +220,62 @@ def test_tflite_quantized(tmp_path, model_path, tflite_report, keras_model, quan
     keras_tokens = keras_model.generate([prompt], max_new_tokens=steps, stop_ids=[]).new_ids[0]
     assert report.greedy_agreement == np.mean(np.equal(lite, keras_tokens))
     assert report.max_abs_diff < 1.0
+
+
+def test_int4_rewrites_each_shared_weight_once_and_stays_close_to_float(tflite_report):
+    """`int4.quantize_weights`: every matrix product's weight becomes INT4 (the values
+    `quantize_rows` gives, packed two a byte), every embedding table INT8 with a DEQUANTIZE
+    after its GATHER, one quantized buffer per float buffer (the shared block stays shared
+    across layers and signatures), and the logits follow the float model's."""
+    from ai_edge_litert.interpreter import Interpreter
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from algpt2_tf.export.int4 import pack_int4, quantize_rows, quantize_weights
+
+    source = open(tflite_report.path, "rb").read()
+    float_model = flatbuffer_utils.read_model_from_bytearray(bytearray(source))
+    packed = quantize_weights(source)
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(packed))
+    ops = schema.BuiltinOperator
+    seen = {ops.FULLY_CONNECTED: set(), ops.GATHER: set()}
+    float_weights = set()
+    for graph, float_graph in zip(model.subgraphs, float_model.subgraphs):
+        for op, float_op in zip([op for op in graph.operators
+                                 if model.operatorCodes[op.opcodeIndex].builtinCode
+                                 != ops.DEQUANTIZE], float_graph.operators):
+            code = model.operatorCodes[op.opcodeIndex].builtinCode
+            if code not in seen:
+                continue
+            at = 1 if code == ops.FULLY_CONNECTED else 0
+            tensor, float_tensor = graph.tensors[op.inputs[at]], float_graph.tensors[
+                float_op.inputs[at]]
+            if float_model.buffers[float_tensor.buffer].data is None:
+                continue  # not a constant (an attention product's operand)
+            assert tensor.type == (schema.TensorType.INT4 if code == ops.FULLY_CONNECTED
+                                   else schema.TensorType.INT8)
+            seen[code].add(tensor.buffer)
+            float_weights.add((float_tensor.buffer, code))
+            if code == ops.FULLY_CONNECTED:
+                weights = np.frombuffer(bytes(float_model.buffers[float_tensor.buffer].data),
+                                        np.float32).reshape(float_tensor.shape)
+                values, scales = quantize_rows(weights, 4)
+                assert bytes(model.buffers[tensor.buffer].data) == bytes(pack_int4(values))
+                np.testing.assert_allclose(tensor.quantization.scale, scales)
+            else:  # the gathered rows are dequantized before use
+                consumer = [o for o in graph.operators if op.outputs[0] in o.inputs]
+                assert [model.operatorCodes[o.opcodeIndex].builtinCode
+                        for o in consumer] == [ops.DEQUANTIZE]
+    assert len(seen[ops.FULLY_CONNECTED]) + len(seen[ops.GATHER]) == len(float_weights)
+    assert len(model.subgraphs) > 1 and seen[ops.FULLY_CONNECTED] and seen[ops.GATHER]
+    weight_bytes = [sum(len(b.data) for b in m.buffers if b.data is not None)
+                    for m in (float_model, model)]
+    assert weight_bytes[1] < 0.4 * weight_bytes[0]  # the tied table: int8 + int4 of float32
+    ids = np.array([[3, 1, 4, 1, 5]], np.int32)
+    logits = [Interpreter(model_content=content).get_signature_runner("logits")(
+        input_ids=ids, attention_mask=np.ones_like(ids))["logits"] for content in (source, packed)]
+    # Random weights and rows of 16 to 64 values: a coarse case, still the same logits' shape.
+    assert np.corrcoef(logits[0].ravel(), logits[1].ravel())[0, 1] > 0.95
+    assert not np.array_equal(logits[0], logits[1])
 
 
 def test_export_bad_input_exits_2_and_leaves_nothing(tmp_path, model_path, capsys):
@@ -231,6 +288,7 @@ def test_export_bad_input_exits_2_and_leaves_nothing(tmp_path, model_path, capsy
         (["--format", "keras", "--version", "1"], "already exists"),
         (["--format", "tflite", "--max-length", "4096"], "max_positions"),
         (["--format", "keras", "--quantize", "fp16"], "tflite format only"),
+        (["--format", "savedmodel", "--quantize", "int4"], "int4 applies to the tflite"),
         (["--format", "savedmodel", "--batch", "2"], "tflite format only"),
         (["--format", "tflite", "--batch", "0"], "batch must be a positive integer"),
     ]

@@ -79,8 +79,8 @@ def _check_options(format, quantize, version, batch=1):
         raise ValueError(f"Unknown format {format!r}; choose one of {', '.join(FORMATS)}.")
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}.")
-    if quantize == "fp16" and format != "tflite":
-        raise ValueError("--quantize fp16 applies to the tflite format only.")
+    if quantize in ("fp16", "int4") and format != "tflite":
+        raise ValueError(f"--quantize {quantize} applies to the tflite format only.")
     if version is not None and (not isinstance(version, int) or version < 1):
         raise ValueError(f"version must be a positive integer, got {version!r}.")
     if not isinstance(batch, int) or batch < 1:

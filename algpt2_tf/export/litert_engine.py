@@ -49,7 +49,7 @@ from algpt2_tf.tokenizer import GPT2Tokenizer
 
 BUILD_VERSION = 5
 """Bumped when the export changes what a build holds: older entries are not used."""
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int4")
 
 
 @dataclasses.dataclass
@@ -120,7 +120,8 @@ def cached_build(model_path, quantize="none", max_length=None, cache=None, build
 
     Args:
         model_path: the model.
-        quantize: "none" (float32: the XLA path's greedy text) or "int8" (weights).
+        quantize: "none" (float32: the XLA path's greedy text), "int8" or "int4" (weights;
+            int4: `int4.py`).
         max_length: the build's cache length (default: `min(256, max_positions)`);
             prompt plus new tokens must fit it.
         cache: the cache folder (default `$ALGPT2_CACHE` or `~/.cache/algpt2`).
@@ -281,7 +282,7 @@ class ModelDecoder:
 
     Args:
         model: a float32 `ALGPT2LMHeadModel` (or backbone).
-        quantize: the builds' weights, "none" or "int8".
+        quantize: the builds' weights, "none", "int8" or "int4".
         cache: the cache folder (default `$ALGPT2_CACHE` or `~/.cache/algpt2`).
     """
 

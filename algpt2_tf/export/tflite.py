@@ -51,6 +51,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from algpt2_tf.export import int4
 from algpt2_tf.export.formats import QUANTIZATIONS
 from algpt2_tf.export.steps import cache_names
 from algpt2_tf.generation.decode_tricks import DecodePlan, DecodeTricks
@@ -153,9 +154,11 @@ def convert(model, max_length, quantize="none", batch=1):
         tf.saved_model.save(module, tmp, signatures=signatures)
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=list(signatures))
         converter.experimental_enable_resource_variables = True
-        if quantize != "none":
+        if quantize in ("fp16", "int8"):
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter._experimental_disable_per_channel = True
         if quantize == "fp16":
             converter.target_spec.supported_types = [tf.float16]
-        return converter.convert()
+        flatbuffer = converter.convert()
+    # int4: the float32 model's weights rewritten (TFLite's converter makes no int4 weights).
+    return int4.quantize_weights(flatbuffer) if quantize == "int4" else flatbuffer

@@ -590,7 +590,7 @@ def choose_engine(engine, model_path, quantize="none", max_batch=16, batching=Tr
     """The engine `engine="auto"` serves with, when a current LiteRT build of the model is
     cached (so start-up builds nothing): "litert" when the server runs one request at a time
     (`max_batch` 1 or no batching: LiteRT's batch-1 decode is the fastest measured), and for an
-    int8 build even when it batches (`algpt2`, 16 clients streaming 16 tokens, Zen 4: one
+    int8 (or int4) build even when it batches (`algpt2`, 16 clients streaming 16 tokens, Zen 4: one
     request at a time on LiteRT int8 served 391.5 tokens/s with a p99 of 684 ms, XLA's
     continuous batching 295.2 and 913 ms; `benchmarks/README.md`); else "xla". Other values
     are returned as they are."""
@@ -598,7 +598,7 @@ def choose_engine(engine, model_path, quantize="none", max_batch=16, batching=Tr
         return engine
 
     one_at_a_time = max_batch == 1 or not batching
-    if ((one_at_a_time or quantize == "int8")
+    if ((one_at_a_time or quantize in ("int8", "int4"))
             and cached_build(model_path, quantize, cache=cache, build=False)):
         return "litert"
     return "xla"
