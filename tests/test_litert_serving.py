@@ -130,11 +130,14 @@ def test_engine_auto_serves_litert_one_request_at_a_time_when_a_build_is_cached(
     assert choose_engine("auto", model, batching=False, cache=cache) == "litert"
     assert choose_engine("auto", model, max_batch=16, cache=cache) == "xla"  # batches: XLA
     assert choose_engine("auto", model, max_batch=1, cache=str(tmp_path)) == "xla"  # no build
-    assert choose_engine("auto", model, "int8", max_batch=1, cache=cache) == "xla"  # not built
     assert choose_engine("litert", model, max_batch=16, cache=str(tmp_path)) == "litert"
-    # An int8 build outserves XLA's batching too: auto takes it for a batching server.
+    # An int8 or int4 build outserves XLA's batching too: auto takes it for a batching server.
+    from algpt2_tf.export.litert import LiteRTDecoder
     from algpt2_tf.export.litert_engine import cached_build
 
-    cached_build(model, "int8", cache=cache, log=lambda *_: None)
-    assert choose_engine("auto", model, "int8", max_batch=16, cache=cache) == "litert"
+    build = cached_build(model, "int4", cache=cache, log=lambda *_: None)
+    assert choose_engine("auto", model, "int4", max_batch=16, cache=cache) == "litert"
+    assert choose_engine("auto", model, "int8", max_batch=16, cache=cache) == "xla"  # not built
+    decoder = LiteRTDecoder(build.model_path, str(tmp_path / "weights.cache"))
+    assert len(decoder.greedy([3, 1, 4], 5)) == 5
     assert choose_engine("auto", model, max_batch=16, cache=cache) == "xla"  # float32: XLA
