@@ -41,7 +41,8 @@ setup(
         "torch": ["torch==2.13.0"],
         "jax": ["jax>=0.4.30"],
         # The engines benchmarks/peers.py measures against (skipped when absent).
-        "peers": ["ctranslate2==4.8.5", "onnxruntime>=1.20", "onnx>=1.16"],
+        "peers": ["ctranslate2==4.8.5", "onnxruntime>=1.20", "onnx>=1.16",
+                  "onnx-ir>=0.1"],  # onnx-ir: ONNX Runtime's int4 quantizer
     },
     entry_points={"console_scripts": ["algpt2=algpt2_command:main"]},
 )

@@ -8,16 +8,20 @@ values), each case in a fresh process with one warm-up run, the cases alternatin
 median of `--rounds` rounds:
 
 - ours, Keras/XLA float32 and Keras int8 (`bench.py`'s decode worker, all cores);
-- ours, LiteRT float32 and int8 (the TFLite export, a build of as many rows as the batch and
+- ours, LiteRT float32, int8 and int4 (the TFLite export, a build of as many rows as the batch and
   the 256-slot cache `engine="litert"` builds, through LiteRT's `CompiledModel` with the
   caches bound in place; `bench.py`'s worker);
 - CTranslate2 int8 and float32 of what `algpt2 convert --to-hf` makes of the model (an
   expanded GPT-2: its only way to run an ALGPT2), `intra_threads` = cores, its own
   quantization (`[peers]` extra);
-- ONNX Runtime float32 and int8 of the same HF export: one decode step with a KV cache
+- ONNX Runtime float32, int8 and int4 of the same HF export: one decode step with a KV cache
   exported by `torch.onnx` (the usual exporter, `optimum-onnx`, pins transformers 4.x), the
-  int8 model by ONNX Runtime's `quantize_dynamic`; all graph optimizations, intra-op threads
-  = cores, the cache fed back as NumPy arrays (`[peers]` extra);
+  int8 model by ONNX Runtime's `quantize_dynamic`, the int4 one by its `MatMulNBitsQuantizer`
+  (symmetric, blocks of 128, `accuracy_level=4`: int8 products, its fastest on CPU; blocks of
+  32 decoded `gpt2` 20% slower on Zen 4) after the export's `Gemm`s are written as `MatMul`
+  + `Add` (the quantizer takes `MatMul` only; left as `Gemm`, GPT-2's projections stayed
+  float32); all graph optimizations, intra-op threads = cores, the cache fed back as NumPy
+  arrays (`[peers]` extra);
 - keras-hub's GPT-2 (`gpt2` only: keras-hub has no ALGPT2).
 
 A peer that is not installed is skipped with a line saying so.
@@ -119,9 +123,18 @@ def worker_ct2(case):
 # ------------------------------------------------------------------ ONNX Runtime
 def onnx_file(preset, quantization, quick, root):
     """The ONNX model (one decode step with a KV cache) of the preset's HF export, made once
-    per run with `torch.onnx`; int8: ONNX Runtime's own dynamic quantization of it."""
+    per run with `torch.onnx`; int8 and int4: ONNX Runtime's own quantizations of it."""
     out = os.path.join(root, f"onnx-{preset}-{quantization}.onnx")
     if os.path.exists(out):
+        return out
+    if quantization == "int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(gemm_as_matmul(onnx_file(preset, "float32", quick, root)),
+                                         bits=4, block_size=128, is_symmetric=True,
+                                         accuracy_level=4)
+        quantizer.process()
+        quantizer.model.save_model_to_file(out, use_external_data_format=False)
         return out
     if quantization == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -131,6 +144,40 @@ def onnx_file(preset, quantization, quick, root):
         return out
     export_onnx_step(hf_export(preset, quick, root), out)
     return out
+
+
+def gemm_as_matmul(path):
+    """The ONNX model at `path` with each `Gemm` of a constant weight (`torch.onnx` writes
+    GPT-2's projections as `Gemm`) written as `MatMul` + `Add`, the same products, reading
+    the weight itself where the export passed it through an `Identity` (the expanded ALGPT2's
+    layers share their weights); as `onnx.ModelProto`."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(path)
+    weights = {tensor.name: tensor for tensor in model.graph.initializer}
+    aliases = {node.output[0]: node.input[0] for node in model.graph.node
+               if node.op_type == "Identity" and node.input[0] in weights}
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = aliases.get(node.input[1], node.input[1]) if len(node.input) > 1 else None
+        if (node.op_type != "Gemm" or weight not in weights or attrs.get("transA", 0)
+                or attrs.get("transB", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        product = node.output[0] + "/matmul"
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product],
+                                      name=node.name + "/matmul"))
+        if len(node.input) > 2:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], list(node.output),
+                                          name=node.name + "/add"))
+        else:
+            nodes[-1].output[0] = node.output[0]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
 
 
 def export_onnx_step(hf, out):
@@ -215,8 +262,8 @@ def plan(quick, batches=(1, 8)):
                           dict(common, kind="decode", model=preset)))
             cases.append((f"{preset} b{batch} | ours Keras int8",
                           dict(common, kind="decode", model=f"{preset}-int8")))
-            for quantize in ("none", "int8"):  # a build of `batch` rows
-                name = "float32" if quantize == "none" else "int8"
+            for quantize in ("none", "int8", "int4"):  # a build of `batch` rows
+                name = "float32" if quantize == "none" else quantize
                 # The cache `engine="litert"` builds (`min(256, max_positions)` slots), not
                 # one sized to the request: the cache's slots cost time at every step.
                 cases.append((f"{preset} b{batch} | ours LiteRT {name}",
@@ -227,7 +274,7 @@ def plan(quick, batches=(1, 8)):
                 cases.append((f"{preset} b{batch} | CTranslate2 {quantization} (HF export)",
                               dict(common, kind="ct2", preset=preset,
                                    quantization=quantization)))
-            for quantization in ("int8", "float32"):
+            for quantization in ("int4", "int8", "float32"):
                 cases.append((f"{preset} b{batch} | ONNX Runtime {quantization} (HF export)",
                               dict(common, kind="ort", preset=preset,
                                    quantization=quantization)))
@@ -279,6 +326,7 @@ def main():
     for module, kind, why in (("ctranslate2", "ct2", "pip install -e '.[peers]'"),
                               ("onnxruntime", "ort", "pip install -e '.[peers]'"),
                               ("onnx", "ort", "pip install -e '.[peers]'"),
+                              ("onnx_ir", "ort", "pip install -e '.[peers]'"),
                               ("torch", "ort", "the export runs through torch.onnx"),
                               ("keras_hub", "peer", "pip install keras-hub")):
         if not peer_available(module):

@@ -227,8 +227,9 @@ def test_peers_quick(tmp_path):
     report = json.loads((tmp_path / "peers.json").read_text())
     engines = {label.split(" | ")[1] for label in report["cases"]}
     assert {"ours Keras/XLA float32", "ours Keras int8", "ours LiteRT float32", "ours LiteRT int8",
-            "CTranslate2 int8 (HF export)", "CTranslate2 float32 (HF export)",
+            "ours LiteRT int4", "CTranslate2 int8 (HF export)", "CTranslate2 float32 (HF export)",
             "ONNX Runtime int8 (HF export)", "ONNX Runtime float32 (HF export)",
+            "ONNX Runtime int4 (HF export)",
             "keras-hub GPT-2"} <= engines
     for case in report["cases"].values():
         assert len(case["tokens_per_s"]) == 1 and case["median"] > 0
@@ -246,8 +247,9 @@ def test_peers_plan_and_table():
     for group in ("algpt2 b1", "algpt2 b8", "gpt2 b1", "gpt2 b8"):
         engines = {label.split(" | ")[1] for label in full if label.startswith(group + " |")}
         assert {"ours Keras/XLA float32", "ours Keras int8", "CTranslate2 int8 (HF export)",
-                "ONNX Runtime int8 (HF export)", "ONNX Runtime float32 (HF export)"} <= engines
-        assert {"ours LiteRT int8", "ours LiteRT float32"} <= engines
+                "ONNX Runtime int8 (HF export)", "ONNX Runtime float32 (HF export)",
+                "ONNX Runtime int4 (HF export)"} <= engines
+        assert {"ours LiteRT int8", "ours LiteRT float32", "ours LiteRT int4"} <= engines
         assert full[f"{group} | ours LiteRT int8"]["max_length"] == 256  # the engine's cache
         assert ("keras-hub GPT-2" in engines) == group.startswith("gpt2")
     assert all(case["prompt"] == 16 and case["new_tokens"] == 128 for case in full.values())
@@ -273,7 +275,8 @@ def test_peers_plan_and_table():
 def test_peers_onnx_step_decodes_as_the_hf_model(tmp_path):
     """The ONNX Runtime peer's model is the HF export's: from an empty cache (the prefill) and
     then one token at a time with the cache fed back, its last-position logits equal the HF
-    model's on the whole sequence, batch 2."""
+    model's on the whole sequence, batch 2; with its `Gemm`s written as `MatMul` + `Add` (what
+    the int4 case quantizes), the same logits."""
     pytest.importorskip("onnxruntime")
     import numpy as np
     import onnxruntime as ort
@@ -297,6 +300,15 @@ def test_peers_onnx_step_decodes_as_the_hf_model(tmp_path):
         step_ids = logits.argmax(-1)[:, None]
         sequence = np.concatenate([sequence, step_ids], axis=1)
         feed = dict(zip(feed, present))
+    rewritten = peers.gemm_as_matmul(path)
+    assert not [n for n in rewritten.graph.node if n.op_type == "Gemm"]
+    matmul = ort.InferenceSession(rewritten.SerializeToString(),
+                                  providers=["CPUExecutionProvider"])
+    prompt = {"input_ids": sequence.astype(np.int64),
+              **{i.name: np.zeros((2, past[0].shape[1], 0, past[0].shape[3]), np.float32)
+                 for i in past}}
+    np.testing.assert_allclose(matmul.run(None, prompt)[0], session.run(None, prompt)[0],
+                               atol=1e-4)
 
 
 def test_cold_start_measures_a_preset_as_a_saved_fresh_model(tmp_path):
