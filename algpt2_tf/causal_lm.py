@@ -52,7 +52,8 @@ class ALGPT2LMHeadModel(ALGPT2Backbone):
                 or 4 rows, made once per set of weights and cached: `litert_engine`; the same
                 tokens for a float32 build; int8 `algpt2` at batch 1 decodes 3.5x the XLA
                 path's tokens/s, `benchmarks/README.md`).
-            quantize: the LiteRT build's weights, "none" (float32) or "int8".
+            quantize: the LiteRT build's weights, "none" (float32), "int8" or "int4"
+                (`algpt2_tf.export.int4`).
 
         Returns:
             A `GenerationOutput` (with `text` when the prompts were strings).

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -263,8 +264,9 @@ def test_appending_arms_extends_a_folder_and_any_other_change_is_refused(tmp_pat
 def test_a_scaling_experiment_its_report_and_its_quality_judges(tmp_path):
     """`tokens` gives an arm its own steps (and cosine schedule); a `separator` file is
     evaluated as separate documents; `experiment scaling` reports each family's ratio to
-    the baseline family at every budget with a fitted trend; `experiment quality` judges
-    every run's samples with two trained models. Tiny runs of four arms."""
+    the baseline family at every budget; `experiment quality` judges every run's samples
+    with two trained models. Tiny runs of three arms (the report's choices and fits on more
+    runs: `test_scaling_rows_keep_each_familys_best_rate_and_fit_its_trend`)."""
     write_corpus(tmp_path / "data")
     held_out = (tmp_path / "data" / "held_out.txt").read_text()
     (tmp_path / "data" / "stories.txt").write_text(held_out.replace("\n\n", "\n<|endoftext|>\n", 3))
@@ -274,12 +276,8 @@ def test_a_scaling_experiment_its_report_and_its_quality_judges(tmp_path):
         {"path": "data/stories.txt", "separator": "<|endoftext|>"}]}]
     spec["arms"] = [{"name": "base_1x", "options": {"learning_rate": 0.01}},
                     {"name": "base_2x", "options": {"learning_rate": 0.01}, "tokens": 512},
-                    {"name": "norms_1x", "config": {"per_layer_norms": True},
-                     "options": {"learning_rate": 0.01}},
                     {"name": "norms_2x", "config": {"per_layer_norms": True},
-                     "options": {"learning_rate": 0.01}, "tokens": 512},
-                    # the base family at 2x again, at another rate (a re-sweep)
-                    {"name": "base_2x_lr0.05", "options": {"learning_rate": 0.05}, "tokens": 512}]
+                     "options": {"learning_rate": 0.01}, "tokens": 512}]
     spec["baseline"] = "base_1x"
     opening = " ".join(held_out.split()[:3])
     spec["generation"] = {"prompts": [opening, "Not in any held-out text at all"],
@@ -299,17 +297,9 @@ def test_a_scaling_experiment_its_report_and_its_quality_judges(tmp_path):
     report = json.loads((tmp_path / "report" / "scaling.json").read_text())
     rows = {(r["family"], r["tokens"]): r for r in report["rows"]}
     assert rows[("base", 512)]["sets"]["stories"]["ratio"] == 1.0
-    # Of the base family's two 2x runs, the one with the lower validation loss stands for it.
-    two = [runs["base_2x"], runs["base_2x_lr0.05"]]
-    best = min(two, key=lambda r: r["valid_loss"])
-    assert rows[("base", 512)]["arm"] == best["arm"]
-    assert rows[("base", 512)]["learning_rates_tried"] == sorted(
-        [r["learning_rate"], r["valid_loss"]] for r in two)
     expected = (runs["norms_2x"]["eval"]["stories"]["word_perplexity"]
-                / best["eval"]["stories"]["word_perplexity"])
+                / runs["base_2x"]["eval"]["stories"]["word_perplexity"])
     assert rows[("norms", 512)]["sets"]["stories"]["ratio"] == pytest.approx(expected)
-    fit = report["fits"]["norms"]["stories"]
-    assert fit["points"] == 2 and fit["slope_se"] is None  # two budgets: no error estimate
     assert (tmp_path / "report" / "ratio_vs_tokens.png").stat().st_size > 0
     assert "| norms | 2x | 512 |" in (tmp_path / "report" / "scaling.md").read_text()
 
@@ -323,12 +313,40 @@ def test_a_scaling_experiment_its_report_and_its_quality_judges(tmp_path):
     assert quality["baseline"] == "base" and quality["gaps"] == json.loads(json.dumps(
         gaps_at_equal_perplexity(quality["rows"], ["base_2x", "norms_2x"], ["stories"], "base")))
     assert quality["groups"] == {"stories": [0]}  # the second prompt opens no held-out text
-    assert len(quality["rows"]) == 5
+    assert len(quality["rows"]) == 3
     for row in quality["rows"]:
         assert set(row["judges"]) == {"base_2x", "norms_2x"}
         assert row["judges"]["base_2x"]["stories"] > 1
     text = (tmp_path / "report" / "quality.md").read_text()
     assert f"**Prompt:** {opening}" in text and (tmp_path / "report" / "quality.png").exists()
+
+
+def test_scaling_rows_keep_each_familys_best_rate_and_fit_its_trend():
+    """Of a family's runs at one budget, the one with the lowest validation loss stands for
+    it (the rates tried are listed); each other family gets its ratio to the baseline family
+    at every budget and a power-law fit over the budgets (two points: no error estimate)."""
+    from algpt2_tf.experiments.scaling import fits, scaling_rows
+
+    arms = [("base_1x", 256, 0.01, 3.0, 100.0), ("base_2x", 512, 0.01, 2.5, 80.0),
+            ("base_2x_lr0.05", 512, 0.05, 2.4, 70.0), ("norms_1x", 256, 0.01, 3.1, 120.0),
+            ("norms_2x", 512, 0.01, 2.6, 77.0)]
+    spec = {"budget": {"seq_len": 16, "batch_size": 4}, "options": {}, "seeds": [0],
+            "baseline": "base_1x",
+            "arms": [{"name": name} for name, *_ in arms]}
+    results = [{"arm": name, "seed": 0, "learning_rate": rate, "valid_loss": loss,
+                "training_tokens": tokens, "parameters": 1000, "non_embedding_parameters": 500,
+                "train_seconds": 1.0, "eval": {"stories": {"word_perplexity": ppl,
+                                                           "bits_per_byte": 1.0}}}
+               for name, tokens, rate, loss, ppl in arms]
+    rows = {(r["family"], r["tokens"]): r for r in scaling_rows(spec, results, "base")}
+    assert rows[("base", 512)]["arm"] == "base_2x_lr0.05"  # validation loss 2.4 < 2.5
+    assert rows[("base", 512)]["learning_rates_tried"] == [[0.01, 2.5], [0.05, 2.4]]
+    assert rows[("norms", 256)]["sets"]["stories"]["ratio"] == pytest.approx(1.2)
+    assert rows[("norms", 512)]["sets"]["stories"]["ratio"] == pytest.approx(1.1)
+    fit = fits(list(rows.values()), "base")["norms"]["stories"]
+    assert fit["points"] == 2 and fit["slope_se"] is None
+    assert fit["slope"] == pytest.approx(math.log(1.1 / 1.2) / math.log(2))
+    assert "base" not in fits(list(rows.values()), "base")
 
 
 def test_generative_perplexity_scores_the_continuation_only():

@@ -204,13 +204,12 @@ def test_tflite_without_sharing_decodes_a_batch(tmp_path):
         decoder.prefill_rows(prompts * 2)
 
 
-@pytest.mark.parametrize("quantize", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("quantize", ["fp16", "int8"])  # int4: the LiteRT serving test's build
 def test_tflite_quantized(tmp_path, model_path, tflite_report, keras_model, quantize):
     base = tflite_report
     report = export_model(model_path, "tflite", str(tmp_path / quantize), quantize=quantize,
                           max_length=32, log=lambda *_: None)
-    # int4 keeps the tied embedding twice (an int8 table, an int4 matrix: `int4.py`).
-    assert report.size_bytes < (0.95 if quantize == "int4" else 0.7) * base.size_bytes
+    assert report.size_bytes < 0.7 * base.size_bytes
     # The reported agreement is the share of greedy tokens equal to the Keras model's.
     from ai_edge_litert.interpreter import Interpreter
 
@@ -222,7 +221,8 @@ def test_tflite_quantized(tmp_path, model_path, tflite_report, keras_model, quan
     assert report.max_abs_diff < 1.0
 
 
-def test_int4_rewrites_each_shared_weight_once_and_stays_close_to_float(tflite_report):
+@pytest.mark.parametrize("block_size", [None, 32])
+def test_int4_rewrites_each_shared_weight_once_and_stays_close_to_float(tflite_report, block_size):
     """`int4.quantize_weights`: every matrix product's weight becomes INT4 (the values
     `quantize_rows` gives, packed two a byte), every embedding table INT8 with a DEQUANTIZE
     after its GATHER, one quantized buffer per float buffer (the shared block stays shared
@@ -234,10 +234,11 @@ def test_int4_rewrites_each_shared_weight_once_and_stays_close_to_float(tflite_r
 
     source = open(tflite_report.path, "rb").read()
     float_model = flatbuffer_utils.read_model_from_bytearray(bytearray(source))
-    packed = quantize_weights(source)
+    packed = quantize_weights(source, block_size)
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(packed))
     ops = schema.BuiltinOperator
     seen = {ops.FULLY_CONNECTED: set(), ops.GATHER: set()}
+    blocks_seen = set()
     float_weights = set()
     for graph, float_graph in zip(model.subgraphs, float_model.subgraphs):
         for op, float_op in zip([op for op in graph.operators
@@ -258,15 +259,27 @@ def test_int4_rewrites_each_shared_weight_once_and_stays_close_to_float(tflite_r
             if code == ops.FULLY_CONNECTED:
                 weights = np.frombuffer(bytes(float_model.buffers[float_tensor.buffer].data),
                                         np.float32).reshape(float_tensor.shape)
-                values, scales = quantize_rows(weights, 4)
+                block = block_size if weights.shape[1] % (block_size or 1) == 0 else None
+                values, scales = quantize_rows(weights, 4, block)
                 assert bytes(model.buffers[tensor.buffer].data) == bytes(pack_int4(values))
-                np.testing.assert_allclose(tensor.quantization.scale, scales)
+                details = tensor.quantization.details
+                if block:  # float16 scales, one per block of a row, in a tensor of the graph
+                    table = graph.tensors[details.blockSize and details.scales]
+                    assert details.blockSize == block and table.type == schema.TensorType.FLOAT16
+                    stored = np.frombuffer(bytes(model.buffers[table.buffer].data), np.float16)
+                    np.testing.assert_array_equal(stored.reshape(table.shape), scales)
+                    blocks_seen.add(block)
+                else:
+                    np.testing.assert_allclose(tensor.quantization.scale, scales)
             else:  # the gathered rows are dequantized before use
                 consumer = [o for o in graph.operators if op.outputs[0] in o.inputs]
                 assert [model.operatorCodes[o.opcodeIndex].builtinCode
                         for o in consumer] == [ops.DEQUANTIZE]
     assert len(seen[ops.FULLY_CONNECTED]) + len(seen[ops.GATHER]) == len(float_weights)
     assert len(model.subgraphs) > 1 and seen[ops.FULLY_CONNECTED] and seen[ops.GATHER]
+    assert blocks_seen == ({block_size} if block_size else set())
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_weights(source, 48)
     weight_bytes = [sum(len(b.data) for b in m.buffers if b.data is not None)
                     for m in (float_model, model)]
     assert weight_bytes[1] < 0.4 * weight_bytes[0]  # the tied table: int8 + int4 of float32
@@ -276,6 +289,28 @@ def test_int4_rewrites_each_shared_weight_once_and_stays_close_to_float(tflite_r
     # Random weights and rows of 16 to 64 values: a coarse case, still the same logits' shape.
     assert np.corrcoef(logits[0].ravel(), logits[1].ravel())[0, 1] > 0.95
     assert not np.array_equal(logits[0], logits[1])
+
+
+def test_litert_quality_scores_a_build_as_evaluate_scores_the_model(tflite_report, keras_model):
+    """`benchmarks/litert_quality.py` scores a build's `logits` signature on the windows and
+    with the loss `algpt2 evaluate` uses: a float32 build's perplexity is the Keras model's."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from algpt2_tf.evaluation import evaluate_texts
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    try:
+        import litert_quality
+    finally:
+        sys.path.pop(0)
+    texts = [" ".join(PROBE_TEXT * 6), "Hello there, general reader of these lines."]
+    runner = Interpreter(model_path=tflite_report.path).get_signature_runner("logits")
+    got = litert_quality.held_out(runner, GPT2Tokenizer(), texts, 32, 16)
+    expected = evaluate_texts(keras_model, GPT2Tokenizer(), texts, seq_len=32, stride=16,
+                              verbose=0)
+    assert got["tokens"] == expected["tokens"] > 32  # more than one window
+    assert got["token_perplexity"] == pytest.approx(expected["token_perplexity"], rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(expected["bits_per_byte"], rel=1e-5)
 
 
 def test_export_bad_input_exits_2_and_leaves_nothing(tmp_path, model_path, capsys):
