@@ -10,7 +10,6 @@ perplexity within 2% of float32.
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -18,7 +17,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from benchmarks.case_process import write_results  # noqa: E402
 
 
 def greedy(model, tokenizer, prompts, steps):
@@ -33,21 +35,36 @@ def keras_bytes(model):
         return os.path.getsize(path)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def quality_inputs(description):
+    """A quantization-quality script's command line (this one's, `litert_quality.py`'s), and
+    the spec and held-out texts it names: `(args, spec, {set: documents})`."""
+    from algpt2_tf.experiments.runner import held_out_texts
+    from algpt2_tf.experiments.spec import load_spec
+
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", required=True, help="a run folder or .keras file (float32)")
     parser.add_argument("--spec", required=True, help="the experiment spec of its held-out sets")
     parser.add_argument("--steps", type=int, default=48, help="greedy tokens per prompt")
     parser.add_argument("--out", required=True, help="output path without extension")
     args = parser.parse_args()
+    spec = load_spec(args.spec)
+    return args, spec, held_out_texts(spec)
 
-    from algpt2_tf.experiments.runner import held_out_metrics, held_out_texts
-    from algpt2_tf.experiments.spec import load_spec
+
+def greedy_agreement(reference, other):
+    """The share of greedy tokens of `other` (a list of continuations) equal to
+    `reference`'s at the same place."""
+    pairs = [(a, b) for f, q in zip(reference, other) for a, b in zip(f, q)]
+    return sum(a == b for a, b in pairs) / len(pairs)
+
+
+def main():
+    args, spec, texts = quality_inputs(__doc__.splitlines()[0])
+
+    from algpt2_tf.experiments.runner import held_out_metrics
     from algpt2_tf.causal_lm import ALGPT2LMHeadModel
     from algpt2_tf.saving import load_model, load_tokenizer_for
 
-    spec = load_spec(args.spec)
-    texts = held_out_texts(spec)
     prompts = spec.generation["prompts"]
     tokenizer = load_tokenizer_for(args.model)
     model = load_model(args.model, ALGPT2LMHeadModel)
@@ -59,14 +76,11 @@ def main():
         result[name] = {"held_out": held_out_metrics(spec, model, tokenizer, texts),
                         "greedy": greedy(model, tokenizer, prompts, args.steps),
                         "keras_bytes": keras_bytes(model)}
-    pairs = [(a, b) for f, q in zip(result["float32"]["greedy"], result["int8"]["greedy"])
-             for a, b in zip(f, q)]
-    result["greedy_agreement"] = sum(a == b for a, b in pairs) / len(pairs)
+    result["greedy_agreement"] = greedy_agreement(result["float32"]["greedy"],
+                                                  result["int8"]["greedy"])
     result["ratios"] = {name: result["int8"]["held_out"][name]["token_perplexity"]
                         / result["float32"]["held_out"][name]["token_perplexity"]
                         for name in texts}
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
     lines = [f"Keras int8 vs float32: `{args.model}`, held-out sets of `{args.spec}`.", "",
              "| set | float32 token ppl | int8 token ppl | int8 / float32 | float32 bits/byte | "
              "int8 bits/byte |", "|---|---:|---:|---:|---:|---:|"]
@@ -79,9 +93,7 @@ def main():
               f"({len(prompts)} prompts x {args.steps} tokens). `.keras` size: "
               f"{result['float32']['keras_bytes'] / 1e6:.2f} MB float32, "
               f"{result['int8']['keras_bytes'] / 1e6:.2f} MB int8.", ""]
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.out, result, "\n".join(lines))
     return 0
 
 

@@ -13,8 +13,6 @@ tokens equal to the float32 build's (the XLA path's own). Writes OUT.json and OU
 Issue 20's bar for a quantization: token perplexity within 2% of float32.
 """
 
-import argparse
-import json
 import math
 import os
 import sys
@@ -24,6 +22,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from benchmarks.case_process import write_results  # noqa: E402
+from benchmarks.int8_quality import greedy_agreement, quality_inputs  # noqa: E402
 
 QUANTIZATIONS = ("none", "int8", "int4")
 
@@ -52,26 +53,16 @@ def held_out(logits_runner, tokenizer, texts, seq_len, stride):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a run folder, .keras file or pretrained "
-                                                       "name (float32)")
-    parser.add_argument("--spec", required=True, help="the experiment spec of its held-out sets")
-    parser.add_argument("--steps", type=int, default=48, help="greedy tokens per prompt")
-    parser.add_argument("--out", required=True, help="output path without extension")
-    args = parser.parse_args()
+    args, spec, texts = quality_inputs(__doc__.splitlines()[0])
 
     from ai_edge_litert.interpreter import Interpreter
 
     from algpt2_tf.causal_lm import ALGPT2LMHeadModel
-    from algpt2_tf.experiments.runner import held_out_texts
-    from algpt2_tf.experiments.spec import load_spec
     from algpt2_tf.export.litert import LiteRTDecoder
     from algpt2_tf.export.tflite import convert
     from algpt2_tf.runtime.cpu_info import cpu_info
     from algpt2_tf.saving import load_tokenizer_for, resolve_model_path
 
-    spec = load_spec(args.spec)
-    texts = held_out_texts(spec)
     prompts = spec.generation["prompts"]
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer_for(path)
@@ -95,14 +86,11 @@ def main():
             print(f"{quantize}: {result['builds'][quantize]['held_out']}", file=sys.stderr)
     builds = result["builds"]
     for quantize in QUANTIZATIONS[1:]:
-        pairs = [(a, b) for f, q in zip(builds["none"]["greedy"], builds[quantize]["greedy"])
-                 for a, b in zip(f, q)]
-        builds[quantize]["greedy_agreement"] = sum(a == b for a, b in pairs) / len(pairs)
+        builds[quantize]["greedy_agreement"] = greedy_agreement(builds["none"]["greedy"],
+                                                                builds[quantize]["greedy"])
         builds[quantize]["ratios"] = {
             name: builds[quantize]["held_out"][name]["token_perplexity"]
             / builds["none"]["held_out"][name]["token_perplexity"] for name in texts}
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
     cpu = result["cpu"]
     lines = [f"LiteRT builds of `{args.model}` (batch 1, {max_length}-slot cache), held-out sets "
              f"of `{args.spec}` (windows of {spec.eval_seq_len}, stride {spec.eval_stride}); "
@@ -119,9 +107,7 @@ def main():
               f"{builds['int4']['greedy_agreement']:.1%}. Build sizes: "
               + ", ".join(f"{'float32' if q == 'none' else q} {builds[q]['bytes'] / 1e6:.2f} MB"
                           for q in QUANTIZATIONS) + ".", ""]
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.out, result, "\n".join(lines))
     return 0
 
 

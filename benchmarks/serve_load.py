@@ -199,7 +199,7 @@ def main():
     parser.add_argument("--preset", default="algpt2-tiny", help="--openai: the served model")
     parser.add_argument("--litert", action="store_true",
                         help="--openai: also --engine litert (one request at a time)")
-    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+    parser.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                         help="--litert: the LiteRT build's weights")
     parser.add_argument("--out")
     args = parser.parse_args()

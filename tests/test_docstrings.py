@@ -20,7 +20,7 @@ MODULES = [
     "algpt2_tf.runtime.cpu_info", "algpt2_tf.generation.decode_tricks", "algpt2_tf.training.launch",
     "algpt2_tf.experiments.quality", "algpt2_tf.experiments.scaling", "algpt2_tf.generation.sampling",
     "algpt2_tf.generation.token_choice", "algpt2_tf.serving.litert_serving",
-    "algpt2_tf.export.litert_engine", "algpt2_tf.runtime.xla_cache",
+    "algpt2_tf.export.litert_engine", "algpt2_tf.runtime.xla_cache", "algpt2_tf.export.int4",
 ]
 
 

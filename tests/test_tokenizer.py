@@ -47,7 +47,9 @@ def test_trained_tokenizer_round_trips_and_matches_in_graph(tmp_path):
         assert (tmp_path / name).exists()
     assert len(tokenizer.encode(corpus[0])) < len(corpus[0]) / 2  # it learned merges
     twin = tokenizer.in_graph()
-    for text in SAMPLES + corpus:
+    # The edge cases, two of the long training texts and the non-ASCII one (the in-graph
+    # twin on all 21 long texts took most of this test's 28 s).
+    for text in SAMPLES + corpus[:2] + corpus[-1:]:
         ids = tokenizer.encode(text)
         assert np.asarray(twin(text)).tolist() == ids, repr(text)
         assert tokenizer.decode(ids) == text
