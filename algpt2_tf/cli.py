@@ -509,7 +509,8 @@ def _add_serving_commands(sub):
                    help="--model: xla (the Keras model, batched decode steps), litert (its "
                         "LiteRT build, made once and cached; one request at a time: fastest "
                         "at batch 1) or auto (litert when its build is cached and current and "
-                        "the server runs one request at a time or the build is int8 or int4, else xla)")
+                        "the server runs one request at a time or the build is int8 or int4, "
+                        "else xla)")
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                    help="the LiteRT build's weights (--engine litert or auto)")
     p.add_argument("--no-warm-up", action="store_true",

@@ -89,6 +89,13 @@ def evaluate_texts(model, tokenizer, texts, seq_len=None, stride=None, batch_siz
         total_tokens += float(keras.ops.convert_to_numpy(count))
         if bar:
             bar.add(len(chunk))
+    return dict(nll_metrics(total_nll, total_tokens, byte_count, word_count),
+                seq_len=seq_len, stride=stride)
+
+
+def nll_metrics(total_nll, total_tokens, byte_count, word_count):
+    """Token and word perplexity and bits per byte of texts of `byte_count` bytes and
+    `word_count` words whose `total_tokens` scored tokens sum to `total_nll` (nats)."""
     return {
         "token_perplexity": math.exp(total_nll / total_tokens),
         "bits_per_byte": total_nll / math.log(2) / max(byte_count, 1),
@@ -97,6 +104,4 @@ def evaluate_texts(model, tokenizer, texts, seq_len=None, stride=None, batch_siz
         "words": word_count,
         "bytes": byte_count,
         "nll": total_nll,
-        "seq_len": seq_len,
-        "stride": stride,
     }

@@ -13,7 +13,6 @@ tokens equal to the float32 build's (the XLA path's own). Writes OUT.json and OU
 Issue 20's bar for a quantization: token perplexity within 2% of float32.
 """
 
-import math
 import os
 import sys
 import tempfile
@@ -30,26 +29,23 @@ QUANTIZATIONS = ("none", "int8", "int4")
 
 
 def held_out(logits_runner, tokenizer, texts, seq_len, stride):
-    """Token perplexity and bits per byte of `texts` through a `logits` signature runner."""
+    """`evaluation.nll_metrics` of `texts` through a `logits` signature runner."""
     import numpy as np
     from keras import ops
 
-    from algpt2_tf.evaluation import sliding_windows
+    from algpt2_tf.evaluation import nll_metrics, sliding_windows
     from algpt2_tf.losses import token_nll
 
     total_nll = total_tokens = 0.0
-    byte_count = 0
     for text in texts:
-        byte_count += len(text.encode("utf-8"))
         for ids, labels in sliding_windows(tokenizer.encode(text), seq_len, stride):
             row = np.asarray([ids], np.int32)
             logits = logits_runner(input_ids=row, attention_mask=np.ones_like(row))["logits"]
             nll, weight = token_nll(np.asarray([labels]), logits)
             total_nll += float(ops.sum(nll))
             total_tokens += float(ops.sum(weight))
-    return {"token_perplexity": math.exp(total_nll / total_tokens),
-            "bits_per_byte": total_nll / math.log(2) / max(byte_count, 1),
-            "tokens": int(total_tokens)}
+    return nll_metrics(total_nll, total_tokens, sum(len(t.encode("utf-8")) for t in texts),
+                       sum(len(t.split()) for t in texts))
 
 
 def main():

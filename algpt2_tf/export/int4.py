@@ -64,6 +64,12 @@ def quantize_rows(weights, bits, block_size=None):
     return values.reshape(rows, columns), scales.astype(np.float32)
 
 
+def _builtin(code):
+    """The builtin operator of an `OperatorCode` (older files keep it in the deprecated
+    field)."""
+    return max(code.builtinCode, code.deprecatedBuiltinCode)
+
+
 def _quantization(scales, dimension=0):
     params = schema.QuantizationParametersT()
     params.scale = [float(s) for s in scales]
@@ -78,12 +84,9 @@ class _Rewriter:
     def __init__(self, model, block_size):
         self.model = model
         self.block_size = block_size
-        self.buffers = {}  # (float buffer, kind) -> (quantized buffer, scales)
+        # (float buffer, "int4" | "int8" | "scales") -> (quantized buffer, scales)
+        self.buffers = {}
         self.dequantize = None
-
-    def _builtin(self, op):
-        code = self.model.operatorCodes[op.opcodeIndex]
-        return max(code.builtinCode, code.deprecatedBuiltinCode)
 
     def _float_constant(self, graph, index):
         tensor = graph.tensors[index]
@@ -122,7 +125,7 @@ class _Rewriter:
         return len(graph.tensors) - 1
 
     def _blockwise(self, graph, tensor, scales):
-        key = ("scales", tensor.buffer)
+        key = (tensor.buffer, "scales")
         if key not in self.buffers:
             buffer = schema.BufferT()
             buffer.data = scales.astype(np.float16).view(np.uint8).reshape(-1)
@@ -143,8 +146,7 @@ class _Rewriter:
     def _dequantize_code(self):
         if self.dequantize is None:
             for i, code in enumerate(self.model.operatorCodes):
-                if max(code.builtinCode, code.deprecatedBuiltinCode) == \
-                        schema.BuiltinOperator.DEQUANTIZE:
+                if _builtin(code) == schema.BuiltinOperator.DEQUANTIZE:
                     self.dequantize = i
             if self.dequantize is None:
                 code = schema.OperatorCodeT()
@@ -162,7 +164,8 @@ class _Rewriter:
         for op in graph.operators:
             operators.append(op)
             kind = {schema.BuiltinOperator.FULLY_CONNECTED: "int4",
-                    schema.BuiltinOperator.GATHER: "int8"}.get(self._builtin(op))
+                    schema.BuiltinOperator.GATHER: "int8"}.get(
+                        _builtin(self.model.operatorCodes[op.opcodeIndex]))
             weight = op.inputs[1] if kind == "int4" else op.inputs[0]
             if kind is None or not self._float_constant(graph, weight):
                 continue

@@ -598,7 +598,7 @@ def choose_engine(engine, model_path, quantize="none", max_batch=16, batching=Tr
         return engine
 
     one_at_a_time = max_batch == 1 or not batching
-    if ((one_at_a_time or quantize in ("int8", "int4"))
+    if ((one_at_a_time or quantize != "none")
             and cached_build(model_path, quantize, cache=cache, build=False)):
         return "litert"
     return "xla"
