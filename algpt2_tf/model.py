@@ -226,7 +226,7 @@ class ALGPT2Backbone(keras.Model):
             hidden, cache = self.run_layer(i, hidden, bias, cache=caches[i],
                                            cache_index=cache_index, plan=plan)
             new_caches.append(cache)
-        if last_logits_only:
+        if last_logits_only and hidden.shape[1] != 1:  # a decode step's one position: no slice
             hidden = hidden[:, -1:]
         return self.logits_from_hidden(hidden, plan=plan), new_caches
 

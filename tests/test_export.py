@@ -139,6 +139,14 @@ def test_tflite_float32_matches_keras_and_decodes_identically(tflite_report, ker
         flatbuffer = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(f.read(), 0))
     assert not [b for b in flatbuffer.buffers
                 if b.data is not None and len(b.data) >= 1024 and not np.any(b.data)]
+    # The decode step slices no float tensor: a STRIDED_SLICE of the logits ran in TFLite's
+    # reference kernel, outside XNNPACK (see `tflite.TFLiteModule._run`).
+    graph = next(g for g in flatbuffer.subgraphs if g.name == b"decode_32")
+    sliced = [graph.tensors[op.inputs[0]].type for op in graph.operators
+              if max(flatbuffer.operatorCodes[op.opcodeIndex].builtinCode,
+                     flatbuffer.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)
+              == schema.BuiltinOperator.STRIDED_SLICE]
+    assert schema.TensorType.FLOAT32 not in sliced
 
 
 def test_litert_compiled_model_with_weight_cache_decodes_identically(tmp_path, tflite_report,

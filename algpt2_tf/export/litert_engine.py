@@ -47,7 +47,7 @@ from algpt2_tf.runtime.files import cache_root, file_digest, new_directory
 from algpt2_tf.saving import load_model, load_tokenizer_for, resolve_model_path
 from algpt2_tf.tokenizer import GPT2Tokenizer
 
-BUILD_VERSION = 5
+BUILD_VERSION = 6
 """Bumped when the export changes what a build holds: older entries are not used."""
 QUANTIZATIONS = ("none", "int8", "int4")
 
