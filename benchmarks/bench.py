@@ -289,7 +289,10 @@ def worker_tflite_run(case):
 
         decoder = InterpreterSteps(Interpreter(model_path=case["path"],
                                                num_threads=os.cpu_count()))
-    decoder.greedy_rows(ids.tolist(), 2)  # warm-up: a prefill and a decode step
+    # Warm-up: one whole run, as every other case (XLA, the peers) has; it was 2 tokens. After
+    # those, `algpt2` int4 b1's first 128-token run was 822, 831, 797 tokens/s in three
+    # processes, the five after it 675-892 (AMD EPYC Zen 4, 2026-12-06).
+    decoder.greedy_rows(ids.tolist(), new)
     # Timed as the peers time theirs: the prefill and `new - 1` decode steps make `new` tokens.
     start = time.perf_counter()
     decoder.greedy_rows(ids.tolist(), new)
