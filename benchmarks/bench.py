@@ -249,21 +249,27 @@ def worker_backend(case):
 
 
 def worker_tflite(case):
-    """Converts (a cache of `max_length` slots, default prompt + new tokens), then decodes in
-    a child process, so that the peak RSS reported is the interpreter's and not the
-    converter's."""
+    """Converts (`worker_tflite_build`), then decodes in a child process (`worker_tflite_run`),
+    so that the peak RSS reported is the interpreter's and not the converter's."""
     import tempfile
 
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.tflite")
+        worker_tflite_build(dict(case, path=path))
+        return measure(dict(case, kind="tflite_run", path=path))
+
+
+def worker_tflite_build(case):
+    """Writes the TFLite export of the case's random-weight model to `case["path"]` (a cache
+    of `max_length` slots, default prompt + new tokens)."""
     from algpt2_tf.export.tflite import convert
 
     shape = TINY if case["quick"] else GPT2_124M
     model = _our_model(case["model"], shape, case["quick"])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.tflite")
-        with open(path, "wb") as f:
-            f.write(convert(model, case.get("max_length") or case["prompt"] + case["new_tokens"],
-                            case["quantize"], batch=case.get("batch", 1)))
-        return measure(dict(case, kind="tflite_run", path=path))
+    with open(case["path"], "wb") as f:
+        f.write(convert(model, case.get("max_length") or case["prompt"] + case["new_tokens"],
+                        case["quantize"], batch=case.get("batch", 1)))
+    return {"bytes": os.path.getsize(case["path"])}
 
 
 def worker_tflite_run(case):
@@ -318,7 +324,8 @@ def worker_matmul_peak(case):
 
 WORKERS = {"train": worker_train, "forward": worker_train, "decode": worker_decode,
            "backend": worker_backend,
-           "tflite_decode": worker_tflite, "tflite_run": worker_tflite_run,
+           "tflite_decode": worker_tflite, "tflite_build": worker_tflite_build,
+           "tflite_run": worker_tflite_run,
            "matmul_peak": worker_matmul_peak}
 
 

@@ -9,8 +9,8 @@ median of `--rounds` rounds:
 
 - ours, Keras/XLA float32 and Keras int8 (`bench.py`'s decode worker, all cores);
 - ours, LiteRT float32, int8 and int4 (the TFLite export, a build of as many rows as the batch and
-  the 256-slot cache `engine="litert"` builds, through LiteRT's `CompiledModel` with the
-  caches bound in place; `bench.py`'s worker);
+  the 256-slot cache `engine="litert"` builds, made once per run, through LiteRT's
+  `CompiledModel` with the caches bound in place; `bench.py`'s worker);
 - CTranslate2 int8 and float32 of what `algpt2 convert --to-hf` makes of the model (an
   expanded GPT-2: its only way to run an ALGPT2), `intra_threads` = cores, its own
   quantization (`[peers]` extra);
@@ -291,6 +291,12 @@ def run_case(case, root):
     if case["kind"] == "ort":
         path = onnx_file(case["preset"], case["quantization"], case["quick"], root)
         return run_in_process(__file__, dict(case, path=path))
+    if case["kind"] == "tflite_decode":  # built once per run, as the peers' exports
+        path = os.path.join(root, f"litert-{case['model']}-b{case['batch']}-{case['quantize']}"
+                                  ".tflite")
+        if not os.path.exists(path):
+            bench.measure(dict(case, kind="tflite_build", path=path))
+        return bench.measure(dict(case, kind="tflite_run", path=path))
     return bench.measure(case)
 
 
