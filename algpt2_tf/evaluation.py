@@ -59,12 +59,10 @@ def evaluate_texts(model, tokenizer, texts, seq_len=None, stride=None, batch_siz
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_positions "
                          f"({model.config.max_positions}).")
     stride = stride or max(1, seq_len // 2)
+    texts = list(texts)  # read twice: the windows, then `nll_metrics`' byte and word counts
     windows = []
-    byte_count = word_count = 0
     for text in texts:
         windows.extend(sliding_windows(tokenizer.encode(text), seq_len, stride))
-        byte_count += len(text.encode("utf-8"))
-        word_count += len(text.split())
     if not windows:
         raise ValueError("Nothing to evaluate: the text is empty or a single token.")
 
@@ -89,13 +87,14 @@ def evaluate_texts(model, tokenizer, texts, seq_len=None, stride=None, batch_siz
         total_tokens += float(keras.ops.convert_to_numpy(count))
         if bar:
             bar.add(len(chunk))
-    return dict(nll_metrics(total_nll, total_tokens, byte_count, word_count),
-                seq_len=seq_len, stride=stride)
+    return dict(nll_metrics(total_nll, total_tokens, texts), seq_len=seq_len, stride=stride)
 
 
-def nll_metrics(total_nll, total_tokens, byte_count, word_count):
-    """Token and word perplexity and bits per byte of texts of `byte_count` bytes and
-    `word_count` words whose `total_tokens` scored tokens sum to `total_nll` (nats)."""
+def nll_metrics(total_nll, total_tokens, texts):
+    """Token and word perplexity and bits per byte of `texts` (strings; words split on
+    whitespace, bytes in UTF-8) whose `total_tokens` scored tokens sum to `total_nll` (nats)."""
+    byte_count = sum(len(text.encode("utf-8")) for text in texts)
+    word_count = sum(len(text.split()) for text in texts)
     return {
         "token_perplexity": math.exp(total_nll / total_tokens),
         "bits_per_byte": total_nll / math.log(2) / max(byte_count, 1),

@@ -44,8 +44,7 @@ def held_out(logits_runner, tokenizer, texts, seq_len, stride):
             nll, weight = token_nll(np.asarray([labels]), logits)
             total_nll += float(ops.sum(nll))
             total_tokens += float(ops.sum(weight))
-    return nll_metrics(total_nll, total_tokens, sum(len(t.encode("utf-8")) for t in texts),
-                       sum(len(t.split()) for t in texts))
+    return nll_metrics(total_nll, total_tokens, texts)
 
 
 def main():
