@@ -141,10 +141,11 @@ def test_tflite_float32_matches_keras_and_decodes_identically(tflite_report, ker
                 if b.data is not None and len(b.data) >= 1024 and not np.any(b.data)]
     # The decode step slices no float tensor: a STRIDED_SLICE of the logits ran in TFLite's
     # reference kernel, outside XNNPACK (see `tflite.TFLiteModule._run`).
+    from algpt2_tf.export.int4 import _builtin
+
     graph = next(g for g in flatbuffer.subgraphs if g.name == b"decode_32")
     sliced = [graph.tensors[op.inputs[0]].type for op in graph.operators
-              if max(flatbuffer.operatorCodes[op.opcodeIndex].builtinCode,
-                     flatbuffer.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)
+              if _builtin(flatbuffer.operatorCodes[op.opcodeIndex])
               == schema.BuiltinOperator.STRIDED_SLICE]
     assert schema.TensorType.FLOAT32 not in sliced
 

@@ -18,9 +18,10 @@ the L3 cache. `quantize_weights` rewrites a float32 flatbuffer so that
 The tied output embedding is both a `GATHER` table and a `FULLY_CONNECTED`
 weight: it is stored twice, as an int8 table and an int4 matrix.
 
-What it buys and costs (`benchmarks/README.md`, Zen 4): `algpt2` decodes 1.31x and `gpt2`
-1.52x int8's tokens/s at batch 1, and the shipped `algpt2-pd-books` loses about 10% of
-held-out perplexity (int8: 0.4%), so int4 is a speed option, not a default.
+What it buys and costs (`benchmarks/README.md`, Zen 4, 2026-12-06 runs of 5 and 7 rounds):
+`algpt2` decodes 1.16-1.25x and `gpt2` 1.74-2.02x int8's tokens/s at batch 1, and the
+shipped `algpt2-pd-books` loses about 10% of held-out perplexity (int8: 0.4%), so int4 is
+a speed option, not a default.
 
 Example:
 >>> import numpy as np
