@@ -272,6 +272,8 @@ def _prompt_text(prompt):
 
 
 def _add_generation_commands(sub):
+    from algpt2_tf.export.formats import ENGINE_QUANTIZATIONS  # deferred: imports NumPy
+
     p = sub.add_parser("generate", help="generate text, streaming it to the terminal")
     p.add_argument("--model", required=True, help="model.keras or a run directory")
     p.add_argument("--prompt", required=True, help="the prompt text, or - to read stdin")
@@ -287,7 +289,7 @@ def _add_generation_commands(sub):
                    help="litert: a cached LiteRT build, made on first use (no TensorFlow at run "
                         "time after that); xla: the Keras model; auto: litert when its build is "
                         "cached and current, else xla")
-    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+    p.add_argument("--quantize", choices=ENGINE_QUANTIZATIONS, default="none",
                    help="the LiteRT build's weights (none: float32, the XLA path's greedy text)")
     p.set_defaults(func=_generate)
 
@@ -486,6 +488,8 @@ def _client(args):
 
 
 def _add_serving_commands(sub):
+    from algpt2_tf.export.formats import ENGINE_QUANTIZATIONS  # deferred: imports NumPy
+
     p = sub.add_parser("serve", help="serve a model over the OpenAI completions API (--model) "
                                       "or SavedModels over TF Serving's REST protocol")
     p.add_argument("--model", help="run folder, .keras file, HF folder or preset: the "
@@ -511,7 +515,7 @@ def _add_serving_commands(sub):
                         "at batch 1) or auto (litert when its build is cached and current and "
                         "the server runs one request at a time or the build is int8 or int4, "
                         "else xla)")
-    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+    p.add_argument("--quantize", choices=ENGINE_QUANTIZATIONS, default="none",
                    help="the LiteRT build's weights (--engine litert or auto)")
     p.add_argument("--no-warm-up", action="store_true",
                    help="start without compiling the first batch shapes (--model; the first "

@@ -22,10 +22,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from algpt2_tf.export.formats import ENGINE_QUANTIZATIONS as QUANTIZATIONS  # noqa: E402
 from benchmarks.case_process import write_results  # noqa: E402
 from benchmarks.int8_quality import greedy_agreement, quality_inputs  # noqa: E402
 
-QUANTIZATIONS = ("none", "int8", "int4")
 
 
 def held_out(logits_runner, tokenizer, texts, seq_len, stride):

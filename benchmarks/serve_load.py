@@ -31,6 +31,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from algpt2_tf.export.formats import ENGINE_QUANTIZATIONS  # noqa: E402
 from algpt2_tf.runtime.cpu_info import cpu_info  # noqa: E402
 from algpt2_tf.training.launch import free_port  # noqa: E402
 
@@ -199,7 +200,7 @@ def main():
     parser.add_argument("--preset", default="algpt2-tiny", help="--openai: the served model")
     parser.add_argument("--litert", action="store_true",
                         help="--openai: also --engine litert (one request at a time)")
-    parser.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+    parser.add_argument("--quantize", choices=ENGINE_QUANTIZATIONS, default="none",
                         help="--litert: the LiteRT build's weights")
     parser.add_argument("--out")
     args = parser.parse_args()

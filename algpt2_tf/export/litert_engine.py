@@ -41,6 +41,7 @@ import weakref
 import numpy as np
 
 from algpt2_tf.export.api import export
+from algpt2_tf.export.formats import ENGINE_QUANTIZATIONS
 from algpt2_tf.generation.prompts import GenerationOutput, check_prompts
 from algpt2_tf.generation.sampling import SamplingParams, host_decode, row_seed
 from algpt2_tf.runtime.files import cache_root, file_digest, new_directory
@@ -49,7 +50,6 @@ from algpt2_tf.tokenizer import GPT2Tokenizer
 
 BUILD_VERSION = 6
 """Bumped when the export changes what a build holds: older entries are not used."""
-QUANTIZATIONS = ("none", "int8", "int4")
 
 
 @dataclasses.dataclass
@@ -69,8 +69,8 @@ class LiteRTBuild:
 
 
 def _key(digest, quantize, max_length, batch=1):
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}.")
+    if quantize not in ENGINE_QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(ENGINE_QUANTIZATIONS)}, got {quantize!r}.")
     wanted = json.dumps([BUILD_VERSION, digest, quantize, max_length, batch])
     return hashlib.sha256(wanted.encode()).hexdigest()[:32]
 

@@ -93,6 +93,8 @@ class Steps:
         decode a copy of the last one, and their outputs are dropped."""
         if not 1 <= len(rows) <= self.batch:
             raise ValueError(f"This build decodes 1 to {self.batch} rows, got {len(rows)}.")
+        if len(rows) == self.batch:
+            return rows
         return np.concatenate([rows, np.repeat(rows[-1:], self.batch - len(rows), axis=0)])
 
     def prefill_rows(self, prompts):

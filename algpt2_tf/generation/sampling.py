@@ -167,7 +167,8 @@ def host_decode(logits, seen, params, seeds, max_new_tokens, stop_ids, advance):
     for step in range(max_new_tokens):
         tokens = pick_tokens(logits, seen, params, seeds, step)
         yield tokens, logits, ~done
-        done |= np.isin(tokens, stop)
+        if stop.size:
+            done |= np.isin(tokens, stop)
         if done.all() or step == max_new_tokens - 1:
             return
         seen[np.arange(len(tokens)), tokens] = True
