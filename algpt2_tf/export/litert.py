@@ -142,19 +142,24 @@ class LiteRTDecoder(Steps):
         return host_view(buffer, self._cache_shape(name, length))
 
     def _buffers(self, signature, length):
-        """The input and output buffer lists of `signature`, with the caches of `length`."""
+        """What a run of `signature` (with the caches of `length`) needs, made once: its
+        index, input and output buffer lists, its other inputs by name (written each run),
+        the logits buffer with its shape and size, and a view of its new keys and values."""
         names = self.signatures[signature]
         inputs = [self._cache_buffers[length, name] if is_cache(name)
                   else self.model.create_input_buffer_by_name(signature, name)
                   for name in names["inputs"]]
+        fed = {name: buffer for name, buffer in zip(names["inputs"], inputs)
+               if not is_cache(name)}
         outputs = [self.model.create_output_buffer_by_name(signature, name)
                    for name in names["outputs"]]
         details = self.model.get_output_tensor_details(signature)
-        logits = outputs[names["outputs"].index("logits")], details["logits"]["shape"]
+        shape = list(details["logits"]["shape"])
+        logits = outputs[names["outputs"].index("logits")], shape, int(np.prod(shape))
         # Read where the step wrote it: `Steps._store` copies it into the caches at once.
         new = host_view(outputs[names["outputs"].index("new_keys_values")],
                         details["new_keys_values"]["shape"])
-        return self.model.get_signature_index(signature), inputs, outputs, (logits, new)
+        return self.model.get_signature_index(signature), inputs, outputs, fed, logits, new
 
     def _run(self, signature, length, feeds):
         """Writes `feeds` into the step's input buffers and runs it (`Steps`)."""
@@ -163,14 +168,13 @@ class LiteRTDecoder(Steps):
                 self.model.resize_input_tensor_by_name(signature, name, value.shape)
             # Held until the next prefill: the `new_keys_values` returned is a view of one.
             self._prefill_buffers = self._buffers(signature, length)
-            index, inputs, outputs, read = self._prefill_buffers
+            index, inputs, outputs, fed, (logits, shape, count), new = self._prefill_buffers
         else:
             if signature not in self._decode_buffers:
                 self._decode_buffers[signature] = self._buffers(signature, length)
-            index, inputs, outputs, read = self._decode_buffers[signature]
-        for buffer, name in zip(inputs, self.signatures[signature]["inputs"]):
-            if name in feeds:
-                buffer.write(feeds[name])
+            index, inputs, outputs, fed, (logits, shape, count), new = (
+                self._decode_buffers[signature])
+        for name, value in feeds.items():
+            fed[name].write(value)
         self.model.run_by_index(index, inputs, outputs)
-        (logits, shape), new_keys_values = read
-        return logits.read(int(np.prod(shape)), np.float32).reshape(shape), new_keys_values
+        return logits.read(count, np.float32).reshape(shape), new
