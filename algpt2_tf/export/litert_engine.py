@@ -70,7 +70,8 @@ class LiteRTBuild:
 
 def _key(digest, quantize, max_length, batch=1):
     if quantize not in ENGINE_QUANTIZATIONS:
-        raise ValueError(f"quantize must be one of {', '.join(ENGINE_QUANTIZATIONS)}, got {quantize!r}.")
+        raise ValueError(f"quantize must be one of {', '.join(ENGINE_QUANTIZATIONS)}, "
+                         f"got {quantize!r}.")
     wanted = json.dumps([BUILD_VERSION, digest, quantize, max_length, batch])
     return hashlib.sha256(wanted.encode()).hexdigest()[:32]
 
