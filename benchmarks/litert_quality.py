@@ -27,7 +27,6 @@ from benchmarks.case_process import write_results  # noqa: E402
 from benchmarks.int8_quality import greedy_agreement, quality_inputs  # noqa: E402
 
 
-
 def held_out(logits_runner, tokenizer, texts, seq_len, stride):
     """`evaluation.nll_metrics` of `texts` through a `logits` signature runner."""
     import numpy as np

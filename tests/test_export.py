@@ -11,6 +11,7 @@ from ai_edge_litert import schema_py_generated as schema
 from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
 from algpt2_tf.cli import main
 from algpt2_tf.export import PROBE_TEXT, export_model, probe_batch, tflite_greedy
+from algpt2_tf.export.int4 import _builtin
 from algpt2_tf.export.steps import InterpreterSteps, cache_names
 from algpt2_tf.tokenizer import GPT2Tokenizer
 
@@ -141,8 +142,6 @@ def test_tflite_float32_matches_keras_and_decodes_identically(tflite_report, ker
                 if b.data is not None and len(b.data) >= 1024 and not np.any(b.data)]
     # The decode step slices no float tensor: a STRIDED_SLICE of the logits ran in TFLite's
     # reference kernel, outside XNNPACK (see `tflite.TFLiteModule._run`).
-    from algpt2_tf.export.int4 import _builtin
-
     graph = next(g for g in flatbuffer.subgraphs if g.name == b"decode_32")
     sliced = [graph.tensors[op.inputs[0]].type for op in graph.operators
               if _builtin(flatbuffer.operatorCodes[op.opcodeIndex])

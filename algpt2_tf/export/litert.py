@@ -167,13 +167,12 @@ class LiteRTDecoder(Steps):
             for name, value in feeds.items():
                 self.model.resize_input_tensor_by_name(signature, name, value.shape)
             # Held until the next prefill: the `new_keys_values` returned is a view of one.
-            self._prefill_buffers = self._buffers(signature, length)
-            index, inputs, outputs, fed, (logits, shape, count), new = self._prefill_buffers
+            self._prefill_buffers = step = self._buffers(signature, length)
         else:
             if signature not in self._decode_buffers:
                 self._decode_buffers[signature] = self._buffers(signature, length)
-            index, inputs, outputs, fed, (logits, shape, count), new = (
-                self._decode_buffers[signature])
+            step = self._decode_buffers[signature]
+        index, inputs, outputs, fed, (logits, shape, count), new = step
         for name, value in feeds.items():
             fed[name].write(value)
         self.model.run_by_index(index, inputs, outputs)
