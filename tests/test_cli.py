@@ -113,12 +113,16 @@ def test_generate_keeps_its_compiled_programs_and_compiles_a_damaged_one_again(t
 
     text = generate()
     first = entries()
-    assert generate() == text and entries() == first  # read, not compiled again
+    assert len(first) > 1
     damaged = sorted(first)[0]
     with open(folder / damaged, "r+b") as f:
         f.truncate(10)
+    # One process more (not two: each is a TensorFlow start-up): the entries it did not find
+    # damaged are read, not compiled again (not rewritten); the damaged one is compiled again.
     assert generate() == text
     again = entries()
+    assert {name: when for name, when in again.items() if name != damaged} == {
+        name: when for name, when in first.items() if name != damaged}
     assert damaged in again and again[damaged] != first[damaged]
     assert os.path.getsize(folder / damaged) > 10
 

@@ -72,6 +72,7 @@ def test_one_step_on_two_replicas_is_the_global_batchs_step():
         np.testing.assert_allclose(out["mirrored"][name], out["single"][name], rtol=1e-4)
 
 
+@pytest.mark.slow  # its fast-tier twin: the one-step test above (the same sums, in-process)
 def test_mirrored_training_equals_one_device_and_resumes_exactly(tmp_path, small_config, corpus,
                                                                  monkeypatch):
     monkeypatch.setenv("ALGPT2_CACHE", str(tmp_path / "cache"))
