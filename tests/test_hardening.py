@@ -237,6 +237,8 @@ def saved(tmp_path_factory, model):
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--temperature", "nan"], "temperature must be a finite number"),
     (["--temperature", "inf"], "temperature must be a finite number"),
+    (["--temperature", "1e39"], "within float32"),  # finite, but inf where the loop samples
+    (["--repetition-penalty", "1e39"], "within float32"),
     (["--repetition-penalty", "nan"], "repetition_penalty must be a finite"),
 ])
 def test_generate_refuses_bad_options_before_printing(saved, args, message, capsys):

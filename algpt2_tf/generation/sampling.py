@@ -26,6 +26,9 @@ STEP_MULTIPLIER = 0x9E3779B9
 """Spreads consecutive steps apart before they meet the hashed seed (2**32 / golden ratio)."""
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """In-graph sampling parameters: `top_k=1` or `temperature=0` is greedy,
@@ -42,11 +45,12 @@ def sampling_params(sampler="greedy", temperature=1.0, top_k=None, top_p=None,
     """Validates a named sampler and its options; returns `SamplingParams`."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
-    if temperature is None or not 0 <= temperature < float("inf"):  # NaN fails too
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), "
+    # Finite in float32, where the compiled loops sample (1e39 would be inf there). NaN fails too.
+    if temperature is None or not 0 <= temperature <= FLOAT32_MAX:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy) within float32, "
                          f"got {temperature!r}.")
-    if repetition_penalty is None or not 0 < repetition_penalty < float("inf"):
-        raise ValueError(f"repetition_penalty must be a finite number > 0, "
+    if repetition_penalty is None or not 0 < repetition_penalty <= FLOAT32_MAX:
+        raise ValueError(f"repetition_penalty must be a finite number > 0 within float32, "
                          f"got {repetition_penalty!r}.")
     if top_k is not None and (int(top_k) != top_k or top_k < 0):
         raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}.")
