@@ -49,8 +49,8 @@ def test_help_and_info_import_no_tensorflow(args):
 
 
 def test_generate_streams_and_reads_stdin(tmp_path, capsys, monkeypatch):
-    """One console-script run (a fresh process, as a user runs it); the other cases call
-    the command line in this process."""
+    """The command line in this process (the console script's runs, fresh processes as a user
+    runs them: the compiled-programs test below)."""
     import io
 
     model = ALGPT2LMHeadModel(ALGPT2Config(max_positions=64, hidden_size=32, num_layers=2,
@@ -59,12 +59,6 @@ def test_generate_streams_and_reads_stdin(tmp_path, capsys, monkeypatch):
     model.save(path)
     expected = model.generate("Once upon a time", max_new_tokens=8, sampler="greedy").text[0]
     args = ["generate", "--model", path, "--max-new-tokens", "8", "--sampler", "greedy"]
-    env = user_env(ALGPT2_CACHE=str(tmp_path / "cache"))
-    done = subprocess.run(["algpt2"] + args + ["--prompt", "Once upon a time"],
-                          capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout == expected + "\n"
-    assert done.stderr == "algpt2 generate: engine xla\n"  # no TensorFlow start-up lines
     monkeypatch.setenv("ALGPT2_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Once upon a time")))
     assert main(args + ["--prompt", "-"]) == 0
@@ -82,9 +76,11 @@ def test_generate_streams_and_reads_stdin(tmp_path, capsys, monkeypatch):
 
 
 def test_generate_keeps_its_compiled_programs_and_compiles_a_damaged_one_again(tmp_path):
-    """`algpt2 generate` keeps XLA's compiled programs in `$ALGPT2_CACHE/xla` (a manifest of
-    their digests); the next process reads them (no entry rewritten); a damaged entry is
-    removed and compiled again, never read (TensorFlow would fail on it)."""
+    """`algpt2 generate` (the console script, as a user runs it: the greedy text of the
+    library, no TensorFlow start-up lines) keeps XLA's compiled programs in
+    `$ALGPT2_CACHE/xla` (a manifest of their digests); the next process reads them (no entry
+    rewritten); a damaged entry is removed and compiled again, never read (TensorFlow would
+    fail on it)."""
     import glob
 
     from algpt2_tf import ALGPT2Config, ALGPT2LMHeadModel
@@ -102,6 +98,7 @@ def test_generate_keeps_its_compiled_programs_and_compiles_a_damaged_one_again(t
                                "--prompt", "Once upon a time", "--max-new-tokens", "6",
                                "--sampler", "greedy"], capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stderr == "algpt2 generate: engine xla\n"
         return done.stdout
 
     def entries():
@@ -112,6 +109,8 @@ def test_generate_keeps_its_compiled_programs_and_compiles_a_damaged_one_again(t
         return files
 
     text = generate()
+    assert text == model.generate("Once upon a time", max_new_tokens=6,
+                                  sampler="greedy").text[0] + "\n"
     first = entries()
     assert len(first) > 1
     damaged = sorted(first)[0]
